@@ -1,0 +1,51 @@
+-- cdcflow state store (SQLite). One file per pipeline by default.
+-- Applied at every open; every statement is idempotent.
+
+PRAGMA journal_mode = WAL;
+
+-- Every object cdcflow has decided about. An object absent here is new.
+CREATE TABLE IF NOT EXISTS objects (
+    pipeline     TEXT    NOT NULL,
+    tbl          TEXT    NOT NULL,   -- schema.table
+    key          TEXT    NOT NULL,   -- object key under the source URL
+    etag         TEXT    NOT NULL,
+    size         INTEGER NOT NULL,
+    status       TEXT    NOT NULL CHECK (status IN ('processed', 'quarantined', 'skipped')),
+    batch_no     INTEGER,            -- batch that loaded it (processed)
+    error        TEXT,               -- why it is quarantined
+    reason       TEXT,               -- why an operator skipped it
+    updated_at   TEXT    NOT NULL,
+    PRIMARY KEY (pipeline, tbl, key)
+);
+
+-- Batches, recorded (planned) before anything is loaded.
+CREATE TABLE IF NOT EXISTS batches (
+    pipeline     TEXT    NOT NULL,
+    tbl          TEXT    NOT NULL,
+    batch_no     INTEGER NOT NULL,   -- 1, 2, 3… per table: the warehouse transaction version
+    batch_id     TEXT    NOT NULL,   -- hash of (pipeline, table, object keys and ETags)
+    objects      TEXT    NOT NULL,   -- JSON array of {key, etag, size}
+    status       TEXT    NOT NULL CHECK (status IN ('planned', 'committed')),
+    rows         INTEGER,
+    inserts      INTEGER,
+    updates      INTEGER,
+    deletes      INTEGER,
+    max_seq      TEXT,               -- largest change_seq loaded by this batch
+    planned_at   TEXT    NOT NULL,
+    committed_at TEXT,
+    PRIMARY KEY (pipeline, tbl, batch_no)
+);
+
+-- At most one planned batch per table.
+CREATE UNIQUE INDEX IF NOT EXISTS one_planned_batch
+    ON batches (pipeline, tbl) WHERE status = 'planned';
+
+-- One row per `cdcflow run`.
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline     TEXT    NOT NULL,
+    started_at   TEXT    NOT NULL,
+    finished_at  TEXT,
+    status       TEXT    NOT NULL CHECK (status IN ('running', 'success', 'failed')),
+    summary      TEXT                -- JSON: per table files, rows, errors
+);

@@ -1,0 +1,286 @@
+//! The pipeline file (`pipelines/*.toml`): what to read, how to decode it,
+//! where to load it.
+//!
+//! Loading is two steps, as in vector: [`PipelineFile::parse`] reads TOML
+//! into these structs (unknown keys are errors), then
+//! [`PipelineFile::validate`] checks everything without touching the network
+//! or the disk and returns a [`Pipeline`] or *every* problem at once, each
+//! with its field path.
+
+mod types;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use types::{SqlType, TYPE_NAMES, UTC};
+pub use validate::{Column, CsvOptions, Pipeline, Source, Table};
+
+use crate::error::{Error, Result};
+
+/// A pipeline file as written by the user, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Pipeline name: lowercase letters, digits, `_` and `-`. Names the state and batch ids.
+    pub name: String,
+    /// Cron schedule (5 fields, or 6 with seconds), used by `cdcflow schedule`.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Where the CDC objects are and how they are written.
+    pub source: SourceFile,
+    /// Where cdcflow keeps its manifest of objects, batches and runs.
+    #[serde(default)]
+    pub state: StateFile,
+    /// Where the tables are loaded.
+    pub warehouse: WarehouseFile,
+    /// How much one batch may hold.
+    #[serde(default)]
+    pub batch: BatchFile,
+    /// Names of the columns cdcflow adds; change them when a source column collides.
+    #[serde(default)]
+    pub metadata_columns: MetadataColumns,
+    /// The source tables to load.
+    #[serde(default)]
+    pub tables: Vec<TableFile>,
+}
+
+/// `[source]`: the DMS-format objects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    /// Object-store URL of the DMS bucket folder: `file://relative/or/absolute/dir` or `s3://bucket/prefix`.
+    pub url: String,
+    /// `auto` (by file extension), `csv` or `parquet`.
+    #[serde(default)]
+    pub format: Format,
+    /// DMS `TimestampColumnName`: the column after `Op` holding the commit time. Omit when absent.
+    #[serde(default)]
+    pub timestamp_column: Option<String>,
+    /// Columns a DMS add-column rule placed after the timestamp column (e.g. a change sequence).
+    /// Kept in history as text.
+    #[serde(default)]
+    pub extra_columns: Vec<String>,
+    /// One of `extra_columns` that totally orders changes (e.g. from `$AR_H_CHANGE_SEQ`).
+    /// When set, it orders CDC changes instead of file and row order.
+    #[serde(default)]
+    pub sequence_column: Option<String>,
+    /// DMS `includeOpForFullLoad`: full-load files carry an `Op` column too.
+    #[serde(default)]
+    pub include_op_for_full_load: bool,
+    /// CSV settings (DMS defaults when omitted).
+    #[serde(default)]
+    pub csv: CsvFile,
+}
+
+/// File format of the objects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// By extension: `.csv`, `.csv.gz`, `.parquet`.
+    #[default]
+    Auto,
+    /// Only CSV objects.
+    Csv,
+    /// Only Parquet objects.
+    Parquet,
+}
+
+/// `[source.csv]`: DMS CSV settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvFile {
+    /// DMS `csvDelimiter`: one ASCII character.
+    #[serde(default = "CsvFile::default_delimiter")]
+    pub delimiter: String,
+    /// DMS `AddColumnName`: the first line of each file names the columns.
+    #[serde(default)]
+    pub header: bool,
+    /// DMS `CsvNullValue`: the unquoted text that means NULL (default: empty field).
+    #[serde(default)]
+    pub null_value: String,
+}
+
+impl CsvFile {
+    fn default_delimiter() -> String {
+        ",".to_string()
+    }
+}
+
+impl Default for CsvFile {
+    fn default() -> Self {
+        CsvFile {
+            delimiter: Self::default_delimiter(),
+            header: false,
+            null_value: String::new(),
+        }
+    }
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    /// `sqlite://path/to/file.db` (relative to the working directory).
+    /// Default: `sqlite://.cdcflow/<pipeline name>.db`.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// `[warehouse]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum WarehouseFile {
+    /// Embedded Delta Lake tables in a directory.
+    Local {
+        /// Directory holding one Delta table per warehouse table.
+        path: String,
+    },
+}
+
+/// `[batch]`: bounds of one batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchFile {
+    /// At most this many objects per batch.
+    #[serde(default = "BatchFile::default_max_objects")]
+    pub max_objects: usize,
+    /// At most this many bytes (object sizes) per batch; a larger single object still forms a batch.
+    #[serde(default = "BatchFile::default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+impl BatchFile {
+    /// Default of `batch.max_objects`.
+    pub const DEFAULT_MAX_OBJECTS: usize = 1000;
+    /// Default of `batch.max_bytes` (256 MiB).
+    pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+
+    fn default_max_objects() -> usize {
+        Self::DEFAULT_MAX_OBJECTS
+    }
+    fn default_max_bytes() -> u64 {
+        Self::DEFAULT_MAX_BYTES
+    }
+}
+
+impl Default for BatchFile {
+    fn default() -> Self {
+        BatchFile {
+            max_objects: Self::DEFAULT_MAX_OBJECTS,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// `[metadata_columns]`: names of the columns cdcflow adds to the warehouse tables.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataColumns {
+    /// `I`, `U` or `D`.
+    pub op: String,
+    /// Commit time, UTC, microseconds.
+    pub commit_ts: String,
+    /// Sortable, deterministic total order of changes.
+    pub change_seq: String,
+    /// Object key the change came from.
+    pub source_file: String,
+    /// When cdcflow loaded the change.
+    pub ingested_at: String,
+    /// Soft-delete flag of the current-state table.
+    pub deleted: String,
+}
+
+impl Default for MetadataColumns {
+    fn default() -> Self {
+        MetadataColumns {
+            op: "op".into(),
+            commit_ts: "commit_ts".into(),
+            change_seq: "change_seq".into(),
+            source_file: "source_file".into(),
+            ingested_at: "ingested_at".into(),
+            deleted: "deleted".into(),
+        }
+    }
+}
+
+impl MetadataColumns {
+    /// All names with their keys, for collision checks.
+    pub fn named(&self) -> [(&'static str, &str); 6] {
+        [
+            ("op", &self.op),
+            ("commit_ts", &self.commit_ts),
+            ("change_seq", &self.change_seq),
+            ("source_file", &self.source_file),
+            ("ingested_at", &self.ingested_at),
+            ("deleted", &self.deleted),
+        ]
+    }
+}
+
+/// `[[tables]]`: one source table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableFile {
+    /// Source schema: the first folder under the source URL.
+    pub schema: String,
+    /// Source table: the folder under the schema.
+    pub name: String,
+    /// Warehouse table name (default: `name`); history is `<target>_history`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Primary-key columns, in key order.
+    pub primary_key: Vec<String>,
+    /// Columns in file order. Required for headerless CSV; taken from the file for Parquet when omitted.
+    #[serde(default)]
+    pub columns: Option<Vec<ColumnFile>>,
+    /// Keep deleted keys in the current table with `deleted = true` instead of removing them.
+    #[serde(default)]
+    pub soft_delete: bool,
+}
+
+/// One declared column.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnFile {
+    /// Column name as in the source.
+    pub name: String,
+    /// SQL type name (see [`TYPE_NAMES`]).
+    #[serde(rename = "type")]
+    pub sql_type: String,
+}
+
+impl PipelineFile {
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|err| Error::Config {
+            path: origin.to_string(),
+            problems: vec![err.to_string().trim_end().replace('\n', "\n    ")],
+        })
+    }
+
+    /// Reads and parses a pipeline file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| Error::io("cannot read pipeline file", path.display(), err))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}
+
+/// Reads, parses and validates a pipeline file.
+pub fn load(path: &Path) -> Result<Pipeline> {
+    PipelineFile::read(path)?.validate(&path.display().to_string())
+}
+
+/// Resolves a possibly relative local path against the working directory.
+pub fn absolute(path: &str) -> PathBuf {
+    let path = Path::new(path);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    }
+}

@@ -1,0 +1,489 @@
+//! Pure validation of a parsed pipeline file: no I/O, every problem at once.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use super::{
+    BatchFile, CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile,
+    absolute,
+};
+use crate::error::{Error, Result};
+
+/// A validated pipeline, ready to run.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Pipeline name.
+    pub name: String,
+    /// Cron schedule as written (validated).
+    pub schedule: Option<String>,
+    /// The CDC objects.
+    pub source: Source,
+    /// SQLite state file.
+    pub state_path: PathBuf,
+    /// Directory of the local Delta warehouse.
+    pub warehouse_path: PathBuf,
+    /// Batch bounds.
+    pub batch: BatchFile,
+    /// Names of the added columns.
+    pub meta: MetadataColumns,
+    /// Tables, in file order.
+    pub tables: Vec<Table>,
+}
+
+/// Where and how the objects are written.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Object-store URL with an absolute path (`file:///…`, `s3://…`).
+    pub url: url::Url,
+    /// Format filter.
+    pub format: Format,
+    /// DMS timestamp column, if present in the files.
+    pub timestamp_column: Option<String>,
+    /// Extra DMS columns after the timestamp column.
+    pub extra_columns: Vec<String>,
+    /// The extra column that orders CDC changes, if any.
+    pub sequence_column: Option<String>,
+    /// Full-load files carry `Op`.
+    pub include_op_for_full_load: bool,
+    /// CSV dialect.
+    pub csv: CsvOptions,
+}
+
+/// The CSV dialect of DMS objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvOptions {
+    /// Field delimiter.
+    pub delimiter: u8,
+    /// First line names the columns.
+    pub header: bool,
+    /// Unquoted text meaning NULL.
+    pub null_value: String,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions {
+            delimiter: b',',
+            header: false,
+            null_value: String::new(),
+        }
+    }
+}
+
+/// A validated table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Source schema folder.
+    pub schema: String,
+    /// Source table folder.
+    pub name: String,
+    /// Warehouse table name.
+    pub target: String,
+    /// Primary-key columns.
+    pub primary_key: Vec<String>,
+    /// Declared columns, when declared.
+    pub columns: Option<Vec<Column>>,
+    /// Keep deleted keys flagged instead of removing them.
+    pub soft_delete: bool,
+}
+
+impl Table {
+    /// `schema.name`, as shown to users.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Warehouse name of the history table.
+    pub fn history_name(&self) -> String {
+        format!("{}_history", self.target)
+    }
+
+    /// Name of the SCD-2 view over history.
+    pub fn versions_name(&self) -> String {
+        format!("{}_versions", self.target)
+    }
+}
+
+/// A declared column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Name.
+    pub name: String,
+    /// Type.
+    pub sql_type: SqlType,
+}
+
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, field: impl AsRef<str>, message: impl AsRef<str>) {
+        self.0
+            .push(format!("`{}`: {}", field.as_ref(), message.as_ref()));
+    }
+}
+
+fn is_simple_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+impl PipelineFile {
+    /// Checks the whole file and returns the validated pipeline, or every problem found.
+    /// Pure: reads no files and opens no connections.
+    pub fn validate(self, origin: &str) -> Result<Pipeline> {
+        let mut problems = Problems(Vec::new());
+        if !is_simple_name(&self.name) {
+            problems.add(
+                "name",
+                format!(
+                    "{:?} must be non-empty lowercase letters, digits, `_` or `-`",
+                    self.name
+                ),
+            );
+        }
+        if let Some(schedule) = &self.schedule
+            && let Err(err) = croner::Cron::from_str(schedule)
+        {
+            problems.add(
+                "schedule",
+                format!("{schedule:?} is not a cron expression ({err}); e.g. \"*/15 * * * *\""),
+            );
+        }
+        let source = validate_source(&self.source, &mut problems);
+        let state_path = validate_state(&self, &mut problems);
+        let warehouse_path = match &self.warehouse {
+            WarehouseFile::Local { path } => {
+                if path.trim().is_empty() {
+                    problems.add(
+                        "warehouse.path",
+                        "must name a directory, e.g. \"warehouse/shop\"",
+                    );
+                }
+                absolute(path)
+            }
+        };
+        if self.batch.max_objects == 0 {
+            problems.add("batch.max_objects", "must be greater than 0");
+        }
+        if self.batch.max_bytes == 0 {
+            problems.add("batch.max_bytes", "must be greater than 0");
+        }
+        validate_metadata(&self.metadata_columns, &mut problems);
+        if self.tables.is_empty() {
+            problems.add("tables", "no tables: add at least one [[tables]] section");
+        }
+        let mut targets = HashSet::new();
+        let tables: Vec<Table> = self
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(i, table)| {
+                let t = validate_table(i, table, &self, &mut problems);
+                if !targets.insert(t.target.clone()) {
+                    problems.add(
+                        format!("tables[{i}].target"),
+                        format!(
+                            "warehouse table {:?} is used twice; set a distinct `target`",
+                            t.target
+                        ),
+                    );
+                }
+                t
+            })
+            .collect();
+
+        if !problems.0.is_empty() {
+            return Err(Error::Config {
+                path: origin.to_string(),
+                problems: problems.0,
+            });
+        }
+        Ok(Pipeline {
+            name: self.name,
+            schedule: self.schedule,
+            source: source.expect("checked above"),
+            state_path,
+            warehouse_path,
+            batch: self.batch,
+            meta: self.metadata_columns,
+            tables,
+        })
+    }
+}
+
+fn validate_source(source: &super::SourceFile, problems: &mut Problems) -> Option<Source> {
+    let url = parse_source_url(&source.url).map_err(|msg| problems.add("source.url", msg));
+    let csv = validate_csv(&source.csv, problems);
+    if let Some(seq) = &source.sequence_column
+        && !source.extra_columns.contains(seq)
+    {
+        problems.add(
+            "source.sequence_column",
+            format!(
+                "{seq:?} must be one of `source.extra_columns` ({:?})",
+                source.extra_columns
+            ),
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, col) in source.extra_columns.iter().enumerate() {
+        if !seen.insert(col) || source.timestamp_column.as_ref() == Some(col) {
+            problems.add(
+                format!("source.extra_columns[{i}]"),
+                format!("{col:?} is named twice"),
+            );
+        }
+    }
+    Some(Source {
+        url: url.ok()?,
+        format: source.format,
+        timestamp_column: source.timestamp_column.clone(),
+        extra_columns: source.extra_columns.clone(),
+        sequence_column: source.sequence_column.clone(),
+        include_op_for_full_load: source.include_op_for_full_load,
+        csv,
+    })
+}
+
+fn parse_source_url(raw: &str) -> Result<url::Url, String> {
+    if let Some(path) = raw.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err("`file://` needs a directory, e.g. \"file://testdata/dms\"".into());
+        }
+        let dir = absolute(path);
+        return url::Url::from_directory_path(&dir)
+            .map_err(|_| format!("{} is not a usable directory path", dir.display()));
+    }
+    let url = url::Url::parse(raw).map_err(|err| {
+        format!("{raw:?} is not a URL ({err}); use file://<dir> or s3://<bucket>/<prefix>")
+    })?;
+    match url.scheme() {
+        "s3" | "s3a" | "gs" | "az" | "abfss" => Ok(url),
+        other => Err(format!(
+            "scheme {other:?} is not supported; use file://<dir> or s3://<bucket>/<prefix>"
+        )),
+    }
+}
+
+fn validate_csv(csv: &CsvFile, problems: &mut Problems) -> CsvOptions {
+    let delimiter = match csv.delimiter.as_bytes() {
+        [b] if b.is_ascii() && *b != b'"' && *b != b'\n' && *b != b'\r' => *b,
+        _ => {
+            problems.add(
+                "source.csv.delimiter",
+                format!(
+                    "{:?} must be a single ASCII character other than a quote or newline",
+                    csv.delimiter
+                ),
+            );
+            b','
+        }
+    };
+    if csv.null_value.contains(['"', '\n', '\r']) || csv.null_value.contains(delimiter as char) {
+        problems.add(
+            "source.csv.null_value",
+            "must not contain quotes, newlines or the delimiter",
+        );
+    }
+    CsvOptions {
+        delimiter,
+        header: csv.header,
+        null_value: csv.null_value.clone(),
+    }
+}
+
+fn validate_state(file: &PipelineFile, problems: &mut Problems) -> PathBuf {
+    match &file.state.url {
+        None => absolute(&format!(".cdcflow/{}.db", file.name)),
+        Some(url) => match url.strip_prefix("sqlite://") {
+            Some(path) if !path.is_empty() => absolute(path),
+            _ => {
+                problems.add(
+                    "state.url",
+                    format!("{url:?} is not supported; use sqlite://<file>, e.g. \"sqlite://.cdcflow/shop.db\""),
+                );
+                PathBuf::new()
+            }
+        },
+    }
+}
+
+fn validate_metadata(meta: &MetadataColumns, problems: &mut Problems) {
+    let mut seen = HashSet::new();
+    for (key, name) in meta.named() {
+        if name.is_empty() {
+            problems.add(format!("metadata_columns.{key}"), "must not be empty");
+        } else if !seen.insert(name.to_ascii_lowercase()) {
+            problems.add(
+                format!("metadata_columns.{key}"),
+                format!("{name:?} is used twice"),
+            );
+        }
+    }
+}
+
+fn validate_table(
+    i: usize,
+    table: &TableFile,
+    file: &PipelineFile,
+    problems: &mut Problems,
+) -> Table {
+    let at = |field: &str| format!("tables[{i}].{field}");
+    for (field, value) in [("schema", &table.schema), ("name", &table.name)] {
+        if value.is_empty() || value.contains(['/', '\\']) {
+            problems.add(
+                at(field),
+                format!("{value:?} must be a folder name (non-empty, no slashes)"),
+            );
+        }
+    }
+    let target = table.target.clone().unwrap_or_else(|| table.name.clone());
+    if !target
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        || target.is_empty()
+    {
+        problems.add(
+            at("target"),
+            format!("warehouse table name {target:?} may hold only letters, digits and `_`; set `target`"),
+        );
+    }
+    if table.primary_key.is_empty() {
+        problems.add(
+            at("primary_key"),
+            "must name at least one column, e.g. [\"id\"]",
+        );
+    }
+    let columns = table.columns.as_ref().map(|cols| {
+        let mut seen = HashSet::new();
+        cols.iter()
+            .enumerate()
+            .filter_map(|(j, col)| {
+                if !seen.insert(col.name.to_ascii_lowercase()) {
+                    problems.add(
+                        at(&format!("columns[{j}].name")),
+                        format!("{:?} is declared twice", col.name),
+                    );
+                }
+                match col.sql_type.parse::<SqlType>() {
+                    Ok(sql_type) => Some(super::Column {
+                        name: col.name.clone(),
+                        sql_type,
+                    }),
+                    Err(msg) => {
+                        problems.add(at(&format!("columns[{j}].type")), msg);
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    match &table.columns {
+        Some(cols) => {
+            for key in &table.primary_key {
+                if !cols.iter().any(|c| &c.name == key) {
+                    problems.add(
+                        at("primary_key"),
+                        format!("{key:?} is not one of the declared columns"),
+                    );
+                }
+            }
+            for col in cols {
+                let reserved = file
+                    .metadata_columns
+                    .named()
+                    .into_iter()
+                    .find(|(_, name)| name.eq_ignore_ascii_case(&col.name));
+                if let Some((key, _)) = reserved {
+                    problems.add(
+                        at("columns"),
+                        format!(
+                            "source column {:?} collides with a metadata column; rename it with `metadata_columns.{key}`",
+                            col.name
+                        ),
+                    );
+                }
+            }
+        }
+        None if file.source.format == Format::Csv || file.source.csv.header => {
+            problems.add(
+                at("columns"),
+                "CSV objects carry no types: declare the columns, e.g. columns = [{ name = \"id\", type = \"bigint\" }]",
+            );
+        }
+        None => {}
+    }
+    Table {
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+        target,
+        primary_key: table.primary_key.clone(),
+        columns,
+        soft_delete: table.soft_delete,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml: &str) -> Result<Pipeline> {
+        PipelineFile::parse(toml, "test.toml")?.validate("test.toml")
+    }
+
+    const GOOD: &str = r#"
+        name = "shop"
+        schedule = "*/15 * * * *"
+        [source]
+        url = "file://testdata/dms"
+        [warehouse]
+        kind = "local"
+        path = "warehouse/shop"
+        [[tables]]
+        schema = "public"
+        name = "orders"
+        primary_key = ["id"]
+        columns = [{ name = "id", type = "bigint" }, { name = "amount", type = "decimal(12,2)" }]
+    "#;
+
+    #[test]
+    fn accepts_a_good_file() {
+        let p = check(GOOD).unwrap();
+        assert_eq!(p.tables[0].history_name(), "orders_history");
+        assert!(p.source.url.as_str().ends_with("/testdata/dms/"));
+        assert!(p.state_path.ends_with(".cdcflow/shop.db"));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let bad = GOOD
+            .replace("*/15 * * * *", "every day")
+            .replace("decimal(12,2)", "decimal")
+            .replace("[\"id\"]", "[\"idx\"]")
+            .replace("name = \"shop\"", "name = \"Shop!\"");
+        let err = check(&bad).unwrap_err().to_string();
+        for needle in [
+            "`name`",
+            "`schedule`",
+            "`tables[0].columns[1].type`",
+            "`tables[0].primary_key`",
+        ] {
+            assert!(err.contains(needle), "{needle} missing in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = check(&GOOD.replace("[source]", "[source]\nformt = \"csv\"")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `formt`"), "{err}");
+    }
+
+    #[test]
+    fn metadata_collisions_name_the_fix() {
+        let err = check(&GOOD.replace("name = \"amount\"", "name = \"op\"")).unwrap_err();
+        assert!(err.to_string().contains("metadata_columns.op"), "{err}");
+    }
+}

@@ -1,0 +1,264 @@
+//! DMS Parquet: columns found by name, converted to the declared types with
+//! errors that name the row and value that did not fit.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
+use arrow::compute::{CastOptions, cast_with_options};
+use arrow::datatypes::{DataType, Schema, TimeUnit};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::columns::ColumnBuilder;
+use super::{DecodeSpec, Op};
+use crate::config::{Column, SqlType, UTC};
+use crate::error::{Error, Location, Result};
+
+fn corrupt(key: &str, err: impl std::fmt::Display) -> Error {
+    Error::decode(
+        key,
+        Location::default(),
+        format!(
+            "not a readable Parquet file (truncated or corrupt?): {err}; replace the object, or skip it with `cdcflow skip`"
+        ),
+    )
+}
+
+fn read_all(key: &str, bytes: Bytes) -> Result<RecordBatch> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| corrupt(key, e))?;
+    let schema = builder.schema().clone();
+    let reader = builder
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(|e| corrupt(key, e))?;
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| corrupt(key, e))?;
+    arrow::compute::concat_batches(&schema, &batches).map_err(|e| corrupt(key, e))
+}
+
+fn find(schema: &Schema, name: &str) -> Option<usize> {
+    schema
+        .fields()
+        .iter()
+        .position(|f| f.name().eq_ignore_ascii_case(name))
+}
+
+/// The data columns of a Parquet object (all but `Op`, the timestamp and
+/// the extra columns), for tables whose columns are not declared.
+pub(crate) fn columns(key: &str, bytes: Bytes, spec: &DecodeSpec) -> Result<Vec<Column>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| corrupt(key, e))?;
+    builder
+        .schema()
+        .fields()
+        .iter()
+        .filter(|f| !is_dms_column(f.name(), spec))
+        .map(|f| {
+            SqlType::from_arrow(f.data_type())
+                .map(|sql_type| Column {
+                    name: f.name().clone(),
+                    sql_type,
+                })
+                .ok_or_else(|| {
+                    Error::decode(
+                        key,
+                        Location {
+                            column: Some(f.name().clone()),
+                            ..Location::default()
+                        },
+                        format!(
+                            "Parquet type {} has no warehouse type; declare the table's columns",
+                            f.data_type()
+                        ),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn is_dms_column(name: &str, spec: &DecodeSpec) -> bool {
+    name.eq_ignore_ascii_case("op")
+        || spec
+            .timestamp_column
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case(name))
+        || spec
+            .extra_columns
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(name))
+}
+
+/// Decodes a whole Parquet object. `cdc` is true for CDC files.
+pub(crate) fn decode(key: &str, bytes: Bytes, cdc: bool, spec: &DecodeSpec) -> Result<RecordBatch> {
+    let batch = read_all(key, bytes)?;
+    let schema = batch.schema();
+    let rows = batch.num_rows();
+    let at = |column: &str| Location {
+        column: Some(column.to_string()),
+        ..Location::default()
+    };
+    let missing = |column: &str| {
+        Error::decode(
+            key,
+            at(column),
+            format!(
+                "the object has no column {column:?}; found {:?}",
+                names(&schema)
+            ),
+        )
+    };
+
+    for field in schema.fields() {
+        let known = is_dms_column(field.name(), spec)
+            || spec
+                .columns
+                .iter()
+                .any(|c| c.name.eq_ignore_ascii_case(field.name()));
+        if !known {
+            return Err(Error::decode(
+                key,
+                at(field.name()),
+                format!(
+                    "column {:?} is not declared for this table; add it to the table's `columns`",
+                    field.name()
+                ),
+            ));
+        }
+    }
+
+    let op: ArrayRef = match find(&schema, "op") {
+        Some(i) => convert_op(key, batch.column(i))?,
+        None if cdc => {
+            return Err(Error::decode(
+                key,
+                at("Op"),
+                "a CDC object needs an Op column (I, U or D)",
+            ));
+        }
+        None => Arc::new(StringArray::from(vec![Op::Insert.as_str(); rows])),
+    };
+    let ts: ArrayRef = match &spec.timestamp_column {
+        Some(name) => {
+            let i = find(&schema, name).ok_or_else(|| missing(name))?;
+            convert(key, name, batch.column(i), SqlType::TimestampTz)?
+        }
+        None => arrow::array::new_null_array(
+            &DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
+            rows,
+        ),
+    };
+    let mut arrays = vec![op, ts];
+    for name in &spec.extra_columns {
+        let i = find(&schema, name).ok_or_else(|| missing(name))?;
+        arrays.push(convert(key, name, batch.column(i), SqlType::Text)?);
+    }
+    for column in &spec.columns {
+        let i = find(&schema, &column.name).ok_or_else(|| missing(&column.name))?;
+        arrays.push(convert(
+            key,
+            &column.name,
+            batch.column(i),
+            column.sql_type,
+        )?);
+    }
+    RecordBatch::try_new(spec.output_schema(), arrays).map_err(|e| corrupt(key, e))
+}
+
+fn names(schema: &Schema) -> Vec<&str> {
+    schema.fields().iter().map(|f| f.name().as_str()).collect()
+}
+
+fn convert_op(key: &str, array: &ArrayRef) -> Result<ArrayRef> {
+    let text = convert(key, "Op", array, SqlType::Text)?;
+    let strings = text.as_string::<i32>();
+    for (row, value) in strings.iter().enumerate() {
+        let parsed = value.map(Op::parse);
+        if !matches!(parsed, Some(Ok(_))) {
+            return Err(Error::decode(
+                key,
+                Location {
+                    line: None,
+                    row: Some(row as u64 + 1),
+                    column: Some("Op".into()),
+                },
+                format!("expected I, U or D, found {value:?}"),
+            ));
+        }
+    }
+    Ok(text)
+}
+
+/// Converts a Parquet column to `sql_type`, naming the first row that does not fit.
+fn convert(key: &str, name: &str, array: &ArrayRef, sql_type: SqlType) -> Result<ArrayRef> {
+    let target = sql_type.arrow_type();
+    let is_text = matches!(
+        array.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    );
+    let fail = |row: usize, found: String, expected: String| {
+        Error::decode(
+            key,
+            Location {
+                line: None,
+                row: Some(row as u64 + 1),
+                column: Some(name.to_string()),
+            },
+            format!("expected {expected}, found {found}"),
+        )
+    };
+    if is_text && !matches!(sql_type, SqlType::Text | SqlType::Json) {
+        let strings = cast_with_options(array, &DataType::Utf8, &CastOptions::default())
+            .map_err(|e| fail(0, array.data_type().to_string(), e.to_string()))?;
+        let strings = strings.as_string::<i32>();
+        let mut builder = ColumnBuilder::new(sql_type, strings.len());
+        for (row, value) in strings.iter().enumerate() {
+            match value {
+                None => builder.append_null(),
+                Some(v) => builder
+                    .append_text(v)
+                    .map_err(|exp| fail(row, format!("{v:?}"), exp))?,
+            }
+        }
+        return Ok(builder.finish());
+    }
+    let options = CastOptions {
+        safe: true,
+        ..CastOptions::default()
+    };
+    let out = cast_with_options(array, &target, &options).map_err(|_| {
+        fail(
+            0,
+            format!("a column of type {}", array.data_type()),
+            format!("{sql_type} (declare the column's type to match the file)"),
+        )
+    })?;
+    let lossy_row = (0..array.len())
+        .find(|&i| array.is_valid(i) && out.is_null(i))
+        .or_else(|| {
+            // Narrowing a decimal's scale rounds: refuse instead.
+            match (array.data_type(), &target) {
+                (DataType::Decimal128(_, s_from), DataType::Decimal128(_, s_to))
+                    if s_to < s_from =>
+                {
+                    let back = cast_with_options(&out, array.data_type(), &options).ok()?;
+                    let (a, b) = (
+                        array.as_primitive::<arrow::datatypes::Decimal128Type>(),
+                        back.as_primitive::<arrow::datatypes::Decimal128Type>(),
+                    );
+                    (0..a.len()).find(|&i| a.is_valid(i) && a.value(i) != b.value(i))
+                }
+                _ => None,
+            }
+        });
+    if let Some(row) = lossy_row {
+        let formatter = ArrayFormatter::try_new(array.as_ref(), &FormatOptions::default())
+            .map_err(|e| fail(row, String::new(), e.to_string()))?;
+        return Err(fail(
+            row,
+            format!("{:?}", formatter.value(row).to_string()),
+            sql_type.to_string(),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,285 @@
+//! Merge: decoded objects → history rows in change order, and the latest
+//! change per key for the current-state table (DESIGN §2, §3 step 3).
+//!
+//! `change_seq` is text that sorts in change order and depends only on the
+//! objects' names and row positions (or the configured sequence column), so
+//! re-running or backfilling the same objects yields the same values:
+//! `0` + LOAD number (17 digits) + row (12 digits) for full-load rows,
+//! `1` + CDC file time in ms (17 digits) + row (12 digits) for CDC rows, or
+//! `1` + the sequence column's value when one is configured.
+
+pub mod sql;
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use chrono::{DateTime, Utc};
+use datafusion::prelude::{DataFrame, SessionContext};
+
+use crate::config::{Column, MetadataColumns, Table, UTC};
+use crate::error::{Error, Location, Result};
+use crate::source::{ObjectOrder, SourceObject};
+use crate::state::BatchStats;
+
+/// History rows of one batch, in change order.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// Rows with [`Merger::history_schema`].
+    pub batches: Vec<RecordBatch>,
+    /// Counts and the largest `change_seq`.
+    pub stats: BatchStats,
+}
+
+/// Builds history rows and latest-change queries for one table.
+#[derive(Debug, Clone)]
+pub struct Merger {
+    /// Primary-key columns.
+    pub key: Vec<String>,
+    /// The table's data columns.
+    pub columns: Vec<Column>,
+    /// Extra DMS columns kept as text.
+    pub extra_columns: Vec<String>,
+    /// Sequence column (one of the extras) ordering CDC rows, if any.
+    pub sequence_column: Option<String>,
+    /// Names of the added columns.
+    pub meta: MetadataColumns,
+    /// Keep deleted keys flagged in the current table.
+    pub soft_delete: bool,
+}
+
+impl Merger {
+    /// A merger for `table` whose data columns are `columns`.
+    pub fn new(
+        table: &Table,
+        columns: Vec<Column>,
+        source: &crate::config::Source,
+        meta: &MetadataColumns,
+    ) -> Self {
+        Merger {
+            key: table.primary_key.clone(),
+            columns,
+            extra_columns: source.extra_columns.clone(),
+            sequence_column: source.sequence_column.clone(),
+            meta: meta.clone(),
+            soft_delete: table.soft_delete,
+        }
+    }
+
+    fn data_fields(&self) -> impl Iterator<Item = Field> + '_ {
+        self.columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.sql_type.arrow_type(), true))
+    }
+
+    fn ts_type() -> DataType {
+        DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+    }
+
+    /// `<t>_history`: data columns, extras, op, commit_ts, change_seq, source_file, ingested_at.
+    pub fn history_schema(&self) -> SchemaRef {
+        let m = &self.meta;
+        let mut fields: Vec<Field> = self.data_fields().collect();
+        fields.extend(
+            self.extra_columns
+                .iter()
+                .map(|c| Field::new(c, DataType::Utf8, true)),
+        );
+        fields.extend([
+            Field::new(&m.op, DataType::Utf8, false),
+            Field::new(&m.commit_ts, Self::ts_type(), false),
+            Field::new(&m.change_seq, DataType::Utf8, false),
+            Field::new(&m.source_file, DataType::Utf8, false),
+            Field::new(&m.ingested_at, Self::ts_type(), false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    /// `<t>`: data columns, commit_ts, change_seq, and `deleted` under soft delete.
+    pub fn current_schema(&self) -> SchemaRef {
+        let m = &self.meta;
+        let mut fields: Vec<Field> = self.data_fields().collect();
+        fields.push(Field::new(&m.commit_ts, Self::ts_type(), false));
+        fields.push(Field::new(&m.change_seq, DataType::Utf8, false));
+        if self.soft_delete {
+            fields.push(Field::new(&m.deleted, DataType::Boolean, false));
+        }
+        Arc::new(Schema::new(fields))
+    }
+
+    /// Turns decoded objects (in change order) into history rows.
+    pub fn history(
+        &self,
+        decoded: Vec<(SourceObject, RecordBatch)>,
+        ingested_at: DateTime<Utc>,
+    ) -> Result<History> {
+        let schema = self.history_schema();
+        let mut stats = BatchStats::default();
+        let mut batches = Vec::with_capacity(decoded.len());
+        for (object, batch) in decoded {
+            let rows = batch.num_rows();
+            if rows == 0 {
+                continue;
+            }
+            let op = batch
+                .column_by_name(&self.meta.op)
+                .expect("decoded op")
+                .clone();
+            for value in op.as_string::<i32>().iter().flatten() {
+                match value {
+                    "I" => stats.inserts += 1,
+                    "U" => stats.updates += 1,
+                    _ => stats.deletes += 1,
+                }
+            }
+            stats.rows += rows as u64;
+            let commit_ts = self.commit_ts(&object, &batch);
+            let change_seq = self.change_seq(&object, &batch)?;
+            let last = change_seq.value(rows - 1).to_string();
+            if stats.max_seq.as_ref().is_none_or(|m| *m < last) {
+                stats.max_seq = Some(last);
+            }
+            let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+            for field in schema
+                .fields()
+                .iter()
+                .take(self.columns.len() + self.extra_columns.len())
+            {
+                columns.push(
+                    batch
+                        .column_by_name(field.name())
+                        .expect("decoded column")
+                        .clone(),
+                );
+            }
+            columns.push(op);
+            columns.push(Arc::new(commit_ts));
+            columns.push(Arc::new(change_seq));
+            columns.push(Arc::new(StringArray::from(vec![object.key.as_str(); rows])));
+            columns.push(Arc::new(
+                TimestampMicrosecondArray::from(vec![ingested_at.timestamp_micros(); rows])
+                    .with_timezone(UTC),
+            ));
+            batches.push(
+                RecordBatch::try_new(schema.clone(), columns)
+                    .map_err(|e| Error::decode(&object.key, Location::default(), e.to_string()))?,
+            );
+        }
+        Ok(History { batches, stats })
+    }
+
+    /// The decoded timestamp, or else the CDC file-name time, or else the object's last-modified time.
+    fn commit_ts(&self, object: &SourceObject, batch: &RecordBatch) -> TimestampMicrosecondArray {
+        let decoded = batch
+            .column_by_name(&self.meta.commit_ts)
+            .expect("decoded commit_ts")
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        let fallback = object
+            .name
+            .order
+            .cdc_time()
+            .unwrap_or(object.last_modified)
+            .timestamp_micros();
+        if decoded.null_count() == 0 {
+            return decoded.clone();
+        }
+        decoded
+            .iter()
+            .map(|v| Some(v.unwrap_or(fallback)))
+            .collect::<TimestampMicrosecondArray>()
+            .with_timezone(UTC)
+    }
+
+    fn change_seq(&self, object: &SourceObject, batch: &RecordBatch) -> Result<StringArray> {
+        let rows = batch.num_rows();
+        let mut out = StringBuilder::with_capacity(rows, rows * 30);
+        let sequence = match (&self.sequence_column, object.name.order) {
+            (Some(name), ObjectOrder::Cdc(_)) => {
+                Some(batch.column_by_name(name).expect("decoded extra"))
+            }
+            _ => None,
+        };
+        match sequence {
+            None => {
+                let prefix = object.name.order.sort_key();
+                let mut buf = String::with_capacity(30);
+                for row in 0..rows {
+                    use std::fmt::Write;
+                    buf.clear();
+                    write!(buf, "{prefix}{row:012}").expect("write to string");
+                    out.append_value(&buf);
+                }
+            }
+            Some(values) => {
+                let values = values.as_string::<i32>();
+                for row in 0..rows {
+                    if values.is_null(row) {
+                        return Err(Error::decode(
+                            &object.key,
+                            Location {
+                                line: None,
+                                row: Some(row as u64 + 1),
+                                column: self.sequence_column.clone(),
+                            },
+                            "the sequence column is NULL; every CDC row needs a value",
+                        ));
+                    }
+                    out.append_value(format!("1{}", values.value(row)));
+                }
+            }
+        }
+        Ok(out.finish())
+    }
+
+    /// The latest change per key among the rows of the registered table `changes`.
+    pub async fn latest(&self, ctx: &SessionContext, changes: &str) -> Result<DataFrame> {
+        let query = sql::render(
+            sql::LATEST_CHANGE,
+            &[
+                ("key", &sql::key_list(&self.key)),
+                ("change_seq", &sql::ident(&self.meta.change_seq)),
+                ("changes", &sql::ident(changes)),
+            ],
+        );
+        ctx.sql(&query)
+            .await
+            .map_err(|e| Error::query("latest_change.sql", e))
+    }
+
+    /// The history (registered as `history`) of the keys present in `batch`.
+    pub async fn late_changes(
+        &self,
+        ctx: &SessionContext,
+        history: &str,
+        batch: &str,
+    ) -> Result<DataFrame> {
+        let query = sql::render(
+            sql::LATE_CHANGES,
+            &[
+                ("history", &sql::ident(history)),
+                ("batch", &sql::ident(batch)),
+                ("key", &sql::key_list(&self.key)),
+                ("key_equal", &sql::key_equal("h", "b", &self.key)),
+            ],
+        );
+        ctx.sql(&query)
+            .await
+            .map_err(|e| Error::query("late_changes.sql", e))
+    }
+
+    /// The `CREATE VIEW` text of `<t>_versions` over `history`.
+    pub fn versions_sql(&self, history: &str) -> String {
+        sql::render(
+            sql::VERSIONS,
+            &[
+                ("history", &sql::ident(history)),
+                ("commit_ts", &sql::ident(&self.meta.commit_ts)),
+                ("change_seq", &sql::ident(&self.meta.change_seq)),
+                ("op", &sql::ident(&self.meta.op)),
+                ("key", &sql::key_list(&self.key)),
+            ],
+        )
+    }
+}

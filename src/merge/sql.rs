@@ -1,0 +1,85 @@
+//! The SQL templates of `sql/` and how they are filled in.
+//!
+//! Templates name their parameters `{name}`; every identifier is quoted
+//! here, so source column names with capitals, spaces or keywords work.
+
+/// `sql/latest_change.sql`.
+pub const LATEST_CHANGE: &str = include_str!("../../sql/latest_change.sql");
+/// `sql/late_changes.sql`.
+pub const LATE_CHANGES: &str = include_str!("../../sql/late_changes.sql");
+/// `sql/versions.sql`.
+pub const VERSIONS: &str = include_str!("../../sql/versions.sql");
+/// `sql/key_history.sql`.
+pub const KEY_HISTORY: &str = include_str!("../../sql/key_history.sql");
+/// `sql/current_merge.sql`.
+pub const CURRENT_MERGE: &str = include_str!("../../sql/current_merge.sql");
+
+/// Quotes an SQL identifier (`"name"`, doubling inner quotes).
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Replaces each `{name}` of `template` with its value; panics on a
+/// parameter the template does not know, which is a bug in the caller.
+pub fn render(template: &str, params: &[(&str, &str)]) -> String {
+    let mut out = template
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (name, value) in params {
+        let placeholder = format!("{{{name}}}");
+        assert!(
+            out.contains(&placeholder),
+            "template has no parameter {placeholder}"
+        );
+        out = out.replace(&placeholder, value);
+    }
+    out.trim().to_string()
+}
+
+/// The `-- name: x` section of a sectioned template such as `current_merge.sql`.
+pub fn section<'a>(template: &'a str, name: &str) -> &'a str {
+    let marker = format!("-- name: {name}\n");
+    let start = template
+        .find(&marker)
+        .unwrap_or_else(|| panic!("template has no section {name}"))
+        + marker.len();
+    let rest = &template[start..];
+    rest[..rest.find("-- name:").unwrap_or(rest.len())].trim()
+}
+
+/// `a."k1" = b."k1" AND a."k2" = b."k2"`.
+pub fn key_equal(left: &str, right: &str, key: &[String]) -> String {
+    key.iter()
+        .map(|k| format!("{left}.{k} = {right}.{k}", k = ident(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// `"k1", "k2"`.
+pub fn key_list(key: &[String]) -> String {
+    key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_and_quotes() {
+        let sql = render("-- c\nSELECT {a} FROM t", &[("a", &ident("We\"ird"))]);
+        assert_eq!(sql, "SELECT \"We\"\"ird\" FROM t");
+        assert_eq!(
+            key_equal("t", "s", &["A".into(), "b".into()]),
+            "t.\"A\" = s.\"A\" AND t.\"b\" = s.\"b\""
+        );
+        assert_eq!(section(CURRENT_MERGE, "insert_when"), "s.{op} <> 'D'");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+}

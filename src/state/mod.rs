@@ -1,0 +1,159 @@
+//! The state store: what cdcflow has decided about every object, and the
+//! batches it planned and committed (DESIGN §3).
+//!
+//! Contract of every [`StateStore`]:
+//! - a batch is recorded ([`StateStore::plan_batch`]) before anything of it
+//!   is loaded, and a table has at most one planned batch;
+//! - [`StateStore::commit_batch`] marks the batch and all its objects
+//!   processed in one transaction; committed batches are never undone;
+//! - batch numbers per table start at 1 and only grow, and the committed
+//!   watermark (largest `change_seq`) never moves back;
+//! - an object is in at most one state: processed, quarantined or skipped.
+
+mod sqlite;
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use sqlite::SqliteStore;
+
+use crate::error::Result;
+
+/// An object as a batch refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// Key under the source URL.
+    pub key: String,
+    /// ETag when listed.
+    pub etag: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last-modified time when listed (the commit time of full-load rows
+    /// whose files carry no timestamp column).
+    pub last_modified: DateTime<Utc>,
+}
+
+/// What was decided about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectStatus {
+    /// Loaded by this batch.
+    Processed {
+        /// Batch number.
+        batch_no: i64,
+    },
+    /// Failed to decode; the table waits at this object.
+    Quarantined {
+        /// The decode error.
+        error: String,
+    },
+    /// An operator skipped it on purpose.
+    Skipped {
+        /// The operator's reason.
+        reason: String,
+    },
+}
+
+/// A recorded object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRecord {
+    /// The object as recorded.
+    pub object: ObjectRef,
+    /// Its status.
+    pub status: ObjectStatus,
+    /// When the status was set.
+    pub updated_at: String,
+}
+
+/// A planned batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// 1, 2, 3… per table; the warehouse's transaction version.
+    pub number: i64,
+    /// Hash of (pipeline, table, object keys and ETags).
+    pub id: String,
+    /// Objects in change order.
+    pub objects: Vec<ObjectRef>,
+}
+
+impl Batch {
+    /// The deterministic batch id of these objects.
+    pub fn id_of(pipeline: &str, table: &str, objects: &[ObjectRef]) -> String {
+        let mut hash = Sha256::new();
+        for part in [pipeline, table] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        for object in objects {
+            hash.update(object.key.as_bytes());
+            hash.update([0]);
+            hash.update(object.etag.as_bytes());
+            hash.update([0]);
+        }
+        hex::encode(&hash.finalize()[..12])
+    }
+}
+
+/// Figures of a loaded batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStats {
+    /// Changes loaded into history.
+    pub rows: u64,
+    /// `I` changes.
+    pub inserts: u64,
+    /// `U` changes.
+    pub updates: u64,
+    /// `D` changes.
+    pub deletes: u64,
+    /// Largest `change_seq` of the batch.
+    pub max_seq: Option<String>,
+}
+
+/// A committed batch, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedBatch {
+    /// Batch number.
+    pub number: i64,
+    /// Objects in it.
+    pub objects: usize,
+    /// Its figures.
+    pub stats: BatchStats,
+    /// Commit time.
+    pub committed_at: DateTime<Utc>,
+}
+
+/// Persistent state of one pipeline.
+pub trait StateStore: Send + Sync {
+    /// Every recorded object of `table`, by key.
+    fn objects(&self, table: &str) -> Result<HashMap<String, ObjectRecord>>;
+    /// The planned, not yet committed batch of `table`.
+    fn pending_batch(&self, table: &str) -> Result<Option<Batch>>;
+    /// Records a new batch of `objects` (in change order). Fails if one is pending.
+    fn plan_batch(&self, table: &str, objects: &[ObjectRef]) -> Result<Batch>;
+    /// Replaces the objects of the pending batch `number` (nothing of it may be
+    /// loaded yet); an empty list removes the batch.
+    fn replan_batch(
+        &self,
+        table: &str,
+        number: i64,
+        objects: &[ObjectRef],
+    ) -> Result<Option<Batch>>;
+    /// Marks batch `number` and its objects processed, atomically.
+    fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()>;
+    /// The last committed batch.
+    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>>;
+    /// The committed watermark: the largest `change_seq` loaded.
+    fn max_seq(&self, table: &str) -> Result<Option<String>>;
+    /// Quarantines an object that failed to decode.
+    fn quarantine(&self, table: &str, object: &ObjectRef, error: &str) -> Result<()>;
+    /// Forgets a quarantine so the object is tried again (it was replaced).
+    fn release(&self, table: &str, key: &str) -> Result<()>;
+    /// Records that an operator skipped an object that is not processed.
+    fn skip(&self, table: &str, object: &ObjectRef, reason: &str) -> Result<()>;
+    /// Starts a run record; returns its id.
+    fn begin_run(&self) -> Result<i64>;
+    /// Finishes a run record with its outcome and JSON summary.
+    fn finish_run(&self, run_id: i64, success: bool, summary: &str) -> Result<()>;
+}

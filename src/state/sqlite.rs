@@ -1,0 +1,394 @@
+//! [`StateStore`] in an embedded SQLite file (WAL mode).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Batch, BatchStats, CommittedBatch, ObjectRecord, ObjectRef, ObjectStatus, StateStore};
+use crate::error::{Error, Result};
+
+const SCHEMA: &str = include_str!("../../sql/state.sql");
+
+/// SQLite state of one pipeline.
+pub struct SqliteStore {
+    pipeline: String,
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the state file of `pipeline`.
+    pub fn open(path: &Path, pipeline: &str) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("cannot create the state directory", dir.display(), e))?;
+        }
+        let store = SqliteStore {
+            pipeline: pipeline.to_string(),
+            path: path.to_path_buf(),
+            conn: Mutex::new(Connection::open(path).map_err(|e| Error::State {
+                path: path.display().to_string(),
+                context: "opening".into(),
+                source: e,
+            })?),
+        };
+        store.with(
+            |c| {
+                c.busy_timeout(std::time::Duration::from_secs(30))?;
+                c.execute_batch(SCHEMA)
+            },
+            "creating the schema",
+        )?;
+        Ok(store)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        context: &str,
+    ) -> Result<T> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| Error::State {
+            path: self.path.display().to_string(),
+            context: context.to_string(),
+            source,
+        })
+    }
+}
+
+fn parse_objects(json: &str) -> rusqlite::Result<Vec<ObjectRef>> {
+    serde_json::from_str(json).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+impl StateStore for SqliteStore {
+    fn objects(&self, table: &str) -> Result<HashMap<String, ObjectRecord>> {
+        self.with(
+            |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT key, etag, size, status, batch_no, error, reason, updated_at
+                     FROM objects WHERE pipeline = ?1 AND tbl = ?2",
+                )?;
+                let rows = stmt.query_map(params![self.pipeline, table], |r| {
+                    let status: String = r.get(3)?;
+                    let status = match status.as_str() {
+                        "processed" => ObjectStatus::Processed {
+                            batch_no: r.get(4)?,
+                        },
+                        "quarantined" => ObjectStatus::Quarantined {
+                            error: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        },
+                        _ => ObjectStatus::Skipped {
+                            reason: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        },
+                    };
+                    Ok(ObjectRecord {
+                        object: ObjectRef {
+                            key: r.get(0)?,
+                            etag: r.get(1)?,
+                            size: r.get::<_, i64>(2)? as u64,
+                            last_modified: DateTime::default(),
+                        },
+                        status,
+                        updated_at: r.get(7)?,
+                    })
+                })?;
+                rows.map(|r| r.map(|rec| (rec.object.key.clone(), rec)))
+                    .collect()
+            },
+            "reading objects",
+        )
+    }
+
+    fn pending_batch(&self, table: &str) -> Result<Option<Batch>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT batch_no, batch_id, objects FROM batches
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'planned'",
+                    params![self.pipeline, table],
+                    |r| {
+                        Ok(Batch {
+                            number: r.get(0)?,
+                            id: r.get(1)?,
+                            objects: parse_objects(&r.get::<_, String>(2)?)?,
+                        })
+                    },
+                )
+                .optional()
+            },
+            "reading the pending batch",
+        )
+    }
+
+    fn plan_batch(&self, table: &str, objects: &[ObjectRef]) -> Result<Batch> {
+        let id = Batch::id_of(&self.pipeline, table, objects);
+        let json = serde_json::to_string(objects).expect("objects serialize");
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let number: i64 = tx.query_row(
+                    "SELECT COALESCE(MAX(batch_no), 0) + 1 FROM batches WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )?;
+                tx.execute(
+                    "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, planned_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6)",
+                    params![self.pipeline, table, number, id, json, now()],
+                )?;
+                tx.commit()?;
+                Ok(Batch { number, id: id.clone(), objects: objects.to_vec() })
+            },
+            "planning a batch",
+        )
+    }
+
+    fn replan_batch(
+        &self,
+        table: &str,
+        number: i64,
+        objects: &[ObjectRef],
+    ) -> Result<Option<Batch>> {
+        self.with(
+            |c| {
+                if objects.is_empty() {
+                    c.execute(
+                        "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                        params![self.pipeline, table, number],
+                    )?;
+                    return Ok(None);
+                }
+                let id = Batch::id_of(&self.pipeline, table, objects);
+                c.execute(
+                    "UPDATE batches SET batch_id = ?4, objects = ?5
+                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                    params![self.pipeline, table, number, id, serde_json::to_string(objects).expect("objects serialize")],
+                )?;
+                Ok(Some(Batch { number, id, objects: objects.to_vec() }))
+            },
+            "re-planning a batch",
+        )
+    }
+
+    fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let json: String = tx.query_row(
+                    "SELECT objects FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                    params![self.pipeline, table, number],
+                    |r| r.get(0),
+                )?;
+                let at = now();
+                for object in parse_objects(&json)? {
+                    tx.execute(
+                        "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
+                         ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                           etag = excluded.etag, size = excluded.size, status = 'processed',
+                           batch_no = excluded.batch_no, error = NULL, updated_at = excluded.updated_at",
+                        params![self.pipeline, table, object.key, object.etag, object.size as i64, number, at],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
+                       deletes = ?7, max_seq = ?8, committed_at = ?9
+                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
+                    params![
+                        self.pipeline, table, number, stats.rows as i64, stats.inserts as i64,
+                        stats.updates as i64, stats.deletes as i64, stats.max_seq, at
+                    ],
+                )?;
+                tx.commit()
+            },
+            "committing a batch",
+        )
+    }
+
+    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at FROM batches
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed' ORDER BY batch_no DESC LIMIT 1",
+                    params![self.pipeline, table],
+                    |r| {
+                        let committed_at: String = r.get(7)?;
+                        Ok(CommittedBatch {
+                            number: r.get(0)?,
+                            objects: parse_objects(&r.get::<_, String>(1)?)?.len(),
+                            stats: BatchStats {
+                                rows: r.get::<_, i64>(2)? as u64,
+                                inserts: r.get::<_, i64>(3)? as u64,
+                                updates: r.get::<_, i64>(4)? as u64,
+                                deletes: r.get::<_, i64>(5)? as u64,
+                                max_seq: r.get(6)?,
+                            },
+                            committed_at: DateTime::parse_from_rfc3339(&committed_at)
+                                .map(|t| t.with_timezone(&Utc))
+                                .unwrap_or_default(),
+                        })
+                    },
+                )
+                .optional()
+            },
+            "reading the last batch",
+        )
+    }
+
+    fn max_seq(&self, table: &str) -> Result<Option<String>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT MAX(max_seq) FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )
+            },
+            "reading the watermark",
+        )
+    }
+
+    fn quarantine(&self, table: &str, object: &ObjectRef, error: &str) -> Result<()> {
+        self.set_status(table, object, "quarantined", Some(error), None)
+    }
+
+    fn release(&self, table: &str, key: &str) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "DELETE FROM objects WHERE pipeline = ?1 AND tbl = ?2 AND key = ?3 AND status = 'quarantined'",
+                    params![self.pipeline, table, key],
+                )
+                .map(|_| ())
+            },
+            "releasing a quarantined object",
+        )
+    }
+
+    fn skip(&self, table: &str, object: &ObjectRef, reason: &str) -> Result<()> {
+        self.set_status(table, object, "skipped", None, Some(reason))
+    }
+
+    fn begin_run(&self) -> Result<i64> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO runs (pipeline, started_at, status) VALUES (?1, ?2, 'running')",
+                    params![self.pipeline, now()],
+                )?;
+                Ok(c.last_insert_rowid())
+            },
+            "recording a run",
+        )
+    }
+
+    fn finish_run(&self, run_id: i64, success: bool, summary: &str) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "UPDATE runs SET finished_at = ?2, status = ?3, summary = ?4 WHERE run_id = ?1",
+                    params![
+                        run_id,
+                        now(),
+                        if success { "success" } else { "failed" },
+                        summary
+                    ],
+                )
+                .map(|_| ())
+            },
+            "finishing a run",
+        )
+    }
+}
+
+impl SqliteStore {
+    fn set_status(
+        &self,
+        table: &str,
+        object: &ObjectRef,
+        status: &str,
+        error: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO objects (pipeline, tbl, key, etag, size, status, error, reason, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                       etag = excluded.etag, size = excluded.size, status = excluded.status,
+                       error = excluded.error, reason = excluded.reason, updated_at = excluded.updated_at
+                     WHERE objects.status <> 'processed'",
+                    params![self.pipeline, table, object.key, object.etag, object.size as i64, status, error, reason, now()],
+                )
+                .map(|_| ())
+            },
+            "recording an object",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(key: &str) -> ObjectRef {
+        ObjectRef {
+            key: key.into(),
+            etag: "e".into(),
+            size: 1,
+            last_modified: DateTime::default(),
+        }
+    }
+
+    #[test]
+    fn batches_are_planned_then_committed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let b1 = store.plan_batch("s.t", &[obj("a"), obj("b")]).unwrap();
+        assert_eq!(b1.number, 1);
+        assert!(
+            store.plan_batch("s.t", &[obj("c")]).is_err(),
+            "one planned batch per table"
+        );
+        assert_eq!(store.pending_batch("s.t").unwrap(), Some(b1.clone()));
+        let stats = BatchStats {
+            rows: 3,
+            max_seq: Some("9".into()),
+            ..Default::default()
+        };
+        store.commit_batch("s.t", 1, &stats).unwrap();
+        assert_eq!(store.pending_batch("s.t").unwrap(), None);
+        assert_eq!(store.objects("s.t").unwrap().len(), 2);
+        assert_eq!(store.max_seq("s.t").unwrap().as_deref(), Some("9"));
+        assert_eq!(store.plan_batch("s.t", &[obj("c")]).unwrap().number, 2);
+        // a processed object cannot be quarantined or skipped afterwards
+        store.skip("s.t", &obj("a"), "no").unwrap();
+        assert_eq!(
+            store.objects("s.t").unwrap()["a"].status,
+            ObjectStatus::Processed { batch_no: 1 }
+        );
+    }
+
+    #[test]
+    fn batch_id_depends_on_etags() {
+        let a = Batch::id_of("p", "t", &[obj("a")]);
+        let mut changed = obj("a");
+        changed.etag = "f".into();
+        assert_ne!(a, Batch::id_of("p", "t", &[changed]));
+        assert_eq!(a, Batch::id_of("p", "t", &[obj("a")]));
+    }
+}

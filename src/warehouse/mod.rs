@@ -1,0 +1,58 @@
+//! Warehouses: where history and current-state tables are loaded.
+//!
+//! Contract of every [`Warehouse`]: loading is idempotent per batch.
+//! A table's batches are loaded in increasing number; loading a batch whose
+//! number the warehouse has already recorded for that table changes
+//! nothing and answers [`LoadOutcome::AlreadyLoaded`]. The history rows and
+//! the current-state changes of a batch may become visible in two steps, but
+//! each step is atomic and recorded, so a retry after a crash between them
+//! finishes the second step without repeating the first.
+
+mod delta;
+
+use datafusion::prelude::SessionContext;
+
+pub use delta::DeltaWarehouse;
+
+use crate::config::{Column, Table};
+use crate::error::Result;
+use crate::merge::{History, Merger};
+use crate::state::Batch;
+
+/// One batch to load.
+pub struct LoadRequest<'a> {
+    /// The table.
+    pub table: &'a Table,
+    /// The recorded batch.
+    pub batch: &'a Batch,
+    /// Its merger (schemas and SQL).
+    pub merger: &'a Merger,
+    /// Its history rows.
+    pub history: &'a History,
+    /// True when the batch holds changes older than ones already loaded:
+    /// current state must then be recomputed from the keys' whole history.
+    pub late: bool,
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// The batch was applied now (fully or its remaining step).
+    Loaded,
+    /// The warehouse already held the whole batch.
+    AlreadyLoaded,
+}
+
+/// A place to load history and current-state tables.
+#[async_trait::async_trait]
+pub trait Warehouse: Send + Sync {
+    /// Applies one batch; idempotent per batch number (see the module contract).
+    async fn load(&self, request: LoadRequest<'_>) -> Result<LoadOutcome>;
+
+    /// The data columns of `table` if the warehouse holds it already.
+    async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>>;
+
+    /// Registers `<t>`, `<t>_history` and the `<t>_versions` view in `ctx`
+    /// for queries; returns false when the table has not been loaded yet.
+    async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool>;
+}
