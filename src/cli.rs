@@ -9,7 +9,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
-use crate::merge::{Merger, sql};
+use crate::merge::sql;
 use crate::pipeline::{RunReport, Runner};
 use crate::state::{ObjectRef, ObjectStatus};
 use crate::synth;
@@ -302,24 +302,11 @@ fn find_table<'a>(pipeline: &'a Pipeline, name: &str) -> Result<&'a config::Tabl
         })
 }
 
-/// A DataFusion session with every loaded table of the pipeline registered.
+/// A DataFusion session over the pipeline's warehouse tables.
 async fn session(pipeline: &Pipeline) -> Result<SessionContext> {
-    let runner = Runner::open(pipeline.clone())?;
-    let ctx = SessionContext::new();
-    for table in &pipeline.tables {
-        let template = Merger::new(table, Vec::new(), &pipeline.source, &pipeline.meta);
-        let columns = runner
-            .warehouse()
-            .columns(table, &template)
-            .await?
-            .unwrap_or_default();
-        let merger = Merger::new(table, columns, &pipeline.source, &pipeline.meta);
-        if !runner.warehouse().register(&ctx, table, &merger).await? {
-            eprintln!(
-                "note: table {} has not been loaded yet (run `cdcflow run` first)",
-                table.target
-            );
-        }
+    let (ctx, missing) = Runner::open(pipeline.clone())?.query_session().await?;
+    for table in missing {
+        eprintln!("note: table {table} has not been loaded yet (run `cdcflow run` first)");
     }
     Ok(ctx)
 }

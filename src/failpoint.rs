@@ -1,9 +1,12 @@
 //! Crash switches for the crash-safety tests.
 //!
 //! `CDCFLOW_FAILPOINT=<name>` makes the process abort (no cleanup, like a
-//! `kill -9`) when it reaches the named step boundary of the run protocol.
+//! `kill -9`) when it reaches the named step boundary of the run protocol;
+//! `<name>@<n>` aborts at the n-th time it is reached (e.g. the third batch).
 //! The names are listed in [`NAMES`]; unset, this costs one env lookup per
 //! boundary per batch.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Every step boundary a test can crash at, in protocol order.
 pub const NAMES: &[&str] = &[
@@ -13,10 +16,19 @@ pub const NAMES: &[&str] = &[
     "commit.after_state",
 ];
 
+static HITS: AtomicUsize = AtomicUsize::new(0);
+
 /// Aborts the process if `CDCFLOW_FAILPOINT` names this boundary.
 pub fn hit(name: &str) {
     debug_assert!(NAMES.contains(&name), "unknown failpoint {name}");
-    if std::env::var("CDCFLOW_FAILPOINT").is_ok_and(|v| v == name) {
+    let Ok(setting) = std::env::var("CDCFLOW_FAILPOINT") else {
+        return;
+    };
+    let (target, nth) = match setting.split_once('@') {
+        Some((target, n)) => (target, n.parse().unwrap_or(1)),
+        None => (setting.as_str(), 1),
+    };
+    if target == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
         eprintln!("cdcflow: failpoint {name} hit, aborting");
         std::process::abort();
     }

@@ -64,6 +64,29 @@ pub struct Change {
     pub op: Op,
     /// Row values in column order (a delete carries the full old row).
     pub values: Vec<Value>,
+    /// Commit time written in the timestamp column, µs.
+    pub commit_micros: i64,
+    /// Index of the object it was written to (objects in change order).
+    pub file: usize,
+}
+
+impl Change {
+    fn new(op: Op, values: Vec<Value>) -> Self {
+        Change {
+            op,
+            values,
+            commit_micros: 0,
+            file: 0,
+        }
+    }
+
+    fn placed(&self, commit_micros: i64, file: usize) -> Self {
+        Change {
+            commit_micros,
+            file,
+            ..self.clone()
+        }
+    }
 }
 
 /// One generated table.
@@ -190,10 +213,7 @@ fn plan(
         keys.live.push(key);
         version += 1;
         files.last_mut().expect("file").push((
-            Change {
-                op: Op::Insert,
-                values: row(rng, key, version),
-            },
+            Change::new(Op::Insert, row(rng, key, version)),
             START_MICROS,
         ));
     }
@@ -226,24 +246,15 @@ fn plan(
                 keys.next - 1
             };
             keys.live.push(key);
-            Change {
-                op: Op::Insert,
-                values: row(rng, key, version),
-            }
+            Change::new(Op::Insert, row(rng, key, version))
         } else if roll < 83 {
             let key = keys.pick_live(rng);
-            Change {
-                op: Op::Update,
-                values: row(rng, key, version),
-            }
+            Change::new(Op::Update, row(rng, key, version))
         } else {
             let key = keys.pick_live(rng);
             keys.live.retain(|k| *k != key);
             keys.deleted.push(key);
-            Change {
-                op: Op::Delete,
-                values: latest[&key].clone(),
-            }
+            Change::new(Op::Delete, latest[&key].clone())
         };
         latest.insert(key_of(&change.values), change.values.clone());
         current.push((change, now));
@@ -385,7 +396,7 @@ fn write_orders(out: &Path, plan: &Plan) -> Result<SynthTable> {
                 }
             }
             text.push('\n');
-            changes.push(change.clone());
+            changes.push(change.placed(*ts, i));
         }
         let gzip = !is_load && i % 3 == 0;
         let path = file_path(out, "orders", plan, i, if gzip { "csv.gz" } else { "csv" });
@@ -464,7 +475,7 @@ fn write_items(out: &Path, plan: &Plan) -> Result<SynthTable> {
                 Value::Micros(m) => updated.append_value(m),
                 _ => updated.append_null(),
             }
-            changes.push(change.clone());
+            changes.push(change.placed(*t, i));
         }
         let mut columns: Vec<ArrayRef> = Vec::new();
         if !is_load {

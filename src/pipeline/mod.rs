@@ -12,6 +12,7 @@ mod table;
 use std::sync::Arc;
 use std::time::Duration;
 
+use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -20,6 +21,7 @@ pub use table::TableReport;
 
 use crate::config::Pipeline;
 use crate::error::Result;
+use crate::merge::Merger;
 use crate::source::{ObjectSource, StoreSource};
 use crate::state::{SqliteStore, StateStore};
 use crate::warehouse::{DeltaWarehouse, Warehouse};
@@ -100,6 +102,28 @@ impl Runner {
     /// The warehouse.
     pub fn warehouse(&self) -> &dyn Warehouse {
         self.warehouse.as_ref()
+    }
+
+    /// A DataFusion session with every loaded table registered by name:
+    /// `<t>`, `<t>_history` and the `<t>_versions` view. Tables not loaded
+    /// yet are left out and named in the returned list.
+    pub async fn query_session(&self) -> Result<(SessionContext, Vec<String>)> {
+        let ctx = SessionContext::new();
+        let mut missing = Vec::new();
+        for table in &self.pipeline.tables {
+            let p = &self.pipeline;
+            let template = Merger::new(table, Vec::new(), &p.source, &p.meta);
+            let columns = self
+                .warehouse
+                .columns(table, &template)
+                .await?
+                .unwrap_or_default();
+            let merger = Merger::new(table, columns, &p.source, &p.meta);
+            if !self.warehouse.register(&ctx, table, &merger).await? {
+                missing.push(table.target.clone());
+            }
+        }
+        Ok((ctx, missing))
     }
 
     /// Processes everything new, once. A failing table does not stop the others;

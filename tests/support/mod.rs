@@ -1,0 +1,297 @@
+//! Shared helpers: a scratch workspace with a generated dataset and a
+//! pipeline file, the binary, and an independent model of the expected tables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{
+    DataType, Decimal128Type, Int16Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
+use cdcflow::decode::Op;
+use cdcflow::pipeline::Runner;
+use cdcflow::synth::{Dataset, Options, SynthTable, Value};
+
+/// A temporary directory holding `source/`, `warehouse/`, `state/` and `pipeline.toml`.
+pub(crate) struct Workspace {
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub(crate) fn new() -> Self {
+        Workspace {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub(crate) fn source(&self) -> PathBuf {
+        self.path("source")
+    }
+
+    /// Generates a dataset into `staging/` (all of it) and returns it.
+    pub(crate) fn synth(&self, changes: usize, seed: u64) -> Dataset {
+        cdcflow::synth::write_dataset(&self.path("staging"), &Options { changes, seed })
+            .expect("synth")
+    }
+
+    /// Copies the staged objects of `table` whose index is in `range` (change order) into `source/`.
+    pub(crate) fn publish(&self, table: &str, range: std::ops::Range<usize>) {
+        for (i, rel) in staged_objects(&self.path("staging"), table)
+            .into_iter()
+            .enumerate()
+        {
+            if range.contains(&i) {
+                let to = self.source().join(&rel);
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                std::fs::copy(self.path("staging").join(&rel), to).unwrap();
+            }
+        }
+    }
+
+    /// Publishes every staged object of both tables.
+    pub(crate) fn publish_all(&self) {
+        self.publish("orders", 0..usize::MAX);
+        self.publish("order_items", 0..usize::MAX);
+    }
+
+    /// Writes `pipeline.toml` over the generated tables.
+    pub(crate) fn write_pipeline(&self, max_objects: usize, items_soft_delete: bool) -> PathBuf {
+        let text = format!(
+            r#"
+name = "test"
+[source]
+url = "file://{source}"
+timestamp_column = "dms_timestamp"
+[state]
+url = "sqlite://{dir}/state/test.db"
+[warehouse]
+kind = "local"
+path = "{dir}/warehouse"
+[batch]
+max_objects = {max_objects}
+[[tables]]
+schema = "public"
+name = "orders"
+primary_key = ["id"]
+columns = [
+  {{ name = "id", type = "bigint" }},
+  {{ name = "customer", type = "text" }},
+  {{ name = "amount", type = "decimal(12,2)" }},
+  {{ name = "status", type = "text" }},
+  {{ name = "note", type = "text" }},
+  {{ name = "created_at", type = "timestamptz" }},
+]
+[[tables]]
+schema = "public"
+name = "order_items"
+primary_key = ["order_id", "line_no"]
+soft_delete = {items_soft_delete}
+"#,
+            source = self.source().display(),
+            dir = self.dir.path().display(),
+        );
+        let path = self.path("pipeline.toml");
+        std::fs::create_dir_all(self.source()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub(crate) fn runner(&self) -> Runner {
+        Runner::open(cdcflow::config::load(&self.path("pipeline.toml")).expect("valid pipeline"))
+            .expect("runner")
+    }
+
+    /// Runs the binary in the workspace.
+    pub(crate) fn cdcflow(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
+        cmd.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("CDCFLOW_FAILPOINT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run cdcflow")
+    }
+
+    /// Runs SQL over the warehouse with the library.
+    pub(crate) async fn query(&self, sql: &str) -> Vec<RecordBatch> {
+        let (ctx, _) = self.runner().query_session().await.expect("session");
+        ctx.sql(sql)
+            .await
+            .expect("plan")
+            .collect()
+            .await
+            .expect("execute")
+    }
+}
+
+/// Object paths of a table under `root`, in DMS change order (LOAD files, then CDC by name).
+pub(crate) fn staged_objects(root: &Path, table: &str) -> Vec<PathBuf> {
+    let base = root.join("public").join(table);
+    let mut found = Vec::new();
+    let mut stack = vec![base.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    let rank = |p: &PathBuf| {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        (!name.starts_with("LOAD"), name)
+    };
+    found.sort_by_key(rank);
+    found
+}
+
+/// Converts query results to rows of generator values, independently of cdcflow's code.
+pub(crate) fn rows(batches: &[RecordBatch]) -> Vec<Vec<Value>> {
+    let mut out = Vec::new();
+    for batch in batches {
+        for row in 0..batch.num_rows() {
+            out.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|col| value(col.as_ref(), row))
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+fn value(col: &dyn Array, row: usize) -> Value {
+    if col.is_null(row) {
+        return Value::Null;
+    }
+    match col.data_type() {
+        DataType::Int16 => Value::Int(col.as_primitive::<Int16Type>().value(row).into()),
+        DataType::Int32 => Value::Int(col.as_primitive::<Int32Type>().value(row).into()),
+        DataType::Int64 => Value::Int(col.as_primitive::<Int64Type>().value(row)),
+        DataType::Boolean => Value::Int(col.as_boolean().value(row).into()),
+        DataType::Decimal128(..) => Value::Decimal(col.as_primitive::<Decimal128Type>().value(row)),
+        DataType::Utf8 => Value::Text(col.as_string::<i32>().value(row).to_string()),
+        DataType::LargeUtf8 => Value::Text(col.as_string::<i64>().value(row).to_string()),
+        DataType::Utf8View => Value::Text(col.as_string_view().value(row).to_string()),
+        DataType::Timestamp(..) => {
+            Value::Micros(col.as_primitive::<TimestampMicrosecondType>().value(row))
+        }
+        other => panic!("unexpected type {other}"),
+    }
+}
+
+/// The expected current state: replay every change in order over a map.
+/// With `soft_delete`, deleted keys stay with a trailing flag 1 (else 0).
+pub(crate) fn replay(table: &SynthTable, soft_delete: bool) -> Vec<Vec<Value>> {
+    let mut state: BTreeMap<Vec<Value>, Vec<Value>> = BTreeMap::new();
+    for change in &table.changes {
+        let key = change.values[..table.key_len].to_vec();
+        let mut row = change.values.clone();
+        match (change.op, soft_delete) {
+            (Op::Delete, false) => {
+                state.remove(&key);
+            }
+            (op, true) => {
+                row.push(Value::Int((op == Op::Delete).into()));
+                state.insert(key, row);
+            }
+            (_, false) => {
+                state.insert(key, row);
+            }
+        }
+    }
+    state.into_values().collect()
+}
+
+/// The expected history: every change with its op, in order.
+pub(crate) fn expected_history(table: &SynthTable) -> Vec<Vec<Value>> {
+    table
+        .changes
+        .iter()
+        .map(|c| {
+            let mut row = c.values.clone();
+            row.push(Value::Text(c.op.as_str().to_string()));
+            row
+        })
+        .collect()
+}
+
+/// `SELECT <columns> FROM <t>` in key order, as values.
+pub(crate) async fn current_rows(
+    ws: &Workspace,
+    table: &SynthTable,
+    soft_delete: bool,
+) -> Vec<Vec<Value>> {
+    let mut cols: Vec<String> = table.columns.iter().map(|c| c.to_string()).collect();
+    if soft_delete {
+        cols.push("deleted".into());
+    }
+    let key = table.columns[..table.key_len].join(", ");
+    rows(
+        &ws.query(&format!(
+            "SELECT {} FROM {} ORDER BY {key}",
+            cols.join(", "),
+            table.name
+        ))
+        .await,
+    )
+}
+
+/// `SELECT <columns>, op FROM <t>_history ORDER BY change_seq`, as values.
+pub(crate) async fn history_rows(ws: &Workspace, table: &SynthTable) -> Vec<Vec<Value>> {
+    rows(
+        &ws.query(&format!(
+            "SELECT {}, op FROM {}_history ORDER BY change_seq",
+            table.columns.join(", "),
+            table.name
+        ))
+        .await,
+    )
+}
+
+/// Asserts that both tables of `data` are exactly as the replay says.
+pub(crate) async fn assert_warehouse_matches(
+    ws: &Workspace,
+    data: &Dataset,
+    items_soft_delete: bool,
+) {
+    for table in &data.tables {
+        let soft = items_soft_delete && table.name == "order_items";
+        let expected = replay(table, soft);
+        let actual = current_rows(ws, table, soft).await;
+        assert_eq!(
+            actual.len(),
+            expected.len(),
+            "{}: current row count",
+            table.name
+        );
+        assert_eq!(
+            actual, expected,
+            "{}: current state differs from the replay",
+            table.name
+        );
+        let history = history_rows(ws, table).await;
+        assert_eq!(
+            history.len(),
+            table.changes.len(),
+            "{}: history row count (no loss, no duplicate)",
+            table.name
+        );
+        assert_eq!(
+            history,
+            expected_history(table),
+            "{}: history order differs",
+            table.name
+        );
+    }
+}
