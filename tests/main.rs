@@ -3,4 +3,6 @@
 mod support;
 
 mod crash;
+mod decode;
 mod pipeline_local;
+mod samples;

@@ -178,6 +178,11 @@ fn value(col: &dyn Array, row: usize) -> Value {
         DataType::Int16 => Value::Int(col.as_primitive::<Int16Type>().value(row).into()),
         DataType::Int32 => Value::Int(col.as_primitive::<Int32Type>().value(row).into()),
         DataType::Int64 => Value::Int(col.as_primitive::<Int64Type>().value(row)),
+        DataType::Date32 => Value::Int(
+            col.as_primitive::<arrow::datatypes::Date32Type>()
+                .value(row)
+                .into(),
+        ),
         DataType::Boolean => Value::Int(col.as_boolean().value(row).into()),
         DataType::Decimal128(..) => Value::Decimal(col.as_primitive::<Decimal128Type>().value(row)),
         DataType::Utf8 => Value::Text(col.as_string::<i32>().value(row).to_string()),
