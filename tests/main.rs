@@ -2,6 +2,8 @@
 
 mod support;
 
+mod bad_input;
+mod cli;
 mod crash;
 mod decode;
 mod pipeline_local;

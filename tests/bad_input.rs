@@ -1,0 +1,190 @@
+//! A bad object stops its own table at that object, is reported, and waits
+//! for the operator; other tables go on; nothing is dropped or doubled.
+
+use crate::support::{Workspace, assert_warehouse_matches, staged_objects};
+
+const EXIT_TABLES_FAILED: i32 = 3;
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Stages a dataset, breaks object `bad` of `orders`, publishes everything.
+fn broken_workspace(
+    bad: usize,
+) -> (
+    Workspace,
+    cdcflow::synth::Dataset,
+    std::path::PathBuf,
+    Vec<u8>,
+) {
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 21);
+    ws.write_pipeline(4, false);
+    ws.publish_all();
+    let rel = staged_objects(&ws.path("staging"), "orders")
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".gz"))
+        .nth(bad)
+        .unwrap();
+    let path = ws.source().join(&rel);
+    let original = std::fs::read(&path).unwrap();
+    let mut text = String::from_utf8(original.clone()).unwrap();
+    text.insert_str(
+        0,
+        "U,2024-05-02 10:00:00.000000,1,x,not-a-number,new,,2024-05-01 00:00:00\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    (ws, data, rel, original)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_object_blocks_only_its_table_until_replaced() {
+    let (ws, data, rel, original) = broken_workspace(4);
+    let key = rel.to_string_lossy().to_string();
+
+    let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert_eq!(run.status.code(), Some(EXIT_TABLES_FAILED), "{}", out(&run));
+    let text = out(&run);
+    assert!(
+        text.contains(&format!("{key}: line 1, row 1, column \"amount\"")),
+        "{text}"
+    );
+    assert!(
+        text.contains("expected a decimal(12,2)") && text.contains("not-a-number"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cdcflow skip"),
+        "tells the operator what to do: {text}"
+    );
+
+    // orders stopped before the bad object; order_items is complete.
+    let orders = &data.tables[0];
+    let loaded = ws.query("SELECT count(*) FROM orders_history").await;
+    let bad_index = staged_objects(&ws.path("staging"), "orders")
+        .iter()
+        .position(|p| *p == rel)
+        .unwrap();
+    let before_bad = orders.changes.iter().filter(|c| c.file < bad_index).count();
+    assert_eq!(
+        crate::support::rows(&loaded)[0][0],
+        cdcflow::synth::Value::Int(before_bad as i64)
+    );
+    let items = crate::support::history_rows(&ws, &data.tables[1]).await;
+    assert_eq!(items.len(), data.tables[1].changes.len());
+
+    let status = ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]);
+    let text = out(&status);
+    assert!(
+        text.contains(&format!("waiting at {key}")) && text.contains("behind"),
+        "{text}"
+    );
+
+    // A second run does not move past it.
+    let again = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert_eq!(again.status.code(), Some(EXIT_TABLES_FAILED));
+
+    // The operator replaces the object with a corrected one: the next run takes it and the rest.
+    std::fs::write(ws.source().join(&rel), original).unwrap();
+    let fixed = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert!(fixed.status.success(), "{}", out(&fixed));
+    assert_warehouse_matches(&ws, &data, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipping_is_explicit_and_recorded() {
+    let (ws, _data, rel, _) = broken_workspace(3);
+    let key = rel.to_string_lossy().to_string();
+    assert_eq!(
+        ws.cdcflow(&["run", "-p", "pipeline.toml"], &[])
+            .status
+            .code(),
+        Some(EXIT_TABLES_FAILED)
+    );
+
+    let wrong = ws.cdcflow(
+        &[
+            "skip",
+            "-p",
+            "pipeline.toml",
+            "-t",
+            "orders",
+            "-o",
+            "public/orders/nope.csv",
+            "-r",
+            "x",
+        ],
+        &[],
+    );
+    assert!(
+        !wrong.status.success() && out(&wrong).contains("no object"),
+        "{}",
+        out(&wrong)
+    );
+    let skip = ws.cdcflow(
+        &[
+            "skip",
+            "-p",
+            "pipeline.toml",
+            "-t",
+            "orders",
+            "-o",
+            &key,
+            "-r",
+            "corrupt export, ticket 42",
+        ],
+        &[],
+    );
+    assert!(skip.status.success(), "{}", out(&skip));
+
+    let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", out(&run));
+    let status = out(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(
+        status.contains(&format!("skipped {key} (corrupt export, ticket 42)"))
+            && status.contains("up to date"),
+        "{status}"
+    );
+    // every other object of orders was loaded
+    let history = crate::support::rows(
+        &ws.query("SELECT count(DISTINCT source_file) FROM orders_history")
+            .await,
+    );
+    let total = staged_objects(&ws.path("staging"), "orders").len() as i64;
+    assert_eq!(history[0][0], cdcflow::synth::Value::Int(total - 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_changed_after_loading_is_reported_not_reapplied() {
+    let ws = Workspace::new();
+    let data = ws.synth(800, 22);
+    ws.write_pipeline(100, false);
+    ws.publish_all();
+    assert!(
+        ws.cdcflow(&["run", "-p", "pipeline.toml"], &[])
+            .status
+            .success()
+    );
+    let rel = &staged_objects(&ws.path("staging"), "orders")[3];
+    let path = ws.source().join(rel);
+    let mut text = std::fs::read(&path).unwrap();
+    text.extend_from_slice(b"D,2024-05-09 00:00:00.000000,1,,1.00,new,,2024-05-01 00:00:00\n");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&path, text).unwrap();
+    let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert!(
+        out(&run).contains("changed after it was loaded"),
+        "{}",
+        out(&run)
+    );
+    assert!(
+        out(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]))
+            .contains("changed after it was loaded")
+    );
+    assert_warehouse_matches(&ws, &data, false).await;
+}

@@ -1,0 +1,215 @@
+//! The command line as a user meets it.
+
+use std::path::Path;
+
+use crate::support::{Workspace, staged_objects};
+
+fn repo(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn help_teaches_the_commands_and_exit_codes() {
+    let ws = Workspace::new();
+    let help = text(&ws.cdcflow(&["--help"], &[]));
+    for word in [
+        "run",
+        "validate",
+        "status",
+        "query",
+        "history",
+        "skip",
+        "Exit codes",
+        "Quick start",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}:\n{help}");
+    }
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_field_path() {
+    let ws = Workspace::new();
+    std::fs::write(
+        ws.path("bad.toml"),
+        r#"name = "Bad Name"
+schedule = "every hour"
+[source]
+url = "ftp://x"
+[warehouse]
+kind = "local"
+path = "w"
+[[tables]]
+schema = "public"
+name = "t"
+primary_key = []
+columns = [{ name = "id", type = "bigint" }, { name = "v", type = "money" }]
+"#,
+    )
+    .unwrap();
+    let out = ws.cdcflow(&["validate", "-p", "bad.toml"], &[]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    for field in [
+        "`name`",
+        "`schedule`",
+        "`source.url`",
+        "`tables[0].primary_key`",
+        "`tables[0].columns[1].type`",
+    ] {
+        assert!(msg.contains(field), "missing {field}:\n{msg}");
+    }
+    let ok = ws.cdcflow(&["validate", "-p", &repo("pipelines/example.toml")], &[]);
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+#[test]
+fn testdata_is_what_the_generator_writes() {
+    let ws = Workspace::new();
+    let out = ws.cdcflow(
+        &[
+            "synth",
+            "--out",
+            "fresh",
+            "--changes",
+            "2000",
+            "--seed",
+            "42",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for table in ["orders", "order_items"] {
+        let fresh = staged_objects(&ws.path("fresh"), table);
+        let committed = staged_objects(Path::new(&repo("testdata/dms")), table);
+        assert_eq!(fresh, committed, "regenerate testdata with `make testdata`");
+        for rel in fresh {
+            assert_eq!(
+                std::fs::read(ws.path("fresh").join(&rel)).unwrap(),
+                std::fs::read(Path::new(&repo("testdata/dms")).join(&rel)).unwrap(),
+                "{} differs; regenerate testdata with `make testdata`",
+                rel.display()
+            );
+        }
+    }
+}
+
+/// What `make run` does: the example pipeline over testdata/.
+#[test]
+fn the_example_pipeline_runs_and_answers_queries() {
+    let ws = Workspace::new();
+    let copy = std::process::Command::new("cp")
+        .args([
+            "-r",
+            &repo("testdata"),
+            &ws.path("testdata").display().to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let example = repo("pipelines/example.toml");
+    let run = ws.cdcflow(&["run", "-p", &example], &[]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(
+        text(&run).contains("public.order_items") && text(&run).contains("4000 changes"),
+        "{}",
+        text(&run)
+    );
+
+    let csv = ws.cdcflow(
+        &[
+            "query",
+            "-p",
+            &example,
+            "-f",
+            "csv",
+            "SELECT id, amount FROM orders ORDER BY id LIMIT 2",
+        ],
+        &[],
+    );
+    let csv = String::from_utf8_lossy(&csv.stdout).to_string();
+    assert!(csv.starts_with("id,amount\n1,"), "{csv}");
+    let json = ws.cdcflow(
+        &[
+            "query",
+            "-p",
+            &example,
+            "-f",
+            "json",
+            "SELECT count(*) AS n FROM order_items WHERE deleted",
+        ],
+        &[],
+    );
+    let json = String::from_utf8_lossy(&json.stdout).to_string();
+    assert!(
+        json.starts_with("{\"n\":") && json.lines().count() == 1,
+        "{json}"
+    );
+
+    let life = ws.cdcflow(
+        &[
+            "history",
+            "-p",
+            &example,
+            "-t",
+            "order_items",
+            "-k",
+            "1,2",
+            "-f",
+            "csv",
+        ],
+        &[],
+    );
+    let life = String::from_utf8_lossy(&life.stdout).to_string();
+    let lines: Vec<&str> = life.lines().collect();
+    assert!(
+        lines[0].contains("valid_from") && lines[0].contains("is_current"),
+        "{life}"
+    );
+    assert!(
+        lines[1..].iter().all(|l| l.starts_with("1,2,")),
+        "only key (1,2): {life}"
+    );
+    assert_eq!(
+        lines[1..].iter().filter(|l| l.ends_with(",true")).count(),
+        1,
+        "{life}"
+    );
+
+    let arity = ws.cdcflow(
+        &["history", "-p", &example, "-t", "order_items", "-k", "1"],
+        &[],
+    );
+    assert!(
+        !arity.status.success() && text(&arity).contains("primary key (order_id, line_no)"),
+        "{}",
+        text(&arity)
+    );
+
+    let status = ws.cdcflow(&["status", "-p", &example], &[]);
+    assert!(text(&status).contains("up to date"), "{}", text(&status));
+}
+
+#[test]
+fn a_missing_source_folder_says_what_to_check() {
+    let ws = Workspace::new();
+    ws.write_pipeline(10, false);
+    std::fs::remove_dir(ws.source()).unwrap();
+    let out = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("does not exist; check `source.url`"),
+        "{}",
+        text(&out)
+    );
+}
