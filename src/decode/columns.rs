@@ -75,7 +75,7 @@ impl ColumnBuilder {
     /// Parses and appends `value`; on failure returns what was expected.
     pub(crate) fn append_text(&mut self, value: &str) -> Result<(), String> {
         fn int<T: std::str::FromStr>(v: &str, what: &str) -> Result<T, String> {
-            v.parse::<T>().map_err(|_| format!("{what}"))
+            v.parse::<T>().map_err(|_| what.to_string())
         }
         match self {
             Self::SmallInt(b) => b.append_value(int(value, "a smallint (-32768..32767)")?),

@@ -328,31 +328,30 @@ fn header_slots(
                 .position(|c| c.name.eq_ignore_ascii_case(name))
                 .map(Slot::Data)
         };
+        let header_error = |message: String| {
+            let column = Some(name.to_string());
+            Error::decode(
+                key,
+                Location {
+                    line: Some(line),
+                    row: None,
+                    column,
+                },
+                message,
+            )
+        };
         match slot {
             Some(slot) if !slots.contains(&slot) => slots.push(slot),
             Some(_) => {
-                return Err(Error::decode(
-                    key,
-                    Location {
-                        line: Some(line),
-                        row: None,
-                        column: Some(name.to_string()),
-                    },
-                    format!("header names column {name:?} twice (field {})", i + 1),
-                ));
+                return Err(header_error(format!(
+                    "header names column {name:?} twice (field {})",
+                    i + 1
+                )));
             }
             None => {
-                return Err(Error::decode(
-                    key,
-                    Location {
-                        line: Some(line),
-                        row: None,
-                        column: Some(name.to_string()),
-                    },
-                    format!(
-                        "header names column {name:?}, which the pipeline does not declare; add it to the table's `columns`"
-                    ),
-                ));
+                return Err(header_error(format!(
+                    "header names column {name:?}, which the pipeline does not declare; add it to the table's `columns`"
+                )));
             }
         }
     }
@@ -402,7 +401,10 @@ fn describe_slots(slots: &[Slot], spec: &DecodeSpec) -> String {
 mod tests {
     use super::*;
 
-    fn records(text: &str) -> Result<Vec<Vec<(String, bool)>>, (u64, String)> {
+    /// (text, quoted) per field, per record.
+    type Parsed = Vec<Vec<(String, bool)>>;
+
+    fn records(text: &str) -> Result<Parsed, (u64, String)> {
         let mut r = Records::new(text.as_bytes(), b',');
         let mut out = Vec::new();
         let mut fields = Vec::new();

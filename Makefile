@@ -1,0 +1,36 @@
+# cdcflow — run `make help` for the targets.
+# CARGO_TARGET_DIR may point outside the clone to share one build between clones.
+
+CARGO ?= cargo
+BIN    = $(or $(CARGO_TARGET_DIR),target)/debug/cdcflow
+EXAMPLE = pipelines/example.toml
+
+.PHONY: help build run test lint fmt testdata clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+build: ## Build the cdcflow binary (debug)
+	$(CARGO) build --bin cdcflow
+
+run: build ## Load testdata/ into the local warehouse and show what was loaded
+	$(BIN) run --pipeline $(EXAMPLE)
+	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
+	$(BIN) status --pipeline $(EXAMPLE)
+
+test: ## Run every test (unit and integration)
+	$(CARGO) test
+
+lint: ## clippy with warnings as errors, and rustfmt check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --check
+
+fmt: ## Format the code
+	$(CARGO) fmt
+
+testdata: build ## Regenerate testdata/dms with the generator (deterministic)
+	rm -rf testdata/dms
+	$(BIN) synth --out testdata/dms --changes 2000 --seed 42
+
+clean: ## Remove the example's state and warehouse
+	rm -rf .cdcflow warehouse
