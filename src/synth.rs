@@ -170,15 +170,15 @@ struct KeySpace {
 }
 
 impl KeySpace {
-    fn pick_live(&self, rng: &mut Rng) -> i64 {
-        // Hot keys: half of the picks go to the first ten live keys.
+    /// Index into `live`: half of the picks go to the first ten (hot) keys.
+    fn pick_live(&self, rng: &mut Rng) -> usize {
         let n = self.live.len() as u64;
         let i = if rng.chance(50) {
             rng.below(n.min(10))
         } else {
             rng.below(n)
         };
-        self.live[i as usize]
+        i as usize
     }
 }
 
@@ -248,11 +248,10 @@ fn plan(
             keys.live.push(key);
             Change::new(Op::Insert, row(rng, key, version))
         } else if roll < 83 {
-            let key = keys.pick_live(rng);
+            let key = keys.live[keys.pick_live(rng)];
             Change::new(Op::Update, row(rng, key, version))
         } else {
-            let key = keys.pick_live(rng);
-            keys.live.retain(|k| *k != key);
+            let key = keys.live.swap_remove(keys.pick_live(rng));
             keys.deleted.push(key);
             Change::new(Op::Delete, latest[&key].clone())
         };
