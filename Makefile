@@ -14,7 +14,7 @@ build: ## Build the cdcflow binary (debug)
 	$(CARGO) build --bin cdcflow
 
 run: build ## Load testdata/ into the local warehouse and show what was loaded
-	$(BIN) run --pipeline $(EXAMPLE)
+	$(BIN) run --now --pipeline $(EXAMPLE)
 	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
 	$(BIN) status --pipeline $(EXAMPLE)
 

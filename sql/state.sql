@@ -26,11 +26,13 @@ CREATE TABLE IF NOT EXISTS batches (
     batch_id     TEXT    NOT NULL,   -- hash of (pipeline, table, object keys and ETags)
     objects      TEXT    NOT NULL,   -- JSON array of {key, etag, size}
     status       TEXT    NOT NULL CHECK (status IN ('planned', 'committed')),
+    mode         TEXT    NOT NULL DEFAULT 'append' CHECK (mode IN ('append', 'replace')),
     rows         INTEGER,
     inserts      INTEGER,
     updates      INTEGER,
     deletes      INTEGER,
     max_seq      TEXT,               -- largest change_seq loaded by this batch
+    max_commit_ts TEXT,              -- newest commit_ts loaded by this batch (for lag)
     planned_at   TEXT    NOT NULL,
     committed_at TEXT,
     PRIMARY KEY (pipeline, tbl, batch_no)
@@ -40,12 +42,42 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE UNIQUE INDEX IF NOT EXISTS one_planned_batch
     ON batches (pipeline, tbl) WHERE status = 'planned';
 
--- One row per `cdcflow run`.
+-- One row per run: scheduled, manual or backfill.
 CREATE TABLE IF NOT EXISTS runs (
-    run_id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    pipeline     TEXT    NOT NULL,
-    started_at   TEXT    NOT NULL,
+    run_id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline       TEXT    NOT NULL,
+    trigger        TEXT    NOT NULL CHECK (trigger IN ('schedule', 'manual', 'backfill')),
+    interval_start TEXT,             -- data interval [start, end)
+    interval_end   TEXT,
+    started_at     TEXT    NOT NULL,
+    finished_at    TEXT,
+    status         TEXT    NOT NULL CHECK (status IN ('running', 'success', 'failed')),
+    summary        TEXT              -- JSON: per table objects, rows, errors
+);
+
+-- One row per try of a table task in a run.
+CREATE TABLE IF NOT EXISTS task_attempts (
+    run_id       INTEGER NOT NULL,
+    tbl          TEXT    NOT NULL,
+    try_number   INTEGER NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('queued', 'running', 'success', 'failed', 'up_for_retry', 'skipped')),
+    started_at   TEXT,
     finished_at  TEXT,
-    status       TEXT    NOT NULL CHECK (status IN ('running', 'success', 'failed')),
-    summary      TEXT                -- JSON: per table files, rows, errors
+    rows         INTEGER,
+    error        TEXT,
+    PRIMARY KEY (run_id, tbl, try_number)
+);
+
+-- Where the schedule stands: the end of the last scheduled data interval.
+CREATE TABLE IF NOT EXISTS schedule (
+    pipeline     TEXT PRIMARY KEY,
+    last_tick    TEXT NOT NULL
+);
+
+-- One process at a time per pipeline: an expiring lease renewed by a heartbeat.
+CREATE TABLE IF NOT EXISTS leases (
+    pipeline     TEXT PRIMARY KEY,
+    owner        TEXT NOT NULL,
+    acquired_at  TEXT NOT NULL,
+    expires_at   TEXT NOT NULL
 );

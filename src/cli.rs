@@ -10,12 +10,15 @@ use datafusion::prelude::SessionContext;
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
 use crate::merge::sql;
-use crate::pipeline::{RunReport, Runner};
-use crate::state::{ObjectRef, ObjectStatus};
+use crate::pipeline::{RunReport, Runner, Shutdown};
+use crate::schedule::{self, DueOutcome};
+use crate::state::{ObjectRef, ObjectStatus, RunRecord, TaskState, Trigger};
 use crate::synth;
 
 /// Exit code of a run that finished but left a table failed or blocked.
 pub const EXIT_TABLES_FAILED: u8 = 3;
+/// Exit code when another process holds the pipeline's lease.
+pub const EXIT_LEASE_HELD: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +30,8 @@ pub const EXIT_TABLES_FAILED: u8 = 3;
         `cdcflow run` loads every new object once and exits: safe to run from cron, to interrupt, and to rerun.\n\n\
         Quick start:\n  cdcflow run --pipeline pipelines/example.toml\n  \
         cdcflow query --pipeline pipelines/example.toml \"SELECT * FROM orders LIMIT 5\"",
-    after_help = "Exit codes: 0 success; 1 error; 2 bad arguments; 3 a table failed or waits for an operator (see `cdcflow status`).\n\
+    after_help = "Exit codes: 0 success; 1 error; 2 bad arguments; 3 a table failed or waits for an operator (see `cdcflow status`);\n\
+        4 another process is running the pipeline (one run at a time).\n\
         Logs: set -v/-vv or RUST_LOG=cdcflow=debug."
 )]
 struct Cli {
@@ -40,14 +44,62 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load everything new once, then exit (for cron or a Kubernetes CronJob).
+    /// Run what is due now, then exit (for cron or a Kubernetes CronJob).
     ///
-    /// Finishes a batch a crashed run left pending, then loads new objects of every table in change
-    /// order. A bad object stops its own table at that object (see `status`); other tables go on.
+    /// Each cron tick of the pipeline's `schedule` is a run whose data interval ends at the tick: it
+    /// loads the new objects written (by their DMS name) before it. With `catchup = true` every missed
+    /// tick runs in order; otherwise they coalesce into one run. Nothing due: exits 0 and says when the
+    /// next tick is. A pipeline without a schedule, or `--now`, runs at once over everything new.
+    ///
+    /// A run first finishes a batch a crashed run left pending. A bad object stops its own table at
+    /// that object (see `status`); other tables go on. SIGTERM finishes the batch in flight and exits.
     Run {
         /// Pipeline file.
         #[arg(long, short)]
         pipeline: PathBuf,
+        /// Run now over everything new, whatever the schedule (a manual run).
+        #[arg(long)]
+        now: bool,
+        /// Evaluate the schedule as of this time instead of the clock (RFC 3339), e.g. to replay.
+        #[arg(long, value_name = "TIME")]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Stay up and run every pipeline of a folder on its cron ticks (SIGTERM stops cleanly).
+    Schedule {
+        /// Folder of pipeline files (`*.toml`).
+        #[arg(long, default_value = "pipelines")]
+        pipelines: PathBuf,
+    },
+    /// Reprocess the objects of a date range: their history rows are replaced, never doubled,
+    /// and current state is rebuilt from history.
+    ///
+    /// Objects are chosen by the date in their CDC file name (UTC), from `--from` to `--to` inclusive.
+    /// Full-load files have no date and are not part of a backfill.
+    Backfill {
+        /// Pipeline file.
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// First day, e.g. 2024-05-01.
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last day (inclusive).
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        /// Only these tables (comma separated names).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// List what would be reprocessed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Recent runs as a grid of tables × runs (like Airflow's grid view).
+    Runs {
+        /// Pipeline file.
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// How many runs.
+        #[arg(long, default_value_t = 10)]
+        last: usize,
     },
     /// Check pipeline files without touching any data; print every problem with its field path.
     Validate {
@@ -146,6 +198,10 @@ pub fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(execute(cli.command)) {
         Ok(code) => code,
+        Err(err @ Error::LeaseHeld { .. }) => {
+            eprintln!("{err}");
+            ExitCode::from(EXIT_LEASE_HELD)
+        }
         Err(err) => {
             let mut message = format!("error: {err}");
             let mut source = std::error::Error::source(&err);
@@ -161,15 +217,106 @@ pub fn main() -> ExitCode {
 
 async fn execute(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { pipeline } => {
+        Command::Run { pipeline, now, at } => {
             let runner = Runner::open(config::load(&pipeline)?)?;
-            let report = runner.run().await?;
+            let shutdown = on_signals();
+            let reports = if now {
+                vec![runner.run(Trigger::Manual, None, &shutdown).await?]
+            } else {
+                match schedule::run_due(&runner, at.unwrap_or_else(chrono::Utc::now), &shutdown)
+                    .await?
+                {
+                    DueOutcome::Ran(reports) => reports,
+                    DueOutcome::NothingDue(next) => {
+                        let next = next.map_or("never".to_string(), |t| t.to_rfc3339());
+                        println!(
+                            "nothing due for pipeline {} (next tick {next}); `--now` runs anyway",
+                            runner.pipeline().name
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            };
+            for report in &reports {
+                print_run(report);
+            }
+            Ok(if reports.iter().all(RunReport::ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_TABLES_FAILED)
+            })
+        }
+        Command::Schedule { pipelines } => {
+            let entries = std::fs::read_dir(&pipelines).map_err(|e| {
+                Error::io("cannot read the pipelines folder", pipelines.display(), e)
+            })?;
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            paths.sort();
+            let loaded = paths
+                .iter()
+                .map(|p| config::load(p))
+                .collect::<Result<Vec<_>>>()?;
+            eprintln!(
+                "serving {} pipeline(s); SIGTERM or Ctrl-C stops after the batches in flight",
+                loaded.len()
+            );
+            schedule::serve(loaded, on_signals()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill {
+            pipeline,
+            from,
+            to,
+            tables,
+            dry_run,
+        } => {
+            if from > to {
+                return Err(Error::Usage(format!("--from {from} is after --to {to}")));
+            }
+            let runner = Runner::open(config::load(&pipeline)?)?;
+            let plan = runner.backfill_plan(from, to, &tables).await?;
+            let mut grid = Grid::new();
+            grid.load_preset(UTF8_FULL_CONDENSED)
+                .set_header(["table", "objects", "bytes", "first", "last"]);
+            for (table, objects) in &plan {
+                let bytes: u64 = objects.iter().map(|o| o.size).sum();
+                let key = |o: Option<&crate::source::SourceObject>| {
+                    o.map(|o| o.key.clone()).unwrap_or_default()
+                };
+                grid.add_row([
+                    table.clone(),
+                    objects.len().to_string(),
+                    bytes.to_string(),
+                    key(objects.first()),
+                    key(objects.last()),
+                ]);
+            }
+            println!("backfill {from} .. {to}:\n{grid}");
+            if dry_run {
+                for (table, objects) in &plan {
+                    for o in objects {
+                        println!("{table}\t{}\t{}", o.key, o.size);
+                    }
+                }
+                println!("dry run: nothing was changed");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = runner.backfill(plan, &on_signals()).await?;
             print_run(&report);
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_TABLES_FAILED)
             })
+        }
+        Command::Runs { pipeline, last } => {
+            let pipeline = config::load(&pipeline)?;
+            let runner = Runner::open(pipeline.clone())?;
+            print_runs(&pipeline, &runner.state().recent_runs(last)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Validate { pipeline } => {
             let mut failed = false;
@@ -341,6 +488,85 @@ async fn print_query(ctx: &SessionContext, query: &str, format: OutputFormat) ->
         .map_err(|e| Error::io("writing the result", "stdout", e))
 }
 
+/// A shutdown handle that turns on at SIGTERM or SIGINT.
+fn on_signals() -> Shutdown {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("stop requested: finishing the batches in flight, then exiting");
+        let _ = tx.send(true);
+    });
+    Shutdown::new(rx)
+}
+
+fn print_runs(pipeline: &Pipeline, runs: &[RunRecord]) {
+    let mut grid = Grid::new();
+    let mut header = vec!["table".to_string()];
+    for run in runs.iter().rev() {
+        let when = run
+            .interval
+            .as_ref()
+            .map_or(run.started_at.as_str(), |(_, end)| end.as_str());
+        header.push(format!(
+            "#{} {}\n{}",
+            run.id,
+            run.trigger,
+            &when[..16.min(when.len())]
+        ));
+    }
+    grid.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for table in &pipeline.tables {
+        let mut row = vec![table.qualified()];
+        for run in runs.iter().rev() {
+            let tries: Vec<_> = run
+                .attempts
+                .iter()
+                .filter(|a| a.table == table.qualified())
+                .collect();
+            row.push(match tries.last() {
+                None => "·".to_string(),
+                Some(last) => {
+                    let mark = match last.state {
+                        TaskState::Success => "✔",
+                        TaskState::Failed => "✘",
+                        TaskState::UpForRetry => "↻",
+                        TaskState::Running => "▶",
+                        TaskState::Queued => "…",
+                        TaskState::Skipped => "–",
+                    };
+                    let rows: u64 = tries.iter().map(|a| a.rows).sum();
+                    let retried = if tries.len() > 1 {
+                        format!(" ({} tries)", tries.len())
+                    } else {
+                        String::new()
+                    };
+                    format!("{mark} {rows}{retried}")
+                }
+            });
+        }
+        grid.add_row(row);
+    }
+    println!("{grid}");
+    println!("✔ success  ✘ failed  ↻ up for retry  ▶ running  · not run; numbers are rows loaded");
+    for run in runs {
+        for a in &run.attempts {
+            if let Some(err) = &a.error {
+                println!("run #{} {} try {}: {err}", run.id, a.table, a.try_number);
+            }
+        }
+    }
+}
+
 fn print_run(report: &RunReport) {
     let mut grid = Grid::new();
     grid.load_preset(UTF8_FULL_CONDENSED).set_header([
@@ -393,6 +619,18 @@ fn print_run(report: &RunReport) {
     }
 }
 
+const TIME: &str = "%Y-%m-%d %H:%M:%S";
+
+fn humanize(d: chrono::TimeDelta) -> String {
+    let secs = d.num_seconds();
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
 async fn status(pipeline: Pipeline) -> Result<ExitCode> {
     let runner = Runner::open(pipeline.clone())?;
     let mut grid = Grid::new();
@@ -406,6 +644,9 @@ async fn status(pipeline: Pipeline) -> Result<ExitCode> {
         "loaded at",
         "quarantined",
         "skipped",
+        "newest object",
+        "loaded up to",
+        "lag",
     ]);
     let mut notes = Vec::new();
     let mut behind = false;
@@ -435,6 +676,13 @@ async fn status(pipeline: Pipeline) -> Result<ExitCode> {
         }
         behind |= pending > 0 || quarantined > 0;
         let last = runner.state().last_batch(&key)?;
+        // Time the newest object was written (its DMS name, else its mtime) vs newest change loaded.
+        let newest = listing
+            .objects
+            .iter()
+            .map(|o| o.name.order.cdc_time().unwrap_or(o.last_modified))
+            .max();
+        let loaded_up_to = runner.state().max_commit_ts(&key)?;
         grid.add_row([
             key.clone(),
             listing.objects.len().to_string(),
@@ -451,6 +699,13 @@ async fn status(pipeline: Pipeline) -> Result<ExitCode> {
                 .unwrap_or_else(|| "-".into()),
             quarantined.to_string(),
             skipped.to_string(),
+            newest.map_or("-".into(), |t| t.format(TIME).to_string()),
+            loaded_up_to.map_or("-".into(), |t| t.format(TIME).to_string()),
+            match (newest, loaded_up_to) {
+                (Some(n), Some(l)) if n > l => humanize(n - l),
+                (Some(_), None) => "not loaded".into(),
+                _ => "0s".into(),
+            },
         ]);
         if runner.state().pending_batch(&key)?.is_some() {
             notes.push(format!(

@@ -121,6 +121,37 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// Another process holds the pipeline's lease: one run at a time.
+    #[error(
+        "pipeline {pipeline} is being run by {owner} (lease until {expires_at}); \
+         this process does nothing. If that process died, its lease expires by itself"
+    )]
+    LeaseHeld {
+        /// Pipeline name.
+        pipeline: String,
+        /// The holder (host:pid:nonce).
+        owner: String,
+        /// When the holder's lease runs out unless renewed.
+        expires_at: String,
+    },
+
+    /// This process lost the pipeline's lease (its heartbeat failed); it stops
+    /// before the next batch. A later run finishes the work.
+    #[error("lost the lease on pipeline {pipeline}; stopping before the next batch")]
+    LeaseLost {
+        /// Pipeline name.
+        pipeline: String,
+    },
+
+    /// An error injected by `CDCFLOW_FAULT` (fault-injection tests).
+    #[error("injected {} fault at {step}", if *transient { "transient" } else { "permanent" })]
+    Injected {
+        /// Step name.
+        step: String,
+        /// Its class.
+        transient: bool,
+    },
+
     /// An object that was already loaded changed afterwards (same key, new ETag).
     #[error(
         "{object} changed after it was loaded in batch {batch} (ETag {old_etag} -> {new_etag}); \
@@ -216,11 +247,13 @@ impl Error {
                 deltalake::DeltaTableError::ObjectStore { .. }
                     | deltalake::DeltaTableError::VersionAlreadyExists(_)
             ),
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::LeaseLost { .. } => true,
+            Error::Injected { transient, .. } => *transient,
             Error::Config { .. }
             | Error::Decode { .. }
             | Error::Query { .. }
             | Error::Usage(_)
+            | Error::LeaseHeld { .. }
             | Error::ObjectChanged { .. } => false,
         }
     }

@@ -5,6 +5,10 @@
 //! `<name>@<n>` aborts at the n-th time it is reached (e.g. the third batch).
 //! The names are listed in [`NAMES`]; unset, this costs one env lookup per
 //! boundary per batch.
+//!
+//! `CDCFLOW_FAULT=<step>:<transient|permanent>[:<n>]` makes [`fault`] return
+//! an error of that class at `step` the first `n` times (always without `n`),
+//! to test retries against the real error classification.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -32,4 +36,28 @@ pub fn hit(name: &str) {
         eprintln!("cdcflow: failpoint {name} hit, aborting");
         std::process::abort();
     }
+}
+
+static FAULTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Returns an injected error if `CDCFLOW_FAULT` names this step.
+pub fn fault(step: &str) -> crate::error::Result<()> {
+    let Ok(setting) = std::env::var("CDCFLOW_FAULT") else {
+        return Ok(());
+    };
+    let mut parts = setting.split(':');
+    let (Some(target), Some(class)) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    let times: usize = parts
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    if target != step || FAULTS.fetch_add(1, Ordering::SeqCst) >= times {
+        return Ok(());
+    }
+    Err(crate::error::Error::Injected {
+        step: step.to_string(),
+        transient: class == "transient",
+    })
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod failpoint;
 pub mod merge;
 pub mod pipeline;
+pub mod schedule;
 pub mod source;
 pub mod state;
 pub mod synth;

@@ -57,7 +57,7 @@ async fn one_run_matches_an_independent_replay() {
     let data = ws.synth(3000, 1);
     ws.publish_all();
     ws.write_pipeline(1000, true);
-    let report = ws.runner().run().await.unwrap();
+    let report = ws.run_now().await;
     assert!(report.ok(), "{report:?}");
     for (t, table) in report.tables.iter().zip(&data.tables) {
         assert_eq!(t.stats.rows, table.changes.len() as u64);
@@ -76,7 +76,7 @@ async fn many_small_batches_give_the_same_tables() {
     let data = ws.synth(2000, 2);
     ws.publish_all();
     ws.write_pipeline(2, false);
-    let report = ws.runner().run().await.unwrap();
+    let report = ws.run_now().await;
     assert!(report.ok(), "{report:?}");
     assert!(
         report.tables.iter().all(|t| t.batches >= 7),
@@ -92,11 +92,11 @@ async fn incremental_runs_take_only_new_objects() {
     ws.write_pipeline(1000, false);
     ws.publish("orders", 0..6);
     ws.publish("order_items", 0..6);
-    let first = ws.runner().run().await.unwrap();
+    let first = ws.run_now().await;
     assert!(first.tables.iter().all(|t| t.objects == 6), "{first:?}");
 
     let versions_before = delta_versions(&ws);
-    let again = ws.runner().run().await.unwrap();
+    let again = ws.run_now().await;
     assert!(
         again
             .tables
@@ -111,7 +111,7 @@ async fn incremental_runs_take_only_new_objects() {
     );
 
     ws.publish_all();
-    let second = ws.runner().run().await.unwrap();
+    let second = ws.run_now().await;
     for (t, table) in second.tables.iter().zip(&data.tables) {
         assert_eq!(t.objects, table.files - 6, "only the new objects are read");
         let new_rows = table.changes.iter().filter(|c| c.file >= 6).count() as u64;
@@ -130,7 +130,7 @@ async fn a_late_object_with_an_older_name_is_applied_in_order() {
         ws.publish(table, 0..5);
         ws.publish(table, 6..usize::MAX);
     }
-    assert!(ws.runner().run().await.unwrap().ok());
+    assert!(ws.run_now().await.ok());
     let without_late = current_rows(&ws, &data.tables[0], false).await;
     assert_ne!(
         without_late,
@@ -139,7 +139,7 @@ async fn a_late_object_with_an_older_name_is_applied_in_order() {
     );
     ws.publish("orders", 5..6);
     ws.publish("order_items", 5..6);
-    let report = ws.runner().run().await.unwrap();
+    let report = ws.run_now().await;
     assert!(report.tables.iter().all(|t| t.objects == 1), "{report:?}");
     assert_warehouse_matches(&ws, &data, false).await;
 }
@@ -150,7 +150,7 @@ async fn versions_view_marks_exactly_the_current_rows() {
     let data = ws.synth(1500, 5);
     ws.publish_all();
     ws.write_pipeline(1000, false);
-    assert!(ws.runner().run().await.unwrap().ok());
+    assert!(ws.run_now().await.ok());
     let orders = &data.tables[0];
     let current = rows(
         &ws.query(&format!(

@@ -63,7 +63,7 @@ columns = [
 ]"#,
         "",
     );
-    let report = ws.runner().run().await.unwrap();
+    let report = ws.run_now().await;
     assert!(report.ok(), "{report:?}");
     assert_eq!(
         rows(&ws.query("SELECT count(*) FROM customers").await),
@@ -113,7 +113,7 @@ async fn rds_users_with_many_tiny_cdc_files() {
         "[[tables]]\nschema = \"public\"\nname = \"users\"\nprimary_key = [\"user_id\"]\ncolumns = [{ name = \"user_id\", type = \"bigint\" }, { name = \"name\", type = \"text\" }, { name = \"city\", type = \"text\" }, { name = \"last_login\", type = \"date\" }]",
         "",
     );
-    assert!(ws.runner().run().await.unwrap().ok());
+    assert!(ws.run_now().await.ok());
     assert_eq!(
         rows(&ws.query("SELECT count(*) FROM users").await),
         vec![vec![Value::Int(110)]]
@@ -156,7 +156,7 @@ columns = [
 ]"#,
         "[source.csv]\nheader = true",
     );
-    let report = ws.runner().run().await.unwrap();
+    let report = ws.run_now().await;
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.tables[0].stats.updates, 17);
     let row = rows(&ws.query(r#"SELECT "LAST_NAME", "SALARY", "COMMISSION_PCT" FROM employees WHERE "EMPLOYEE_ID" = 321"#).await);
@@ -190,7 +190,7 @@ async fn postgres_parquet_full_load_with_types_from_the_file() {
         "[[tables]]\nschema = \"public\"\nname = \"dms_test_table\"\nprimary_key = [\"id\"]",
         "timestamp_column = \"DMS_TIMESTAMP\"",
     );
-    assert!(ws.runner().run().await.unwrap().ok());
+    assert!(ws.run_now().await.ok());
     let got = rows(
         &ws.query("SELECT count(*), sum(CASE WHEN my_bool THEN 1 ELSE 0 END) FROM dms_test_table")
             .await,

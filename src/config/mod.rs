@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use types::{SqlType, TYPE_NAMES, UTC};
-pub use validate::{Column, CsvOptions, Pipeline, Source, Table};
+pub use validate::{Column, CsvOptions, Pipeline, RetryPolicy, Source, Table};
 
 use crate::error::{Error, Result};
 
@@ -25,9 +25,25 @@ use crate::error::{Error, Result};
 pub struct PipelineFile {
     /// Pipeline name: lowercase letters, digits, `_` and `-`. Names the state and batch ids.
     pub name: String,
-    /// Cron schedule (5 fields, or 6 with seconds), used by `cdcflow schedule`.
+    /// Cron schedule (5 fields, or 6 with seconds). Each tick is a run whose data
+    /// interval ends at the tick.
     #[serde(default)]
     pub schedule: Option<String>,
+    /// IANA time zone the schedule is read in (default `UTC`); DST is handled.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// `true`: every missed tick runs, in order; `false`: missed ticks coalesce into one run.
+    #[serde(default)]
+    pub catchup: bool,
+    /// How many tables are processed at once.
+    #[serde(default = "PipelineFile::default_max_parallel_tables")]
+    pub max_parallel_tables: usize,
+    /// Retries of a table task on transient errors (network, 5xx, busy, lease lost).
+    #[serde(default)]
+    pub retries: RetriesFile,
+    /// How long a run's lease on the pipeline lasts without a heartbeat, e.g. "60s".
+    #[serde(default = "PipelineFile::default_lease_ttl")]
+    pub lease_ttl: String,
     /// Where the CDC objects are and how they are written.
     pub source: SourceFile,
     /// Where cdcflow keeps its manifest of objects, batches and runs.
@@ -44,6 +60,79 @@ pub struct PipelineFile {
     /// The source tables to load.
     #[serde(default)]
     pub tables: Vec<TableFile>,
+}
+
+impl PipelineFile {
+    /// Default of `max_parallel_tables`.
+    pub const DEFAULT_MAX_PARALLEL_TABLES: usize = 4;
+
+    fn default_max_parallel_tables() -> usize {
+        Self::DEFAULT_MAX_PARALLEL_TABLES
+    }
+    fn default_lease_ttl() -> String {
+        "60s".into()
+    }
+}
+
+/// `[retries]`: exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesFile {
+    /// Retries after the first try (0 disables retries).
+    #[serde(default = "RetriesFile::default_count")]
+    pub count: u32,
+    /// Delay before the first retry, e.g. "10s"; doubled each retry.
+    #[serde(default = "RetriesFile::default_delay")]
+    pub delay: String,
+    /// Longest delay between two tries, e.g. "5m".
+    #[serde(default = "RetriesFile::default_max_delay")]
+    pub max_delay: String,
+}
+
+impl RetriesFile {
+    fn default_count() -> u32 {
+        3
+    }
+    fn default_delay() -> String {
+        "10s".into()
+    }
+    fn default_max_delay() -> String {
+        "5m".into()
+    }
+}
+
+impl Default for RetriesFile {
+    fn default() -> Self {
+        RetriesFile {
+            count: Self::default_count(),
+            delay: Self::default_delay(),
+            max_delay: Self::default_max_delay(),
+        }
+    }
+}
+
+/// Parses "250ms", "10s", "5m", "2h".
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a duration; write e.g. \"500ms\", \"10s\", \"5m\" or \"1h\"")
+    })?;
+    let millis = match unit.trim() {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => {
+            return Err(format!(
+                "{text:?} has no unit; write e.g. \"500ms\", \"10s\", \"5m\" or \"1h\""
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_millis(millis))
 }
 
 /// `[source]`: the DMS-format objects.
@@ -159,6 +248,19 @@ impl BatchFile {
 
     fn default_max_objects() -> usize {
         Self::DEFAULT_MAX_OBJECTS
+    }
+
+    /// How many of the objects with these sizes (in order) the next batch takes:
+    /// at most `max_objects`, and within `max_bytes` unless a single object is larger.
+    pub fn take(&self, sizes: impl Iterator<Item = u64>) -> usize {
+        let mut bytes = 0u64;
+        sizes
+            .take(self.max_objects)
+            .take_while(|size| {
+                bytes += size;
+                bytes == *size || bytes <= self.max_bytes
+            })
+            .count()
     }
     fn default_max_bytes() -> u64 {
         Self::DEFAULT_MAX_BYTES

@@ -2,21 +2,30 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::str::FromStr;
+use std::time::Duration;
 
 use super::{
     BatchFile, CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile,
-    absolute,
+    absolute, parse_duration,
 };
 use crate::error::{Error, Result};
+use crate::schedule::Schedule;
 
 /// A validated pipeline, ready to run.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     /// Pipeline name.
     pub name: String,
-    /// Cron schedule as written (validated).
-    pub schedule: Option<String>,
+    /// The cron schedule, if any.
+    pub schedule: Option<Schedule>,
+    /// Run every missed tick (true) or coalesce them (false).
+    pub catchup: bool,
+    /// Tables processed at once.
+    pub max_parallel_tables: usize,
+    /// Retry policy of table tasks.
+    pub retry: RetryPolicy,
+    /// Lease time-to-live.
+    pub lease_ttl: Duration,
     /// The CDC objects.
     pub source: Source,
     /// SQLite state file.
@@ -29,6 +38,31 @@ pub struct Pipeline {
     pub meta: MetadataColumns,
     /// Tables, in file order.
     pub tables: Vec<Table>,
+}
+
+/// Retries of a table task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub count: u32,
+    /// First delay; doubled each retry.
+    pub delay: Duration,
+    /// Longest delay.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Delay before retry number `retry` (1-based): exponential, capped, with
+    /// jitter drawn from `random` (any u64) in [50%, 100%] of the delay.
+    pub fn backoff(&self, retry: u32, random: u64) -> Duration {
+        let exp = self.delay.saturating_mul(
+            1u32.checked_shl(retry.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        );
+        let capped = exp.min(self.max_delay);
+        let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
+        capped.mul_f64(fraction)
+    }
 }
 
 /// Where and how the objects are written.
@@ -144,13 +178,35 @@ impl PipelineFile {
                 ),
             );
         }
-        if let Some(schedule) = &self.schedule
-            && let Err(err) = croner::Cron::from_str(schedule)
-        {
+        let timezone = self.timezone.as_deref().unwrap_or("UTC");
+        let tz = timezone.parse::<chrono_tz::Tz>().map_err(|_| {
             problems.add(
-                "schedule",
-                format!("{schedule:?} is not a cron expression ({err}); e.g. \"*/15 * * * *\""),
-            );
+                "timezone",
+                format!("{timezone:?} is not an IANA time zone; e.g. \"UTC\" or \"Europe/London\""),
+            )
+        });
+        let schedule = match (&self.schedule, tz) {
+            (Some(expr), Ok(tz)) => Schedule::parse(expr, tz)
+                .map_err(|err| problems.add("schedule", err))
+                .ok(),
+            _ => None,
+        };
+        if self.max_parallel_tables == 0 {
+            problems.add("max_parallel_tables", "must be greater than 0");
+        }
+        let mut duration = |field: &str, text: &str| {
+            parse_duration(text)
+                .map_err(|err| problems.add(field, err))
+                .unwrap_or_default()
+        };
+        let retry = RetryPolicy {
+            count: self.retries.count,
+            delay: duration("retries.delay", &self.retries.delay),
+            max_delay: duration("retries.max_delay", &self.retries.max_delay),
+        };
+        let lease_ttl = duration("lease_ttl", &self.lease_ttl);
+        if parse_duration(&self.lease_ttl).is_ok() && lease_ttl < Duration::from_secs(1) {
+            problems.add("lease_ttl", "must be at least 1s");
         }
         let source = validate_source(&self.source, &mut problems);
         let state_path = validate_state(&self, &mut problems);
@@ -203,7 +259,11 @@ impl PipelineFile {
         }
         Ok(Pipeline {
             name: self.name,
-            schedule: self.schedule,
+            schedule,
+            catchup: self.catchup,
+            max_parallel_tables: self.max_parallel_tables,
+            retry,
+            lease_ttl,
             source: source.expect("checked above"),
             state_path,
             warehouse_path,

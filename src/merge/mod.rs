@@ -136,6 +136,8 @@ impl Merger {
             }
             stats.rows += rows as u64;
             let commit_ts = self.commit_ts(&object, &batch);
+            let newest = arrow::compute::max(&commit_ts).and_then(DateTime::from_timestamp_micros);
+            stats.max_commit_ts = stats.max_commit_ts.max(newest);
             let change_seq = self.change_seq(&object, &batch)?;
             let last = change_seq.value(rows - 1).to_string();
             if stats.max_seq.as_ref().is_none_or(|m| *m < last) {
@@ -246,6 +248,48 @@ impl Merger {
         ctx.sql(&query)
             .await
             .map_err(|e| Error::query("latest_change.sql", e))
+    }
+
+    /// The current-state rows rebuilt from the whole registered `history`.
+    pub async fn rebuilt_current(&self, ctx: &SessionContext, history: &str) -> Result<DataFrame> {
+        let m = &self.meta;
+        let latest = sql::render(
+            sql::LATEST_CHANGE,
+            &[
+                ("key", &sql::key_list(&self.key)),
+                ("change_seq", &sql::ident(&m.change_seq)),
+                ("changes", &sql::ident(history)),
+            ],
+        );
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| sql::ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let is_delete = format!("{} = 'D'", sql::ident(&m.op));
+        let (deleted, keep) = if self.soft_delete {
+            (
+                format!(", {is_delete} AS {}", sql::ident(&m.deleted)),
+                "TRUE".to_string(),
+            )
+        } else {
+            (String::new(), format!("NOT ({is_delete})"))
+        };
+        let query = sql::render(
+            sql::CURRENT_REBUILD,
+            &[
+                ("columns", &columns),
+                ("commit_ts", &sql::ident(&m.commit_ts)),
+                ("change_seq", &sql::ident(&m.change_seq)),
+                ("deleted", &deleted),
+                ("latest", &latest),
+                ("keep", &keep),
+            ],
+        );
+        ctx.sql(&query)
+            .await
+            .map_err(|e| Error::query("current_rebuild.sql", e))
     }
 
     /// The history (registered as `history`) of the keys present in `batch`.

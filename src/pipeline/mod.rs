@@ -6,38 +6,49 @@
 //! idempotent per batch number; the state commit comes last. A run first
 //! finishes a table's pending batch, so a crash at any point is repaired by
 //! the next run without losing or doubling a row.
+//!
+//! One run at a time: a run holds the pipeline's lease in the state store,
+//! renewed by a heartbeat, so overlapping cron pods never work on one
+//! pipeline together.
 
+mod lease;
 mod table;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
-use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+pub use lease::Lease;
 pub use table::TableReport;
 
-use crate::config::Pipeline;
-use crate::error::Result;
+use crate::config::{Pipeline, Table};
+use crate::error::{Error, Result};
 use crate::merge::Merger;
-use crate::source::{ObjectSource, StoreSource};
-use crate::state::{SqliteStore, StateStore};
+use crate::schedule::Interval;
+use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
+use crate::state::{SqliteStore, StateStore, Trigger};
 use crate::warehouse::{DeltaWarehouse, Warehouse};
-
-/// How many tables run at once.
-const MAX_PARALLEL_TABLES: usize = 4;
 
 /// What one run did, per table.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
     /// Pipeline name.
     pub pipeline: String,
+    /// Run id in the state store.
+    pub run_id: i64,
+    /// What started it.
+    pub trigger: Trigger,
     /// One entry per table, in pipeline order.
     pub tables: Vec<TableReport>,
     /// Wall time of the run.
     pub seconds: f64,
+    /// True when a shutdown request stopped the run before all work was done.
+    pub interrupted: bool,
 }
 
 impl RunReport {
@@ -48,6 +59,49 @@ impl RunReport {
             .all(|t| t.error.is_none() && t.quarantined.is_empty())
     }
 }
+
+/// A request to stop: in-flight batches finish, no new batch starts.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Shutdown {
+    /// Follows a watch channel that turns `true` on shutdown.
+    pub fn new(receiver: tokio::sync::watch::Receiver<bool>) -> Self {
+        Shutdown(Some(receiver))
+    }
+
+    /// True once a stop was requested.
+    pub fn requested(&self) -> bool {
+        self.0.as_ref().is_some_and(|r| *r.borrow())
+    }
+
+    /// Sleeps for `delay` or until a stop is requested.
+    pub async fn sleep(&self, delay: Duration) {
+        match self.0.clone() {
+            None => tokio::time::sleep(delay).await,
+            Some(mut r) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = r.wait_for(|stop| *stop) => {}
+                }
+            }
+        }
+    }
+}
+
+/// What a run works on.
+#[derive(Debug, Clone)]
+pub(crate) enum Work {
+    /// New objects, those written before `before` when set (the data interval's end).
+    New {
+        before: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Backfill: reprocess these objects, replacing their history rows.
+    Replace(Vec<SourceObject>),
+}
+
+/// Objects a backfill would reprocess, per table.
+pub type BackfillPlan = BTreeMap<String, Vec<SourceObject>>;
 
 /// A pipeline wired to its source, state store and warehouse.
 pub struct Runner {
@@ -126,11 +180,119 @@ impl Runner {
         Ok((ctx, missing))
     }
 
-    /// Processes everything new, once. A failing table does not stop the others;
-    /// its error is in its report.
-    pub async fn run(&self) -> Result<RunReport> {
+    /// Loads everything new once (objects written before the interval's end
+    /// when one is given). Takes the pipeline's lease first. A failing table
+    /// does not stop the others; its error is in its report.
+    pub async fn run(
+        &self,
+        trigger: Trigger,
+        interval: Option<Interval>,
+        shutdown: &Shutdown,
+    ) -> Result<RunReport> {
+        let lease = Lease::acquire(self.state.clone(), &self.pipeline)?;
+        let work: Vec<(&Table, Work)> = self
+            .pipeline
+            .tables
+            .iter()
+            .map(|t| {
+                (
+                    t,
+                    Work::New {
+                        before: interval.map(|i| i.end),
+                    },
+                )
+            })
+            .collect();
+        let report = self
+            .execute(trigger, interval, work, &lease, shutdown)
+            .await;
+        lease.release();
+        report
+    }
+
+    /// The objects of `tables` (all when empty) whose CDC file-name date is in `[from, to]` (UTC).
+    pub async fn backfill_plan(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+        tables: &[String],
+    ) -> Result<BackfillPlan> {
+        let mut plan = BackfillPlan::new();
+        for table in self.select_tables(tables)? {
+            let listing = self.source.list_table(&table.schema, &table.name).await?;
+            let in_range = listing
+                .objects
+                .into_iter()
+                .filter(|o| match o.name.order {
+                    ObjectOrder::Cdc(_) => o
+                        .name
+                        .order
+                        .cdc_time()
+                        .is_some_and(|t| (from..=to).contains(&t.date_naive())),
+                    ObjectOrder::Load(_) => false,
+                })
+                .collect();
+            plan.insert(table.qualified(), in_range);
+        }
+        Ok(plan)
+    }
+
+    /// Reprocesses the planned objects: their history rows are replaced (never
+    /// doubled) and each table's current state is rebuilt from history.
+    pub async fn backfill(&self, plan: BackfillPlan, shutdown: &Shutdown) -> Result<RunReport> {
+        let lease = Lease::acquire(self.state.clone(), &self.pipeline)?;
+        let work = self
+            .pipeline
+            .tables
+            .iter()
+            .filter_map(|t| {
+                plan.get(&t.qualified())
+                    .map(|objects| (t, Work::Replace(objects.clone())))
+            })
+            .collect();
+        let report = self
+            .execute(Trigger::Backfill, None, work, &lease, shutdown)
+            .await;
+        lease.release();
+        report
+    }
+
+    fn select_tables(&self, names: &[String]) -> Result<Vec<&Table>> {
+        if names.is_empty() {
+            return Ok(self.pipeline.tables.iter().collect());
+        }
+        names
+            .iter()
+            .map(|name| {
+                self.pipeline
+                    .tables
+                    .iter()
+                    .find(|t| &t.name == name || &t.qualified() == name || &t.target == name)
+                    .ok_or_else(|| {
+                        let known: Vec<String> =
+                            self.pipeline.tables.iter().map(|t| t.qualified()).collect();
+                        Error::Usage(format!(
+                            "no table {name:?} in pipeline {}; tables: {}",
+                            self.pipeline.name,
+                            known.join(", ")
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    async fn execute(
+        &self,
+        trigger: Trigger,
+        interval: Option<Interval>,
+        work: Vec<(&Table, Work)>,
+        lease: &Lease,
+        shutdown: &Shutdown,
+    ) -> Result<RunReport> {
         let started = std::time::Instant::now();
-        let run_id = self.state.begin_run()?;
+        let run_id = self
+            .state
+            .begin_run(trigger, interval.map(|i| (i.start, i.end)))?;
         let progress = ProgressBar::new(0).with_style(
             ProgressStyle::with_template(
                 "{spinner} {msg} [{bar:30}] {pos}/{len} objects, {per_sec}, eta {eta}",
@@ -138,13 +300,25 @@ impl Runner {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        progress.set_message(format!("loading {}", self.pipeline.name));
+        progress.set_message(format!("{} {}", trigger.as_str(), self.pipeline.name));
         progress.enable_steady_tick(Duration::from_millis(200));
-        let mut tables: Vec<TableReport> = futures::stream::iter(self.pipeline.tables.iter())
-            .map(|table| table::TableRun::new(self, table, &progress).run())
-            .buffer_unordered(MAX_PARALLEL_TABLES)
-            .collect()
-            .await;
+        let context = table::RunContext {
+            runner: self,
+            run_id,
+            lease,
+            shutdown,
+            progress: &progress,
+        };
+        let slots = tokio::sync::Semaphore::new(self.pipeline.max_parallel_tables);
+        let mut tasks = Vec::with_capacity(work.len());
+        for (table, work) in work {
+            let (context, slots) = (&context, &slots);
+            tasks.push(async move {
+                let _slot = slots.acquire().await.expect("semaphore is never closed");
+                table::TableRun::new(context, table, work).run().await
+            });
+        }
+        let mut tables: Vec<TableReport> = futures::future::join_all(tasks).await;
         progress.finish_and_clear();
         let order = |t: &TableReport| {
             self.pipeline
@@ -155,8 +329,11 @@ impl Runner {
         tables.sort_by_key(order);
         let report = RunReport {
             pipeline: self.pipeline.name.clone(),
+            run_id,
+            trigger,
             tables,
             seconds: started.elapsed().as_secs_f64(),
+            interrupted: shutdown.requested(),
         };
         let summary = serde_json::to_string(&report).expect("report serializes");
         self.state.finish_run(run_id, report.ok(), &summary)?;

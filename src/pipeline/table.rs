@@ -1,20 +1,21 @@
-//! The run of one table: finish a pending batch, then plan and load new
-//! objects in change order until none is left or the table is blocked.
+//! The task of one table in a run: finish a pending batch, then plan and
+//! load objects in change order until none is left, the table is blocked,
+//! or a stop is requested. Transient failures are retried with backoff.
 
 use arrow::array::{AsArray, RecordBatch};
 use futures::StreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use super::Runner;
+use super::{Lease, Runner, Shutdown, Work};
 use crate::config::{Column, Table};
 use crate::decode::{self, DecodeSpec};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::Merger;
 use crate::source::{ObjectName, ObjectOrder, SourceObject};
-use crate::state::{Batch, BatchStats, ObjectRef, ObjectStatus};
-use crate::warehouse::LoadRequest;
+use crate::state::{Batch, BatchMode, BatchStats, ObjectRef, ObjectStatus, TaskAttempt, TaskState};
+use crate::warehouse::{Apply, LoadRequest};
 
 /// Objects decoded at once per table.
 const DECODE_PARALLELISM: usize = 4;
@@ -32,6 +33,8 @@ pub struct TableReport {
     pub stats: BatchStats,
     /// Wall time.
     pub seconds: f64,
+    /// Tries of the table task (1 when it needed no retry).
+    pub tries: u32,
     /// Objects waiting for an operator: (key, error).
     pub quarantined: Vec<(String, String)>,
     /// Loaded objects that changed afterwards (same key, new ETag).
@@ -42,37 +45,97 @@ pub struct TableReport {
     pub error: Option<String>,
 }
 
-/// The run of one table.
+/// What every table task of a run shares.
+pub(super) struct RunContext<'a> {
+    pub(super) runner: &'a Runner,
+    pub(super) run_id: i64,
+    pub(super) lease: &'a Lease,
+    pub(super) shutdown: &'a Shutdown,
+    pub(super) progress: &'a ProgressBar,
+}
+
+/// The task of one table.
 pub(super) struct TableRun<'a> {
+    ctx: &'a RunContext<'a>,
     runner: &'a Runner,
     table: &'a Table,
     key: String,
-    progress: &'a ProgressBar,
+    work: Work,
     report: TableReport,
     merger: Option<Merger>,
 }
 
 impl<'a> TableRun<'a> {
-    pub(super) fn new(runner: &'a Runner, table: &'a Table, progress: &'a ProgressBar) -> Self {
+    pub(super) fn new(ctx: &'a RunContext<'a>, table: &'a Table, work: Work) -> Self {
         let key = table.qualified();
         TableRun {
-            runner,
+            ctx,
+            runner: ctx.runner,
             table,
             report: TableReport {
                 table: key.clone(),
                 ..TableReport::default()
             },
             key,
-            progress,
+            work,
             merger: None,
         }
     }
 
+    fn record(&self, try_number: u32, state: TaskState, rows: u64, error: Option<String>) {
+        let attempt = TaskAttempt {
+            table: self.key.clone(),
+            try_number,
+            state,
+            rows,
+            error,
+        };
+        if let Err(err) = self.runner.state.record_attempt(self.ctx.run_id, &attempt) {
+            tracing::warn!(table = %self.key, error = %err, "could not record the task attempt");
+        }
+    }
+
+    /// Runs the task with retries on transient errors.
     pub(super) async fn run(mut self) -> TableReport {
         let started = std::time::Instant::now();
-        if let Err(err) = self.run_batches().await {
-            tracing::error!(table = %self.key, error = %err, "table stopped");
-            self.report.error = Some(err.to_string());
+        let policy = self.runner.pipeline.retry;
+        let mut try_number = 1;
+        loop {
+            self.report.tries = try_number;
+            let rows_before = self.report.stats.rows;
+            self.record(try_number, TaskState::Running, 0, None);
+            let outcome = self.run_batches().await;
+            let rows = self.report.stats.rows - rows_before;
+            match outcome {
+                Ok(()) => {
+                    self.record(try_number, TaskState::Success, rows, None);
+                    self.report.error = None;
+                    break;
+                }
+                Err(err)
+                    if err.is_transient()
+                        && try_number <= policy.count
+                        && !self.ctx.shutdown.requested()
+                        && self.ctx.lease.check().is_ok() =>
+                {
+                    let delay = retry_delay(&policy, try_number);
+                    tracing::warn!(table = %self.key, error = %err, try_number, ?delay, "transient failure; retrying");
+                    self.record(
+                        try_number,
+                        TaskState::UpForRetry,
+                        rows,
+                        Some(err.to_string()),
+                    );
+                    self.ctx.shutdown.sleep(delay).await;
+                    try_number += 1;
+                }
+                Err(err) => {
+                    tracing::error!(table = %self.key, error = %err, "table stopped");
+                    self.record(try_number, TaskState::Failed, rows, Some(err.to_string()));
+                    self.report.error = Some(err.to_string());
+                    break;
+                }
+            }
         }
         self.report.seconds = started.elapsed().as_secs_f64();
         self.report
@@ -81,16 +144,41 @@ impl<'a> TableRun<'a> {
     async fn run_batches(&mut self) -> Result<()> {
         let state = self.runner.state.clone();
         loop {
+            self.ctx.lease.check()?;
             let batch = match state.pending_batch(&self.key)? {
                 Some(pending) => {
                     tracing::info!(table = %self.key, batch = pending.number, "finishing the batch a previous run left pending");
                     pending
                 }
                 None => {
-                    let Some(objects) = self.list_new().await? else {
+                    if self.ctx.shutdown.requested() {
+                        return Ok(());
+                    }
+                    let next = match &mut self.work {
+                        Work::New { before } => {
+                            let before = *before;
+                            self.list_new(before)
+                                .await?
+                                .map(|objects| (objects, BatchMode::Append))
+                        }
+                        Work::Replace(remaining) => {
+                            let take = self
+                                .runner
+                                .pipeline
+                                .batch
+                                .take(remaining.iter().map(|o| o.size));
+                            (take > 0).then(|| {
+                                (
+                                    remaining.drain(..take).map(object_ref).collect(),
+                                    BatchMode::Replace,
+                                )
+                            })
+                        }
+                    };
+                    let Some((objects, mode)) = next else {
                         return Ok(());
                     };
-                    let batch = state.plan_batch(&self.key, &objects)?;
+                    let batch = state.plan_batch(&self.key, &objects, mode)?;
                     failpoint::hit("plan.after_record");
                     batch
                 }
@@ -101,7 +189,10 @@ impl<'a> TableRun<'a> {
 
     /// New objects to load next, bounded by the batch limits; `None` when
     /// there is nothing (or nothing before a quarantined object).
-    async fn list_new(&mut self) -> Result<Option<Vec<ObjectRef>>> {
+    async fn list_new(
+        &mut self,
+        before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Option<Vec<ObjectRef>>> {
         let state = &self.runner.state;
         let listing = self
             .runner
@@ -114,6 +205,11 @@ impl<'a> TableRun<'a> {
         let mut blocked_at: Option<ObjectOrder> = None;
         self.report.quarantined.clear();
         for object in listing.objects {
+            if let (Some(end), Some(written)) = (before, object.name.order.cdc_time())
+                && written >= end
+            {
+                continue; // belongs to a later data interval
+            }
             match recorded
                 .get(&object.key)
                 .map(|r| (&r.status, &r.object.etag))
@@ -146,30 +242,8 @@ impl<'a> TableRun<'a> {
         if let Some(block) = blocked_at {
             new.retain(|o| o.name.order < block);
         }
-        let limits = &self.runner.pipeline.batch;
-        let mut bytes = 0u64;
-        let take = new
-            .iter()
-            .take(limits.max_objects)
-            .take_while(|o| {
-                bytes += o.size;
-                bytes == o.size || bytes <= limits.max_bytes
-            })
-            .count();
-        if take == 0 {
-            return Ok(None);
-        }
-        Ok(Some(
-            new.into_iter()
-                .take(take)
-                .map(|o| ObjectRef {
-                    key: o.key,
-                    etag: o.etag,
-                    size: o.size,
-                    last_modified: o.last_modified,
-                })
-                .collect(),
-        ))
+        let take = self.runner.pipeline.batch.take(new.iter().map(|o| o.size));
+        Ok((take > 0).then(|| new.into_iter().take(take).map(object_ref).collect()))
     }
 
     fn spec(&self, columns: Vec<Column>) -> DecodeSpec {
@@ -219,7 +293,7 @@ impl<'a> TableRun<'a> {
 
     async fn process(&mut self, mut batch: Batch) -> Result<()> {
         let runner = self.runner;
-        self.progress.inc_length(batch.objects.len() as u64);
+        self.ctx.progress.inc_length(batch.objects.len() as u64);
         let objects: Vec<SourceObject> = batch
             .objects
             .iter()
@@ -235,10 +309,11 @@ impl<'a> TableRun<'a> {
         let spec = self.spec(merger.columns.clone());
         let decoded: Vec<Result<(SourceObject, RecordBatch)>> =
             futures::stream::iter(objects.iter().cloned())
-                .map(|object| {
+                .map(move |object| {
                     let spec = spec.clone();
+                    let source = runner.source.clone();
                     async move {
-                        let fetched = runner.source.get(&object.key).await?;
+                        let fetched = source.get(&object.key).await?;
                         if !object.etag.is_empty()
                             && !fetched.etag.is_empty()
                             && fetched.etag != object.etag
@@ -250,12 +325,11 @@ impl<'a> TableRun<'a> {
                                 new_etag: fetched.etag,
                             });
                         }
-                        let decoded = tokio::task::spawn_blocking(move || {
+                        tokio::task::spawn_blocking(move || {
                             decode::decode(&object, fetched.bytes, &spec).map(|b| (object, b))
                         })
                         .await
-                        .expect("decoder does not panic")?;
-                        Ok(decoded)
+                        .expect("decoder does not panic")
                     }
                 })
                 .buffered(DECODE_PARALLELISM)
@@ -285,16 +359,12 @@ impl<'a> TableRun<'a> {
                     }
                     break;
                 }
-                Err(err @ Error::ObjectChanged { .. }) => {
-                    let Error::ObjectChanged {
-                        object,
-                        old_etag,
-                        new_etag,
-                        ..
-                    } = err
-                    else {
-                        unreachable!()
-                    };
+                Err(Error::ObjectChanged {
+                    object,
+                    old_etag,
+                    new_etag,
+                    ..
+                }) => {
                     return Err(Error::ObjectChanged {
                         object,
                         batch: batch.number,
@@ -307,16 +377,16 @@ impl<'a> TableRun<'a> {
         }
         let object_count = good.len();
         let history = merger.history(good, chrono::Utc::now())?;
-        let late = match (
-            runner.state.max_seq(&self.key)?,
-            min_seq(&history.batches, &merger),
-        ) {
-            (Some(loaded), Some(min)) => min < loaded,
-            _ => false,
+        let loaded_max = runner.state.max_seq(&self.key)?;
+        let apply = match (batch.mode, &loaded_max, min_seq(&history.batches, &merger)) {
+            (BatchMode::Replace, ..) => Apply::Replace,
+            (BatchMode::Append, Some(loaded), Some(min)) if min < *loaded => {
+                tracing::warn!(table = %self.key, batch = batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
+                Apply::Late
+            }
+            _ => Apply::InOrder,
         };
-        if late {
-            tracing::warn!(table = %self.key, batch = batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
-        }
+        failpoint::fault("load")?;
         runner
             .warehouse
             .load(LoadRequest {
@@ -324,28 +394,28 @@ impl<'a> TableRun<'a> {
                 batch: &batch,
                 merger: &merger,
                 history: &history,
-                late,
+                apply,
             })
             .await?;
         failpoint::hit("load.after_warehouse");
         let mut stats = history.stats.clone();
-        if let Some(prev) = runner.state.max_seq(&self.key)?
-            && stats.max_seq.as_ref().is_none_or(|m| *m < prev)
-        {
-            stats.max_seq = Some(prev);
-        }
+        stats.max_seq = stats.max_seq.max(loaded_max);
         runner.state.commit_batch(&self.key, batch.number, &stats)?;
         failpoint::hit("commit.after_state");
         self.report.objects += object_count;
         self.report.batches += 1;
-        let total = &mut self.report.stats;
-        total.rows += stats.rows;
-        total.inserts += stats.inserts;
-        total.updates += stats.updates;
-        total.deletes += stats.deletes;
-        total.max_seq = stats.max_seq;
-        self.progress.inc(batch.objects.len() as u64);
+        self.report.stats.add(&stats);
+        self.ctx.progress.inc(batch.objects.len() as u64);
         Ok(())
+    }
+}
+
+fn object_ref(o: SourceObject) -> ObjectRef {
+    ObjectRef {
+        key: o.key,
+        etag: o.etag,
+        size: o.size,
+        last_modified: o.last_modified,
     }
 }
 
@@ -363,4 +433,13 @@ fn min_seq(batches: &[RecordBatch], merger: &Merger) -> Option<String> {
                 .min()
         })
         .min()
+}
+
+/// How long to wait before retry `retry` of a task (exponential, capped, jittered).
+fn retry_delay(policy: &crate::config::RetryPolicy, retry: u32) -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    policy.backoff(retry, random)
 }

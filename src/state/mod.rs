@@ -67,6 +67,33 @@ pub struct ObjectRecord {
     pub updated_at: String,
 }
 
+/// How a batch is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchMode {
+    /// New objects: history rows are appended, current state merged.
+    Append,
+    /// Backfill: the objects' history rows replace the ones loaded before,
+    /// and current state is rebuilt from history.
+    Replace,
+}
+
+impl BatchMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            BatchMode::Append => "append",
+            BatchMode::Replace => "replace",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        if s == "replace" {
+            BatchMode::Replace
+        } else {
+            BatchMode::Append
+        }
+    }
+}
+
 /// A planned batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -76,6 +103,8 @@ pub struct Batch {
     pub id: String,
     /// Objects in change order.
     pub objects: Vec<ObjectRef>,
+    /// How it is applied.
+    pub mode: BatchMode,
 }
 
 impl Batch {
@@ -109,6 +138,132 @@ pub struct BatchStats {
     pub deletes: u64,
     /// Largest `change_seq` of the batch.
     pub max_seq: Option<String>,
+    /// Newest `commit_ts` of the batch.
+    pub max_commit_ts: Option<DateTime<Utc>>,
+}
+
+impl BatchStats {
+    /// Adds another batch's figures to these.
+    pub fn add(&mut self, other: &BatchStats) {
+        self.rows += other.rows;
+        self.inserts += other.inserts;
+        self.updates += other.updates;
+        self.deletes += other.deletes;
+        self.max_seq = self.max_seq.clone().max(other.max_seq.clone());
+        self.max_commit_ts = self.max_commit_ts.max(other.max_commit_ts);
+    }
+}
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// A cron tick (`run` when due, or the `schedule` daemon).
+    Schedule,
+    /// `run --now`.
+    Manual,
+    /// `backfill`.
+    Backfill,
+}
+
+impl Trigger {
+    /// Name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Manual => "manual",
+            Trigger::Backfill => "backfill",
+        }
+    }
+}
+
+/// State of a task attempt (Airflow's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for a slot.
+    Queued,
+    /// In progress.
+    Running,
+    /// Done.
+    Success,
+    /// Stopped; needs an operator or a later run.
+    Failed,
+    /// Failed transiently; will be retried.
+    UpForRetry,
+    /// Nothing to do (e.g. the run was stopped before it started).
+    Skipped,
+}
+
+impl TaskState {
+    /// Name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Success => "success",
+            TaskState::Failed => "failed",
+            TaskState::UpForRetry => "up_for_retry",
+            TaskState::Skipped => "skipped",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => TaskState::Queued,
+            "running" => TaskState::Running,
+            "success" => TaskState::Success,
+            "up_for_retry" => TaskState::UpForRetry,
+            "skipped" => TaskState::Skipped,
+            _ => TaskState::Failed,
+        }
+    }
+}
+
+/// One try of one table's task in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskAttempt {
+    /// `schema.table`.
+    pub table: String,
+    /// 1 for the first try.
+    pub try_number: u32,
+    /// Its state.
+    pub state: TaskState,
+    /// Rows loaded by this try.
+    pub rows: u64,
+    /// The error of a failed or retried try.
+    pub error: Option<String>,
+}
+
+/// A recorded run.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// Run id.
+    pub id: i64,
+    /// What started it.
+    pub trigger: String,
+    /// Data interval, for scheduled runs.
+    pub interval: Option<(String, String)>,
+    /// Start time.
+    pub started_at: String,
+    /// `running`, `success` or `failed`.
+    pub status: String,
+    /// Task attempts, in order.
+    pub attempts: Vec<TaskAttempt>,
+}
+
+/// Answer to a lease request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// This owner holds the lease now.
+    Acquired,
+    /// Another owner holds it.
+    Held {
+        /// The holder.
+        owner: String,
+        /// When its lease runs out unless renewed.
+        expires_at: String,
+    },
 }
 
 /// A committed batch, for `status`.
@@ -131,7 +286,7 @@ pub trait StateStore: Send + Sync {
     /// The planned, not yet committed batch of `table`.
     fn pending_batch(&self, table: &str) -> Result<Option<Batch>>;
     /// Records a new batch of `objects` (in change order). Fails if one is pending.
-    fn plan_batch(&self, table: &str, objects: &[ObjectRef]) -> Result<Batch>;
+    fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch>;
     /// Replaces the objects of the pending batch `number` (nothing of it may be
     /// loaded yet); an empty list removes the batch.
     fn replan_batch(
@@ -146,6 +301,8 @@ pub trait StateStore: Send + Sync {
     fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>>;
     /// The committed watermark: the largest `change_seq` loaded.
     fn max_seq(&self, table: &str) -> Result<Option<String>>;
+    /// The newest `commit_ts` loaded.
+    fn max_commit_ts(&self, table: &str) -> Result<Option<DateTime<Utc>>>;
     /// Quarantines an object that failed to decode.
     fn quarantine(&self, table: &str, object: &ObjectRef, error: &str) -> Result<()>;
     /// Forgets a quarantine so the object is tried again (it was replaced).
@@ -153,7 +310,31 @@ pub trait StateStore: Send + Sync {
     /// Records that an operator skipped an object that is not processed.
     fn skip(&self, table: &str, object: &ObjectRef, reason: &str) -> Result<()>;
     /// Starts a run record; returns its id.
-    fn begin_run(&self) -> Result<i64>;
+    fn begin_run(
+        &self,
+        trigger: Trigger,
+        interval: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    ) -> Result<i64>;
     /// Finishes a run record with its outcome and JSON summary.
     fn finish_run(&self, run_id: i64, success: bool, summary: &str) -> Result<()>;
+    /// Records (or updates) a task attempt of a run.
+    fn record_attempt(&self, run_id: i64, attempt: &TaskAttempt) -> Result<()>;
+    /// The latest `limit` runs, newest first, with their attempts.
+    fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>>;
+    /// End of the last scheduled data interval.
+    fn last_tick(&self) -> Result<Option<DateTime<Utc>>>;
+    /// Moves the schedule forward to `tick` (never back).
+    fn set_last_tick(&self, tick: DateTime<Utc>) -> Result<()>;
+    /// Takes the pipeline's lease for `ttl` unless another owner holds an
+    /// unexpired one; a holder equal to `dead_holder` is taken over at once.
+    fn acquire_lease(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+        dead_holder: Option<&str>,
+    ) -> Result<LeaseOutcome>;
+    /// Extends the lease; false when `owner` no longer holds it.
+    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool>;
+    /// Gives the lease up.
+    fn release_lease(&self, owner: &str) -> Result<()>;
 }

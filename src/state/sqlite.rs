@@ -7,7 +7,10 @@ use std::sync::Mutex;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Batch, BatchStats, CommittedBatch, ObjectRecord, ObjectRef, ObjectStatus, StateStore};
+use super::{
+    Batch, BatchMode, BatchStats, CommittedBatch, LeaseOutcome, ObjectRecord, ObjectRef,
+    ObjectStatus, RunRecord, StateStore, TaskAttempt, TaskState, Trigger,
+};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = include_str!("../../sql/state.sql");
@@ -20,7 +23,17 @@ pub struct SqliteStore {
 }
 
 fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
+    stamp(Utc::now())
+}
+
+fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 impl SqliteStore {
@@ -115,7 +128,7 @@ impl StateStore for SqliteStore {
         self.with(
             |c| {
                 c.query_row(
-                    "SELECT batch_no, batch_id, objects FROM batches
+                    "SELECT batch_no, batch_id, objects, mode FROM batches
                      WHERE pipeline = ?1 AND tbl = ?2 AND status = 'planned'",
                     params![self.pipeline, table],
                     |r| {
@@ -123,6 +136,7 @@ impl StateStore for SqliteStore {
                             number: r.get(0)?,
                             id: r.get(1)?,
                             objects: parse_objects(&r.get::<_, String>(2)?)?,
+                            mode: BatchMode::parse(&r.get::<_, String>(3)?),
                         })
                     },
                 )
@@ -132,7 +146,7 @@ impl StateStore for SqliteStore {
         )
     }
 
-    fn plan_batch(&self, table: &str, objects: &[ObjectRef]) -> Result<Batch> {
+    fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
         let id = Batch::id_of(&self.pipeline, table, objects);
         let json = serde_json::to_string(objects).expect("objects serialize");
         self.with(
@@ -144,12 +158,12 @@ impl StateStore for SqliteStore {
                     |r| r.get(0),
                 )?;
                 tx.execute(
-                    "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, planned_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6)",
-                    params![self.pipeline, table, number, id, json, now()],
+                    "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
+                    params![self.pipeline, table, number, id, json, mode.as_str(), now()],
                 )?;
                 tx.commit()?;
-                Ok(Batch { number, id: id.clone(), objects: objects.to_vec() })
+                Ok(Batch { number, id: id.clone(), objects: objects.to_vec(), mode })
             },
             "planning a batch",
         )
@@ -171,12 +185,14 @@ impl StateStore for SqliteStore {
                     return Ok(None);
                 }
                 let id = Batch::id_of(&self.pipeline, table, objects);
-                c.execute(
+                let mode: String = c.query_row(
                     "UPDATE batches SET batch_id = ?4, objects = ?5
-                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'
+                     RETURNING mode",
                     params![self.pipeline, table, number, id, serde_json::to_string(objects).expect("objects serialize")],
+                    |r| r.get(0),
                 )?;
-                Ok(Some(Batch { number, id, objects: objects.to_vec() }))
+                Ok(Some(Batch { number, id, objects: objects.to_vec(), mode: BatchMode::parse(&mode) }))
             },
             "re-planning a batch",
         )
@@ -204,11 +220,12 @@ impl StateStore for SqliteStore {
                 }
                 tx.execute(
                     "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
-                       deletes = ?7, max_seq = ?8, committed_at = ?9
+                       deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
                      WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
                     params![
                         self.pipeline, table, number, stats.rows as i64, stats.inserts as i64,
-                        stats.updates as i64, stats.deletes as i64, stats.max_seq, at
+                        stats.updates as i64, stats.deletes as i64, stats.max_seq, at,
+                        stats.max_commit_ts.map(stamp)
                     ],
                 )?;
                 tx.commit()
@@ -235,6 +252,7 @@ impl StateStore for SqliteStore {
                                 updates: r.get::<_, i64>(4)? as u64,
                                 deletes: r.get::<_, i64>(5)? as u64,
                                 max_seq: r.get(6)?,
+                                max_commit_ts: None,
                             },
                             committed_at: DateTime::parse_from_rfc3339(&committed_at)
                                 .map(|t| t.with_timezone(&Utc))
@@ -282,12 +300,37 @@ impl StateStore for SqliteStore {
         self.set_status(table, object, "skipped", None, Some(reason))
     }
 
-    fn begin_run(&self) -> Result<i64> {
+    fn max_commit_ts(&self, table: &str) -> Result<Option<DateTime<Utc>>> {
+        let max: Option<String> = self.with(
+            |c| {
+                c.query_row(
+                    "SELECT MAX(max_commit_ts) FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )
+            },
+            "reading the newest commit time",
+        )?;
+        Ok(max.as_deref().and_then(parse_stamp))
+    }
+
+    fn begin_run(
+        &self,
+        trigger: Trigger,
+        interval: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    ) -> Result<i64> {
         self.with(
             |c| {
                 c.execute(
-                    "INSERT INTO runs (pipeline, started_at, status) VALUES (?1, ?2, 'running')",
-                    params![self.pipeline, now()],
+                    "INSERT INTO runs (pipeline, trigger, interval_start, interval_end, started_at, status)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+                    params![
+                        self.pipeline,
+                        trigger.as_str(),
+                        interval.map(|i| stamp(i.0)),
+                        interval.map(|i| stamp(i.1)),
+                        now()
+                    ],
                 )?;
                 Ok(c.last_insert_rowid())
             },
@@ -310,6 +353,161 @@ impl StateStore for SqliteStore {
                 .map(|_| ())
             },
             "finishing a run",
+        )
+    }
+
+    fn record_attempt(&self, run_id: i64, a: &TaskAttempt) -> Result<()> {
+        self.with(
+            |c| {
+                let at = now();
+                let finished = matches!(a.state, TaskState::Success | TaskState::Failed | TaskState::UpForRetry | TaskState::Skipped)
+                    .then(|| at.clone());
+                c.execute(
+                    "INSERT INTO task_attempts (run_id, tbl, try_number, state, started_at, finished_at, rows, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (run_id, tbl, try_number) DO UPDATE SET
+                       state = excluded.state, finished_at = excluded.finished_at,
+                       rows = excluded.rows, error = excluded.error",
+                    params![run_id, a.table, a.try_number, a.state.as_str(), at, finished, a.rows as i64, a.error],
+                )
+                .map(|_| ())
+            },
+            "recording a task attempt",
+        )
+    }
+
+    fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
+        self.with(
+            |c| {
+                let mut runs = c
+                    .prepare_cached(
+                        "SELECT run_id, trigger, interval_start, interval_end, started_at, status FROM runs
+                         WHERE pipeline = ?1 ORDER BY run_id DESC LIMIT ?2",
+                    )?
+                    .query_map(params![self.pipeline, limit as i64], |r| {
+                        let start: Option<String> = r.get(2)?;
+                        let end: Option<String> = r.get(3)?;
+                        Ok(RunRecord {
+                            id: r.get(0)?,
+                            trigger: r.get(1)?,
+                            interval: start.zip(end),
+                            started_at: r.get(4)?,
+                            status: r.get(5)?,
+                            attempts: Vec::new(),
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut stmt = c.prepare_cached(
+                    "SELECT tbl, try_number, state, rows, error FROM task_attempts WHERE run_id = ?1 ORDER BY tbl, try_number",
+                )?;
+                for run in &mut runs {
+                    run.attempts = stmt
+                        .query_map(params![run.id], |r| {
+                            Ok(TaskAttempt {
+                                table: r.get(0)?,
+                                try_number: r.get(1)?,
+                                state: TaskState::parse(&r.get::<_, String>(2)?),
+                                rows: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                                error: r.get(4)?,
+                            })
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                }
+                Ok(runs)
+            },
+            "reading runs",
+        )
+    }
+
+    fn last_tick(&self) -> Result<Option<DateTime<Utc>>> {
+        let tick: Option<String> = self.with(
+            |c| {
+                c.query_row(
+                    "SELECT last_tick FROM schedule WHERE pipeline = ?1",
+                    params![self.pipeline],
+                    |r| r.get(0),
+                )
+                .optional()
+            },
+            "reading the schedule",
+        )?;
+        Ok(tick.as_deref().and_then(parse_stamp))
+    }
+
+    fn set_last_tick(&self, tick: DateTime<Utc>) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO schedule (pipeline, last_tick) VALUES (?1, ?2)
+                     ON CONFLICT (pipeline) DO UPDATE SET last_tick = MAX(last_tick, excluded.last_tick)",
+                    params![self.pipeline, stamp(tick)],
+                )
+                .map(|_| ())
+            },
+            "advancing the schedule",
+        )
+    }
+
+    fn acquire_lease(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+        dead_holder: Option<&str>,
+    ) -> Result<LeaseOutcome> {
+        self.with(
+            |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let current: Option<(String, String)> = tx
+                    .query_row(
+                        "SELECT owner, expires_at FROM leases WHERE pipeline = ?1",
+                        params![self.pipeline],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let now_t = Utc::now();
+                if let Some((holder, expires)) = &current
+                    && holder != owner
+                    && Some(holder.as_str()) != dead_holder
+                    && parse_stamp(expires).is_some_and(|e| e > now_t)
+                {
+                    return Ok(LeaseOutcome::Held { owner: holder.clone(), expires_at: expires.clone() });
+                }
+                tx.execute(
+                    "INSERT INTO leases (pipeline, owner, acquired_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner,
+                       acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+                    params![self.pipeline, owner, stamp(now_t), stamp(now_t + ttl)],
+                )?;
+                tx.commit()?;
+                Ok(LeaseOutcome::Acquired)
+            },
+            "taking the lease",
+        )
+    }
+
+    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.with(
+            |c| {
+                let changed = c.execute(
+                    "UPDATE leases SET expires_at = ?3 WHERE pipeline = ?1 AND owner = ?2",
+                    params![self.pipeline, owner, stamp(Utc::now() + ttl)],
+                )?;
+                Ok(changed == 1)
+            },
+            "renewing the lease",
+        )
+    }
+
+    fn release_lease(&self, owner: &str) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "DELETE FROM leases WHERE pipeline = ?1 AND owner = ?2",
+                    params![self.pipeline, owner],
+                )
+                .map(|_| ())
+            },
+            "releasing the lease",
         )
     }
 }
@@ -358,10 +556,14 @@ mod tests {
     fn batches_are_planned_then_committed_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
-        let b1 = store.plan_batch("s.t", &[obj("a"), obj("b")]).unwrap();
+        let b1 = store
+            .plan_batch("s.t", &[obj("a"), obj("b")], BatchMode::Append)
+            .unwrap();
         assert_eq!(b1.number, 1);
         assert!(
-            store.plan_batch("s.t", &[obj("c")]).is_err(),
+            store
+                .plan_batch("s.t", &[obj("c")], BatchMode::Append)
+                .is_err(),
             "one planned batch per table"
         );
         assert_eq!(store.pending_batch("s.t").unwrap(), Some(b1.clone()));
@@ -374,13 +576,83 @@ mod tests {
         assert_eq!(store.pending_batch("s.t").unwrap(), None);
         assert_eq!(store.objects("s.t").unwrap().len(), 2);
         assert_eq!(store.max_seq("s.t").unwrap().as_deref(), Some("9"));
-        assert_eq!(store.plan_batch("s.t", &[obj("c")]).unwrap().number, 2);
+        assert_eq!(
+            store
+                .plan_batch("s.t", &[obj("c")], BatchMode::Append)
+                .unwrap()
+                .number,
+            2
+        );
         // a processed object cannot be quarantined or skipped afterwards
         store.skip("s.t", &obj("a"), "no").unwrap();
         assert_eq!(
             store.objects("s.t").unwrap()["a"].status,
             ObjectStatus::Processed { batch_no: 1 }
         );
+    }
+
+    #[test]
+    fn one_lease_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let b = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let ttl = std::time::Duration::from_secs(60);
+        assert_eq!(
+            a.acquire_lease("a", ttl, None).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert!(
+            matches!(b.acquire_lease("b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
+        );
+        assert!(a.renew_lease("a", ttl).unwrap());
+        assert!(!b.renew_lease("b", ttl).unwrap());
+        a.release_lease("a").unwrap();
+        assert_eq!(
+            b.acquire_lease("b", ttl, None).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        // a holder known to be dead is taken over at once
+        assert_eq!(
+            a.acquire_lease("a", ttl, Some("b")).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert_eq!(
+            b.acquire_lease("b", ttl, None).unwrap(),
+            LeaseOutcome::Held {
+                owner: "a".into(),
+                expires_at: b_expiry(&b)
+            }
+        );
+        a.release_lease("a").unwrap();
+        b.acquire_lease("b", ttl, None).unwrap();
+        // an expired lease can be taken over
+        b.acquire_lease("b", std::time::Duration::ZERO, None)
+            .unwrap();
+        assert_eq!(
+            a.acquire_lease("a", ttl, None).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert!(!b.renew_lease("b", ttl).unwrap(), "b lost its lease");
+    }
+
+    fn b_expiry(store: &SqliteStore) -> String {
+        store
+            .with(
+                |c| c.query_row("SELECT expires_at FROM leases", [], |r| r.get(0)),
+                "test",
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn the_schedule_never_moves_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let t1 = DateTime::from_timestamp(1_000, 0).unwrap();
+        let t2 = DateTime::from_timestamp(2_000, 0).unwrap();
+        store.set_last_tick(t2).unwrap();
+        store.set_last_tick(t1).unwrap();
+        assert_eq!(store.last_tick().unwrap(), Some(t2));
     }
 
     #[test]

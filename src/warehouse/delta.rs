@@ -16,7 +16,7 @@ use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 
-use super::{LoadOutcome, LoadRequest, Warehouse};
+use super::{Apply, LoadOutcome, LoadRequest, Warehouse};
 use crate::config::{Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -74,20 +74,36 @@ impl DeltaWarehouse {
         if self.recorded(&table, &name, app).await? >= req.batch.number {
             return Ok(false);
         }
+        let table_exists = table.version().is_some();
         let mut batches = req.history.batches.clone();
         if batches.is_empty() {
             batches.push(arrow::array::RecordBatch::new_empty(
                 req.merger.history_schema(),
             ));
         }
-        table
+        let mut write = table
             .write(batches)
             .with_save_mode(SaveMode::Append)
-            .with_commit_properties(Self::commit(app, req.batch.number))
-            .await
-            .map_err(|e| {
-                Error::warehouse(&name, format!("appending batch {}", req.batch.number), e)
-            })?;
+            .with_commit_properties(Self::commit(app, req.batch.number));
+        if req.apply == Apply::Replace && table_exists {
+            let keys: Vec<String> = req
+                .batch
+                .objects
+                .iter()
+                .map(|o| sql::literal(&o.key))
+                .collect();
+            let predicate = format!(
+                "{} IN ({})",
+                sql::ident(&req.merger.meta.source_file),
+                keys.join(", ")
+            );
+            write = write
+                .with_save_mode(SaveMode::Overwrite)
+                .with_replace_where(predicate);
+        }
+        write.await.map_err(|e| {
+            Error::warehouse(&name, format!("writing batch {}", req.batch.number), e)
+        })?;
         Ok(true)
     }
 
@@ -106,6 +122,12 @@ impl DeltaWarehouse {
                 .await
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
+        if req.apply == Apply::Replace {
+            return self
+                .rebuild_current(table, &name, req, app)
+                .await
+                .map(|_| true);
+        }
         let ctx = SessionContext::new();
         let batch_rows = MemTable::try_new(
             req.merger.history_schema(),
@@ -114,14 +136,8 @@ impl DeltaWarehouse {
         .map_err(|e| Error::query("registering the batch", e))?;
         ctx.register_table("batch", Arc::new(batch_rows))
             .map_err(|e| Error::query("registering the batch", e))?;
-        let changes = if req.late {
-            let history = self.open(&req.table.history_name()).await?;
-            let provider = history
-                .table_provider()
-                .await
-                .map_err(|e| Error::query("reading history", e))?;
-            ctx.register_table("history", provider)
-                .map_err(|e| Error::query("registering history", e))?;
+        let changes = if req.apply == Apply::Late {
+            self.register_history(&ctx, req).await?;
             let df = req.merger.late_changes(&ctx, "history", "batch").await?;
             ctx.register_table("changes", df.into_view())
                 .map_err(|e| Error::query("registering late changes", e))?;
@@ -132,6 +148,58 @@ impl DeltaWarehouse {
         let latest = req.merger.latest(&ctx, changes).await?;
         self.merge_current(table, &name, req, latest, app).await?;
         Ok(true)
+    }
+
+    /// Registers `<t>_history` in `ctx` as `history`.
+    async fn register_history(&self, ctx: &SessionContext, req: &LoadRequest<'_>) -> Result<()> {
+        let history = self.open(&req.table.history_name()).await?;
+        let provider = history
+            .table_provider()
+            .await
+            .map_err(|e| Error::query("reading history", e))?;
+        ctx.register_table("history", provider)
+            .map_err(|e| Error::query("registering history", e))?;
+        Ok(())
+    }
+
+    /// Overwrites the current table with the state rebuilt from history.
+    async fn rebuild_current(
+        &self,
+        table: DeltaTable,
+        name: &str,
+        req: &LoadRequest<'_>,
+        app: &str,
+    ) -> Result<()> {
+        let ctx = SessionContext::new();
+        self.register_history(&ctx, req).await?;
+        let rows = req
+            .merger
+            .rebuilt_current(&ctx, "history")
+            .await?
+            .collect()
+            .await
+            .map_err(|e| Error::query("current_rebuild.sql", e))?;
+        let schema = req.merger.current_schema();
+        let mut batches = rows
+            .iter()
+            .map(|b| conform(b, &schema))
+            .collect::<Result<Vec<_>>>()?;
+        if batches.is_empty() {
+            batches.push(arrow::array::RecordBatch::new_empty(schema));
+        }
+        table
+            .write(batches)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_commit_properties(Self::commit(app, req.batch.number))
+            .await
+            .map_err(|e| {
+                Error::warehouse(
+                    name,
+                    format!("rebuilding for batch {}", req.batch.number),
+                    e,
+                )
+            })?;
+        Ok(())
     }
 
     async fn merge_current(
@@ -275,4 +343,20 @@ impl Warehouse for DeltaWarehouse {
             .map_err(|e| Error::query("versions.sql", e))?;
         Ok(true)
     }
+}
+
+/// Casts query output (e.g. string views) to the table's schema.
+fn conform(
+    batch: &arrow::array::RecordBatch,
+    schema: &arrow::datatypes::SchemaRef,
+) -> Result<arrow::array::RecordBatch> {
+    let columns = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(field, column)| arrow::compute::cast(column, field.data_type()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::query("current_rebuild.sql", e.into()))?;
+    arrow::array::RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::query("current_rebuild.sql", e.into()))
 }

@@ -29,9 +29,21 @@ pub struct LoadRequest<'a> {
     pub merger: &'a Merger,
     /// Its history rows.
     pub history: &'a History,
-    /// True when the batch holds changes older than ones already loaded:
-    /// current state must then be recomputed from the keys' whole history.
-    pub late: bool,
+    /// How the batch is applied.
+    pub apply: Apply,
+}
+
+/// How a batch is applied to the warehouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// Newer than everything loaded: append history, merge the latest change per key.
+    InOrder,
+    /// Holds changes older than ones already loaded: append history, then
+    /// recompute the current state of its keys from their whole history.
+    Late,
+    /// Backfill: the history rows of the batch's objects replace the ones
+    /// loaded before (atomically), then current state is rebuilt from history.
+    Replace,
 }
 
 /// What a load did.

@@ -106,6 +106,18 @@ soft_delete = {items_soft_delete}
             .expect("runner")
     }
 
+    /// A manual run over everything new, through the library.
+    pub(crate) async fn run_now(&self) -> cdcflow::pipeline::RunReport {
+        self.runner()
+            .run(
+                cdcflow::state::Trigger::Manual,
+                None,
+                &cdcflow::pipeline::Shutdown::default(),
+            )
+            .await
+            .expect("run")
+    }
+
     /// Runs the binary in the workspace.
     pub(crate) fn cdcflow(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
