@@ -600,8 +600,16 @@ fn print_run(report: &RunReport) {
         0.0
     };
     println!(
-        "pipeline {}: {rows} changes in {:.2} s ({rate:.0} rows/s)",
-        report.pipeline, report.seconds
+        "pipeline {} run #{} ({}): {rows} changes in {:.2} s ({rate:.0} rows/s){}",
+        report.pipeline,
+        report.run_id,
+        report.trigger.as_str(),
+        report.seconds,
+        if report.interrupted {
+            "; stopped early on request, the rest waits for the next run"
+        } else {
+            ""
+        }
     );
     for t in &report.tables {
         for key in &t.changed {
@@ -676,12 +684,14 @@ async fn status(pipeline: Pipeline) -> Result<ExitCode> {
         }
         behind |= pending > 0 || quarantined > 0;
         let last = runner.state().last_batch(&key)?;
-        // Time the newest object was written (its DMS name, else its mtime) vs newest change loaded.
+        // When the newest object was written: the time in CDC names (full-load files only when
+        // there is no CDC file yet, by their last-modified time), vs the newest change loaded.
         let newest = listing
             .objects
             .iter()
-            .map(|o| o.name.order.cdc_time().unwrap_or(o.last_modified))
-            .max();
+            .filter_map(|o| o.name.order.cdc_time())
+            .max()
+            .or_else(|| listing.objects.iter().map(|o| o.last_modified).max());
         let loaded_up_to = runner.state().max_commit_ts(&key)?;
         grid.add_row([
             key.clone(),

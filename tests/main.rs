@@ -8,3 +8,4 @@ mod crash;
 mod decode;
 mod pipeline_local;
 mod samples;
+mod schedule;

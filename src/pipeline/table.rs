@@ -402,6 +402,7 @@ impl<'a> TableRun<'a> {
         stats.max_seq = stats.max_seq.max(loaded_max);
         runner.state.commit_batch(&self.key, batch.number, &stats)?;
         failpoint::hit("commit.after_state");
+        tracing::info!(table = %self.key, batch = batch.number, objects = object_count, rows = stats.rows, "batch committed");
         self.report.objects += object_count;
         self.report.batches += 1;
         self.report.stats.add(&stats);

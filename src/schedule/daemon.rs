@@ -46,21 +46,14 @@ async fn serve_one(runner: Runner, shutdown: Shutdown) -> Result<()> {
                 }
                 continue; // look again: more may have come due
             }
-            Err(err @ Error::LeaseHeld { .. }) => {
-                tracing::warn!(pipeline = %name, error = %err, "another process is running this pipeline; waiting for the next tick");
-                runner
-                    .pipeline()
-                    .schedule
-                    .as_ref()
-                    .and_then(|s| s.next_after(Utc::now()))
-            }
             Err(err) => {
-                tracing::error!(pipeline = %name, error = %err, "run failed; waiting for the next tick");
-                runner
-                    .pipeline()
-                    .schedule
-                    .as_ref()
-                    .and_then(|s| s.next_after(Utc::now()))
+                if matches!(err, Error::LeaseHeld { .. }) {
+                    tracing::warn!(pipeline = %name, error = %err, "another process is running this pipeline; waiting for the next tick");
+                } else {
+                    tracing::error!(pipeline = %name, error = %err, "run failed; waiting for the next tick");
+                }
+                let schedule = runner.pipeline().schedule.as_ref();
+                schedule.and_then(|s| s.next_after(Utc::now()))
             }
         };
         let Some(next) = next else { break };

@@ -33,6 +33,21 @@ impl Workspace {
         self.path("source")
     }
 
+    /// A workspace whose source holds a whole generated dataset, with a pipeline
+    /// (batches of `max_objects`, extra top-level keys `top`).
+    pub(crate) fn published(
+        changes: usize,
+        seed: u64,
+        max_objects: usize,
+        top: &str,
+    ) -> (Self, Dataset) {
+        let ws = Workspace::new();
+        let data = ws.synth(changes, seed);
+        ws.publish_all();
+        ws.write_pipeline_with(max_objects, false, top);
+        (ws, data)
+    }
+
     /// Generates a dataset into `staging/` (all of it) and returns it.
     pub(crate) fn synth(&self, changes: usize, seed: u64) -> Dataset {
         cdcflow::synth::write_dataset(&self.path("staging"), &Options { changes, seed })
@@ -61,9 +76,20 @@ impl Workspace {
 
     /// Writes `pipeline.toml` over the generated tables.
     pub(crate) fn write_pipeline(&self, max_objects: usize, items_soft_delete: bool) -> PathBuf {
+        self.write_pipeline_with(max_objects, items_soft_delete, "")
+    }
+
+    /// Like [`Self::write_pipeline`], with extra top-level keys (schedule, retries…).
+    pub(crate) fn write_pipeline_with(
+        &self,
+        max_objects: usize,
+        items_soft_delete: bool,
+        top: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"
 name = "test"
+{top}
 [source]
 url = "file://{source}"
 timestamp_column = "dms_timestamp"
