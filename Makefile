@@ -5,7 +5,7 @@ CARGO ?= cargo
 BIN    = $(or $(CARGO_TARGET_DIR),target)/debug/cdcflow
 EXAMPLE = pipelines/example.toml
 
-.PHONY: help build run test lint fmt testdata clean
+.PHONY: help build run test peers-up peers-down lint fmt testdata clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,14 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
 	$(BIN) status --pipeline $(EXAMPLE)
 
-test: ## Run every test (unit and integration)
-	$(CARGO) test
+test: peers-up ## Run every test (unit and integration); starts the S3 peer (moto) first
+	eval "$$(scripts/peers.sh moto env)" && $(CARGO) test
+
+peers-up: ## Install (first time) and start the test peers on loopback
+	scripts/peers.sh all start
+
+peers-down: ## Stop the test peers
+	scripts/peers.sh all stop
 
 lint: ## clippy with warnings as errors, and rustfmt check
 	$(CARGO) clippy --all-targets -- -D warnings

@@ -74,6 +74,14 @@ CREATE TABLE IF NOT EXISTS schedule (
     last_tick    TEXT NOT NULL
 );
 
+-- When each table was last listed in full (incremental listings start after a watermark).
+CREATE TABLE IF NOT EXISTS listings (
+    pipeline     TEXT NOT NULL,
+    tbl          TEXT NOT NULL,
+    full_at      TEXT NOT NULL,
+    PRIMARY KEY (pipeline, tbl)
+);
+
 -- One process at a time per pipeline: an expiring lease renewed by a heartbeat.
 CREATE TABLE IF NOT EXISTS leases (
     pipeline     TEXT PRIMARY KEY,

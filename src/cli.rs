@@ -395,7 +395,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let pipeline = config::load(&pipeline)?;
             let t = find_table(&pipeline, &table)?.clone();
             let runner = Runner::open(pipeline)?;
-            let listing = runner.source().list_table(&t.schema, &t.name).await?;
+            let listing = runner.source().list_table(&t.schema, &t.name, None).await?;
             let found = listing
                 .objects
                 .into_iter()
@@ -575,8 +575,8 @@ fn print_run(report: &RunReport) {
     let mut rows = 0;
     for t in &report.tables {
         rows += t.stats.rows;
-        let status = if let Some(err) = &t.error {
-            format!("FAILED: {err}")
+        let status = if t.error.is_some() {
+            "FAILED (below)".to_string()
         } else if let Some((key, _)) = t.quarantined.first() {
             format!("WAITING at {key} (see `cdcflow status`)")
         } else {
@@ -612,6 +612,9 @@ fn print_run(report: &RunReport) {
         }
     );
     for t in &report.tables {
+        if let Some(err) = &t.error {
+            println!("{}: FAILED after {} tries: {err}", t.table, t.tries);
+        }
         for key in &t.changed {
             println!(
                 "WARNING {}: {key} changed after it was loaded; it was not re-applied",
@@ -660,7 +663,7 @@ async fn status(pipeline: Pipeline) -> Result<ExitCode> {
     let mut behind = false;
     for t in &pipeline.tables {
         let key = t.qualified();
-        let listing = runner.source().list_table(&t.schema, &t.name).await?;
+        let listing = runner.source().list_table(&t.schema, &t.name, None).await?;
         let recorded = runner.state().objects(&key)?;
         let (mut loaded, mut quarantined, mut skipped, mut pending) = (0, 0, 0, 0);
         for object in &listing.objects {

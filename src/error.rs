@@ -62,7 +62,7 @@ pub enum Error {
     },
 
     /// Reading or listing the object store failed.
-    #[error("object store: {context}")]
+    #[error("object store: {context}{}", hint(source))]
     ObjectStore {
         /// What was being done, with the key or prefix.
         context: String,
@@ -169,6 +169,56 @@ pub enum Error {
     },
 }
 
+/// The HTTP status behind an object-store error. object_store types 403/404
+/// as errors on reads but returns `Generic` for list requests, with the
+/// status only in its message ("…status code: 403 Forbidden…"), so the
+/// source chain is searched for it.
+fn http_status(err: &object_store::Error) -> Option<u16> {
+    match err {
+        object_store::Error::NotFound { .. } => return Some(404),
+        object_store::Error::PermissionDenied { .. } => return Some(403),
+        object_store::Error::Unauthenticated { .. } => return Some(401),
+        _ => {}
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if let Some(at) = text.find("status code: ") {
+            return text[at + 13..].get(..3).and_then(|code| code.parse().ok());
+        }
+        cause = e.source();
+    }
+    None
+}
+
+/// What to check for an object-store error that an operator must fix.
+fn hint(err: &object_store::Error) -> &'static str {
+    match http_status(err) {
+        Some(401 | 403) => {
+            " (access denied: check the credentials — AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, `source.profile` \
+             or AWS_PROFILE, the web identity (IRSA) role — and that the bucket policy allows ListBucket and GetObject)"
+        }
+        Some(404) => " (not found: check the bucket and prefix in `source.url`)",
+        Some(301 | 400) => " (bad request: check `source.region` and `source.endpoint`)",
+        _ => "",
+    }
+}
+
+/// An error and its causes on one line: "what failed: why: root cause".
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 fn bullets(problems: &[String]) -> String {
     problems
         .iter()
@@ -230,14 +280,19 @@ impl Error {
     /// objects are permanent: they wait for an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::ObjectStore { source, .. } => !matches!(
-                source,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::InvalidPath { .. }
-                    | object_store::Error::NotSupported { .. }
-            ),
+            // object_store already retried 5xx, throttling and network errors
+            // for a while; a later try may still succeed. 4xx will not.
+            Error::ObjectStore { source, .. } => match http_status(source) {
+                Some(408 | 429) => true,
+                Some(status) => status >= 500,
+                None => !matches!(
+                    source,
+                    object_store::Error::InvalidPath { .. }
+                        | object_store::Error::NotSupported { .. }
+                        | object_store::Error::NotImplemented { .. }
+                        | object_store::Error::UnknownConfigurationKey { .. }
+                ),
+            },
             Error::State { source, .. } => matches!(
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)

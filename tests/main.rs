@@ -7,5 +7,6 @@ mod cli;
 mod crash;
 mod decode;
 mod pipeline_local;
+mod s3;
 mod samples;
 mod schedule;

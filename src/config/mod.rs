@@ -161,6 +161,57 @@ pub struct SourceFile {
     /// CSV settings (DMS defaults when omitted).
     #[serde(default)]
     pub csv: CsvFile,
+    /// S3 region (else `AWS_REGION`, the profile's region, or us-east-1).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an S3-compatible store, e.g. "http://127.0.0.1:19000" (else `AWS_ENDPOINT`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Allow plain HTTP to the endpoint (else `AWS_ALLOW_HTTP`).
+    #[serde(default)]
+    pub allow_http: Option<bool>,
+    /// Named profile of `~/.aws/credentials` with static keys (else `AWS_PROFILE`).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Further object_store options for the URL's scheme (e.g. `aws_session_token`,
+    /// `google_service_account`, `azure_storage_account_key`). Values are secrets: never printed.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, Secret>,
+    /// How late an object may arrive with an older name than ones already loaded and still be
+    /// found by incremental listing, e.g. "1h".
+    #[serde(default = "SourceFile::default_lateness")]
+    pub lateness: String,
+    /// How often a full listing of each table runs anyway (catching objects later than
+    /// `lateness`, replaced or changed objects), e.g. "24h".
+    #[serde(default = "SourceFile::default_full_listing_every")]
+    pub full_listing_every: String,
+}
+
+impl SourceFile {
+    fn default_lateness() -> String {
+        "1h".into()
+    }
+    fn default_full_listing_every() -> String {
+        "24h".into()
+    }
+}
+
+/// A secret string: shown as `***` in every debug or error output.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for handing to a client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// File format of the objects.

@@ -82,6 +82,14 @@ pub struct Source {
     pub include_op_for_full_load: bool,
     /// CSV dialect.
     pub csv: CsvOptions,
+    /// Object-store options (region, endpoint, credentials…) as object_store config keys.
+    pub store_options: Vec<(String, super::Secret)>,
+    /// Named AWS profile to read static keys from.
+    pub profile: Option<String>,
+    /// Lateness window of incremental listing.
+    pub lateness: Duration,
+    /// Interval of full listings.
+    pub full_listing_every: Duration,
 }
 
 /// The CSV dialect of DMS objects.
@@ -297,8 +305,17 @@ fn validate_source(source: &super::SourceFile, problems: &mut Problems) -> Optio
             );
         }
     }
+    let lateness = parse_duration(&source.lateness).map_err(|e| problems.add("source.lateness", e));
+    let full = parse_duration(&source.full_listing_every)
+        .map_err(|e| problems.add("source.full_listing_every", e));
+    let url = url.ok()?;
+    let store_options = store_options(source, &url, problems);
     Some(Source {
-        url: url.ok()?,
+        url,
+        store_options,
+        profile: source.profile.clone(),
+        lateness: lateness.ok()?,
+        full_listing_every: full.ok()?,
         format: source.format,
         timestamp_column: source.timestamp_column.clone(),
         extra_columns: source.extra_columns.clone(),
@@ -306,6 +323,60 @@ fn validate_source(source: &super::SourceFile, problems: &mut Problems) -> Optio
         include_op_for_full_load: source.include_op_for_full_load,
         csv,
     })
+}
+
+/// The explicit store options: the named keys plus `[source.options]`, each
+/// checked against object_store's keys for the URL's scheme.
+fn store_options(
+    source: &super::SourceFile,
+    url: &url::Url,
+    problems: &mut Problems,
+) -> Vec<(String, super::Secret)> {
+    let mut options: Vec<(String, super::Secret)> = Vec::new();
+    let s3 = matches!(url.scheme(), "s3" | "s3a");
+    for (field, key, value) in [
+        ("source.region", "aws_region", source.region.clone()),
+        ("source.endpoint", "aws_endpoint", source.endpoint.clone()),
+        (
+            "source.allow_http",
+            "aws_allow_http",
+            source.allow_http.map(|b| b.to_string()),
+        ),
+    ] {
+        if let Some(value) = value {
+            if s3 {
+                options.push((key.to_string(), super::Secret(value)));
+            } else {
+                problems.add(
+                    field,
+                    format!(
+                        "applies to s3:// sources only (the source is {})",
+                        url.scheme()
+                    ),
+                );
+            }
+        }
+    }
+    if source.profile.is_some() && !s3 {
+        problems.add("source.profile", "applies to s3:// sources only");
+    }
+    for (key, value) in &source.options {
+        let known = match url.scheme() {
+            "s3" | "s3a" => key.parse::<object_store::aws::AmazonS3ConfigKey>().is_ok(),
+            "gs" => key.parse::<object_store::gcp::GoogleConfigKey>().is_ok(),
+            "az" | "abfss" => key.parse::<object_store::azure::AzureConfigKey>().is_ok(),
+            _ => false,
+        };
+        if known {
+            options.push((key.clone(), value.clone()));
+        } else {
+            problems.add(
+                format!("source.options.{key}"),
+                format!("is not an object_store option for {}:// (e.g. aws_session_token, google_service_account, azure_storage_account_key)", url.scheme()),
+            );
+        }
+    }
+    options
 }
 
 fn parse_source_url(raw: &str) -> Result<url::Url, String> {

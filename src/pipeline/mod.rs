@@ -219,7 +219,10 @@ impl Runner {
     ) -> Result<BackfillPlan> {
         let mut plan = BackfillPlan::new();
         for table in self.select_tables(tables)? {
-            let listing = self.source.list_table(&table.schema, &table.name).await?;
+            let listing = self
+                .source
+                .list_table(&table.schema, &table.name, None)
+                .await?;
             let in_range = listing
                 .objects
                 .into_iter()

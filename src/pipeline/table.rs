@@ -41,6 +41,10 @@ pub struct TableReport {
     pub changed: Vec<String>,
     /// Files under the table prefix that are not DMS data files.
     pub ignored: Vec<String>,
+    /// Objects listed (all, or after the incremental watermark).
+    pub listed: usize,
+    /// LIST requests made.
+    pub list_requests: u64,
     /// The error that stopped the table, if any.
     pub error: Option<String>,
 }
@@ -131,8 +135,9 @@ impl<'a> TableRun<'a> {
                 }
                 Err(err) => {
                     tracing::error!(table = %self.key, error = %err, "table stopped");
-                    self.record(try_number, TaskState::Failed, rows, Some(err.to_string()));
-                    self.report.error = Some(err.to_string());
+                    let message = crate::error::chain(&err);
+                    self.record(try_number, TaskState::Failed, rows, Some(message.clone()));
+                    self.report.error = Some(message);
                     break;
                 }
             }
@@ -143,6 +148,8 @@ impl<'a> TableRun<'a> {
 
     async fn run_batches(&mut self) -> Result<()> {
         let state = self.runner.state.clone();
+        // Whether the last listing found more new objects than one batch holds.
+        let mut more = true;
         loop {
             self.ctx.lease.check()?;
             let batch = match state.pending_batch(&self.key)? {
@@ -151,15 +158,16 @@ impl<'a> TableRun<'a> {
                     pending
                 }
                 None => {
-                    if self.ctx.shutdown.requested() {
+                    if self.ctx.shutdown.requested() || !more {
                         return Ok(());
                     }
                     let next = match &mut self.work {
                         Work::New { before } => {
                             let before = *before;
-                            self.list_new(before)
-                                .await?
-                                .map(|objects| (objects, BatchMode::Append))
+                            self.list_new(before).await?.map(|(objects, rest)| {
+                                more = rest;
+                                (objects, BatchMode::Append)
+                            })
                         }
                         Work::Replace(remaining) => {
                             let take = self
@@ -167,12 +175,10 @@ impl<'a> TableRun<'a> {
                                 .pipeline
                                 .batch
                                 .take(remaining.iter().map(|o| o.size));
-                            (take > 0).then(|| {
-                                (
-                                    remaining.drain(..take).map(object_ref).collect(),
-                                    BatchMode::Replace,
-                                )
-                            })
+                            let objects: Vec<ObjectRef> =
+                                remaining.drain(..take).map(object_ref).collect();
+                            more = !remaining.is_empty();
+                            (take > 0).then_some((objects, BatchMode::Replace))
                         }
                     };
                     let Some((objects, mode)) = next else {
@@ -187,20 +193,38 @@ impl<'a> TableRun<'a> {
         }
     }
 
-    /// New objects to load next, bounded by the batch limits; `None` when
-    /// there is nothing (or nothing before a quarantined object).
+    /// New objects to load next, bounded by the batch limits, and whether
+    /// more new objects wait behind them; `None` when there is nothing (or
+    /// nothing before a quarantined object).
     async fn list_new(
         &mut self,
         before: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> Result<Option<Vec<ObjectRef>>> {
+    ) -> Result<Option<(Vec<ObjectRef>, bool)>> {
         let state = &self.runner.state;
+        let source = &self.runner.pipeline.source;
+        let recorded = state.objects(&self.key)?;
+        let now = chrono::Utc::now();
+        let full_due = state
+            .last_full_listing(&self.key)?
+            .is_none_or(|at| (now - at).to_std().unwrap_or_default() >= source.full_listing_every);
+        let incremental = !full_due && self.runner.source.lists_incrementally();
+        let start_after = if incremental {
+            incremental_start(&recorded, source.lateness)
+        } else {
+            None
+        };
         let listing = self
             .runner
             .source
-            .list_table(&self.table.schema, &self.table.name)
+            .list_table(&self.table.schema, &self.table.name, start_after.as_deref())
             .await?;
+        if start_after.is_none() {
+            state.set_last_full_listing(&self.key, now)?;
+        }
+        tracing::debug!(table = %self.key, start_after = ?start_after, listed = listing.objects.len(), requests = listing.requests, "listed");
+        self.report.listed += listing.objects.len();
+        self.report.list_requests += listing.requests;
         self.report.ignored = listing.ignored;
-        let recorded = state.objects(&self.key)?;
         let mut new = Vec::new();
         let mut blocked_at: Option<ObjectOrder> = None;
         self.report.quarantined.clear();
@@ -243,7 +267,8 @@ impl<'a> TableRun<'a> {
             new.retain(|o| o.name.order < block);
         }
         let take = self.runner.pipeline.batch.take(new.iter().map(|o| o.size));
-        Ok((take > 0).then(|| new.into_iter().take(take).map(object_ref).collect()))
+        let more = new.len() > take;
+        Ok((take > 0).then(|| (new.into_iter().take(take).map(object_ref).collect(), more)))
     }
 
     fn spec(&self, columns: Vec<Column>) -> DecodeSpec {
@@ -411,6 +436,39 @@ impl<'a> TableRun<'a> {
     }
 }
 
+/// Where an incremental listing may start: the largest recorded key whose
+/// CDC time is older than the newest recorded one by more than `lateness`.
+/// `None` (list everything) when nothing is recorded yet, when an object is
+/// quarantined (its replacement must be seen), or when keys do not sort in
+/// time order (a date-folder layout such as DDMMYYYY).
+fn incremental_start(
+    recorded: &std::collections::HashMap<String, crate::state::ObjectRecord>,
+    lateness: std::time::Duration,
+) -> Option<String> {
+    if recorded
+        .values()
+        .any(|r| matches!(r.status, ObjectStatus::Quarantined { .. }))
+    {
+        return None;
+    }
+    let mut cdc: Vec<(i64, &str)> = recorded
+        .keys()
+        .filter_map(|key| match ObjectName::parse(key)?.order {
+            ObjectOrder::Cdc(ms) => Some((ms, key.as_str())),
+            ObjectOrder::Load(_) => None,
+        })
+        .collect();
+    cdc.sort_unstable();
+    if cdc.windows(2).any(|w| w[1].1 < w[0].1) {
+        return None;
+    }
+    let cutoff = cdc.last()?.0 - i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+    cdc.iter()
+        .rev()
+        .find(|(ms, _)| *ms <= cutoff)
+        .map(|(_, key)| key.to_string())
+}
+
 fn object_ref(o: SourceObject) -> ObjectRef {
     ObjectRef {
         key: o.key,
@@ -443,4 +501,58 @@ fn retry_delay(policy: &crate::config::RetryPolicy, retry: u32) -> std::time::Du
         .build_hasher()
         .finish();
     policy.backoff(retry, random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ObjectRecord, ObjectStatus};
+
+    fn recorded(keys: &[&str]) -> std::collections::HashMap<String, ObjectRecord> {
+        keys.iter()
+            .map(|k| {
+                let object = ObjectRef {
+                    key: k.to_string(),
+                    etag: String::new(),
+                    size: 0,
+                    last_modified: Default::default(),
+                };
+                (
+                    k.to_string(),
+                    ObjectRecord {
+                        object,
+                        status: ObjectStatus::Processed { batch_no: 1 },
+                        updated_at: String::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incremental_listing_starts_before_the_lateness_window() {
+        let hour = std::time::Duration::from_secs(3600);
+        let keys = [
+            "t/LOAD00000001.csv",
+            "t/2024/05/01/20240501-100000000.csv",
+            "t/2024/05/01/20240501-103000000.csv",
+            "t/2024/05/01/20240501-120000000.csv",
+        ];
+        assert_eq!(
+            incremental_start(&recorded(&keys), hour).as_deref(),
+            Some("t/2024/05/01/20240501-103000000.csv")
+        );
+        assert_eq!(
+            incremental_start(&recorded(&keys), hour * 5),
+            None,
+            "nothing older than the window: list all"
+        );
+        // DDMMYYYY folders do not sort in time order: always list everything.
+        let unordered = [
+            "t/30/04/2024/20240430-100000000.csv",
+            "t/01/05/2024/20240501-100000000.csv",
+            "t/02/05/2024/20240502-100000000.csv",
+        ];
+        assert_eq!(incremental_start(&recorded(&unordered), hour), None);
+    }
 }

@@ -1,14 +1,16 @@
 //! Listing and reading the CDC objects of a table (`<url>/<schema>/<table>/`).
 
 mod layout;
+mod s3;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 
 pub use layout::{Compression, ObjectName, ObjectOrder};
 
@@ -37,6 +39,8 @@ pub struct Listing {
     pub objects: Vec<SourceObject>,
     /// Keys that are not DMS data files (reported, never loaded).
     pub ignored: Vec<String>,
+    /// LIST requests made (pages; 1 for a local directory walk).
+    pub requests: u64,
 }
 
 /// The bytes of an object and the ETag of the version they came from.
@@ -51,30 +55,46 @@ pub struct Fetched {
 /// Reads DMS objects.
 ///
 /// Contract: [`ObjectSource::list_table`] returns every data object under
-/// the table prefix (date folders included), sorted by change order and then
-/// key, so two listings of the same objects are identical;
-/// [`ObjectSource::get`] returns the bytes of the version that was listed or
-/// a newer one (callers compare ETags when it matters).
+/// the table prefix (date folders included) whose key sorts after
+/// `start_after` (all when `None`), sorted by change order and then key, so
+/// two listings of the same objects are identical; [`ObjectSource::get`]
+/// returns the bytes of the version that was listed or a newer one (callers
+/// compare ETags when it matters).
 #[async_trait::async_trait]
 pub trait ObjectSource: Send + Sync {
-    /// Lists the objects of `schema.table`.
-    async fn list_table(&self, schema: &str, table: &str) -> Result<Listing>;
+    /// Lists the objects of `schema.table` (keys after `start_after` only, when given).
+    async fn list_table(
+        &self,
+        schema: &str,
+        table: &str,
+        start_after: Option<&str>,
+    ) -> Result<Listing>;
     /// Reads one object whole, with the ETag of the version read.
     async fn get(&self, key: &str) -> Result<Fetched>;
+    /// True when listing after a key costs less than a full listing (the
+    /// store pages server-side, as S3 does); a local directory is walked whole anyway.
+    fn lists_incrementally(&self) -> bool;
 }
+
+/// Objects listed per LIST request (the S3 maximum).
+const PAGE_SIZE: usize = 1000;
 
 /// [`ObjectSource`] over any `object_store` (local directory, S3, GCS, Azure).
 pub struct StoreSource {
     store: Arc<dyn ObjectStore>,
+    /// Page-by-page listing, where the store has it (S3): requests are counted exactly.
+    pager: Option<Arc<dyn PaginatedListStore>>,
     root: StorePath,
     format: Format,
 }
 
 impl StoreSource {
-    /// Opens the store named by the pipeline's source URL. Credentials and
-    /// endpoints of remote stores come from the standard environment variables.
+    /// Opens the store named by the pipeline's source URL. Remote stores take
+    /// their settings from the standard environment variables (`AWS_*`,
+    /// `GOOGLE_*`, `AZURE_*`: keys, region, endpoint, web identity / IRSA,
+    /// container and instance credentials), then from the pipeline file.
     pub fn open(source: &Source) -> Result<Self> {
-        let (store, root): (Arc<dyn ObjectStore>, StorePath) = if source.url.scheme() == "file" {
+        if source.url.scheme() == "file" {
             let dir = source
                 .url
                 .to_file_path()
@@ -87,17 +107,38 @@ impl StoreSource {
             }
             let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| Error::object_store(format!("opening {}", dir.display()), e))?;
-            (Arc::new(store), StorePath::default())
-        } else {
-            let env: Vec<(String, String)> = std::env::vars()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect();
-            let (store, path) = object_store::parse_url_opts(&source.url, env)
-                .map_err(|e| Error::object_store(format!("opening {}", source.url), e))?;
-            (Arc::from(store), path)
-        };
+            return Ok(StoreSource {
+                store: Arc::new(store),
+                pager: None,
+                root: StorePath::default(),
+                format: source.format,
+            });
+        }
+        let root = StorePath::from_url_path(source.url.path())
+            .map_err(|e| Error::object_store(format!("opening {}", source.url), e.into()))?;
+        if matches!(source.url.scheme(), "s3" | "s3a") {
+            let s3 = Arc::new(s3::build(source)?);
+            return Ok(StoreSource {
+                store: s3.clone(),
+                pager: Some(s3),
+                root,
+                format: source.format,
+            });
+        }
+        let mut options: Vec<(String, String)> = std::env::vars()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        options.extend(
+            source
+                .store_options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string())),
+        );
+        let (store, _) = object_store::parse_url_opts(&source.url, options)
+            .map_err(|e| Error::object_store(format!("opening {}", source.url), e))?;
         Ok(StoreSource {
-            store,
+            store: Arc::from(store),
+            pager: None,
             root,
             format: source.format,
         })
@@ -106,20 +147,64 @@ impl StoreSource {
     fn full(&self, key: &str) -> StorePath {
         StorePath::from_iter(self.root.parts().chain(StorePath::from(key).parts()))
     }
+
+    /// Every object under `prefix` after `offset`, and the number of requests made.
+    async fn list_all(
+        &self,
+        prefix: &StorePath,
+        offset: Option<StorePath>,
+    ) -> Result<(Vec<ObjectMeta>, u64)> {
+        let context = || format!("listing {prefix}/");
+        let Some(pager) = &self.pager else {
+            let stream = match &offset {
+                Some(offset) => self.store.list_with_offset(Some(prefix), offset),
+                None => self.store.list(Some(prefix)),
+            };
+            let metas = stream
+                .try_collect()
+                .await
+                .map_err(|e| Error::object_store(context(), e))?;
+            return Ok((metas, 1));
+        };
+        let (mut metas, mut requests, mut token) = (Vec::new(), 0, None);
+        let prefix = format!("{prefix}/");
+        loop {
+            let opts = PaginatedListOptions {
+                offset: offset.as_ref().map(|o| o.to_string()),
+                max_keys: Some(PAGE_SIZE),
+                page_token: token.take(),
+                ..PaginatedListOptions::default()
+            };
+            let page = pager
+                .list_paginated(Some(&prefix), opts)
+                .await
+                .map_err(|e| Error::object_store(context(), e))?;
+            requests += 1;
+            metas.extend(page.result.objects);
+            match page.page_token {
+                Some(next) => token = Some(next),
+                None => return Ok((metas, requests)),
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl ObjectSource for StoreSource {
-    async fn list_table(&self, schema: &str, table: &str) -> Result<Listing> {
+    async fn list_table(
+        &self,
+        schema: &str,
+        table: &str,
+        start_after: Option<&str>,
+    ) -> Result<Listing> {
         let prefix = self.full(&format!("{schema}/{table}"));
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::object_store(format!("listing {prefix}/"), e))?;
+        let offset = start_after.map(|key| self.full(key));
+        let (metas, requests) = self.list_all(&prefix, offset).await?;
         let root_len = self.root.parts().count();
-        let mut listing = Listing::default();
+        let mut listing = Listing {
+            requests,
+            ..Listing::default()
+        };
         for meta in metas {
             let key = StorePath::from_iter(meta.location.parts().skip(root_len)).to_string();
             match ObjectName::parse(&key) {
@@ -140,6 +225,10 @@ impl ObjectSource for StoreSource {
             .sort_by(|a, b| (a.name.order, &a.key).cmp(&(b.name.order, &b.key)));
         listing.ignored.sort();
         Ok(listing)
+    }
+
+    fn lists_incrementally(&self) -> bool {
+        self.pager.is_some()
     }
 
     async fn get(&self, key: &str) -> Result<Fetched> {

@@ -309,6 +309,10 @@ pub trait StateStore: Send + Sync {
     fn release(&self, table: &str, key: &str) -> Result<()>;
     /// Records that an operator skipped an object that is not processed.
     fn skip(&self, table: &str, object: &ObjectRef, reason: &str) -> Result<()>;
+    /// When `table` was last listed in full.
+    fn last_full_listing(&self, table: &str) -> Result<Option<DateTime<Utc>>>;
+    /// Records a full listing of `table` at `at`.
+    fn set_last_full_listing(&self, table: &str, at: DateTime<Utc>) -> Result<()>;
     /// Starts a run record; returns its id.
     fn begin_run(
         &self,

@@ -314,6 +314,35 @@ impl StateStore for SqliteStore {
         Ok(max.as_deref().and_then(parse_stamp))
     }
 
+    fn last_full_listing(&self, table: &str) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<String> = self.with(
+            |c| {
+                c.query_row(
+                    "SELECT full_at FROM listings WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )
+                .optional()
+            },
+            "reading the last full listing",
+        )?;
+        Ok(at.as_deref().and_then(parse_stamp))
+    }
+
+    fn set_last_full_listing(&self, table: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO listings (pipeline, tbl, full_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (pipeline, tbl) DO UPDATE SET full_at = excluded.full_at",
+                    params![self.pipeline, table, stamp(at)],
+                )
+                .map(|_| ())
+            },
+            "recording a full listing",
+        )
+    }
+
     fn begin_run(
         &self,
         trigger: Trigger,

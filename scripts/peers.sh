@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Real test peers on loopback, installed and started by the project itself.
+#   scripts/peers.sh {moto|all} {install|start|stop|status|env}
+# State (virtualenvs, logs, pids) lives in $PEERS_DIR (default ./.peers).
+#   moto       S3 API on 127.0.0.1:19000 (any credentials accepted)
+#   moto-auth  S3 API on 127.0.0.1:19001 that enforces credentials (for "wrong credentials" tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
+MOTO_PORT="${MOTO_PORT:-19000}"
+MOTO_AUTH_PORT="${MOTO_AUTH_PORT:-19001}"
+MOTO_VERSION=5.2.5
+mkdir -p "$PEERS_DIR"
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+wait_for() { # name seconds command...
+  local name=$1 secs=$2; shift 2
+  for _ in $(seq $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "peers: $name did not become ready in ${secs}s; see $PEERS_DIR/*.log" >&2; return 1
+}
+stop_pid() { if alive "$1"; then kill "$(cat "$1")"; fi; rm -f "$1"; }
+http_ok() { python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1"; }
+
+moto_install() {
+  [ -x "$PEERS_DIR/venv-moto/bin/moto_server" ] && return 0
+  python3 -m venv "$PEERS_DIR/venv-moto"
+  "$PEERS_DIR/venv-moto/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+}
+moto_start() {
+  moto_install
+  if ! alive "$PEERS_DIR/moto.pid"; then
+    nohup "$PEERS_DIR/venv-moto/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$PEERS_DIR/moto.log" 2>&1 &
+    echo $! >"$PEERS_DIR/moto.pid"
+  fi
+  if ! alive "$PEERS_DIR/moto-auth.pid"; then
+    INITIAL_NO_AUTH_ACTION_COUNT=0 nohup "$PEERS_DIR/venv-moto/bin/moto_server" -H 127.0.0.1 -p "$MOTO_AUTH_PORT" \
+      >"$PEERS_DIR/moto-auth.log" 2>&1 &
+    echo $! >"$PEERS_DIR/moto-auth.pid"
+  fi
+  wait_for "moto :$MOTO_PORT" 30 http_ok "http://127.0.0.1:$MOTO_PORT/moto-api/"
+  wait_for "moto-auth :$MOTO_AUTH_PORT" 30 http_ok "http://127.0.0.1:$MOTO_AUTH_PORT/moto-api/"
+}
+moto_stop() { stop_pid "$PEERS_DIR/moto.pid"; stop_pid "$PEERS_DIR/moto-auth.pid"; }
+moto_status() {
+  alive "$PEERS_DIR/moto.pid" && echo "moto: up on 127.0.0.1:$MOTO_PORT" || echo "moto: down"
+  alive "$PEERS_DIR/moto-auth.pid" && echo "moto-auth: up on 127.0.0.1:$MOTO_AUTH_PORT" || echo "moto-auth: down"
+}
+moto_env() {
+  echo "export CDCFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$MOTO_PORT"
+  echo "export CDCFLOW_TEST_S3_AUTH_ENDPOINT=http://127.0.0.1:$MOTO_AUTH_PORT"
+}
+
+peer=${1:-}; action=${2:-}
+case "$peer" in moto|all) ;; *) echo "usage: $0 {moto|all} {install|start|stop|status|env}" >&2; exit 2 ;; esac
+case "$action" in install|start|stop|status|env) ;; *) echo "usage: $0 {moto|all} {install|start|stop|status|env}" >&2; exit 2 ;; esac
+for p in moto; do "${p}_${action}"; done
