@@ -152,10 +152,11 @@ pub enum Error {
         transient: bool,
     },
 
-    /// An object that was already loaded changed afterwards (same key, new ETag).
+    /// An object of a recorded batch changed before the batch was finished
+    /// (same key, new ETag): the batch must load the version it recorded.
     #[error(
-        "{object} changed after it was loaded in batch {batch} (ETag {old_etag} -> {new_etag}); \
-         cdcflow does not re-apply changed objects: restore the original object, or backfill the range"
+        "{object} changed after batch {batch} recorded it (ETag {old_etag} -> {new_etag}); \
+         cdcflow loads a recorded batch only as recorded: restore the original object, then rerun"
     )]
     ObjectChanged {
         /// Object key.

@@ -332,6 +332,7 @@ impl<'a> TableRun<'a> {
             .collect();
         let merger = self.merger(&objects[0]).await?;
         let spec = self.spec(merger.columns.clone());
+        let number = batch.number;
         let decoded: Vec<Result<(SourceObject, RecordBatch)>> =
             futures::stream::iter(objects.iter().cloned())
                 .map(move |object| {
@@ -345,7 +346,7 @@ impl<'a> TableRun<'a> {
                         {
                             return Err(Error::ObjectChanged {
                                 object: object.key.clone(),
-                                batch: 0,
+                                batch: number,
                                 old_etag: object.etag.clone(),
                                 new_etag: fetched.etag,
                             });
@@ -383,19 +384,6 @@ impl<'a> TableRun<'a> {
                         None => return Ok(()),
                     }
                     break;
-                }
-                Err(Error::ObjectChanged {
-                    object,
-                    old_etag,
-                    new_etag,
-                    ..
-                }) => {
-                    return Err(Error::ObjectChanged {
-                        object,
-                        batch: batch.number,
-                        old_etag,
-                        new_etag,
-                    });
                 }
                 Err(err) => return Err(err),
             }

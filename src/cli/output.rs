@@ -1,0 +1,311 @@
+//! What the commands print: run reports, the runs grid, status, query results.
+
+use std::process::ExitCode;
+
+use comfy_table::{Table as Grid, presets::UTF8_FULL_CONDENSED};
+use datafusion::prelude::SessionContext;
+
+use super::OutputFormat;
+use crate::config::Pipeline;
+use crate::error::{Error, Result};
+use crate::pipeline::{RunReport, Runner};
+use crate::state::{ObjectStatus, RunRecord, TaskState};
+
+pub(super) async fn print_query(
+    ctx: &SessionContext,
+    query: &str,
+    format: OutputFormat,
+) -> Result<()> {
+    let df = ctx.sql(query).await.map_err(|e| Error::query(query, e))?;
+    let batches = df.collect().await.map_err(|e| Error::query(query, e))?;
+    let mut out = Vec::new();
+    match format {
+        OutputFormat::Table => {
+            let text = arrow::util::pretty::pretty_format_batches(&batches)
+                .map_err(|e| Error::query(query, e.into()))?;
+            out.extend_from_slice(format!("{text}\n").as_bytes());
+        }
+        OutputFormat::Csv => {
+            let mut writer = arrow::csv::Writer::new(&mut out);
+            for b in &batches {
+                writer.write(b).map_err(|e| Error::query(query, e.into()))?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in &batches {
+                writer.write(b).map_err(|e| Error::query(query, e.into()))?;
+            }
+            writer.finish().map_err(|e| Error::query(query, e.into()))?;
+        }
+    }
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(|e| Error::io("writing the result", "stdout", e))
+}
+
+pub(super) fn print_runs(pipeline: &Pipeline, runs: &[RunRecord]) {
+    let mut grid = Grid::new();
+    let mut header = vec!["table".to_string()];
+    for run in runs.iter().rev() {
+        let when = run
+            .interval
+            .as_ref()
+            .map_or(run.started_at.as_str(), |(_, end)| end.as_str());
+        header.push(format!(
+            "#{} {}\n{}",
+            run.id,
+            run.trigger,
+            &when[..16.min(when.len())]
+        ));
+    }
+    grid.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for table in &pipeline.tables {
+        let mut row = vec![table.qualified()];
+        for run in runs.iter().rev() {
+            let tries: Vec<_> = run
+                .attempts
+                .iter()
+                .filter(|a| a.table == table.qualified())
+                .collect();
+            row.push(match tries.last() {
+                None => "·".to_string(),
+                Some(last) => {
+                    let mark = match last.state {
+                        TaskState::Success => "✔",
+                        TaskState::Failed => "✘",
+                        TaskState::UpForRetry => "↻",
+                        TaskState::Running => "▶",
+                        TaskState::Queued => "…",
+                        TaskState::Skipped => "–",
+                    };
+                    let rows: u64 = tries.iter().map(|a| a.rows).sum();
+                    let retried = if tries.len() > 1 {
+                        format!(" ({} tries)", tries.len())
+                    } else {
+                        String::new()
+                    };
+                    format!("{mark} {rows}{retried}")
+                }
+            });
+        }
+        grid.add_row(row);
+    }
+    println!("{grid}");
+    println!("✔ success  ✘ failed  ↻ up for retry  ▶ running  · not run; numbers are rows loaded");
+    for run in runs {
+        for a in &run.attempts {
+            if let Some(err) = &a.error {
+                println!("run #{} {} try {}: {err}", run.id, a.table, a.try_number);
+            }
+        }
+    }
+}
+
+pub(super) fn print_run(report: &RunReport) {
+    let mut grid = Grid::new();
+    grid.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "table", "objects", "rows", "inserts", "updates", "deletes", "seconds", "status",
+    ]);
+    let mut rows = 0;
+    for t in &report.tables {
+        rows += t.stats.rows;
+        let status = if t.error.is_some() {
+            "FAILED (below)".to_string()
+        } else if let Some((key, _)) = t.quarantined.first() {
+            format!("WAITING at {key} (see `cdcflow status`)")
+        } else {
+            "ok".to_string()
+        };
+        grid.add_row([
+            t.table.clone(),
+            t.objects.to_string(),
+            t.stats.rows.to_string(),
+            t.stats.inserts.to_string(),
+            t.stats.updates.to_string(),
+            t.stats.deletes.to_string(),
+            format!("{:.2}", t.seconds),
+            status,
+        ]);
+    }
+    println!("{grid}");
+    let rate = if report.seconds > 0.0 {
+        rows as f64 / report.seconds
+    } else {
+        0.0
+    };
+    println!(
+        "pipeline {} run #{} ({}): {rows} changes in {:.2} s ({rate:.0} rows/s){}",
+        report.pipeline,
+        report.run_id,
+        report.trigger.as_str(),
+        report.seconds,
+        if report.interrupted {
+            "; stopped early on request, the rest waits for the next run"
+        } else {
+            ""
+        }
+    );
+    for t in &report.tables {
+        if let Some(err) = &t.error {
+            println!("{}: FAILED after {} tries: {err}", t.table, t.tries);
+        }
+        for key in &t.changed {
+            println!(
+                "WARNING {}: {key} changed after it was loaded; it was not re-applied",
+                t.table
+            );
+        }
+        for (key, err) in &t.quarantined {
+            println!(
+                "{}: waiting at {key}:\n  {err}\n  fix: replace the object (the next run retries it) or `cdcflow skip --table {} --object {key} --reason ...`",
+                t.table, t.table
+            );
+        }
+    }
+}
+
+const TIME: &str = "%Y-%m-%d %H:%M:%S";
+
+fn humanize(d: chrono::TimeDelta) -> String {
+    let secs = d.num_seconds();
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+pub(super) async fn status(pipeline: Pipeline) -> Result<ExitCode> {
+    let runner = Runner::open(pipeline.clone())?;
+    let mut grid = Grid::new();
+    grid.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "table",
+        "objects",
+        "loaded",
+        "pending",
+        "last batch",
+        "rows (last)",
+        "loaded at",
+        "quarantined",
+        "skipped",
+        "newest object",
+        "loaded up to",
+        "lag",
+    ]);
+    let mut notes = Vec::new();
+    let mut behind = false;
+    for t in &pipeline.tables {
+        let key = t.qualified();
+        let listing = runner.source().list_table(&t.schema, &t.name, None).await?;
+        let recorded = runner.state().objects(&key)?;
+        let (mut loaded, mut quarantined, mut skipped, mut pending) = (0, 0, 0, 0);
+        for object in &listing.objects {
+            match recorded.get(&object.key).map(|r| &r.status) {
+                Some(ObjectStatus::Processed { .. }) => {
+                    loaded += 1;
+                    if recorded[&object.key].object.etag != object.etag {
+                        notes.push(format!("{key}: {} changed after it was loaded", object.key));
+                    }
+                }
+                Some(ObjectStatus::Quarantined { error }) => {
+                    quarantined += 1;
+                    notes.push(format!("{key}: waiting at {}: {error}", object.key));
+                }
+                Some(ObjectStatus::Skipped { reason }) => {
+                    skipped += 1;
+                    notes.push(format!("{key}: skipped {} ({reason})", object.key));
+                }
+                None => pending += 1,
+            }
+        }
+        behind |= pending > 0 || quarantined > 0;
+        let last = runner.state().last_batch(&key)?;
+        // When the newest object was written: the time in CDC names (full-load files only when
+        // there is no CDC file yet, by their last-modified time), vs the newest change loaded.
+        let newest = listing
+            .objects
+            .iter()
+            .filter_map(|o| o.name.order.cdc_time())
+            .max()
+            .or_else(|| listing.objects.iter().map(|o| o.last_modified).max());
+        let loaded_up_to = runner.state().max_commit_ts(&key)?;
+        grid.add_row([
+            key.clone(),
+            listing.objects.len().to_string(),
+            loaded.to_string(),
+            pending.to_string(),
+            last.as_ref()
+                .map(|b| format!("#{}", b.number))
+                .unwrap_or_else(|| "-".into()),
+            last.as_ref()
+                .map(|b| b.stats.rows.to_string())
+                .unwrap_or_else(|| "-".into()),
+            last.as_ref()
+                .map(|b| b.committed_at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "-".into()),
+            quarantined.to_string(),
+            skipped.to_string(),
+            newest.map_or("-".into(), |t| t.format(TIME).to_string()),
+            loaded_up_to.map_or("-".into(), |t| t.format(TIME).to_string()),
+            match (newest, loaded_up_to) {
+                (Some(n), Some(l)) if n > l => humanize(n - l),
+                (Some(_), None) => "not loaded".into(),
+                _ => "0s".into(),
+            },
+        ]);
+        if runner.state().pending_batch(&key)?.is_some() {
+            notes.push(format!(
+                "{key}: a batch is pending (a run was interrupted); the next run finishes it"
+            ));
+        }
+    }
+    println!("{grid}");
+    for note in &notes {
+        println!("{note}");
+    }
+    println!(
+        "{}",
+        if behind {
+            "behind: objects are waiting (run `cdcflow run`, or fix the quarantined objects)"
+        } else {
+            "up to date"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The objects a backfill takes, per table; every object with `dry_run`.
+pub(super) fn print_backfill_plan(
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    plan: &crate::pipeline::BackfillPlan,
+    dry_run: bool,
+) {
+    let mut grid = Grid::new();
+    grid.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(["table", "objects", "bytes", "first", "last"]);
+    let key =
+        |o: Option<&crate::source::SourceObject>| o.map(|o| o.key.clone()).unwrap_or_default();
+    for (table, objects) in plan {
+        let bytes: u64 = objects.iter().map(|o| o.size).sum();
+        grid.add_row([
+            table.clone(),
+            objects.len().to_string(),
+            bytes.to_string(),
+            key(objects.first()),
+            key(objects.last()),
+        ]);
+    }
+    println!("backfill {from} .. {to}:\n{grid}");
+    if dry_run {
+        for (table, objects) in plan {
+            for o in objects {
+                println!("{table}\t{}\t{}", o.key, o.size);
+            }
+        }
+        println!("dry run: nothing was changed");
+    }
+}
