@@ -1,17 +1,9 @@
 //! A bad object stops its own table at that object, is reported, and waits
 //! for the operator; other tables go on; nothing is dropped or doubled.
 
-use crate::support::{Workspace, assert_warehouse_matches, staged_objects};
+use crate::support::{Workspace, assert_warehouse_matches, output, staged_objects};
 
 const EXIT_TABLES_FAILED: i32 = 3;
-
-fn out(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Stages a dataset, breaks object `bad` of `orders`, publishes everything.
 fn broken_workspace(
@@ -48,8 +40,13 @@ async fn a_bad_object_blocks_only_its_table_until_replaced() {
     let key = rel.to_string_lossy().to_string();
 
     let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
-    assert_eq!(run.status.code(), Some(EXIT_TABLES_FAILED), "{}", out(&run));
-    let text = out(&run);
+    assert_eq!(
+        run.status.code(),
+        Some(EXIT_TABLES_FAILED),
+        "{}",
+        output(&run)
+    );
+    let text = output(&run);
     assert!(
         text.contains(&format!("{key}: line 1, row 1, column \"amount\"")),
         "{text}"
@@ -79,7 +76,7 @@ async fn a_bad_object_blocks_only_its_table_until_replaced() {
     assert_eq!(items.len(), data.tables[1].changes.len());
 
     let status = ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]);
-    let text = out(&status);
+    let text = output(&status);
     assert!(
         text.contains(&format!("waiting at {key}")) && text.contains("behind"),
         "{text}"
@@ -92,7 +89,7 @@ async fn a_bad_object_blocks_only_its_table_until_replaced() {
     // The operator replaces the object with a corrected one: the next run takes it and the rest.
     std::fs::write(ws.source().join(&rel), original).unwrap();
     let fixed = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
-    assert!(fixed.status.success(), "{}", out(&fixed));
+    assert!(fixed.status.success(), "{}", output(&fixed));
     assert_warehouse_matches(&ws, &data, false).await;
 }
 
@@ -122,9 +119,9 @@ async fn skipping_is_explicit_and_recorded() {
         &[],
     );
     assert!(
-        !wrong.status.success() && out(&wrong).contains("no object"),
+        !wrong.status.success() && output(&wrong).contains("no object"),
         "{}",
-        out(&wrong)
+        output(&wrong)
     );
     let skip = ws.cdcflow(
         &[
@@ -140,11 +137,11 @@ async fn skipping_is_explicit_and_recorded() {
         ],
         &[],
     );
-    assert!(skip.status.success(), "{}", out(&skip));
+    assert!(skip.status.success(), "{}", output(&skip));
 
     let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
-    assert!(run.status.success(), "{}", out(&run));
-    let status = out(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(run.status.success(), "{}", output(&run));
+    let status = output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
     assert!(
         status.contains(&format!("skipped {key} (corrupt export, ticket 42)"))
             && status.contains("up to date"),
@@ -178,12 +175,12 @@ async fn an_object_changed_after_loading_is_reported_not_reapplied() {
     std::fs::write(&path, text).unwrap();
     let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
     assert!(
-        out(&run).contains("changed after it was loaded"),
+        output(&run).contains("changed after it was loaded"),
         "{}",
-        out(&run)
+        output(&run)
     );
     assert!(
-        out(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]))
+        output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]))
             .contains("changed after it was loaded")
     );
     assert_warehouse_matches(&ws, &data, false).await;

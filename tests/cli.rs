@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::support::{Workspace, staged_objects};
+use crate::support::{Workspace, output, staged_objects};
 
 fn repo(rel: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -11,18 +11,10 @@ fn repo(rel: &str) -> String {
         .to_string()
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 #[test]
 fn help_teaches_the_commands_and_exit_codes() {
     let ws = Workspace::new();
-    let help = text(&ws.cdcflow(&["--help"], &[]));
+    let help = output(&ws.cdcflow(&["--help"], &[]));
     for word in [
         "run",
         "validate",
@@ -59,7 +51,7 @@ columns = [{ name = "id", type = "bigint" }, { name = "v", type = "money" }]
     .unwrap();
     let out = ws.cdcflow(&["validate", "-p", "bad.toml"], &[]);
     assert!(!out.status.success());
-    let msg = text(&out);
+    let msg = output(&out);
     for field in [
         "`name`",
         "`schedule`",
@@ -70,7 +62,7 @@ columns = [{ name = "id", type = "bigint" }, { name = "v", type = "money" }]
         assert!(msg.contains(field), "missing {field}:\n{msg}");
     }
     let ok = ws.cdcflow(&["validate", "-p", &repo("pipelines/example.toml")], &[]);
-    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(ok.status.success(), "{}", output(&ok));
 }
 
 #[test]
@@ -88,7 +80,7 @@ fn testdata_is_what_the_generator_writes() {
         ],
         &[],
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output(&out));
     for table in ["orders", "order_items"] {
         let fresh = staged_objects(&ws.path("fresh"), table);
         let committed = staged_objects(Path::new(&repo("testdata/dms")), table);
@@ -119,11 +111,11 @@ fn the_example_pipeline_runs_and_answers_queries() {
     assert!(copy.success());
     let example = repo("pipelines/example.toml");
     let run = ws.cdcflow(&["run", "-p", &example], &[]);
-    assert!(run.status.success(), "{}", text(&run));
+    assert!(run.status.success(), "{}", output(&run));
     assert!(
-        text(&run).contains("public.order_items") && text(&run).contains("4000 changes"),
+        output(&run).contains("public.order_items") && output(&run).contains("4000 changes"),
         "{}",
-        text(&run)
+        output(&run)
     );
 
     let csv = ws.cdcflow(
@@ -191,13 +183,17 @@ fn the_example_pipeline_runs_and_answers_queries() {
         &[],
     );
     assert!(
-        !arity.status.success() && text(&arity).contains("primary key (order_id, line_no)"),
+        !arity.status.success() && output(&arity).contains("primary key (order_id, line_no)"),
         "{}",
-        text(&arity)
+        output(&arity)
     );
 
     let status = ws.cdcflow(&["status", "-p", &example], &[]);
-    assert!(text(&status).contains("up to date"), "{}", text(&status));
+    assert!(
+        output(&status).contains("up to date"),
+        "{}",
+        output(&status)
+    );
 }
 
 #[test]
@@ -208,8 +204,8 @@ fn a_missing_source_folder_says_what_to_check() {
     let out = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).contains("does not exist; check `source.url`"),
+        output(&out).contains("does not exist; check `source.url`"),
         "{}",
-        text(&out)
+        output(&out)
     );
 }

@@ -11,7 +11,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Workspace, assert_warehouse_matches, staged_objects};
+use crate::support::{Workspace, assert_warehouse_matches, output, staged_objects};
 
 fn peer(var: &str) -> Option<String> {
     match std::env::var(var) {
@@ -94,6 +94,28 @@ async fn upload(
         .await;
 }
 
+/// A bucket holding a generated dataset (both tables) under `dms/`.
+async fn staged_bucket(
+    endpoint: &str,
+    ws: &Workspace,
+    changes: usize,
+    seed: u64,
+) -> (cdcflow::synth::Dataset, String) {
+    let data = ws.synth(changes, seed);
+    let bucket = bucket(endpoint, ws).await;
+    let s3 = store(endpoint, &bucket);
+    for table in ["orders", "order_items"] {
+        upload(
+            &s3,
+            &ws.path("staging"),
+            staged_objects(&ws.path("staging"), table),
+            "dms",
+        )
+        .await;
+    }
+    (data, bucket)
+}
+
 /// Points `pipeline.toml` at `s3://bucket/dms` through `endpoint`.
 fn s3_pipeline(ws: &Workspace, endpoint: &str, bucket: &str, extra_source: &str, key: &str) {
     let local = std::fs::read_to_string(ws.write_pipeline(1000, false)).unwrap();
@@ -113,32 +135,13 @@ fn s3_pipeline(ws: &Workspace, endpoint: &str, bucket: &str, extra_source: &str,
     .unwrap();
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_over_s3_gives_the_same_tables() {
     let Some(endpoint) = peer("CDCFLOW_TEST_S3_ENDPOINT") else {
         return;
     };
     let ws = Workspace::new();
-    let data = ws.synth(2000, 41);
-    let bucket = bucket(&endpoint, &ws).await;
-    let s3 = store(&endpoint, &bucket);
-    for table in ["orders", "order_items"] {
-        upload(
-            &s3,
-            &ws.path("staging"),
-            staged_objects(&ws.path("staging"), table),
-            "dms",
-        )
-        .await;
-    }
+    let (data, bucket) = staged_bucket(&endpoint, &ws, 2000, 41).await;
     s3_pipeline(&ws, &endpoint, &bucket, "", "test");
     let report = ws.run_now().await;
     assert!(report.ok(), "{report:?}");
@@ -146,9 +149,9 @@ async fn the_example_over_s3_gives_the_same_tables() {
     // the secret appears nowhere a user sees it
     let status = ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]);
     assert!(
-        status.status.success() && !text(&status).contains("s3cr3t-value"),
+        status.status.success() && !output(&status).contains("s3cr3t-value"),
         "{}",
-        text(&status)
+        output(&status)
     );
     let invalid = std::fs::read_to_string(ws.path("pipeline.toml"))
         .unwrap()
@@ -156,10 +159,10 @@ async fn the_example_over_s3_gives_the_same_tables() {
     std::fs::write(ws.path("bad.toml"), invalid).unwrap();
     let validate = ws.cdcflow(&["validate", "-p", "bad.toml"], &[]);
     assert!(
-        text(&validate).contains("`source.options.aws_secret_acces_key`")
-            && !text(&validate).contains("s3cr3t-value"),
+        output(&validate).contains("`source.options.aws_secret_acces_key`")
+            && !output(&validate).contains("s3cr3t-value"),
         "{}",
-        text(&validate)
+        output(&validate)
     );
 }
 
@@ -416,22 +419,7 @@ async fn server_errors_are_retried() {
         return;
     };
     let ws = Workspace::new();
-    let data = ws.synth(800, 42);
-    let bucket = bucket(&endpoint, &ws).await;
-    upload(
-        &store(&endpoint, &bucket),
-        &ws.path("staging"),
-        staged_objects(&ws.path("staging"), "orders"),
-        "dms",
-    )
-    .await;
-    upload(
-        &store(&endpoint, &bucket),
-        &ws.path("staging"),
-        staged_objects(&ws.path("staging"), "order_items"),
-        "dms",
-    )
-    .await;
+    let (data, bucket) = staged_bucket(&endpoint, &ws, 800, 42).await;
     let (proxy, served) = faulty_proxy(endpoint.clone(), 3).await;
     s3_pipeline(&ws, &proxy, &bucket, "", "test");
     let report = ws.run_now().await;
@@ -454,21 +442,21 @@ async fn wrong_credentials_and_missing_buckets_say_what_to_fix() {
     let ws = Workspace::new();
     s3_pipeline(&ws, &auth, "any-bucket", "", "AKIAWRONGKEY");
     let out = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output(&out));
     assert!(
-        text(&out).contains("access denied: check the credentials")
-            && text(&out).contains("after 1 tries"),
+        output(&out).contains("access denied: check the credentials")
+            && output(&out).contains("after 1 tries"),
         "not retried:\n{}",
-        text(&out)
+        output(&out)
     );
-    assert!(!text(&out).contains("s3cr3t-value"), "{}", text(&out));
+    assert!(!output(&out).contains("s3cr3t-value"), "{}", output(&out));
 
     s3_pipeline(&ws, &endpoint, "no-such-bucket-cdcflow", "", "test");
     let out = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output(&out));
     assert!(
-        text(&out).contains("not found: check the bucket"),
+        output(&out).contains("not found: check the bucket"),
         "{}",
-        text(&out)
+        output(&out)
     );
 }

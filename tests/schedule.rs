@@ -6,15 +6,7 @@ use std::process::{Command, Stdio};
 
 use cdcflow::synth::Value;
 
-use crate::support::{Workspace, assert_warehouse_matches, rows, staged_objects};
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::support::{Workspace, assert_warehouse_matches, output, rows, staged_objects};
 
 /// Objects of a table whose CDC name time is before `end` (LOAD files always count).
 fn objects_before(ws: &Workspace, table: &str, end: &str) -> usize {
@@ -64,7 +56,7 @@ async fn catchup_runs_every_missed_tick_in_order() {
         &["run", "-p", "pipeline.toml", "--at", "2024-05-01T03:30:00Z"],
         &[],
     );
-    assert!(first.status.success(), "{}", text(&first));
+    assert!(first.status.success(), "{}", output(&first));
     assert_eq!(
         loaded_objects(&ws) as usize,
         objects_before(&ws, "orders", "2024-05-01T03:00:00Z")
@@ -75,9 +67,9 @@ async fn catchup_runs_every_missed_tick_in_order() {
         &[],
     );
     assert!(
-        text(&again).contains("nothing due") && text(&again).contains("2024-05-01T04:00:00"),
+        output(&again).contains("nothing due") && output(&again).contains("2024-05-01T04:00:00"),
         "{}",
-        text(&again)
+        output(&again)
     );
 
     let caught_up = ws.cdcflow(
@@ -86,10 +78,10 @@ async fn catchup_runs_every_missed_tick_in_order() {
     );
     assert!(caught_up.status.success());
     assert_eq!(
-        text(&caught_up).matches("(schedule)").count(),
+        output(&caught_up).matches("(schedule)").count(),
         3,
         "one run per missed tick:\n{}",
-        text(&caught_up)
+        output(&caught_up)
     );
     assert_eq!(
         loaded_objects(&ws) as usize,
@@ -97,7 +89,7 @@ async fn catchup_runs_every_missed_tick_in_order() {
     );
 
     let runs = ws.cdcflow(&["runs", "-p", "pipeline.toml"], &[]);
-    let grid = text(&runs);
+    let grid = output(&runs);
     for tick in [
         "2024-05-01T03:00",
         "2024-05-01T04:00",
@@ -133,17 +125,17 @@ async fn without_catchup_missed_ticks_coalesce() {
         &[],
     );
     assert_eq!(
-        text(&caught_up).matches("(schedule)").count(),
+        output(&caught_up).matches("(schedule)").count(),
         1,
         "{}",
-        text(&caught_up)
+        output(&caught_up)
     );
     assert_eq!(
         loaded_objects(&ws) as usize,
         objects_before(&ws, "orders", "2024-05-01T06:00:00Z")
     );
     let manual = ws.cdcflow(&["run", "-p", "pipeline.toml", "--now"], &[]);
-    assert!(text(&manual).contains("(manual)"), "{}", text(&manual));
+    assert!(output(&manual).contains("(manual)"), "{}", output(&manual));
     assert_warehouse_matches(&ws, &data, false).await;
 }
 
@@ -180,7 +172,7 @@ async fn backfill_twice_equals_one_clean_run() {
     assert!(
         !listed.is_empty() && listed.iter().all(|l| l.contains("/2024/05/02/")),
         "{}",
-        text(&dry)
+        output(&dry)
     );
     let outside = "SELECT change_seq, ingested_at FROM orders_history WHERE source_file NOT LIKE '%/2024/05/02/%' ORDER BY change_seq";
     let outside_before = rows(&ws.query(outside).await);
@@ -189,7 +181,7 @@ async fn backfill_twice_equals_one_clean_run() {
             .await,
     )[0][0]
         .clone();
-    assert!(text(&dry).contains("dry run: nothing was changed"));
+    assert!(output(&dry).contains("dry run: nothing was changed"));
 
     for _ in 0..2 {
         let out = ws.cdcflow(
@@ -205,9 +197,9 @@ async fn backfill_twice_equals_one_clean_run() {
             &[],
         );
         assert!(
-            out.status.success() && text(&out).contains("(backfill)"),
+            out.status.success() && output(&out).contains("(backfill)"),
             "{}",
-            text(&out)
+            output(&out)
         );
         assert_warehouse_matches(&ws, &data, true).await;
     }
@@ -263,9 +255,9 @@ async fn transient_failures_are_retried_permanent_ones_are_not() {
         &["run", "-p", "pipeline.toml"],
         &[("CDCFLOW_FAULT", "load:transient:1")],
     );
-    assert!(transient.status.success(), "{}", text(&transient));
+    assert!(transient.status.success(), "{}", output(&transient));
     assert_warehouse_matches(&ws, &data, false).await;
-    let grid = text(&ws.cdcflow(&["runs", "-p", "pipeline.toml"], &[]));
+    let grid = output(&ws.cdcflow(&["runs", "-p", "pipeline.toml"], &[]));
     assert!(
         grid.contains("(2 tries)") && grid.contains("injected transient fault at load"),
         "{grid}"
@@ -277,8 +269,8 @@ async fn transient_failures_are_retried_permanent_ones_are_not() {
         &["run", "-p", "pipeline.toml"],
         &[("CDCFLOW_FAULT", "load:permanent")],
     );
-    assert_eq!(permanent.status.code(), Some(3), "{}", text(&permanent));
-    let grid = text(&ws.cdcflow(&["runs", "-p", "pipeline.toml"], &[]));
+    assert_eq!(permanent.status.code(), Some(3), "{}", output(&permanent));
+    let grid = output(&ws.cdcflow(&["runs", "-p", "pipeline.toml"], &[]));
     assert!(
         grid.contains("✘") && !grid.contains("tries)"),
         "not retried:\n{grid}"
@@ -291,7 +283,9 @@ async fn transient_failures_are_retried_permanent_ones_are_not() {
         &[("CDCFLOW_FAULT", "load:transient")],
     );
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&exhausted.cdcflow(&["runs", "-p", "pipeline.toml"], &[])).contains("(3 tries)"));
+    assert!(
+        output(&exhausted.cdcflow(&["runs", "-p", "pipeline.toml"], &[])).contains("(3 tries)")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +307,7 @@ async fn two_processes_started_together_one_runs_one_is_refused() {
         .into_iter()
         .map(|c| {
             let out = c.wait_with_output().unwrap();
-            (out.status.code(), text(&out))
+            (out.status.code(), output(&out))
         })
         .collect();
     outcomes.sort();

@@ -168,6 +168,15 @@ soft_delete = {items_soft_delete}
     }
 }
 
+/// Everything a finished process printed, stdout then stderr.
+pub(crate) fn output(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// Object paths of a table under `root`, in DMS change order (LOAD files, then CDC by name).
 pub(crate) fn staged_objects(root: &Path, table: &str) -> Vec<PathBuf> {
     let base = root.join("public").join(table);
