@@ -58,3 +58,25 @@ async fn every_step_boundary_of_a_later_batch() {
         crash_then_recover(&format!("{name}@3")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_replaced_before_its_batch_loaded_is_taken_as_it_is_now() {
+    let ws = Workspace::new();
+    let data = ws.synth(1200, 12);
+    ws.publish_all();
+    ws.write_pipeline(100, false);
+    let crashed = ws.cdcflow(
+        &["run", "--pipeline", "pipeline.toml"],
+        &[("CDCFLOW_FAILPOINT", "plan.after_record")],
+    );
+    assert!(!crashed.status.success());
+    // Same bytes written again: a new ETag (modification time) for an object of the recorded batch.
+    let first = ws
+        .source()
+        .join(&crate::support::staged_objects(&ws.path("staging"), "orders")[0]);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&first, std::fs::read(&first).unwrap()).unwrap();
+    let rerun = ws.cdcflow(&["run", "--pipeline", "pipeline.toml"], &[]);
+    assert!(rerun.status.success(), "{}", crate::support::output(&rerun));
+    assert_warehouse_matches(&ws, &data, false).await;
+}

@@ -385,6 +385,13 @@ impl<'a> TableRun<'a> {
                     }
                     break;
                 }
+                Err(Error::ObjectChanged { object, .. })
+                    if runner.warehouse.started_batch(self.table).await? < batch.number =>
+                {
+                    // Nothing of this batch is loaded yet: take the objects as they are now.
+                    tracing::warn!(table = %self.key, object = %object, batch = batch.number, "an object changed before its batch was loaded; re-planning the batch with the current versions");
+                    return self.replan_with_current_versions(&batch).await;
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -455,6 +462,34 @@ fn incremental_start(
         .rev()
         .find(|(ms, _)| *ms <= cutoff)
         .map(|(_, key)| key.to_string())
+}
+
+impl TableRun<'_> {
+    /// Re-records a pending batch (nothing of it loaded) with the objects'
+    /// current ETags and sizes; objects that are gone leave the batch.
+    async fn replan_with_current_versions(&self, batch: &Batch) -> Result<()> {
+        let listing = self
+            .runner
+            .source
+            .list_table(&self.table.schema, &self.table.name, None)
+            .await?;
+        let current: Vec<ObjectRef> = batch
+            .objects
+            .iter()
+            .filter_map(|planned| {
+                listing
+                    .objects
+                    .iter()
+                    .find(|o| o.key == planned.key)
+                    .cloned()
+                    .map(object_ref)
+            })
+            .collect();
+        self.runner
+            .state
+            .replan_batch(&self.key, batch.number, &current)?;
+        Ok(())
+    }
 }
 
 fn object_ref(o: SourceObject) -> ObjectRef {

@@ -49,6 +49,11 @@ impl DeltaWarehouse {
             .map_err(|e| Error::warehouse(name, "opening", e))
     }
 
+    /// The Delta application id of a table's commits.
+    fn app_id(&self, table: &Table) -> String {
+        format!("cdcflow:{}:{}", self.pipeline, table.target)
+    }
+
     /// The batch number recorded in `table` for `app`, or 0.
     async fn recorded(&self, table: &DeltaTable, name: &str, app: &str) -> Result<i64> {
         if table.version().is_none() {
@@ -276,7 +281,7 @@ impl DeltaWarehouse {
 #[async_trait::async_trait]
 impl Warehouse for DeltaWarehouse {
     async fn load(&self, req: LoadRequest<'_>) -> Result<LoadOutcome> {
-        let app = format!("cdcflow:{}:{}", self.pipeline, req.table.target);
+        let app = self.app_id(req.table);
         let history = self.load_history(&req, &app).await?;
         failpoint::hit("load.between_history_and_current");
         let current = self.load_current(&req, &app).await?;
@@ -285,6 +290,16 @@ impl Warehouse for DeltaWarehouse {
         } else {
             LoadOutcome::AlreadyLoaded
         })
+    }
+
+    async fn started_batch(&self, table: &Table) -> Result<i64> {
+        let app = self.app_id(table);
+        let mut started = 0;
+        for name in [table.history_name(), table.target.clone()] {
+            let delta = self.open(&name).await?;
+            started = started.max(self.recorded(&delta, &name, &app).await?);
+        }
+        Ok(started)
     }
 
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>> {

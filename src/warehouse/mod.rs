@@ -61,6 +61,10 @@ pub trait Warehouse: Send + Sync {
     /// Applies one batch; idempotent per batch number (see the module contract).
     async fn load(&self, request: LoadRequest<'_>) -> Result<LoadOutcome>;
 
+    /// The highest batch number of `table` any step of which the warehouse
+    /// has applied (0 when none): a batch above it has left no trace yet.
+    async fn started_batch(&self, table: &Table) -> Result<i64>;
+
     /// The data columns of `table` if the warehouse holds it already.
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>>;
 
