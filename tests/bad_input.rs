@@ -185,3 +185,45 @@ async fn an_object_changed_after_loading_is_reported_not_reapplied() {
     );
     assert_warehouse_matches(&ws, &data, false).await;
 }
+
+/// Objects larger than 8 MiB are streamed, not read whole: the rows and the
+/// error location must be the same as for small objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_stream_with_exact_rows_and_error_locations() {
+    use std::io::Write;
+    let ws = Workspace::new();
+    let dir = ws.source().join("public/big");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, rows: usize, bad_row: Option<usize>| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join(name)).unwrap());
+        for i in 0..rows {
+            let amount = if bad_row == Some(i + 1) { "oops".to_string() } else { format!("{}.25", i % 1000) };
+            writeln!(out, "U,2024-05-01 00:00:00.000000,{},\"text, with \"\"quotes\"\" and\nnewlines {i}\",{amount}", i % 50_000).unwrap();
+        }
+        out.flush().unwrap();
+    };
+    write("20240501-000000000.csv", 120_000, None);
+    write("20240501-010000000.csv", 120_000, Some(119_000));
+    assert!(std::fs::metadata(dir.join("20240501-000000000.csv")).unwrap().len() > 8 << 20, "must take the streaming path");
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"big\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"ts\"\n[state]\nurl = \"sqlite://{}/s.db\"\n\
+             [warehouse]\nkind = \"local\"\npath = \"{}/wh\"\n[[tables]]\nschema = \"public\"\nname = \"big\"\nprimary_key = [\"id\"]\n\
+             columns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"v\", type = \"text\" }}, {{ name = \"amount\", type = \"decimal(12,2)\" }}]\n",
+            ws.source().display(),
+            ws.dir.path().display(),
+            ws.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert_eq!(run.status.code(), Some(EXIT_TABLES_FAILED), "{}", output(&run));
+    // each record spans 2 lines: row 119000 starts on line 237999
+    assert!(output(&run).contains("20240501-010000000.csv: line 237999, row 119000, column \"amount\""), "{}", output(&run));
+    let loaded = crate::support::rows(&ws.query("SELECT count(*), count(DISTINCT id), max(v) FROM big_history").await);
+    assert_eq!(loaded[0][0], cdcflow::synth::Value::Int(120_000));
+    assert_eq!(loaded[0][1], cdcflow::synth::Value::Int(50_000));
+    let last = crate::support::rows(&ws.query("SELECT v, amount FROM big WHERE id = 19999").await);
+    assert_eq!(last[0][0], cdcflow::synth::Value::Text("text, with \"quotes\" and\nnewlines 119999".into()));
+}

@@ -289,6 +289,9 @@ pub struct BatchFile {
     /// At most this many bytes (object sizes) per batch; a larger single object still forms a batch.
     #[serde(default = "BatchFile::default_max_bytes")]
     pub max_bytes: u64,
+    /// Memory the merge of one batch may use before its sorts spill to disk, in MiB.
+    #[serde(default = "BatchFile::default_memory_limit_mib")]
+    pub memory_limit_mib: usize,
 }
 
 impl BatchFile {
@@ -316,6 +319,9 @@ impl BatchFile {
     fn default_max_bytes() -> u64 {
         Self::DEFAULT_MAX_BYTES
     }
+    fn default_memory_limit_mib() -> usize {
+        2048
+    }
 }
 
 impl Default for BatchFile {
@@ -323,6 +329,7 @@ impl Default for BatchFile {
         BatchFile {
             max_objects: Self::DEFAULT_MAX_OBJECTS,
             max_bytes: Self::DEFAULT_MAX_BYTES,
+            memory_limit_mib: Self::default_memory_limit_mib(),
         }
     }
 }

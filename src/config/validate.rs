@@ -232,6 +232,12 @@ impl PipelineFile {
         if self.batch.max_objects == 0 {
             problems.add("batch.max_objects", "must be greater than 0");
         }
+        if self.batch.memory_limit_mib < 256 {
+            problems.add(
+                "batch.memory_limit_mib",
+                "must be at least 256 (sorts need room to merge their spilled runs)",
+            );
+        }
         if self.batch.max_bytes == 0 {
             problems.add("batch.max_bytes", "must be greater than 0");
         }

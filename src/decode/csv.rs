@@ -21,30 +21,63 @@ struct Field {
     escaped_quotes: bool,
 }
 
+/// What [`Records::next`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// A record starting on this line.
+    Record(u64),
+    /// The end of the data.
+    End,
+    /// The buffer ends inside a record and more data follows.
+    Incomplete,
+}
+
 /// Reads records from a buffer, counting physical lines.
 struct Records<'a> {
     data: &'a [u8],
     pos: usize,
     line: u64,
     delimiter: u8,
+    /// The buffer holds the rest of the object: a record may end at its end.
+    last: bool,
 }
 
 impl<'a> Records<'a> {
-    fn new(data: &'a [u8], delimiter: u8) -> Self {
+    fn new(data: &'a [u8], delimiter: u8, line: u64, last: bool) -> Self {
         Records {
             data,
             pos: 0,
-            line: 1,
+            line,
             delimiter,
+            last,
         }
     }
 
-    /// Reads the next record into `fields`; returns its first line, or
-    /// `None` at the end. Errors carry the line and a message.
-    fn next(&mut self, fields: &mut Vec<Field>) -> Result<Option<u64>, (u64, String)> {
+    /// Reads the next record into `fields`. At a buffer end inside a record
+    /// that is not the object's end, rewinds to the record's start and
+    /// answers [`Next::Incomplete`]. Errors carry the line and a message.
+    fn next(&mut self, fields: &mut Vec<Field>) -> Result<Next, (u64, String)> {
+        let (start_pos, start_line) = (self.pos, self.line);
+        match self.read(fields) {
+            Ok(Some(next)) => Ok(next),
+            Ok(None) => {
+                (self.pos, self.line) = (start_pos, start_line);
+                fields.clear();
+                Ok(Next::Incomplete)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `Ok(None)`: the buffer ended inside the record and more data follows.
+    fn read(&mut self, fields: &mut Vec<Field>) -> Result<Option<Next>, (u64, String)> {
         fields.clear();
         if self.pos >= self.data.len() {
-            return Ok(None);
+            return Ok(Some(if self.last {
+                Next::End
+            } else {
+                Next::Incomplete
+            }));
         }
         let first_line = self.line;
         let data = self.data;
@@ -56,6 +89,7 @@ impl<'a> Records<'a> {
                 let mut escaped = false;
                 loop {
                     match data.get(i) {
+                        None if !self.last => return Ok(None),
                         None => {
                             return Err((
                                 quote_line,
@@ -69,6 +103,7 @@ impl<'a> Records<'a> {
                             escaped = true;
                             i += 2;
                         }
+                        Some(b'"') if i + 1 == data.len() && !self.last => return Ok(None),
                         Some(b'"') => break,
                         Some(b'\n') => {
                             self.line += 1;
@@ -86,17 +121,19 @@ impl<'a> Records<'a> {
                 self.pos = i + 1;
                 match data.get(self.pos) {
                     Some(&b) if b == self.delimiter => self.pos += 1,
-                    None => return Ok(Some(first_line)),
+                    None if !self.last => return Ok(None),
+                    None => return Ok(Some(Next::Record(first_line))),
                     Some(b'\n') => {
                         self.pos += 1;
                         self.line += 1;
-                        return Ok(Some(first_line));
+                        return Ok(Some(Next::Record(first_line)));
                     }
                     Some(b'\r') if data.get(self.pos + 1) == Some(&b'\n') => {
                         self.pos += 2;
                         self.line += 1;
-                        return Ok(Some(first_line));
+                        return Ok(Some(Next::Record(first_line)));
                     }
+                    Some(b'\r') if self.pos + 1 == data.len() && !self.last => return Ok(None),
                     Some(_) => {
                         return Err((
                             self.line,
@@ -133,6 +170,7 @@ impl<'a> Records<'a> {
                         });
                         self.pos = end + 1;
                     }
+                    None if !self.last => return Ok(None),
                     terminator => {
                         self.pos = end + usize::from(terminator.is_some());
                         if terminator.is_some() {
@@ -147,7 +185,7 @@ impl<'a> Records<'a> {
                             quoted: false,
                             escaped_quotes: false,
                         });
-                        return Ok(Some(first_line));
+                        return Ok(Some(Next::Record(first_line)));
                     }
                 }
             }
@@ -164,125 +202,223 @@ enum Slot {
     Data(usize),
 }
 
-/// Decodes a whole CSV object. `cdc` is true for CDC files (which carry `Op`).
-pub(crate) fn decode(key: &str, data: &[u8], cdc: bool, spec: &DecodeSpec) -> Result<RecordBatch> {
-    let text = std::str::from_utf8(data).map_err(|err| {
-        let offset = err.valid_up_to();
-        let line = data[..offset].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
-        Error::decode(
-            key,
-            Location { line: Some(line), ..Location::default() },
-            format!("bytes at offset {offset} are not valid UTF-8; DMS writes UTF-8: re-export the object as UTF-8"),
-        )
-    })?;
-    let csv = &spec.csv;
-    let mut records = Records::new(text.as_bytes(), csv.delimiter);
-    let mut fields = Vec::with_capacity(spec.columns.len() + 3);
-    let at_line = |line: u64, row: Option<u64>, column: Option<String>| Location {
-        line: Some(line),
-        row,
-        column,
+/// Bytes read from the object before decoding what they hold.
+pub(crate) const CHUNK_BYTES: usize = 8 << 20;
+
+/// Decodes a CSV object from `reader` chunk by chunk, handing each chunk's
+/// rows to `emit`: memory holds one chunk, whatever the object's size.
+/// `cdc` is true for CDC files (which carry `Op`).
+pub(crate) fn decode_reader(
+    key: &str,
+    reader: &mut dyn std::io::Read,
+    cdc: bool,
+    spec: &DecodeSpec,
+    chunk_bytes: usize,
+    emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let mut decoder = CsvDecoder {
+        key,
+        spec,
+        cdc,
+        slots: None,
+        line: 1,
+        row: 0,
     };
-
-    let slots = if csv.header {
-        match records
-            .next(&mut fields)
-            .map_err(|(l, m)| Error::decode(key, at_line(l, None, None), m))?
-        {
-            None => return Ok(RecordBatch::new_empty(spec.output_schema())),
-            Some(line) => header_slots(key, line, text, &fields, spec)?,
-        }
-    } else {
-        positional_slots(cdc || spec.include_op_for_full_load, spec)
-    };
-
-    let capacity = text.len() / (spec.columns.len() * 8 + 8) + 1;
-    let mut ops = StringBuilder::with_capacity(capacity, capacity);
-    let mut timestamps = TimestampMicrosecondBuilder::with_capacity(capacity);
-    let mut extras: Vec<StringBuilder> = spec
-        .extra_columns
-        .iter()
-        .map(|_| StringBuilder::new())
-        .collect();
-    let mut data_cols: Vec<ColumnBuilder> = spec
-        .columns
-        .iter()
-        .map(|c| ColumnBuilder::new(c.sql_type, capacity))
-        .collect();
-    let has_op = slots.contains(&Slot::Op);
-    let has_ts = slots.contains(&Slot::Timestamp);
-    let mut unescaped = String::new();
-    let mut row: u64 = 0;
-
-    while let Some(line) = records
-        .next(&mut fields)
-        .map_err(|(l, m)| Error::decode(key, at_line(l, Some(row + 1), None), m))?
-    {
-        row += 1;
-        if fields.len() != slots.len() {
-            return Err(Error::decode(
-                key,
-                at_line(line, Some(row), None),
-                format!(
-                    "expected {} fields ({}), found {}",
-                    slots.len(),
-                    describe_slots(&slots, spec),
-                    fields.len()
-                ),
-            ));
-        }
-        for (field, slot) in fields.iter().zip(&slots) {
-            let raw = &text[field.start..field.end];
-            let value = if field.escaped_quotes {
-                unescaped.clear();
-                unescaped.push_str(&raw.replace("\"\"", "\""));
-                unescaped.as_str()
-            } else {
-                raw
-            };
-            let is_null = !field.quoted && value == csv.null_value;
-            let column_name = |slot: &Slot| slot_name(*slot, spec);
-            let fail = |expected: String| {
-                Error::decode(
-                    key,
-                    at_line(line, Some(row), Some(column_name(slot))),
-                    format!("expected {expected}, found {value:?}"),
-                )
-            };
-            match *slot {
-                Slot::Op => {
-                    ops.append_value(Op::parse(value).map_err(|e| fail(e.to_string()))?.as_str())
-                }
-                Slot::Timestamp if is_null => timestamps.append_null(),
-                Slot::Timestamp => timestamps.append_value(
-                    super::text::parse_timestamp(value, true).map_err(|e| fail(e.to_string()))?,
-                ),
-                Slot::Extra(i) if is_null => extras[i].append_null(),
-                Slot::Extra(i) => extras[i].append_value(value),
-                Slot::Data(i) if is_null => data_cols[i].append_null(),
-                Slot::Data(i) => data_cols[i].append_text(value).map_err(fail)?,
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk_bytes * 2);
+    let mut want = chunk_bytes;
+    loop {
+        let mut eof = false;
+        let mut filled = buf.len();
+        buf.resize(want.max(filled), 0);
+        while filled < buf.len() {
+            let n = reader
+                .read(&mut buf[filled..])
+                .map_err(|e| Error::io("reading the object", key, e))?;
+            if n == 0 {
+                eof = true;
+                break;
             }
+            filled += n;
         }
-        if !has_op {
-            ops.append_value(Op::Insert.as_str());
+        buf.truncate(filled);
+        let (batch, consumed) = decoder.chunk(&buf, eof)?;
+        if batch.num_rows() > 0 {
+            emit(batch)?;
         }
-        if !has_ts {
-            timestamps.append_null();
+        if eof {
+            return Ok(());
         }
+        buf.drain(..consumed);
+        // A record longer than a chunk: read more before trying again.
+        want = if consumed == 0 {
+            buf.len() * 2
+        } else {
+            chunk_bytes
+        };
     }
+}
 
-    let mut arrays: Vec<ArrayRef> = vec![
-        std::sync::Arc::new(ops.finish()),
-        std::sync::Arc::new(timestamps.finish().with_timezone(UTC)),
-    ];
-    arrays.extend(
-        extras
-            .into_iter()
-            .map(|mut b| std::sync::Arc::new(b.finish()) as ArrayRef),
-    );
-    arrays.extend(data_cols.into_iter().map(ColumnBuilder::finish));
-    Ok(RecordBatch::try_new(spec.output_schema(), arrays)
-        .expect("builders match the output schema"))
+/// Decoding state carried from one chunk to the next.
+struct CsvDecoder<'a> {
+    key: &'a str,
+    spec: &'a DecodeSpec,
+    cdc: bool,
+    slots: Option<Vec<Slot>>,
+    /// Physical line the next chunk starts on.
+    line: u64,
+    /// Data rows decoded so far.
+    row: u64,
+}
+
+impl CsvDecoder<'_> {
+    /// Decodes the complete records at the start of `data` (all of it when
+    /// `last`); returns their rows and how many bytes they took.
+    fn chunk(&mut self, data: &[u8], last: bool) -> Result<(RecordBatch, usize)> {
+        let (key, spec) = (self.key, self.spec);
+        let text = match std::str::from_utf8(data) {
+            Ok(text) => text,
+            // A character cut by the chunk's end: decode up to it.
+            Err(err) if err.error_len().is_none() && !last => {
+                std::str::from_utf8(&data[..err.valid_up_to()]).expect("valid prefix")
+            }
+            Err(err) => {
+                let offset = err.valid_up_to();
+                let line =
+                    self.line + data[..offset].iter().filter(|&&b| b == b'\n').count() as u64;
+                return Err(Error::decode(
+                    key,
+                    Location {
+                        line: Some(line),
+                        ..Location::default()
+                    },
+                    format!(
+                        "bytes at offset {offset} are not valid UTF-8; DMS writes UTF-8: re-export the object as UTF-8"
+                    ),
+                ));
+            }
+        };
+        let last = last && text.len() == data.len();
+        let csv = &spec.csv;
+        let mut records = Records::new(text.as_bytes(), csv.delimiter, self.line, last);
+        let mut fields = Vec::with_capacity(spec.columns.len() + 3);
+        let at_line = |line: u64, row: Option<u64>, column: Option<String>| Location {
+            line: Some(line),
+            row,
+            column,
+        };
+        let empty = || (RecordBatch::new_empty(spec.output_schema()), 0);
+
+        if self.slots.is_none() {
+            self.slots = Some(if csv.header {
+                match records
+                    .next(&mut fields)
+                    .map_err(|(l, m)| Error::decode(key, at_line(l, None, None), m))?
+                {
+                    Next::End | Next::Incomplete => return Ok(empty()),
+                    Next::Record(line) => header_slots(key, line, text, &fields, spec)?,
+                }
+            } else {
+                positional_slots(self.cdc || spec.include_op_for_full_load, spec)
+            });
+        }
+        let slots = self.slots.as_ref().expect("set above");
+
+        let capacity = text.len() / (spec.columns.len() * 8 + 8) + 1;
+        let mut ops = StringBuilder::with_capacity(capacity, capacity);
+        let mut timestamps = TimestampMicrosecondBuilder::with_capacity(capacity);
+        let mut extras: Vec<StringBuilder> = spec
+            .extra_columns
+            .iter()
+            .map(|_| StringBuilder::new())
+            .collect();
+        let mut data_cols: Vec<ColumnBuilder> = spec
+            .columns
+            .iter()
+            .map(|c| ColumnBuilder::new(c.sql_type, capacity))
+            .collect();
+        let has_op = slots.contains(&Slot::Op);
+        let has_ts = slots.contains(&Slot::Timestamp);
+        let mut unescaped = String::new();
+        let mut row = self.row;
+        let mut consumed = records.pos;
+
+        loop {
+            let line = match records
+                .next(&mut fields)
+                .map_err(|(l, m)| Error::decode(key, at_line(l, Some(row + 1), None), m))?
+            {
+                Next::Record(line) => line,
+                Next::End | Next::Incomplete => break,
+            };
+            row += 1;
+            if fields.len() != slots.len() {
+                return Err(Error::decode(
+                    key,
+                    at_line(line, Some(row), None),
+                    format!(
+                        "expected {} fields ({}), found {}",
+                        slots.len(),
+                        describe_slots(slots, spec),
+                        fields.len()
+                    ),
+                ));
+            }
+            for (field, slot) in fields.iter().zip(slots) {
+                let raw = &text[field.start..field.end];
+                let value = if field.escaped_quotes {
+                    unescaped.clear();
+                    unescaped.push_str(&raw.replace("\"\"", "\""));
+                    unescaped.as_str()
+                } else {
+                    raw
+                };
+                let is_null = !field.quoted && value == csv.null_value;
+                let fail = |expected: String| {
+                    Error::decode(
+                        key,
+                        at_line(line, Some(row), Some(slot_name(*slot, spec))),
+                        format!("expected {expected}, found {value:?}"),
+                    )
+                };
+                match *slot {
+                    Slot::Op => ops
+                        .append_value(Op::parse(value).map_err(|e| fail(e.to_string()))?.as_str()),
+                    Slot::Timestamp if is_null => timestamps.append_null(),
+                    Slot::Timestamp => timestamps.append_value(
+                        super::text::parse_timestamp(value, true)
+                            .map_err(|e| fail(e.to_string()))?,
+                    ),
+                    Slot::Extra(i) if is_null => extras[i].append_null(),
+                    Slot::Extra(i) => extras[i].append_value(value),
+                    Slot::Data(i) if is_null => data_cols[i].append_null(),
+                    Slot::Data(i) => data_cols[i].append_text(value).map_err(fail)?,
+                }
+            }
+            if !has_op {
+                ops.append_value(Op::Insert.as_str());
+            }
+            if !has_ts {
+                timestamps.append_null();
+            }
+            consumed = records.pos;
+        }
+        self.row = row;
+        self.line = records.line;
+
+        let mut arrays: Vec<ArrayRef> = vec![
+            std::sync::Arc::new(ops.finish()),
+            std::sync::Arc::new(timestamps.finish().with_timezone(UTC)),
+        ];
+        arrays.extend(
+            extras
+                .into_iter()
+                .map(|mut b| std::sync::Arc::new(b.finish()) as ArrayRef),
+        );
+        arrays.extend(data_cols.into_iter().map(ColumnBuilder::finish));
+        let batch = RecordBatch::try_new(spec.output_schema(), arrays)
+            .expect("builders match the output schema");
+        Ok((batch, consumed))
+    }
 }
 
 fn positional_slots(has_op: bool, spec: &DecodeSpec) -> Vec<Slot> {
@@ -405,10 +541,10 @@ mod tests {
     type Parsed = Vec<Vec<(String, bool)>>;
 
     fn records(text: &str) -> Result<Parsed, (u64, String)> {
-        let mut r = Records::new(text.as_bytes(), b',');
+        let mut r = Records::new(text.as_bytes(), b',', 1, true);
         let mut out = Vec::new();
         let mut fields = Vec::new();
-        while r.next(&mut fields)?.is_some() {
+        while let Next::Record(_) = r.next(&mut fields)? {
             out.push(
                 fields
                     .iter()

@@ -106,28 +106,116 @@ fn uncompress(object: &SourceObject, bytes: Bytes) -> Result<Bytes> {
         Compression::None => Ok(bytes),
         Compression::Gzip => {
             let mut out = Vec::with_capacity(bytes.len() * 4);
-            flate2::read::MultiGzDecoder::new(bytes.as_ref())
+            gzip_reader(object, Box::new(std::io::Cursor::new(bytes)))
                 .read_to_end(&mut out)
-                .map_err(|err| {
-                    Error::decode(
-                        &object.key,
-                        Location::default(),
-                        format!("not valid gzip (truncated or corrupt?): {err}"),
-                    )
-                })?;
+                .map_err(|err| gzip_error(object, err))?;
             Ok(Bytes::from(out))
         }
     }
 }
 
-/// Decodes one object's bytes (see the module contract).
-pub fn decode(object: &SourceObject, bytes: Bytes, spec: &DecodeSpec) -> Result<RecordBatch> {
-    let bytes = uncompress(object, bytes)?;
+fn gzip_reader<'a>(
+    _object: &SourceObject,
+    reader: Box<dyn Read + Send + 'a>,
+) -> Box<dyn Read + Send + 'a> {
+    Box::new(flate2::read::MultiGzDecoder::new(reader))
+}
+
+fn gzip_error(object: &SourceObject, err: std::io::Error) -> Error {
+    Error::decode(
+        &object.key,
+        Location::default(),
+        format!("not valid gzip (truncated or corrupt?): {err}"),
+    )
+}
+
+/// Rows handed to `emit` at once when a Parquet object is sliced.
+const PARQUET_SLICE_ROWS: usize = 64 * 1024;
+
+/// Decodes one object read from `reader`, handing its rows to `emit` in
+/// order, one chunk at a time (see the module contract). CSV (also gzipped)
+/// streams in chunks of [`csv::CHUNK_BYTES`]; Parquet is read whole (its
+/// footer is at the end) and handed on in slices.
+pub fn decode_stream(
+    object: &SourceObject,
+    reader: Box<dyn Read + Send + '_>,
+    spec: &DecodeSpec,
+    emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    decode_stream_chunked(object, reader, spec, csv::CHUNK_BYTES, emit)
+}
+
+fn decode_stream_chunked(
+    object: &SourceObject,
+    reader: Box<dyn Read + Send + '_>,
+    spec: &DecodeSpec,
+    chunk_bytes: usize,
+    emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
     let cdc = matches!(object.name.order, ObjectOrder::Cdc(_));
+    let mut reader = match object.name.compression {
+        Compression::None => reader,
+        Compression::Gzip => gzip_reader(object, reader),
+    };
     match object.name.format {
-        Format::Parquet => parquet::decode(&object.key, bytes, cdc, spec),
-        _ => csv::decode(&object.key, &bytes, cdc, spec),
+        Format::Parquet => {
+            let mut bytes = Vec::new();
+            reader
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io("reading the object", &object.key, e))?;
+            let batch = parquet::decode(&object.key, Bytes::from(bytes), cdc, spec)?;
+            for start in (0..batch.num_rows()).step_by(PARQUET_SLICE_ROWS) {
+                emit(batch.slice(start, PARQUET_SLICE_ROWS.min(batch.num_rows() - start)))?;
+            }
+            Ok(())
+        }
+        _ => csv::decode_reader(
+            &object.key,
+            &mut reader,
+            cdc,
+            spec,
+            chunk_bytes,
+            &mut |batch| emit(batch),
+        )
+        .map_err(|err| match err {
+            // Under gzip, a read error that is not the transport's is the decompressor's.
+            Error::Io { source, .. }
+                if object.name.compression == Compression::Gzip
+                    && !source
+                        .get_ref()
+                        .is_some_and(|e| e.is::<crate::source::TransportError>()) =>
+            {
+                gzip_error(object, source)
+            }
+            other => other,
+        }),
     }
+}
+
+/// Decodes one object's bytes into one batch (see the module contract).
+pub fn decode(object: &SourceObject, bytes: Bytes, spec: &DecodeSpec) -> Result<RecordBatch> {
+    decode_chunked(object, bytes, spec, csv::CHUNK_BYTES)
+}
+
+fn decode_chunked(
+    object: &SourceObject,
+    bytes: Bytes,
+    spec: &DecodeSpec,
+    chunk_bytes: usize,
+) -> Result<RecordBatch> {
+    let mut batches = Vec::new();
+    decode_stream_chunked(
+        object,
+        Box::new(std::io::Cursor::new(bytes)),
+        spec,
+        chunk_bytes,
+        &mut |b| {
+            batches.push(b);
+            Ok(())
+        },
+    )?;
+    arrow::compute::concat_batches(&spec.output_schema(), &batches)
+        .map_err(|e| Error::decode(&object.key, Location::default(), e.to_string()))
 }
 
 /// The data columns of a Parquet object, for tables that do not declare them.
@@ -138,4 +226,116 @@ pub fn parquet_columns(
 ) -> Result<Vec<Column>> {
     let bytes = uncompress(object, bytes)?;
     parquet::columns(&object.key, bytes, spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Column, SqlType};
+
+    fn spec() -> DecodeSpec {
+        DecodeSpec {
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    sql_type: SqlType::BigInt,
+                },
+                Column {
+                    name: "v".into(),
+                    sql_type: SqlType::Text,
+                },
+            ],
+            op_name: "op".into(),
+            commit_ts_name: "ts".into(),
+            timestamp_column: None,
+            extra_columns: vec![],
+            include_op_for_full_load: false,
+            csv: CsvOptions {
+                header: true,
+                ..CsvOptions::default()
+            },
+        }
+    }
+
+    fn object(key: &str) -> SourceObject {
+        SourceObject {
+            key: key.into(),
+            etag: String::new(),
+            size: 0,
+            last_modified: Default::default(),
+            name: crate::source::ObjectName::parse(key).unwrap(),
+        }
+    }
+
+    /// A reader that counts the bytes read.
+    struct Counting(
+        std::io::Cursor<Vec<u8>>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    );
+
+    impl Read for Counting {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read(buf)?;
+            self.1.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn csv_rows_are_handed_on_before_the_object_is_read_whole() {
+        let mut text = String::from("Op,id,v\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("I,{i},\"row, {i}\"\n"));
+        }
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reader = Counting(
+            std::io::Cursor::new(text.clone().into_bytes()),
+            read.clone(),
+        );
+        let (mut chunks, mut rows, mut read_at_first) = (0, 0, None);
+        decode_stream_chunked(
+            &object("s/t/20240501-000000000.csv"),
+            Box::new(reader),
+            &spec(),
+            16 * 1024,
+            &mut |b| {
+                chunks += 1;
+                rows += b.num_rows();
+                read_at_first.get_or_insert(read.load(std::sync::atomic::Ordering::SeqCst));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(rows, 20_000);
+        assert!(chunks > 10, "{chunks} chunks");
+        let first = read_at_first.unwrap();
+        assert!(
+            first <= 2 * 16 * 1024,
+            "the first rows came after {first} of {} bytes",
+            text.len()
+        );
+    }
+
+    #[test]
+    fn every_chunk_boundary_gives_the_same_rows() {
+        let text = "Op,id,v\r\nI,1,\"a,\"\"b\"\"\nc\"\r\nU,2,ünï\nD,3,\r\nI,44,\"\"\n";
+        let o = object("s/t/20240501-000000000.csv");
+        let whole = decode_chunked(&o, Bytes::from(text), &spec(), 1 << 20).unwrap();
+        assert_eq!(whole.num_rows(), 4);
+        for chunk in 1..text.len() {
+            let chunked = decode_chunked(&o, Bytes::from(text), &spec(), chunk).unwrap();
+            assert_eq!(chunked, whole, "chunk size {chunk}");
+        }
+        // errors keep their line and row across chunks
+        let bad = "Op,id,v\nI,1,\"x\ny\"\nI,zz,w\n";
+        for chunk in 1..bad.len() {
+            let err = decode_chunked(&o, Bytes::from(bad), &spec(), chunk)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("line 4, row 2, column \"id\""),
+                "chunk {chunk}: {err}"
+            );
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, UInt64Type};
 use chrono::{DateTime, Utc};
 use datafusion::prelude::{DataFrame, SessionContext};
 
@@ -23,15 +23,6 @@ use crate::config::{Column, MetadataColumns, Table, UTC};
 use crate::error::{Error, Location, Result};
 use crate::source::{ObjectOrder, SourceObject};
 use crate::state::BatchStats;
-
-/// History rows of one batch, in change order.
-#[derive(Debug, Clone)]
-pub struct History {
-    /// Rows with [`Merger::history_schema`].
-    pub batches: Vec<RecordBatch>,
-    /// Counts and the largest `change_seq`.
-    pub stats: BatchStats,
-}
 
 /// Builds history rows and latest-change queries for one table.
 #[derive(Debug, Clone)]
@@ -109,67 +100,108 @@ impl Merger {
         Arc::new(Schema::new(fields))
     }
 
-    /// Turns decoded objects (in change order) into history rows.
-    pub fn history(
+    /// History rows of one decoded chunk of `object`; its first row is data
+    /// row `first_row + 1` of the object (the position is part of `change_seq`).
+    pub fn history_chunk(
         &self,
-        decoded: Vec<(SourceObject, RecordBatch)>,
+        object: &SourceObject,
+        batch: &RecordBatch,
+        first_row: usize,
         ingested_at: DateTime<Utc>,
-    ) -> Result<History> {
+    ) -> Result<RecordBatch> {
         let schema = self.history_schema();
-        let mut stats = BatchStats::default();
-        let mut batches = Vec::with_capacity(decoded.len());
-        for (object, batch) in decoded {
-            let rows = batch.num_rows();
-            if rows == 0 {
-                continue;
-            }
-            let op = batch
-                .column_by_name(&self.meta.op)
-                .expect("decoded op")
-                .clone();
-            for value in op.as_string::<i32>().iter().flatten() {
-                match value {
-                    "I" => stats.inserts += 1,
-                    "U" => stats.updates += 1,
-                    _ => stats.deletes += 1,
-                }
-            }
-            stats.rows += rows as u64;
-            let commit_ts = self.commit_ts(&object, &batch);
-            let newest = arrow::compute::max(&commit_ts).and_then(DateTime::from_timestamp_micros);
-            stats.max_commit_ts = stats.max_commit_ts.max(newest);
-            let change_seq = self.change_seq(&object, &batch)?;
-            let last = change_seq.value(rows - 1).to_string();
-            if stats.max_seq.as_ref().is_none_or(|m| *m < last) {
-                stats.max_seq = Some(last);
-            }
-            let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-            for field in schema
-                .fields()
-                .iter()
-                .take(self.columns.len() + self.extra_columns.len())
-            {
-                columns.push(
-                    batch
-                        .column_by_name(field.name())
-                        .expect("decoded column")
-                        .clone(),
-                );
-            }
-            columns.push(op);
-            columns.push(Arc::new(commit_ts));
-            columns.push(Arc::new(change_seq));
-            columns.push(Arc::new(StringArray::from(vec![object.key.as_str(); rows])));
-            columns.push(Arc::new(
-                TimestampMicrosecondArray::from(vec![ingested_at.timestamp_micros(); rows])
-                    .with_timezone(UTC),
-            ));
-            batches.push(
-                RecordBatch::try_new(schema.clone(), columns)
-                    .map_err(|e| Error::decode(&object.key, Location::default(), e.to_string()))?,
+        let rows = batch.num_rows();
+        let op = batch
+            .column_by_name(&self.meta.op)
+            .expect("decoded op")
+            .clone();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for field in schema
+            .fields()
+            .iter()
+            .take(self.columns.len() + self.extra_columns.len())
+        {
+            columns.push(
+                batch
+                    .column_by_name(field.name())
+                    .expect("decoded column")
+                    .clone(),
             );
         }
-        Ok(History { batches, stats })
+        columns.push(op);
+        columns.push(Arc::new(self.commit_ts(object, batch)));
+        columns.push(Arc::new(self.change_seq(object, batch, first_row)?));
+        columns.push(Arc::new(StringArray::from(vec![object.key.as_str(); rows])));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![ingested_at.timestamp_micros(); rows])
+                .with_timezone(UTC),
+        ));
+        RecordBatch::try_new(schema, columns)
+            .map_err(|e| Error::decode(&object.key, Location::default(), e.to_string()))
+    }
+
+    /// The figures of the batch whose history rows are registered as `rows`,
+    /// and its smallest `change_seq`.
+    pub async fn batch_stats(
+        &self,
+        ctx: &SessionContext,
+        rows: &str,
+    ) -> Result<(BatchStats, Option<String>)> {
+        let m = &self.meta;
+        let query = sql::render(
+            sql::BATCH_STATS,
+            &[
+                ("op", &sql::ident(&m.op)),
+                ("change_seq", &sql::ident(&m.change_seq)),
+                ("commit_ts", &sql::ident(&m.commit_ts)),
+                ("rows", &sql::ident(rows)),
+            ],
+        );
+        let fail = |e| Error::query("batch_stats.sql", e);
+        let batches = ctx
+            .sql(&query)
+            .await
+            .map_err(fail)?
+            .collect()
+            .await
+            .map_err(fail)?;
+        let mut stats = BatchStats::default();
+        let mut min_seq: Option<String> = None;
+        for b in &batches {
+            let text = |i: usize| {
+                arrow::compute::cast(b.column(i), &DataType::Utf8).map_err(|e| fail(e.into()))
+            };
+            let (ops, mins, maxs) = (text(0)?, text(2)?, text(3)?);
+            let counts =
+                arrow::compute::cast(b.column(1), &DataType::UInt64).map_err(|e| fail(e.into()))?;
+            let newest =
+                arrow::compute::cast(b.column(4), &DataType::Int64).map_err(|e| fail(e.into()))?;
+            let (ops, mins, maxs) = (
+                ops.as_string::<i32>(),
+                mins.as_string::<i32>(),
+                maxs.as_string::<i32>(),
+            );
+            let (counts, newest) = (
+                counts.as_primitive::<UInt64Type>(),
+                newest.as_primitive::<Int64Type>(),
+            );
+            for i in 0..b.num_rows() {
+                let n = counts.value(i);
+                match ops.value(i) {
+                    "I" => stats.inserts += n,
+                    "U" => stats.updates += n,
+                    _ => stats.deletes += n,
+                }
+                stats.rows += n;
+                stats.max_seq = stats.max_seq.clone().max(Some(maxs.value(i).to_string()));
+                stats.max_commit_ts = stats
+                    .max_commit_ts
+                    .max(DateTime::from_timestamp_micros(newest.value(i)));
+                let min = mins.value(i).to_string();
+                min_seq = Some(min_seq.map_or(min.clone(), |m| m.min(min)));
+            }
+        }
+        Ok((stats, min_seq))
     }
 
     /// The decoded timestamp, or else the CDC file-name time, or else the object's last-modified time.
@@ -194,7 +226,12 @@ impl Merger {
             .with_timezone(UTC)
     }
 
-    fn change_seq(&self, object: &SourceObject, batch: &RecordBatch) -> Result<StringArray> {
+    fn change_seq(
+        &self,
+        object: &SourceObject,
+        batch: &RecordBatch,
+        first_row: usize,
+    ) -> Result<StringArray> {
         let rows = batch.num_rows();
         let mut out = StringBuilder::with_capacity(rows, rows * 30);
         let sequence = match (&self.sequence_column, object.name.order) {
@@ -207,7 +244,7 @@ impl Merger {
             None => {
                 let prefix = object.name.order.sort_key();
                 let mut buf = String::with_capacity(30);
-                for row in 0..rows {
+                for row in first_row..first_row + rows {
                     use std::fmt::Write;
                     buf.clear();
                     write!(buf, "{prefix}{row:012}").expect("write to string");
@@ -222,7 +259,7 @@ impl Merger {
                             &object.key,
                             Location {
                                 line: None,
-                                row: Some(row as u64 + 1),
+                                row: Some((first_row + row) as u64 + 1),
                                 column: self.sequence_column.clone(),
                             },
                             "the sequence column is NULL; every CDC row needs a value",

@@ -11,6 +11,8 @@ pub const LATE_CHANGES: &str = include_str!("../../sql/late_changes.sql");
 pub const VERSIONS: &str = include_str!("../../sql/versions.sql");
 /// `sql/key_history.sql`.
 pub const KEY_HISTORY: &str = include_str!("../../sql/key_history.sql");
+/// `sql/batch_stats.sql`.
+pub const BATCH_STATS: &str = include_str!("../../sql/batch_stats.sql");
 /// `sql/current_rebuild.sql`.
 pub const CURRENT_REBUILD: &str = include_str!("../../sql/current_rebuild.sql");
 /// `sql/current_merge.sql`.

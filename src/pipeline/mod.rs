@@ -119,6 +119,7 @@ impl Runner {
         let warehouse = Arc::new(DeltaWarehouse::new(
             pipeline.warehouse_path.clone(),
             &pipeline.name,
+            pipeline.batch.memory_limit_mib << 20,
         ));
         Ok(Self::new(pipeline, source, state, warehouse))
     }

@@ -2,7 +2,11 @@
 //! load objects in change order until none is left, the table is blocked,
 //! or a stop is requested. Transient failures are retried with backoff.
 
-use arrow::array::{AsArray, RecordBatch};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -13,12 +17,9 @@ use crate::decode::{self, DecodeSpec};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::Merger;
-use crate::source::{ObjectName, ObjectOrder, SourceObject};
+use crate::source::{ObjectName, ObjectOrder, SourceObject, StreamReader};
 use crate::state::{Batch, BatchMode, BatchStats, ObjectRef, ObjectStatus, TaskAttempt, TaskState};
-use crate::warehouse::{Apply, LoadRequest};
-
-/// Objects decoded at once per table.
-const DECODE_PARALLELISM: usize = 4;
+use crate::warehouse::{HistoryRows, LoadRequest};
 
 /// What happened to one table in a run.
 #[derive(Debug, Default, Serialize)]
@@ -316,7 +317,7 @@ impl<'a> TableRun<'a> {
         Ok(merger)
     }
 
-    async fn process(&mut self, mut batch: Batch) -> Result<()> {
+    async fn process(&mut self, batch: Batch) -> Result<()> {
         let runner = self.runner;
         self.ctx.progress.inc_length(batch.objects.len() as u64);
         let objects: Vec<SourceObject> = batch
@@ -331,103 +332,252 @@ impl<'a> TableRun<'a> {
             })
             .collect();
         let merger = self.merger(&objects[0]).await?;
-        let spec = self.spec(merger.columns.clone());
-        let number = batch.number;
-        let decoded: Vec<Result<(SourceObject, RecordBatch)>> =
-            futures::stream::iter(objects.iter().cloned())
-                .map(move |object| {
-                    let spec = spec.clone();
-                    let source = runner.source.clone();
-                    async move {
-                        let fetched = source.get(&object.key).await?;
-                        if !object.etag.is_empty()
-                            && !fetched.etag.is_empty()
-                            && fetched.etag != object.etag
-                        {
-                            return Err(Error::ObjectChanged {
-                                object: object.key.clone(),
-                                batch: number,
-                                old_etag: object.etag.clone(),
-                                new_etag: fetched.etag,
-                            });
-                        }
-                        tokio::task::spawn_blocking(move || {
-                            decode::decode(&object, fetched.bytes, &spec).map(|b| (object, b))
-                        })
-                        .await
-                        .expect("decoder does not panic")
-                    }
-                })
-                .buffered(DECODE_PARALLELISM)
-                .collect()
-                .await;
-
-        let mut good = Vec::with_capacity(decoded.len());
-        for (i, result) in decoded.into_iter().enumerate() {
-            match result {
-                Ok(pair) => good.push(pair),
-                Err(err @ Error::Decode { .. }) => {
-                    // The table stops at this object: load what precedes it,
-                    // keep it for the operator, leave the rest waiting.
-                    tracing::error!(table = %self.key, error = %err, "object quarantined");
-                    runner
-                        .state
-                        .quarantine(&self.key, &batch.objects[i], &err.to_string())?;
-                    self.report
-                        .quarantined
-                        .push((batch.objects[i].key.clone(), err.to_string()));
-                    match runner
-                        .state
-                        .replan_batch(&self.key, batch.number, &batch.objects[..i])?
-                    {
-                        Some(shrunk) => batch = shrunk,
-                        None => return Ok(()),
-                    }
-                    break;
-                }
-                Err(Error::ObjectChanged { object, .. })
-                    if runner.warehouse.started_batch(self.table).await? < batch.number =>
-                {
-                    // Nothing of this batch is loaded yet: take the objects as they are now.
-                    tracing::warn!(table = %self.key, object = %object, batch = batch.number, "an object changed before its batch was loaded; re-planning the batch with the current versions");
-                    return self.replan_with_current_versions(&batch).await;
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        let object_count = good.len();
-        let history = merger.history(good, chrono::Utc::now())?;
-        let loaded_max = runner.state.max_seq(&self.key)?;
-        let apply = match (batch.mode, &loaded_max, min_seq(&history.batches, &merger)) {
-            (BatchMode::Replace, ..) => Apply::Replace,
-            (BatchMode::Append, Some(loaded), Some(min)) if min < *loaded => {
-                tracing::warn!(table = %self.key, batch = batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
-                Apply::Late
-            }
-            _ => Apply::InOrder,
-        };
+        let failure = Arc::new(std::sync::Mutex::new(None::<(usize, Error)>));
+        let rows = produce_history(
+            runner,
+            objects,
+            merger.clone(),
+            self.spec(merger.columns.clone()),
+            batch.number,
+            failure.clone(),
+        );
         failpoint::fault("load")?;
-        runner
+        let loaded = runner
             .warehouse
             .load(LoadRequest {
                 table: self.table,
                 batch: &batch,
                 merger: &merger,
-                history: &history,
-                apply,
+                rows: HistoryRows::new(rows),
+                loaded_max: runner.state.max_seq(&self.key)?,
             })
-            .await?;
+            .await;
+        let stats = match loaded {
+            Ok(stats) => stats,
+            // What stopped the stream is the cause: the warehouse saw only a broken stream.
+            Err(err) => {
+                let cause = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return self.recover(&batch, cause, err).await;
+            }
+        };
         failpoint::hit("load.after_warehouse");
-        let mut stats = history.stats.clone();
-        stats.max_seq = stats.max_seq.max(loaded_max);
+        let mut stats = stats;
+        stats.max_seq = stats.max_seq.max(runner.state.max_seq(&self.key)?);
         runner.state.commit_batch(&self.key, batch.number, &stats)?;
         failpoint::hit("commit.after_state");
-        tracing::info!(table = %self.key, batch = batch.number, objects = object_count, rows = stats.rows, "batch committed");
-        self.report.objects += object_count;
+        tracing::info!(table = %self.key, batch = batch.number, objects = batch.objects.len(), rows = stats.rows, "batch committed");
+        self.report.objects += batch.objects.len();
         self.report.batches += 1;
         self.report.stats.add(&stats);
         self.ctx.progress.inc(batch.objects.len() as u64);
         Ok(())
+    }
+
+    /// After a failed load: a bad object is quarantined and the batch shrinks
+    /// to the objects before it; an object changed before anything of the
+    /// batch was loaded is taken as it is now; anything else is the error.
+    async fn recover(
+        &mut self,
+        batch: &Batch,
+        failure: Option<(usize, Error)>,
+        err: Error,
+    ) -> Result<()> {
+        let runner = self.runner;
+        match failure {
+            Some((i, bad @ Error::Decode { .. })) => {
+                tracing::error!(table = %self.key, error = %bad, "object quarantined");
+                runner
+                    .state
+                    .quarantine(&self.key, &batch.objects[i], &bad.to_string())?;
+                self.report
+                    .quarantined
+                    .push((batch.objects[i].key.clone(), bad.to_string()));
+                runner
+                    .state
+                    .replan_batch(&self.key, batch.number, &batch.objects[..i])?;
+                Ok(())
+            }
+            Some((_, Error::ObjectChanged { object, .. }))
+                if runner.warehouse.started_batch(self.table).await? < batch.number =>
+            {
+                tracing::warn!(table = %self.key, object = %object, batch = batch.number, "an object changed before its batch was loaded; re-planning the batch with the current versions");
+                self.replan_with_current_versions(batch).await
+            }
+            Some((_, cause)) => Err(cause),
+            None => Err(err),
+        }
+    }
+}
+
+/// Objects up to this size are read whole and decoded several at a time;
+/// larger ones are streamed, one at a time.
+const WHOLE_OBJECT_BYTES: u64 = 8 << 20;
+/// Small objects decoded at once.
+const DECODE_PARALLELISM: usize = 4;
+
+type RowSender = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
+
+/// Streams the history rows of `objects`, in order. Runs of small objects
+/// are read whole and decoded in parallel (DMS writes many small CDC files);
+/// a large object is read as a byte stream and decoded chunk by chunk, so
+/// memory holds a few chunks, not the object. The first failure (with the
+/// index of its object) is left in `failure` and ends the stream.
+fn produce_history(
+    runner: &Runner,
+    objects: Vec<SourceObject>,
+    merger: Merger,
+    spec: DecodeSpec,
+    batch_number: i64,
+    failure: Arc<std::sync::Mutex<Option<(usize, Error)>>>,
+) -> SendableRecordBatchStream {
+    let schema = merger.history_schema();
+    let (tx, rx) = tokio::sync::mpsc::channel::<datafusion::error::Result<RecordBatch>>(2);
+    let source = runner.source.clone();
+    let job = Decoding {
+        source,
+        merger,
+        spec,
+        batch_number,
+        ingested_at: chrono::Utc::now(),
+    };
+    tokio::spawn(async move {
+        let objects: Vec<(usize, SourceObject)> = objects.into_iter().enumerate().collect();
+        let mut rest = objects.as_slice();
+        while let Some((i, first)) = rest.first() {
+            if first.size > WHOLE_OBJECT_BYTES {
+                if let Err(err) = job.stream(first.clone(), &tx).await {
+                    return report_failure(&tx, &failure, *i, err).await;
+                }
+                rest = &rest[1..];
+                continue;
+            }
+            let small = rest
+                .iter()
+                .take_while(|(_, o)| o.size <= WHOLE_OBJECT_BYTES)
+                .count();
+            let mut decoded = futures::stream::iter(rest[..small].to_vec())
+                .map(|(i, object)| {
+                    let job = job.clone();
+                    async move { (i, job.whole(object).await) }
+                })
+                .buffered(DECODE_PARALLELISM);
+            while let Some((i, result)) = decoded.next().await {
+                match result {
+                    Ok(batches) => {
+                        for batch in batches {
+                            if tx.send(Ok(batch)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(err) => return report_failure(&tx, &failure, i, err).await,
+                }
+            }
+            rest = &rest[small..];
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+}
+
+/// Leaves the first failure (and its object's index) for the task and ends the stream.
+async fn report_failure(
+    tx: &RowSender,
+    failure: &std::sync::Mutex<Option<(usize, Error)>>,
+    i: usize,
+    err: Error,
+) {
+    if tx.is_closed() {
+        return; // the warehouse stopped reading (the history step was done before)
+    }
+    let message = err.to_string();
+    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some((i, err));
+    let _ = tx
+        .send(Err(datafusion::error::DataFusionError::Execution(message)))
+        .await;
+}
+
+/// Everything needed to turn objects into history rows.
+#[derive(Clone)]
+struct Decoding {
+    source: Arc<dyn crate::source::ObjectSource>,
+    merger: Merger,
+    spec: DecodeSpec,
+    batch_number: i64,
+    ingested_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Decoding {
+    fn check_etag(&self, object: &SourceObject, etag: &str) -> Result<()> {
+        if !object.etag.is_empty() && !etag.is_empty() && etag != object.etag {
+            return Err(Error::ObjectChanged {
+                object: object.key.clone(),
+                batch: self.batch_number,
+                old_etag: object.etag.clone(),
+                new_etag: etag.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes on a blocking thread, handing each chunk's history rows to `emit`.
+    async fn decode(
+        &self,
+        object: SourceObject,
+        reader: Box<dyn std::io::Read + Send>,
+        mut emit: impl FnMut(RecordBatch) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        let job = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut first_row = 0;
+            decode::decode_stream(&object, reader, &job.spec, &mut |chunk| {
+                let rows = chunk.num_rows();
+                let history =
+                    job.merger
+                        .history_chunk(&object, &chunk, first_row, job.ingested_at)?;
+                first_row += rows;
+                emit(history)
+            })
+        })
+        .await
+        .expect("the decoder does not panic")
+    }
+
+    /// A small object: read whole, its history rows returned.
+    async fn whole(self, object: SourceObject) -> Result<Vec<RecordBatch>> {
+        let fetched = self.source.get(&object.key).await?;
+        self.check_etag(&object, &fetched.etag)?;
+        let rows = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = rows.clone();
+        self.decode(
+            object,
+            Box::new(std::io::Cursor::new(fetched.bytes)),
+            move |batch| {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(batch);
+                Ok(())
+            },
+        )
+        .await?;
+        let rows = std::mem::take(&mut *rows.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(rows)
+    }
+
+    /// A large object: streamed into `tx` chunk by chunk.
+    async fn stream(&self, object: SourceObject, tx: &RowSender) -> Result<()> {
+        let opened = self.source.open(&object.key).await?;
+        self.check_etag(&object, &opened.etag)?;
+        let tx = tx.clone();
+        self.decode(
+            object,
+            Box::new(StreamReader::new(opened.stream)),
+            move |batch| {
+                tx.blocking_send(Ok(batch))
+                    .map_err(|_| Error::Usage("the warehouse stopped reading the batch".into()))
+            },
+        )
+        .await
     }
 }
 
@@ -499,22 +649,6 @@ fn object_ref(o: SourceObject) -> ObjectRef {
         size: o.size,
         last_modified: o.last_modified,
     }
-}
-
-fn min_seq(batches: &[RecordBatch], merger: &Merger) -> Option<String> {
-    batches
-        .iter()
-        .flat_map(|b| {
-            let col = b
-                .column_by_name(&merger.meta.change_seq)
-                .expect("history has change_seq");
-            col.as_string::<i32>()
-                .iter()
-                .flatten()
-                .map(str::to_string)
-                .min()
-        })
-        .min()
 }
 
 /// How long to wait before retry `retry` of a task (exponential, capped, jittered).

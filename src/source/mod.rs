@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as StorePath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
@@ -43,6 +43,62 @@ pub struct Listing {
     pub requests: u64,
 }
 
+/// An object opened for streaming: its bytes arrive as they are read.
+pub struct Opened {
+    /// ETag of the version being read (empty when the store gives none).
+    pub etag: String,
+    /// The object's bytes, in order.
+    pub stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+}
+
+/// An error of the transport under a [`StreamReader`] (as opposed to one of
+/// a decompressor or decoder reading from it): transient.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the object failed: {0}")]
+pub struct TransportError(#[source] pub object_store::Error);
+
+/// A blocking [`std::io::Read`] over an object's byte stream, for decoders
+/// running on a blocking thread. At most two chunks are buffered.
+pub struct StreamReader {
+    chunks: tokio::sync::mpsc::Receiver<object_store::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl StreamReader {
+    /// Starts forwarding `stream` (on the current tokio runtime) into a reader.
+    pub fn new(
+        mut stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    ) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            while let Some(chunk) = stream.next().await {
+                if tx.send(chunk).await.is_err() {
+                    return; // the reader is gone
+                }
+            }
+        });
+        StreamReader {
+            chunks: rx,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(err)) => return Err(std::io::Error::other(TransportError(err))),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 /// The bytes of an object and the ETag of the version they came from.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -71,6 +127,8 @@ pub trait ObjectSource: Send + Sync {
     ) -> Result<Listing>;
     /// Reads one object whole, with the ETag of the version read.
     async fn get(&self, key: &str) -> Result<Fetched>;
+    /// Opens one object for streaming, with the ETag of the version read.
+    async fn open(&self, key: &str) -> Result<Opened>;
     /// True when listing after a key costs less than a full listing (the
     /// store pages server-side, as S3 does); a local directory is walked whole anyway.
     fn lists_incrementally(&self) -> bool;
@@ -225,6 +283,18 @@ impl ObjectSource for StoreSource {
             .sort_by(|a, b| (a.name.order, &a.key).cmp(&(b.name.order, &b.key)));
         listing.ignored.sort();
         Ok(listing)
+    }
+
+    async fn open(&self, key: &str) -> Result<Opened> {
+        let result = self
+            .store
+            .get(&self.full(key))
+            .await
+            .map_err(|e| Error::object_store(format!("reading {key}"), e))?;
+        Ok(Opened {
+            etag: result.meta.e_tag.clone().unwrap_or_default(),
+            stream: result.into_stream(),
+        })
     }
 
     fn lists_incrementally(&self) -> bool {

@@ -9,31 +9,96 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use datafusion::datasource::MemTable;
-use datafusion::prelude::SessionContext;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 
-use super::{Apply, LoadOutcome, LoadRequest, Warehouse};
+use super::{Apply, LoadRequest, Warehouse};
 use crate::config::{Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::{Merger, sql};
+use crate::state::{BatchMode, BatchStats};
+
+/// A DataFusion session whose memory is bounded by `limit` bytes: sorts
+/// spill to the temp dir, every operator gets a fair share of the pool, and
+/// an eighth is set aside for merging spilled runs (which cannot spill).
+fn session(limit: usize) -> SessionContext {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(FairSpillPool::new(limit)))
+        .build_arc()
+        .expect("a memory-limited runtime");
+    let config = SessionConfig::new().with_sort_spill_reservation_bytes(limit / 8);
+    SessionContext::new_with_config_rt(config, runtime)
+}
+
+/// `'key1', 'key2'…`: the objects of the batch, as SQL literals.
+fn object_list(req: &LoadRequest<'_>) -> String {
+    req.batch
+        .objects
+        .iter()
+        .map(|o| sql::literal(&o.key))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A partition that hands out one stream, once.
+struct OneShot {
+    schema: arrow::datatypes::SchemaRef,
+    stream: std::sync::Mutex<Option<SendableRecordBatchStream>>,
+}
+
+impl OneShot {
+    fn new(stream: SendableRecordBatchStream) -> Self {
+        OneShot {
+            schema: stream.schema(),
+            stream: std::sync::Mutex::new(Some(stream)),
+        }
+    }
+}
+
+impl std::fmt::Debug for OneShot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OneShot")
+    }
+}
+
+impl PartitionStream for OneShot {
+    fn schema(&self) -> &arrow::datatypes::SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        self.stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("the batch's rows are read once")
+    }
+}
 
 /// Delta tables under one directory.
 pub struct DeltaWarehouse {
     root: PathBuf,
     pipeline: String,
+    memory_limit: usize,
 }
 
 impl DeltaWarehouse {
-    /// A warehouse at `root` for `pipeline` (names the transaction app ids).
-    pub fn new(root: PathBuf, pipeline: &str) -> Self {
+    /// A warehouse at `root` for `pipeline` (names the transaction app ids)
+    /// whose merges use at most `memory_limit` bytes before spilling.
+    pub fn new(root: PathBuf, pipeline: &str, memory_limit: usize) -> Self {
         DeltaWarehouse {
             root,
             pipeline: pipeline.to_string(),
+            memory_limit,
         }
     }
 
@@ -73,34 +138,39 @@ impl DeltaWarehouse {
         CommitProperties::default().with_application_transaction(Transaction::new(app, number))
     }
 
-    async fn load_history(&self, req: &LoadRequest<'_>, app: &str) -> Result<bool> {
+    /// Writes the batch's history rows (streamed) unless history holds the batch already.
+    async fn load_history(&self, req: &LoadRequest<'_>, app: &str) -> Result<()> {
         let name = req.table.history_name();
         let table = self.open(&name).await?;
         if self.recorded(&table, &name, app).await? >= req.batch.number {
-            return Ok(false);
+            return Ok(());
         }
         let table_exists = table.version().is_some();
-        let mut batches = req.history.batches.clone();
-        if batches.is_empty() {
-            batches.push(arrow::array::RecordBatch::new_empty(
-                req.merger.history_schema(),
-            ));
-        }
+        let stream = req.rows.take().ok_or_else(|| {
+            Error::Usage(format!(
+                "the rows of batch {} were already read",
+                req.batch.number
+            ))
+        })?;
+        let source = StreamingTable::try_new(
+            req.merger.history_schema(),
+            vec![Arc::new(OneShot::new(stream))],
+        )
+        .map_err(|e| Error::query("streaming the batch", e))?;
+        let plan = session(self.memory_limit)
+            .read_table(Arc::new(source))
+            .map_err(|e| Error::query("streaming the batch", e))?
+            .into_unoptimized_plan();
         let mut write = table
-            .write(batches)
+            .write(Vec::new())
+            .with_input_plan(plan)
             .with_save_mode(SaveMode::Append)
             .with_commit_properties(Self::commit(app, req.batch.number));
-        if req.apply == Apply::Replace && table_exists {
-            let keys: Vec<String> = req
-                .batch
-                .objects
-                .iter()
-                .map(|o| sql::literal(&o.key))
-                .collect();
+        if req.batch.mode == BatchMode::Replace && table_exists {
             let predicate = format!(
                 "{} IN ({})",
                 sql::ident(&req.merger.meta.source_file),
-                keys.join(", ")
+                object_list(req)
             );
             write = write
                 .with_save_mode(SaveMode::Overwrite)
@@ -109,14 +179,22 @@ impl DeltaWarehouse {
         write.await.map_err(|e| {
             Error::warehouse(&name, format!("writing batch {}", req.batch.number), e)
         })?;
-        Ok(true)
+        Ok(())
     }
 
-    async fn load_current(&self, req: &LoadRequest<'_>, app: &str) -> Result<bool> {
+    /// Applies the batch (registered as `batch` in `ctx`, history as
+    /// `history`) to the current table unless it holds the batch already.
+    async fn load_current(
+        &self,
+        req: &LoadRequest<'_>,
+        app: &str,
+        ctx: &SessionContext,
+        apply: Apply,
+    ) -> Result<()> {
         let name = req.table.target.clone();
         let mut table = self.open(&name).await?;
         if self.recorded(&table, &name, app).await? >= req.batch.number {
-            return Ok(false);
+            return Ok(());
         }
         if table.version().is_none() {
             table = table
@@ -127,36 +205,24 @@ impl DeltaWarehouse {
                 .await
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
-        if req.apply == Apply::Replace {
-            return self
-                .rebuild_current(table, &name, req, app)
-                .await
-                .map(|_| true);
-        }
-        let ctx = SessionContext::new();
-        let batch_rows = MemTable::try_new(
-            req.merger.history_schema(),
-            vec![req.history.batches.clone()],
-        )
-        .map_err(|e| Error::query("registering the batch", e))?;
-        ctx.register_table("batch", Arc::new(batch_rows))
-            .map_err(|e| Error::query("registering the batch", e))?;
-        let changes = if req.apply == Apply::Late {
-            self.register_history(&ctx, req).await?;
-            let df = req.merger.late_changes(&ctx, "history", "batch").await?;
-            ctx.register_table("changes", df.into_view())
-                .map_err(|e| Error::query("registering late changes", e))?;
-            "changes"
-        } else {
-            "batch"
+        let changes = match apply {
+            Apply::Replace => return self.rebuild_current(table, &name, req, app, ctx).await,
+            Apply::Late => {
+                let df = req.merger.late_changes(ctx, "history", "batch").await?;
+                ctx.register_table("changes", df.into_view())
+                    .map_err(|e| Error::query("registering late changes", e))?;
+                "changes"
+            }
+            Apply::InOrder => "batch",
         };
-        let latest = req.merger.latest(&ctx, changes).await?;
-        self.merge_current(table, &name, req, latest, app).await?;
-        Ok(true)
+        let latest = req.merger.latest(ctx, changes).await?;
+        self.merge_current(table, &name, req, latest, app, ctx)
+            .await
     }
 
-    /// Registers `<t>_history` in `ctx` as `history`.
-    async fn register_history(&self, ctx: &SessionContext, req: &LoadRequest<'_>) -> Result<()> {
+    /// Registers `<t>_history` in `ctx` as `history`, and the rows of this
+    /// batch (read back from it) as `batch`.
+    async fn register_batch(&self, ctx: &SessionContext, req: &LoadRequest<'_>) -> Result<()> {
         let history = self.open(&req.table.history_name()).await?;
         let provider = history
             .table_provider()
@@ -164,6 +230,17 @@ impl DeltaWarehouse {
             .map_err(|e| Error::query("reading history", e))?;
         ctx.register_table("history", provider)
             .map_err(|e| Error::query("registering history", e))?;
+        let rows = format!(
+            "SELECT * FROM history WHERE {} IN ({})",
+            sql::ident(&req.merger.meta.source_file),
+            object_list(req)
+        );
+        let df = ctx
+            .sql(&rows)
+            .await
+            .map_err(|e| Error::query("reading the batch back", e))?;
+        ctx.register_table("batch", df.into_view())
+            .map_err(|e| Error::query("registering the batch", e))?;
         Ok(())
     }
 
@@ -174,12 +251,11 @@ impl DeltaWarehouse {
         name: &str,
         req: &LoadRequest<'_>,
         app: &str,
+        ctx: &SessionContext,
     ) -> Result<()> {
-        let ctx = SessionContext::new();
-        self.register_history(&ctx, req).await?;
         let rows = req
             .merger
-            .rebuilt_current(&ctx, "history")
+            .rebuilt_current(ctx, "history")
             .await?
             .collect()
             .await
@@ -214,6 +290,7 @@ impl DeltaWarehouse {
         req: &LoadRequest<'_>,
         latest: datafusion::prelude::DataFrame,
         app: &str,
+        ctx: &SessionContext,
     ) -> Result<()> {
         let m = &req.merger.meta;
         let params = [
@@ -246,6 +323,7 @@ impl DeltaWarehouse {
             .merge(latest, clause("on"))
             .with_source_alias("s")
             .with_target_alias("t")
+            .with_session_state(Arc::new(ctx.state()))
             .with_commit_properties(Self::commit(app, req.batch.number));
         if !req.merger.soft_delete {
             builder = builder
@@ -280,16 +358,23 @@ impl DeltaWarehouse {
 
 #[async_trait::async_trait]
 impl Warehouse for DeltaWarehouse {
-    async fn load(&self, req: LoadRequest<'_>) -> Result<LoadOutcome> {
+    async fn load(&self, req: LoadRequest<'_>) -> Result<BatchStats> {
         let app = self.app_id(req.table);
-        let history = self.load_history(&req, &app).await?;
+        self.load_history(&req, &app).await?;
         failpoint::hit("load.between_history_and_current");
-        let current = self.load_current(&req, &app).await?;
-        Ok(if history || current {
-            LoadOutcome::Loaded
-        } else {
-            LoadOutcome::AlreadyLoaded
-        })
+        let ctx = session(self.memory_limit);
+        self.register_batch(&ctx, &req).await?;
+        let (stats, min_seq) = req.merger.batch_stats(&ctx, "batch").await?;
+        let apply = Apply::choose(
+            req.batch.mode,
+            min_seq.as_deref(),
+            req.loaded_max.as_deref(),
+        );
+        if apply == Apply::Late {
+            tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
+        }
+        self.load_current(&req, &app, &ctx, apply).await?;
+        Ok(stats)
     }
 
     async fn started_batch(&self, table: &Table) -> Result<i64> {

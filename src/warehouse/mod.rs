@@ -10,14 +10,15 @@
 
 mod delta;
 
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 
 pub use delta::DeltaWarehouse;
 
 use crate::config::{Column, Table};
 use crate::error::Result;
-use crate::merge::{History, Merger};
-use crate::state::Batch;
+use crate::merge::Merger;
+use crate::state::{Batch, BatchMode, BatchStats};
 
 /// One batch to load.
 pub struct LoadRequest<'a> {
@@ -27,10 +28,25 @@ pub struct LoadRequest<'a> {
     pub batch: &'a Batch,
     /// Its merger (schemas and SQL).
     pub merger: &'a Merger,
-    /// Its history rows.
-    pub history: &'a History,
-    /// How the batch is applied.
-    pub apply: Apply,
+    /// Its history rows, streamed once (not read when history already holds the batch).
+    pub rows: HistoryRows,
+    /// The largest `change_seq` loaded before this batch.
+    pub loaded_max: Option<String>,
+}
+
+/// The history rows of a batch as a one-shot stream, produced while they are read.
+pub struct HistoryRows(std::sync::Mutex<Option<SendableRecordBatchStream>>);
+
+impl HistoryRows {
+    /// Wraps the stream.
+    pub fn new(stream: SendableRecordBatchStream) -> Self {
+        HistoryRows(std::sync::Mutex::new(Some(stream)))
+    }
+
+    /// Takes the stream; `None` the second time.
+    pub fn take(&self) -> Option<SendableRecordBatchStream> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// How a batch is applied to the warehouse.
@@ -46,20 +62,24 @@ pub enum Apply {
     Replace,
 }
 
-/// What a load did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoadOutcome {
-    /// The batch was applied now (fully or its remaining step).
-    Loaded,
-    /// The warehouse already held the whole batch.
-    AlreadyLoaded,
+impl Apply {
+    /// How a batch of `mode` whose smallest `change_seq` is `min_seq` applies
+    /// after `loaded_max`.
+    pub fn choose(mode: BatchMode, min_seq: Option<&str>, loaded_max: Option<&str>) -> Apply {
+        match (mode, min_seq, loaded_max) {
+            (BatchMode::Replace, ..) => Apply::Replace,
+            (BatchMode::Append, Some(min), Some(loaded)) if min < loaded => Apply::Late,
+            _ => Apply::InOrder,
+        }
+    }
 }
 
 /// A place to load history and current-state tables.
 #[async_trait::async_trait]
 pub trait Warehouse: Send + Sync {
     /// Applies one batch; idempotent per batch number (see the module contract).
-    async fn load(&self, request: LoadRequest<'_>) -> Result<LoadOutcome>;
+    /// Returns the batch's figures as the warehouse holds them.
+    async fn load(&self, request: LoadRequest<'_>) -> Result<BatchStats>;
 
     /// The highest batch number of `table` any step of which the warehouse
     /// has applied (0 when none): a batch above it has left no trace yet.
