@@ -197,14 +197,24 @@ async fn large_objects_stream_with_exact_rows_and_error_locations() {
     let write = |name: &str, rows: usize, bad_row: Option<usize>| {
         let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join(name)).unwrap());
         for i in 0..rows {
-            let amount = if bad_row == Some(i + 1) { "oops".to_string() } else { format!("{}.25", i % 1000) };
+            let amount = if bad_row == Some(i + 1) {
+                "oops".to_string()
+            } else {
+                format!("{}.25", i % 1000)
+            };
             writeln!(out, "U,2024-05-01 00:00:00.000000,{},\"text, with \"\"quotes\"\" and\nnewlines {i}\",{amount}", i % 50_000).unwrap();
         }
         out.flush().unwrap();
     };
     write("20240501-000000000.csv", 120_000, None);
     write("20240501-010000000.csv", 120_000, Some(119_000));
-    assert!(std::fs::metadata(dir.join("20240501-000000000.csv")).unwrap().len() > 8 << 20, "must take the streaming path");
+    assert!(
+        std::fs::metadata(dir.join("20240501-000000000.csv"))
+            .unwrap()
+            .len()
+            > 8 << 20,
+        "must take the streaming path"
+    );
     std::fs::write(
         ws.path("pipeline.toml"),
         format!(
@@ -218,12 +228,27 @@ async fn large_objects_stream_with_exact_rows_and_error_locations() {
     )
     .unwrap();
     let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
-    assert_eq!(run.status.code(), Some(EXIT_TABLES_FAILED), "{}", output(&run));
+    assert_eq!(
+        run.status.code(),
+        Some(EXIT_TABLES_FAILED),
+        "{}",
+        output(&run)
+    );
     // each record spans 2 lines: row 119000 starts on line 237999
-    assert!(output(&run).contains("20240501-010000000.csv: line 237999, row 119000, column \"amount\""), "{}", output(&run));
-    let loaded = crate::support::rows(&ws.query("SELECT count(*), count(DISTINCT id), max(v) FROM big_history").await);
+    assert!(
+        output(&run).contains("20240501-010000000.csv: line 237999, row 119000, column \"amount\""),
+        "{}",
+        output(&run)
+    );
+    let loaded = crate::support::rows(
+        &ws.query("SELECT count(*), count(DISTINCT id), max(v) FROM big_history")
+            .await,
+    );
     assert_eq!(loaded[0][0], cdcflow::synth::Value::Int(120_000));
     assert_eq!(loaded[0][1], cdcflow::synth::Value::Int(50_000));
     let last = crate::support::rows(&ws.query("SELECT v, amount FROM big WHERE id = 19999").await);
-    assert_eq!(last[0][0], cdcflow::synth::Value::Text("text, with \"quotes\" and\nnewlines 119999".into()));
+    assert_eq!(
+        last[0][0],
+        cdcflow::synth::Value::Text("text, with \"quotes\" and\nnewlines 119999".into())
+    );
 }

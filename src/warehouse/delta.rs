@@ -230,9 +230,18 @@ impl DeltaWarehouse {
             .map_err(|e| Error::query("reading history", e))?;
         ctx.register_table("history", provider)
             .map_err(|e| Error::query("registering history", e))?;
+        // The key range lets Delta skip every file of other batches by its min/max
+        // statistics, so reading a batch back costs the batch, not the table.
+        let source_file = sql::ident(&req.merger.meta.source_file);
+        let keys = req.batch.objects.iter().map(|o| o.key.as_str());
+        let (first, last) = (
+            keys.clone().min().unwrap_or_default(),
+            keys.max().unwrap_or_default(),
+        );
         let rows = format!(
-            "SELECT * FROM history WHERE {} IN ({})",
-            sql::ident(&req.merger.meta.source_file),
+            "SELECT * FROM history WHERE {source_file} BETWEEN {} AND {} AND {source_file} IN ({})",
+            sql::literal(first),
+            sql::literal(last),
             object_list(req)
         );
         let df = ctx
