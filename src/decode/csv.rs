@@ -229,8 +229,11 @@ pub(crate) fn decode_reader(
     loop {
         let mut eof = false;
         let mut filled = buf.len();
-        buf.resize(want.max(filled), 0);
-        while filled < buf.len() {
+        while filled < want {
+            // Grow as data comes: a small object never pays for a whole chunk.
+            if filled == buf.len() {
+                buf.resize((filled * 2).max(64 << 10).min(want), 0);
+            }
             let n = reader
                 .read(&mut buf[filled..])
                 .map_err(|e| Error::io("reading the object", key, e))?;
