@@ -318,14 +318,9 @@ async fn twenty_thousand_objects_then_incremental_runs() {
         (0, 1),
         "{third:?}"
     );
-    let (ctx, _) = runner.query_session().await.unwrap();
-    let counts = ctx
-        .sql("SELECT count(*), count(DISTINCT source_file) FROM events_history")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let counts = ws
+        .query("SELECT count(*), count(DISTINCT source_file) FROM events_history")
+        .await;
     assert_eq!(
         crate::support::rows(&counts)[0],
         vec![
@@ -333,13 +328,7 @@ async fn twenty_thousand_objects_then_incremental_runs() {
             cdcflow::synth::Value::Int(N as i64 + 4)
         ]
     );
-    let id5 = ctx
-        .sql("SELECT v FROM events WHERE id = 5")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let id5 = ws.query("SELECT v FROM events WHERE id = 5").await;
     assert_eq!(
         crate::support::rows(&id5),
         vec![vec![cdcflow::synth::Value::Text("late update".into())]]
@@ -369,14 +358,7 @@ async fn twenty_thousand_objects_then_incremental_runs() {
         "{full:?}"
     );
     assert_eq!(ws.run_now().await.tables[0].objects, 0, "taken once");
-    let (ctx, _) = ws.runner().query_session().await.unwrap();
-    let id7 = ctx
-        .sql("SELECT v FROM events WHERE id = 7")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let id7 = ws.query("SELECT v FROM events WHERE id = 7").await;
     assert_eq!(
         crate::support::rows(&id7),
         vec![vec![cdcflow::synth::Value::Text("very late".into())]]

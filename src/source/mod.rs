@@ -126,7 +126,22 @@ pub trait ObjectSource: Send + Sync {
         start_after: Option<&str>,
     ) -> Result<Listing>;
     /// Reads one object whole, with the ETag of the version read.
-    async fn get(&self, key: &str) -> Result<Fetched>;
+    async fn get(&self, key: &str) -> Result<Fetched> {
+        let opened = self.open(key).await?;
+        let chunks: Vec<Bytes> = opened
+            .stream
+            .try_collect()
+            .await
+            .map_err(|e| Error::object_store(format!("reading {key}"), e))?;
+        let bytes = match chunks.len() {
+            1 => chunks.into_iter().next().expect("one chunk"),
+            _ => Bytes::from(chunks.concat()),
+        };
+        Ok(Fetched {
+            bytes,
+            etag: opened.etag,
+        })
+    }
     /// Opens one object for streaming, with the ETag of the version read.
     async fn open(&self, key: &str) -> Result<Opened>;
     /// True when listing after a key costs less than a full listing (the
@@ -299,20 +314,5 @@ impl ObjectSource for StoreSource {
 
     fn lists_incrementally(&self) -> bool {
         self.pager.is_some()
-    }
-
-    async fn get(&self, key: &str) -> Result<Fetched> {
-        let path = self.full(key);
-        let result = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| Error::object_store(format!("reading {key}"), e))?;
-        let etag = result.meta.e_tag.clone().unwrap_or_default();
-        let bytes = result
-            .bytes()
-            .await
-            .map_err(|e| Error::object_store(format!("reading {key}"), e))?;
-        Ok(Fetched { bytes, etag })
     }
 }
