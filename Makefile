@@ -18,8 +18,8 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
 	$(BIN) status --pipeline $(EXAMPLE)
 
-test: peers-up ## Run every test (unit and integration); starts the S3 peer (moto) first
-	eval "$$(scripts/peers.sh moto env)" && $(CARGO) test
+test: peers-up ## Run every test (unit and integration); starts the S3 (moto) and BigQuery (bqemulator) peers first
+	eval "$$(scripts/peers.sh all env)" && $(CARGO) test
 
 peers-up: ## Install (first time) and start the test peers on loopback
 	scripts/peers.sh all start

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Real test peers on loopback, installed and started by the project itself.
-#   scripts/peers.sh {moto|all} {install|start|stop|status|env}
+#   scripts/peers.sh {moto|bq|all} {install|start|stop|status|env}
 # State (virtualenvs, logs, pids) lives in $PEERS_DIR (default ./.peers).
 #   moto       S3 API on 127.0.0.1:19000 (any credentials accepted)
 #   moto-auth  S3 API on 127.0.0.1:19001 that enforces credentials (for "wrong credentials" tests)
+#   bq         BigQuery REST API (bqemulator, DuckDB inside) on 127.0.0.1:19050, project test-proj
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
 MOTO_PORT="${MOTO_PORT:-19000}"
 MOTO_AUTH_PORT="${MOTO_AUTH_PORT:-19001}"
 MOTO_VERSION=5.2.5
+BQ_PORT="${BQ_PORT:-19050}"
+BQ_GRPC_PORT="${BQ_GRPC_PORT:-19060}"
+BQ_PROJECT="${BQ_PROJECT:-test-proj}"
 mkdir -p "$PEERS_DIR"
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -50,7 +54,39 @@ moto_env() {
   echo "export CDCFLOW_TEST_S3_AUTH_ENDPOINT=http://127.0.0.1:$MOTO_AUTH_PORT"
 }
 
+# bqemulator needs two fixes to start offline: its DuckDB runs `INSTALL spatial` at start-up
+# (a download), so duckdb is pinned to 1.5.5 and the extension is copied from its PyPI wheel
+# into a private HOME; and numpy, missing from its dependencies.
+BQ_EXT_DIR="$PEERS_DIR/bq-home/.duckdb/extensions/v1.5.5/linux_amd64"
+bq_install() {
+  [ -x "$PEERS_DIR/venv-bq/bin/bqemulator" ] && [ -f "$BQ_EXT_DIR/spatial.duckdb_extension" ] && return 0
+  python3 -m venv "$PEERS_DIR/venv-bq"
+  "$PEERS_DIR/venv-bq/bin/pip" install -q --disable-pip-version-check \
+    'bqemulator==1.4.0' 'duckdb==1.5.5' 'duckdb-extension-spatial==1.5.5' numpy
+  local ext
+  ext=$("$PEERS_DIR/venv-bq/bin/python" -c 'import duckdb_extension_spatial,os;print(os.path.dirname(duckdb_extension_spatial.__file__))')
+  mkdir -p "$BQ_EXT_DIR"
+  cp "$ext/extensions/v1.5.5/spatial.duckdb_extension" "$BQ_EXT_DIR/"
+}
+bq_start() {
+  bq_install
+  if ! alive "$PEERS_DIR/bq.pid"; then
+    HOME="$PEERS_DIR/bq-home" nohup "$PEERS_DIR/venv-bq/bin/bqemulator" start \
+      --rest-host 127.0.0.1 --rest-port "$BQ_PORT" --grpc-host 127.0.0.1 --grpc-port "$BQ_GRPC_PORT" \
+      --project "$BQ_PROJECT" --ephemeral --log-level warning >"$PEERS_DIR/bq.log" 2>&1 &
+    echo $! >"$PEERS_DIR/bq.pid"
+  fi
+  wait_for "bqemulator :$BQ_PORT" 60 http_ok "http://127.0.0.1:$BQ_PORT/readyz"
+}
+bq_stop() { stop_pid "$PEERS_DIR/bq.pid"; }
+bq_status() { alive "$PEERS_DIR/bq.pid" && echo "bq: up on 127.0.0.1:$BQ_PORT" || echo "bq: down"; }
+bq_env() {
+  echo "export CDCFLOW_TEST_BQ_ENDPOINT=http://127.0.0.1:$BQ_PORT"
+  echo "export CDCFLOW_TEST_BQ_PROJECT=$BQ_PROJECT"
+}
+
 peer=${1:-}; action=${2:-}
-case "$peer" in moto|all) ;; *) echo "usage: $0 {moto|all} {install|start|stop|status|env}" >&2; exit 2 ;; esac
-case "$action" in install|start|stop|status|env) ;; *) echo "usage: $0 {moto|all} {install|start|stop|status|env}" >&2; exit 2 ;; esac
-for p in moto; do "${p}_${action}"; done
+usage="usage: $0 {moto|bq|all} {install|start|stop|status|env}"
+case "$peer" in moto|bq) peers=$peer ;; all) peers="moto bq" ;; *) echo "$usage" >&2; exit 2 ;; esac
+case "$action" in install|start|stop|status|env) ;; *) echo "$usage" >&2; exit 2 ;; esac
+for p in $peers; do "${p}_${action}"; done

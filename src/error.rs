@@ -95,6 +95,29 @@ pub enum Error {
         source: Box<deltalake::DeltaTableError>,
     },
 
+    /// A Parquet object of a table whose columns are found, not declared,
+    /// has columns the table lacks: the table grows them and the batch runs again.
+    #[error("{object} has new columns: {}", columns.iter().map(|c| format!("{} {}", c.name, c.sql_type)).collect::<Vec<_>>().join(", "))]
+    NewColumns {
+        /// Object key.
+        object: String,
+        /// The new columns, in the object's order.
+        columns: Vec<crate::config::Column>,
+    },
+
+    /// A BigQuery request or job failed.
+    #[error("BigQuery: {context}: {message}{}", bq_hint(*status, reason.as_deref()))]
+    BigQuery {
+        /// What was being done, with the table or job id.
+        context: String,
+        /// HTTP status of the answer; `None` for a job that failed or no answer at all.
+        status: Option<u16>,
+        /// BigQuery's error reason (`notFound`, `rateLimitExceeded`…), if any.
+        reason: Option<String>,
+        /// BigQuery's message.
+        message: String,
+    },
+
     /// A DataFusion plan or execution failed (merge SQL or a user query).
     #[error("query failed: {context}")]
     Query {
@@ -205,6 +228,34 @@ fn hint(err: &object_store::Error) -> &'static str {
     }
 }
 
+/// BigQuery error reasons that a later try may get past.
+const BQ_TRANSIENT_REASONS: &[&str] = &[
+    "backendError",
+    "internalError",
+    "rateLimitExceeded",
+    "jobRateLimitExceeded",
+    "jobBackendError",
+    "jobInternalError",
+];
+
+/// What to check for a BigQuery error that an operator must fix.
+fn bq_hint(status: Option<u16>, reason: Option<&str>) -> &'static str {
+    match (status, reason) {
+        (Some(401), _) | (_, Some("authError")) => {
+            " (not authenticated: check `warehouse.credentials` or GOOGLE_APPLICATION_CREDENTIALS)"
+        }
+        (Some(403), _) | (_, Some("accessDenied")) => {
+            " (access denied: the account needs roles/bigquery.jobUser on the project and \
+             roles/bigquery.dataEditor on the dataset)"
+        }
+        (_, Some("notFound")) | (Some(404), _) => {
+            " (not found: check `warehouse.project` and `warehouse.dataset`; cdcflow creates tables, \
+             not datasets: `bq mk --dataset <project>:<dataset>`)"
+        }
+        _ => "",
+    }
+}
+
 /// An error and its causes on one line: "what failed: why: root cause".
 pub fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -303,6 +354,14 @@ impl Error {
                 deltalake::DeltaTableError::ObjectStore { .. }
                     | deltalake::DeltaTableError::VersionAlreadyExists(_)
             ),
+            Error::BigQuery { status, reason, .. } => match (status, reason.as_deref()) {
+                (Some(408 | 429), _) => true,
+                (Some(s), _) if *s >= 500 => true,
+                (_, Some(r)) => BQ_TRANSIENT_REASONS.contains(&r),
+                // No answer at all: a network failure.
+                (None, None) => true,
+                (Some(_), None) => false,
+            },
             Error::Io { .. } | Error::LeaseLost { .. } => true,
             Error::Injected { transient, .. } => *transient,
             Error::Config { .. }
@@ -310,7 +369,8 @@ impl Error {
             | Error::Query { .. }
             | Error::Usage(_)
             | Error::LeaseHeld { .. }
-            | Error::ObjectChanged { .. } => false,
+            | Error::ObjectChanged { .. }
+            | Error::NewColumns { .. } => false,
         }
     }
 }

@@ -39,6 +39,7 @@ fn spec(columns: &[(&str, &str)]) -> DecodeSpec {
         extra_columns: vec![],
         include_op_for_full_load: false,
         csv: CsvOptions::default(),
+        evolving: false,
     }
 }
 

@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_input;
+mod bigquery;
 mod cli;
 mod crash;
 mod decode;

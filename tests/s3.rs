@@ -2,7 +2,7 @@
 //! Locally a missing peer skips loudly; in CI (`CI` set) it fails.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -11,37 +11,14 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Workspace, assert_warehouse_matches, output, staged_objects};
-
-fn peer(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) => Some(url),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!(
-                "{var} is not set: CI must run the S3 tests (scripts/peers.sh moto start; eval \"$(scripts/peers.sh moto env)\")"
-            )
-        }
-        Err(_) => {
-            eprintln!(
-                "SKIPPED: {var} is not set; start the S3 peer with `scripts/peers.sh moto start` and `eval \"$(scripts/peers.sh moto env)\"`"
-            );
-            None
-        }
-    }
-}
+use crate::support::{
+    SERVICE_UNAVAILABLE, Workspace, assert_warehouse_matches, faulty_proxy, output, peer,
+    staged_objects,
+};
 
 /// A fresh bucket on the peer (moto accepts an unsigned create).
 async fn bucket(endpoint: &str, ws: &Workspace) -> String {
-    let name = format!(
-        "cdcflow-{}",
-        ws.dir
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .to_lowercase()
-            .replace(['.', '_'], "-")
-    );
+    let name = ws.unique_name("cdcflow", '-');
     let addr = endpoint.trim_start_matches("http://");
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(
@@ -365,36 +342,6 @@ async fn twenty_thousand_objects_then_incremental_runs() {
     );
 }
 
-/// A TCP proxy to `upstream` that answers the first `fail` connections with 503.
-async fn faulty_proxy(upstream: String, fail: usize) -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let served = Arc::new(AtomicUsize::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut client, _) = listener.accept().await.unwrap();
-            if count.fetch_add(1, Ordering::SeqCst) < fail {
-                tokio::spawn(async move {
-                    let mut head = vec![0u8; 16 * 1024];
-                    let _ = client.read(&mut head).await;
-                    let _ = client.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-                });
-                continue;
-            }
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let mut server =
-                    tokio::net::TcpStream::connect(upstream.trim_start_matches("http://"))
-                        .await
-                        .unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
-    (format!("http://{addr}"), served)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_retried() {
     let Some(endpoint) = peer("CDCFLOW_TEST_S3_ENDPOINT") else {
@@ -402,7 +349,7 @@ async fn server_errors_are_retried() {
     };
     let ws = Workspace::new();
     let (data, bucket) = staged_bucket(&endpoint, &ws, 800, 42).await;
-    let (proxy, served) = faulty_proxy(endpoint.clone(), 3).await;
+    let (proxy, served) = faulty_proxy(endpoint.clone(), &[SERVICE_UNAVAILABLE; 3]).await;
     s3_pipeline(&ws, &proxy, &bucket, "", "test");
     let report = ws.run_now().await;
     assert!(report.ok(), "{report:?}");

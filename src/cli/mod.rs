@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use datafusion::prelude::SessionContext;
 
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
@@ -327,8 +326,8 @@ async fn execute(command: Command) -> Result<ExitCode> {
             sql,
             format,
         } => {
-            let ctx = session(&config::load(&pipeline)?).await?;
-            print_query(&ctx, &sql, format).await?;
+            let runner = Runner::open(config::load(&pipeline)?)?;
+            print_query(&runner, &sql, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::History {
@@ -348,23 +347,26 @@ async fn execute(command: Command) -> Result<ExitCode> {
                     t.primary_key.len()
                 )));
             }
-            let key_match = t
-                .primary_key
+            let versions = t.versions_name();
+            let key = t.primary_key.clone();
+            let change_seq = pipeline.meta.change_seq.clone();
+            let runner = Runner::open(pipeline)?;
+            let dialect = runner.warehouse().dialect();
+            let key_match = key
                 .iter()
                 .zip(&values)
-                .map(|(k, v)| format!("CAST({} AS VARCHAR) = {}", sql::ident(k), sql::literal(v)))
+                .map(|(k, v)| format!("CAST({} AS STRING) = {}", dialect.ident(k), sql::literal(v)))
                 .collect::<Vec<_>>()
                 .join(" AND ");
             let query = sql::render(
                 sql::KEY_HISTORY,
                 &[
-                    ("versions", &sql::ident(&t.versions_name())),
+                    ("versions", &dialect.ident(&versions)),
                     ("key_match", &key_match),
-                    ("change_seq", &sql::ident(&pipeline.meta.change_seq)),
+                    ("change_seq", &dialect.ident(&change_seq)),
                 ],
             );
-            let ctx = session(&pipeline).await?;
-            print_query(&ctx, &query, format).await?;
+            print_query(&runner, &query, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Skip {
@@ -428,15 +430,6 @@ fn find_table<'a>(pipeline: &'a Pipeline, name: &str) -> Result<&'a config::Tabl
                 names.join(", ")
             ))
         })
-}
-
-/// A DataFusion session over the pipeline's warehouse tables.
-async fn session(pipeline: &Pipeline) -> Result<SessionContext> {
-    let (ctx, missing) = Runner::open(pipeline.clone())?.query_session().await?;
-    for table in missing {
-        eprintln!("note: table {table} has not been loaded yet (run `cdcflow run` first)");
-    }
-    Ok(ctx)
 }
 
 /// A shutdown handle that turns on at SIGTERM or SIGINT.

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use comfy_table::{Table as Grid, presets::UTF8_FULL_CONDENSED};
-use datafusion::prelude::SessionContext;
 
 use super::OutputFormat;
 use crate::config::Pipeline;
@@ -11,13 +10,8 @@ use crate::error::{Error, Result};
 use crate::pipeline::{RunReport, Runner};
 use crate::state::{ObjectStatus, RunRecord, TaskState};
 
-pub(super) async fn print_query(
-    ctx: &SessionContext,
-    query: &str,
-    format: OutputFormat,
-) -> Result<()> {
-    let df = ctx.sql(query).await.map_err(|e| Error::query(query, e))?;
-    let batches = df.collect().await.map_err(|e| Error::query(query, e))?;
+pub(super) async fn print_query(runner: &Runner, query: &str, format: OutputFormat) -> Result<()> {
+    let batches = runner.query(query).await?;
     let mut out = Vec::new();
     match format {
         OutputFormat::Table => {

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use types::{SqlType, TYPE_NAMES, UTC};
-pub use validate::{Column, CsvOptions, Pipeline, RetryPolicy, Source, Table};
+pub use validate::{
+    BigQueryConfig, Column, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig,
+};
 
 use crate::error::{Error, Result};
 
@@ -276,6 +278,25 @@ pub enum WarehouseFile {
     Local {
         /// Directory holding one Delta table per warehouse table.
         path: String,
+    },
+    /// Google BigQuery: tables in one dataset, loaded by load and MERGE jobs.
+    Bigquery {
+        /// GCP project that runs the jobs and holds the dataset.
+        project: String,
+        /// Dataset holding the tables (it must exist).
+        dataset: String,
+        /// Location of the dataset (default `US`).
+        #[serde(default)]
+        location: Option<String>,
+        /// Service-account key file. Default: application default credentials
+        /// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud, or the metadata server,
+        /// which is how GKE workload identity is reached).
+        #[serde(default)]
+        credentials: Option<String>,
+        /// API endpoint for an emulator, e.g. `http://127.0.0.1:19050`
+        /// (no credentials are sent to it).
+        #[serde(default)]
+        endpoint: Option<String>,
     },
 }
 

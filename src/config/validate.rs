@@ -30,14 +30,41 @@ pub struct Pipeline {
     pub source: Source,
     /// SQLite state file.
     pub state_path: PathBuf,
-    /// Directory of the local Delta warehouse.
-    pub warehouse_path: PathBuf,
+    /// Where the tables are loaded.
+    pub warehouse: WarehouseConfig,
     /// Batch bounds.
     pub batch: BatchFile,
     /// Names of the added columns.
     pub meta: MetadataColumns,
     /// Tables, in file order.
     pub tables: Vec<Table>,
+}
+
+/// A validated `[warehouse]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarehouseConfig {
+    /// Delta Lake tables under this directory.
+    Local {
+        /// Absolute directory.
+        path: PathBuf,
+    },
+    /// A BigQuery dataset.
+    BigQuery(BigQueryConfig),
+}
+
+/// Where and how to reach BigQuery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BigQueryConfig {
+    /// Project running the jobs.
+    pub project: String,
+    /// Dataset of the tables.
+    pub dataset: String,
+    /// Dataset location.
+    pub location: String,
+    /// Service-account key file; `None`: application default credentials.
+    pub credentials: Option<PathBuf>,
+    /// Emulator endpoint (no auth); `None`: Google's API.
+    pub endpoint: Option<String>,
 }
 
 /// Retries of a table task.
@@ -218,17 +245,7 @@ impl PipelineFile {
         }
         let source = validate_source(&self.source, &mut problems);
         let state_path = validate_state(&self, &mut problems);
-        let warehouse_path = match &self.warehouse {
-            WarehouseFile::Local { path } => {
-                if path.trim().is_empty() {
-                    problems.add(
-                        "warehouse.path",
-                        "must name a directory, e.g. \"warehouse/shop\"",
-                    );
-                }
-                absolute(path)
-            }
-        };
+        let warehouse = validate_warehouse(&self.warehouse, &mut problems);
         if self.batch.max_objects == 0 {
             problems.add("batch.max_objects", "must be greater than 0");
         }
@@ -280,7 +297,7 @@ impl PipelineFile {
             lease_ttl,
             source: source.expect("checked above"),
             state_path,
-            warehouse_path,
+            warehouse,
             batch: self.batch,
             meta: self.metadata_columns,
             tables,
@@ -560,6 +577,72 @@ fn validate_table(
         primary_key: table.primary_key.clone(),
         columns,
         soft_delete: table.soft_delete,
+    }
+}
+
+fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> WarehouseConfig {
+    match file {
+        WarehouseFile::Local { path } => {
+            if path.trim().is_empty() {
+                problems.add(
+                    "warehouse.path",
+                    "must name a directory, e.g. \"warehouse/shop\"",
+                );
+            }
+            WarehouseConfig::Local {
+                path: absolute(path),
+            }
+        }
+        WarehouseFile::Bigquery {
+            project,
+            dataset,
+            location,
+            credentials,
+            endpoint,
+        } => {
+            let id_ok =
+                |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if project.is_empty()
+                || !project
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:".contains(c))
+            {
+                problems.add(
+                    "warehouse.project",
+                    "must be a GCP project id, e.g. \"my-project\"",
+                );
+            }
+            if !id_ok(dataset) {
+                problems.add(
+                    "warehouse.dataset",
+                    "may hold only letters, digits and `_`, e.g. \"cdc\"",
+                );
+            }
+            if let Some(endpoint) = endpoint
+                && url::Url::parse(endpoint).is_err()
+            {
+                problems.add(
+                    "warehouse.endpoint",
+                    "must be a URL, e.g. \"http://127.0.0.1:19050\"",
+                );
+            }
+            let credentials = credentials.as_deref().map(absolute);
+            if let Some(path) = &credentials
+                && !path.is_file()
+            {
+                problems.add(
+                    "warehouse.credentials",
+                    format!("no service-account key file at {}; leave it out to use application default credentials", path.display()),
+                );
+            }
+            WarehouseConfig::BigQuery(BigQueryConfig {
+                project: project.clone(),
+                dataset: dataset.clone(),
+                location: location.clone().unwrap_or_else(|| "US".into()),
+                credentials,
+                endpoint: endpoint.clone(),
+            })
+        }
     }
 }
 

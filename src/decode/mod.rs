@@ -74,6 +74,10 @@ pub struct DecodeSpec {
     pub include_op_for_full_load: bool,
     /// CSV dialect.
     pub csv: CsvOptions,
+    /// The columns were found, not declared (Parquet): a column an object
+    /// lacks is NULL (an object older than the column), and a column it has
+    /// beyond `columns` is reported as [`crate::error::Error::NewColumns`].
+    pub evolving: bool,
 }
 
 impl DecodeSpec {
@@ -254,6 +258,7 @@ mod tests {
                 header: true,
                 ..CsvOptions::default()
             },
+            evolving: false,
         }
     }
 

@@ -109,22 +109,49 @@ pub(crate) fn decode(key: &str, bytes: Bytes, cdc: bool, spec: &DecodeSpec) -> R
         )
     };
 
+    let mut new_columns = Vec::new();
     for field in schema.fields() {
         let known = is_dms_column(field.name(), spec)
             || spec
                 .columns
                 .iter()
                 .any(|c| c.name.eq_ignore_ascii_case(field.name()));
-        if !known {
-            return Err(Error::decode(
-                key,
-                at(field.name()),
-                format!(
-                    "column {:?} is not declared for this table; add it to the table's `columns`",
-                    field.name()
-                ),
-            ));
+        if known {
+            continue;
         }
+        match SqlType::from_arrow(field.data_type()) {
+            Some(sql_type) if spec.evolving => new_columns.push(Column {
+                name: field.name().clone(),
+                sql_type,
+            }),
+            Some(_) => {
+                return Err(Error::decode(
+                    key,
+                    at(field.name()),
+                    format!(
+                        "column {:?} is not declared for this table; add it to the table's `columns`",
+                        field.name()
+                    ),
+                ));
+            }
+            None => {
+                return Err(Error::decode(
+                    key,
+                    at(field.name()),
+                    format!(
+                        "column {:?} has type {}, which cdcflow cannot load (nested types are not supported)",
+                        field.name(),
+                        field.data_type()
+                    ),
+                ));
+            }
+        }
+    }
+    if !new_columns.is_empty() {
+        return Err(Error::NewColumns {
+            object: key.to_string(),
+            columns: new_columns,
+        });
     }
 
     let op: ArrayRef = match find(&schema, "op") {
@@ -154,13 +181,20 @@ pub(crate) fn decode(key: &str, bytes: Bytes, cdc: bool, spec: &DecodeSpec) -> R
         arrays.push(convert(key, name, batch.column(i), SqlType::Text)?);
     }
     for column in &spec.columns {
-        let i = find(&schema, &column.name).ok_or_else(|| missing(&column.name))?;
-        arrays.push(convert(
-            key,
-            &column.name,
-            batch.column(i),
-            column.sql_type,
-        )?);
+        match find(&schema, &column.name) {
+            Some(i) => arrays.push(convert(
+                key,
+                &column.name,
+                batch.column(i),
+                column.sql_type,
+            )?),
+            // An object written before the column existed.
+            None if spec.evolving => arrays.push(arrow::array::new_null_array(
+                &column.sql_type.arrow_type(),
+                rows,
+            )),
+            None => return Err(missing(&column.name)),
+        }
     }
     RecordBatch::try_new(spec.output_schema(), arrays).map_err(|e| corrupt(key, e))
 }

@@ -88,6 +88,22 @@ impl Merger {
         Arc::new(Schema::new(fields))
     }
 
+    /// Whether a history column named `name` holds source data (not one of
+    /// the added columns or the extra DMS columns).
+    pub fn is_data_column(&self, name: &str) -> bool {
+        let m = &self.meta;
+        ![
+            &m.op,
+            &m.commit_ts,
+            &m.change_seq,
+            &m.source_file,
+            &m.ingested_at,
+        ]
+        .iter()
+        .any(|c| c.as_str() == name)
+            && !self.extra_columns.iter().any(|c| c == name)
+    }
+
     /// `<t>`: data columns, commit_ts, change_seq, and `deleted` under soft delete.
     pub fn current_schema(&self) -> SchemaRef {
         let m = &self.meta;
@@ -350,16 +366,17 @@ impl Merger {
             .map_err(|e| Error::query("late_changes.sql", e))
     }
 
-    /// The `CREATE VIEW` text of `<t>_versions` over `history`.
-    pub fn versions_sql(&self, history: &str) -> String {
+    /// The query of the `<t>_versions` view over `history` (a quoted table reference).
+    pub fn versions_sql(&self, history: &str, dialect: sql::Dialect) -> String {
+        let q = |name: &str| dialect.ident(name);
         sql::render(
             sql::VERSIONS,
             &[
-                ("history", &sql::ident(history)),
-                ("commit_ts", &sql::ident(&self.meta.commit_ts)),
-                ("change_seq", &sql::ident(&self.meta.change_seq)),
-                ("op", &sql::ident(&self.meta.op)),
-                ("key", &sql::key_list(&self.key)),
+                ("history", history),
+                ("commit_ts", &q(&self.meta.commit_ts)),
+                ("change_seq", &q(&self.meta.change_seq)),
+                ("op", &q(&self.meta.op)),
+                ("key", &dialect.list(&self.key)),
             ],
         )
     }

@@ -17,10 +17,52 @@ pub const BATCH_STATS: &str = include_str!("../../sql/batch_stats.sql");
 pub const CURRENT_REBUILD: &str = include_str!("../../sql/current_rebuild.sql");
 /// `sql/current_merge.sql`.
 pub const CURRENT_MERGE: &str = include_str!("../../sql/current_merge.sql");
+/// `sql/bigquery/history_merge.sql`.
+pub const BQ_HISTORY_MERGE: &str = include_str!("../../sql/bigquery/history_merge.sql");
+/// `sql/bigquery/stage_days.sql`.
+pub const BQ_STAGE_DAYS: &str = include_str!("../../sql/bigquery/stage_days.sql");
+/// `sql/bigquery/current_merge.sql`.
+pub const BQ_CURRENT_MERGE: &str = include_str!("../../sql/bigquery/current_merge.sql");
 
-/// Quotes an SQL identifier (`"name"`, doubling inner quotes).
+/// The SQL dialect a statement is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// DataFusion (the local warehouse): `"name"`.
+    DataFusion,
+    /// BigQuery GoogleSQL: `` `name` ``.
+    BigQuery,
+}
+
+impl Dialect {
+    /// Quotes an identifier.
+    pub fn ident(self, name: &str) -> String {
+        match self {
+            Dialect::DataFusion => format!("\"{}\"", name.replace('"', "\"\"")),
+            Dialect::BigQuery => format!("`{}`", name.replace('`', "\\`")),
+        }
+    }
+
+    /// `a."k1" = b."k1" AND a."k2" = b."k2"`.
+    pub fn key_equal(self, left: &str, right: &str, key: &[String]) -> String {
+        key.iter()
+            .map(|k| format!("{left}.{k} = {right}.{k}", k = self.ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `"k1", "k2"`.
+    pub fn list(self, names: &[String]) -> String {
+        names
+            .iter()
+            .map(|k| self.ident(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Quotes an SQL identifier for DataFusion (`"name"`, doubling inner quotes).
 pub fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    Dialect::DataFusion.ident(name)
 }
 
 /// Quotes an SQL string literal.
@@ -58,17 +100,14 @@ pub fn section<'a>(template: &'a str, name: &str) -> &'a str {
     rest[..rest.find("-- name:").unwrap_or(rest.len())].trim()
 }
 
-/// `a."k1" = b."k1" AND a."k2" = b."k2"`.
+/// `a."k1" = b."k1" AND a."k2" = b."k2"` (DataFusion).
 pub fn key_equal(left: &str, right: &str, key: &[String]) -> String {
-    key.iter()
-        .map(|k| format!("{left}.{k} = {right}.{k}", k = ident(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ")
+    Dialect::DataFusion.key_equal(left, right, key)
 }
 
-/// `"k1", "k2"`.
+/// `"k1", "k2"` (DataFusion).
 pub fn key_list(key: &[String]) -> String {
-    key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ")
+    Dialect::DataFusion.list(key)
 }
 
 #[cfg(test)]
@@ -85,5 +124,6 @@ mod tests {
         );
         assert_eq!(section(CURRENT_MERGE, "insert_when"), "s.{op} <> 'D'");
         assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(Dialect::BigQuery.ident("a`b"), "`a\\`b`");
     }
 }

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::RecordBatch;
 use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,13 +27,13 @@ use serde::Serialize;
 pub use lease::Lease;
 pub use table::TableReport;
 
-use crate::config::{Pipeline, Table};
+use crate::config::{Pipeline, Table, WarehouseConfig};
 use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::schedule::Interval;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
 use crate::state::{SqliteStore, StateStore, Trigger};
-use crate::warehouse::{DeltaWarehouse, Warehouse};
+use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Warehouse};
 
 /// What one run did, per table.
 #[derive(Debug, Serialize)]
@@ -116,11 +117,16 @@ impl Runner {
     pub fn open(pipeline: Pipeline) -> Result<Self> {
         let source = Arc::new(StoreSource::open(&pipeline.source)?);
         let state = Arc::new(SqliteStore::open(&pipeline.state_path, &pipeline.name)?);
-        let warehouse = Arc::new(DeltaWarehouse::new(
-            pipeline.warehouse_path.clone(),
-            &pipeline.name,
-            pipeline.batch.memory_limit_mib << 20,
-        ));
+        let warehouse: Arc<dyn Warehouse> = match &pipeline.warehouse {
+            WarehouseConfig::Local { path } => Arc::new(DeltaWarehouse::new(
+                path.clone(),
+                &pipeline.name,
+                pipeline.batch.memory_limit_mib << 20,
+            )),
+            WarehouseConfig::BigQuery(config) => {
+                Arc::new(BigQueryWarehouse::new(config.clone(), &pipeline.name))
+            }
+        };
         Ok(Self::new(pipeline, source, state, warehouse))
     }
 
@@ -179,6 +185,25 @@ impl Runner {
             }
         }
         Ok((ctx, missing))
+    }
+
+    /// Runs `sql` over the warehouse tables: in the warehouse when it has its
+    /// own engine (BigQuery), else in DataFusion over [`Runner::query_session`].
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        if let Some(rows) = self.warehouse.query(sql).await? {
+            return Ok(rows);
+        }
+        let (ctx, missing) = self.query_session().await?;
+        for table in missing {
+            eprintln!("note: table {table} has not been loaded yet (run `cdcflow run` first)");
+        }
+        let fail = |e| Error::query(sql.chars().take(200).collect::<String>(), e);
+        ctx.sql(sql)
+            .await
+            .map_err(fail)?
+            .collect()
+            .await
+            .map_err(fail)
     }
 
     /// Loads everything new once (objects written before the interval's end

@@ -283,6 +283,7 @@ impl<'a> TableRun<'a> {
             extra_columns: source.extra_columns.clone(),
             include_op_for_full_load: source.include_op_for_full_load,
             csv: source.csv.clone(),
+            evolving: self.table.columns.is_none(),
         }
     }
 
@@ -374,7 +375,8 @@ impl<'a> TableRun<'a> {
     }
 
     /// After a failed load: a bad object is quarantined and the batch shrinks
-    /// to the objects before it; an object changed before anything of the
+    /// to the objects before it; new columns are added to the table's and the
+    /// batch runs again; an object changed before anything of the
     /// batch was loaded is taken as it is now; anything else is the error.
     async fn recover(
         &mut self,
@@ -397,8 +399,15 @@ impl<'a> TableRun<'a> {
                     .replan_batch(&self.key, batch.number, &batch.objects[..i])?;
                 Ok(())
             }
+            Some((_, Error::NewColumns { object, columns })) => {
+                let mut merger = self.merger.clone().expect("a batch ran with a merger");
+                tracing::info!(table = %self.key, object = %object, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "new columns; the tables grow them and the batch runs again");
+                merger.columns.extend(columns);
+                self.merger = Some(merger);
+                Ok(())
+            }
             Some((_, Error::ObjectChanged { object, .. }))
-                if runner.warehouse.started_batch(self.table).await? < batch.number =>
+                if !runner.warehouse.batch_started(self.table, batch).await? =>
             {
                 tracing::warn!(table = %self.key, object = %object, batch = batch.number, "an object changed before its batch was loaded; re-planning the batch with the current versions");
                 self.replan_with_current_versions(batch).await

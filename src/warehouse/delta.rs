@@ -18,6 +18,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
+use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 
 use super::{Apply, LoadRequest, Warehouse};
@@ -25,7 +26,7 @@ use crate::config::{Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::{Merger, sql};
-use crate::state::{BatchMode, BatchStats};
+use crate::state::{Batch, BatchMode, BatchStats};
 
 /// A DataFusion session whose memory is bounded by `limit` bytes: sorts
 /// spill to the temp dir, every operator gets a fair share of the pool, and
@@ -165,6 +166,8 @@ impl DeltaWarehouse {
             .write(Vec::new())
             .with_input_plan(plan)
             .with_save_mode(SaveMode::Append)
+            // A column new to the table (schema evolution) is added to it.
+            .with_schema_mode(SchemaMode::Merge)
             .with_commit_properties(Self::commit(app, req.batch.number));
         if req.batch.mode == BatchMode::Replace && table_exists {
             let predicate = format!(
@@ -205,6 +208,7 @@ impl DeltaWarehouse {
                 .await
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
+        let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
         let changes = match apply {
             Apply::Replace => return self.rebuild_current(table, &name, req, app, ctx).await,
             Apply::Late => {
@@ -386,14 +390,15 @@ impl Warehouse for DeltaWarehouse {
         Ok(stats)
     }
 
-    async fn started_batch(&self, table: &Table) -> Result<i64> {
+    async fn batch_started(&self, table: &Table, batch: &Batch) -> Result<bool> {
         let app = self.app_id(table);
-        let mut started = 0;
         for name in [table.history_name(), table.target.clone()] {
             let delta = self.open(&name).await?;
-            started = started.max(self.recorded(&delta, &name, &app).await?);
+            if self.recorded(&delta, &name, &app).await? >= batch.number {
+                return Ok(true);
+            }
         }
-        Ok(started)
+        Ok(false)
     }
 
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>> {
@@ -406,19 +411,11 @@ impl Warehouse for DeltaWarehouse {
             .table_provider()
             .await
             .map_err(|e| Error::query("reading history", e))?;
-        let m = &merger.meta;
-        let added = [
-            &m.op,
-            &m.commit_ts,
-            &m.change_seq,
-            &m.source_file,
-            &m.ingested_at,
-        ];
         let columns = provider
             .schema()
             .fields()
             .iter()
-            .filter(|f| !added.contains(&f.name()) && !merger.extra_columns.contains(f.name()))
+            .filter(|f| merger.is_data_column(f.name()))
             .filter_map(|f| {
                 SqlType::from_arrow(f.data_type()).map(|t| Column {
                     name: f.name().clone(),
@@ -445,13 +442,46 @@ impl Warehouse for DeltaWarehouse {
         let view = format!(
             "CREATE VIEW {} AS {}",
             sql::ident(&table.versions_name()),
-            merger.versions_sql(&table.history_name())
+            merger.versions_sql(&sql::ident(&table.history_name()), sql::Dialect::DataFusion)
         );
         ctx.sql(&view)
             .await
             .map_err(|e| Error::query("versions.sql", e))?;
         Ok(true)
     }
+}
+
+/// Adds to `table` the columns of `schema` it lacks (columns new to the
+/// source), nullable: the rows before them hold NULL.
+async fn add_missing_columns(
+    table: DeltaTable,
+    name: &str,
+    schema: &arrow::datatypes::SchemaRef,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+    let have: Vec<String> = table
+        .snapshot()
+        .map_err(|e| Error::warehouse(name, "reading the schema", e))?
+        .schema()
+        .fields()
+        .map(|f| f.name().clone())
+        .collect();
+    let missing = schema
+        .fields()
+        .iter()
+        .filter(|f| !have.contains(f.name()))
+        .map(|f| (&f.as_ref().clone().with_nullable(true)).try_into_kernel())
+        .collect::<std::result::Result<Vec<deltalake::kernel::StructField>, _>>()
+        .map_err(|e| Error::warehouse(name, "adding columns", e.into()))?;
+    if missing.is_empty() {
+        return Ok(table);
+    }
+    tracing::info!(table = name, columns = ?missing.iter().map(|f| f.name()).collect::<Vec<_>>(), "adding new columns");
+    table
+        .add_columns()
+        .with_fields(missing)
+        .await
+        .map_err(|e| Error::warehouse(name, "adding columns", e))
 }
 
 /// Casts query output (e.g. string views) to the table's schema.

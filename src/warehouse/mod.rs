@@ -8,16 +8,20 @@
 //! each step is atomic and recorded, so a retry after a crash between them
 //! finishes the second step without repeating the first.
 
+mod bigquery;
 mod delta;
 
+use arrow::array::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 
+pub use bigquery::BigQueryWarehouse;
 pub use delta::DeltaWarehouse;
 
 use crate::config::{Column, Table};
 use crate::error::Result;
 use crate::merge::Merger;
+use crate::merge::sql::Dialect;
 use crate::state::{Batch, BatchMode, BatchStats};
 
 /// One batch to load.
@@ -81,9 +85,9 @@ pub trait Warehouse: Send + Sync {
     /// Returns the batch's figures as the warehouse holds them.
     async fn load(&self, request: LoadRequest<'_>) -> Result<BatchStats>;
 
-    /// The highest batch number of `table` any step of which the warehouse
-    /// has applied (0 when none): a batch above it has left no trace yet.
-    async fn started_batch(&self, table: &Table) -> Result<i64>;
+    /// Whether any step of `batch` has been applied to `table`'s tables:
+    /// `false` means the batch left no trace and may still be re-planned.
+    async fn batch_started(&self, table: &Table, batch: &Batch) -> Result<bool>;
 
     /// The data columns of `table` if the warehouse holds it already.
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>>;
@@ -91,4 +95,16 @@ pub trait Warehouse: Send + Sync {
     /// Registers `<t>`, `<t>_history` and the `<t>_versions` view in `ctx`
     /// for queries; returns false when the table has not been loaded yet.
     async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool>;
+
+    /// Runs `sql` in the warehouse's own engine when it has one (BigQuery:
+    /// unqualified names resolve in the dataset). `None`: it has none, and
+    /// the caller runs the SQL in DataFusion over the tables `register` gives.
+    async fn query(&self, _sql: &str) -> Result<Option<Vec<RecordBatch>>> {
+        Ok(None)
+    }
+
+    /// The dialect of SQL run by [`Warehouse::query`] (or DataFusion's).
+    fn dialect(&self) -> Dialect {
+        Dialect::DataFusion
+    }
 }

@@ -4,6 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{
@@ -23,6 +27,18 @@ impl Workspace {
         Workspace {
             dir: tempfile::tempdir().expect("tempdir"),
         }
+    }
+
+    /// A name unique to this workspace: `prefix` + its directory name in
+    /// lowercase, with any other character than a-z and 0-9 as `sep`.
+    pub(crate) fn unique_name(&self, prefix: &str, sep: char) -> String {
+        let dir = self.dir.path().file_name().unwrap().to_string_lossy();
+        let tail: String = dir
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { sep })
+            .collect();
+        format!("{prefix}{tail}")
     }
 
     pub(crate) fn path(&self, rel: &str) -> PathBuf {
@@ -86,6 +102,22 @@ impl Workspace {
         items_soft_delete: bool,
         top: &str,
     ) -> PathBuf {
+        let local = format!(
+            "kind = \"local\"\npath = \"{}/warehouse\"",
+            self.dir.path().display()
+        );
+        self.write_pipeline_into("pipeline.toml", max_objects, items_soft_delete, top, &local)
+    }
+
+    /// Writes the pipeline file `file` with the `[warehouse]` keys `warehouse`.
+    pub(crate) fn write_pipeline_into(
+        &self,
+        file: &str,
+        max_objects: usize,
+        items_soft_delete: bool,
+        top: &str,
+        warehouse: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"
 name = "test"
@@ -94,10 +126,9 @@ name = "test"
 url = "file://{source}"
 timestamp_column = "dms_timestamp"
 [state]
-url = "sqlite://{dir}/state/test.db"
+url = "sqlite://{dir}/state/{file}.db"
 [warehouse]
-kind = "local"
-path = "{dir}/warehouse"
+{warehouse}
 [batch]
 max_objects = {max_objects}
 [[tables]]
@@ -121,14 +152,19 @@ soft_delete = {items_soft_delete}
             source = self.source().display(),
             dir = self.dir.path().display(),
         );
-        let path = self.path("pipeline.toml");
+        let path = self.path(file);
         std::fs::create_dir_all(self.source()).unwrap();
         std::fs::write(&path, text).unwrap();
         path
     }
 
     pub(crate) fn runner(&self) -> Runner {
-        Runner::open(cdcflow::config::load(&self.path("pipeline.toml")).expect("valid pipeline"))
+        self.runner_for("pipeline.toml")
+    }
+
+    /// A runner of the pipeline file `file`.
+    pub(crate) fn runner_for(&self, file: &str) -> Runner {
+        Runner::open(cdcflow::config::load(&self.path(file)).expect("valid pipeline"))
             .expect("runner")
     }
 
@@ -156,15 +192,9 @@ soft_delete = {items_soft_delete}
         cmd.output().expect("run cdcflow")
     }
 
-    /// Runs SQL over the warehouse with the library.
+    /// Runs SQL over the warehouse of `pipeline.toml` with the library.
     pub(crate) async fn query(&self, sql: &str) -> Vec<RecordBatch> {
-        let (ctx, _) = self.runner().query_session().await.expect("session");
-        ctx.sql(sql)
-            .await
-            .expect("plan")
-            .collect()
-            .await
-            .expect("execute")
+        self.runner().query(sql).await.expect("query")
     }
 }
 
@@ -231,6 +261,17 @@ fn value(col: &dyn Array, row: usize) -> Value {
                 .into(),
         ),
         DataType::Boolean => Value::Int(col.as_boolean().value(row).into()),
+        // BigQuery answers NUMERIC as decimal(38,9); generated decimals have
+        // scale 2, so such values are compared at scale 2, exactly.
+        DataType::Decimal128(38, 9) => {
+            let value = col.as_primitive::<Decimal128Type>().value(row);
+            assert_eq!(
+                value % 10_000_000,
+                0,
+                "NUMERIC {value} is not exact at scale 2"
+            );
+            Value::Decimal(value / 10_000_000)
+        }
         DataType::Decimal128(..) => Value::Decimal(col.as_primitive::<Decimal128Type>().value(row)),
         DataType::Utf8 => Value::Text(col.as_string::<i32>().value(row).to_string()),
         DataType::LargeUtf8 => Value::Text(col.as_string::<i64>().value(row).to_string()),
@@ -346,4 +387,67 @@ pub(crate) async fn assert_warehouse_matches(
             table.name
         );
     }
+}
+
+/// The URL in `var` (set by `eval "$(scripts/peers.sh all env)"`). Locally a
+/// missing peer skips its test loudly; in CI (`CI` set) it fails.
+pub(crate) fn peer(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => Some(url),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!(
+                "{var} is not set: CI must run this test (scripts/peers.sh all start; eval \"$(scripts/peers.sh all env)\")"
+            )
+        }
+        Err(_) => {
+            eprintln!(
+                "SKIPPED: {var} is not set; start the peers with `scripts/peers.sh all start` and `eval \"$(scripts/peers.sh all env)\"`"
+            );
+            None
+        }
+    }
+}
+
+/// An answer of [`faulty_proxy`]: the server is down for a moment.
+pub(crate) const SERVICE_UNAVAILABLE: &str = "503 Service Unavailable";
+/// An answer of [`faulty_proxy`]: slow down.
+pub(crate) const TOO_MANY_REQUESTS: &str = "429 Too Many Requests";
+
+/// A TCP proxy to `upstream` that answers its first connections with the
+/// statuses of `answers` (one each, then closes) and forwards the rest.
+/// Returns its URL and the number of connections it has seen.
+pub(crate) async fn faulty_proxy(
+    upstream: String,
+    answers: &[&'static str],
+) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let answers = answers.to_vec();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            if let Some(status) = answers.get(count.fetch_add(1, Ordering::SeqCst)).copied() {
+                tokio::spawn(async move {
+                    let mut head = vec![0u8; 16 * 1024];
+                    let _ = client.read(&mut head).await;
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = client.write_all(reply.as_bytes()).await;
+                });
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut server =
+                    tokio::net::TcpStream::connect(upstream.trim_start_matches("http://"))
+                        .await
+                        .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), served)
 }

@@ -1,0 +1,673 @@
+//! The BigQuery calls the warehouse makes, over REST v2 and the media upload
+//! of load jobs. gcp-bigquery-client provides the credentials (its
+//! `Authenticator` over yup-oauth2) and the typed API models; the requests
+//! go through its HTTP stack (reqwest) here, because its own calls parse
+//! every error body as JSON and so lose the HTTP status of a plain-text 502,
+//! 503 or 429 from a front end, which must be retried.
+//!
+//! Every answer is checked for errors, including a failed job or query
+//! answered with HTTP 200, and a call answered 5xx, 429 or a rate-limit
+//! reason is retried with backoff before its error is returned.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gcp_bigquery_client::auth::Authenticator;
+use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::dataset_reference::DatasetReference;
+use gcp_bigquery_client::model::error_proto::ErrorProto;
+use gcp_bigquery_client::model::get_query_results_response::GetQueryResultsResponse;
+use gcp_bigquery_client::model::job::Job;
+use gcp_bigquery_client::model::job_configuration::JobConfiguration;
+use gcp_bigquery_client::model::job_configuration_load::JobConfigurationLoad;
+use gcp_bigquery_client::model::job_configuration_query::JobConfigurationQuery;
+use gcp_bigquery_client::model::job_reference::JobReference;
+use gcp_bigquery_client::model::table::Table;
+use gcp_bigquery_client::model::table_reference::TableReference;
+use gcp_bigquery_client::model::table_row::TableRow;
+use gcp_bigquery_client::model::table_schema::TableSchema;
+use gcp_bigquery_client::yup_oauth2;
+
+use crate::config::BigQueryConfig;
+use crate::error::{Error, Result};
+
+const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
+const GOOGLE_API: &str = "https://bigquery.googleapis.com";
+/// Tries of one call before its error is returned.
+const TRIES: u32 = 5;
+
+/// Where access tokens come from.
+#[derive(Clone)]
+enum Tokens {
+    /// An emulator: no credentials.
+    None,
+    /// A service-account key, application default credentials or the metadata server.
+    Google(yup_oauth2::authenticator::DefaultAuthenticator),
+}
+
+#[async_trait::async_trait]
+impl Authenticator for Tokens {
+    async fn access_token(&self) -> std::result::Result<String, BQError> {
+        match self {
+            Tokens::None => Ok("emulator".into()),
+            Tokens::Google(auth) => Ok(auth
+                .token(&[SCOPE])
+                .await?
+                .token()
+                .ok_or(BQError::NoToken)?
+                .to_string()),
+        }
+    }
+}
+
+impl Tokens {
+    async fn from_config(config: &BigQueryConfig) -> Result<Tokens> {
+        if config.endpoint.is_some() {
+            return Ok(Tokens::None);
+        }
+        let fail = |what: &str, e: std::io::Error| Error::BigQuery {
+            context: what.to_string(),
+            status: None,
+            reason: Some("authError".into()),
+            message: e.to_string(),
+        };
+        let auth = match &config.credentials {
+            Some(path) => {
+                let key = yup_oauth2::read_service_account_key(path)
+                    .await
+                    .map_err(|e| fail(&format!("reading the key file {}", path.display()), e))?;
+                yup_oauth2::ServiceAccountAuthenticator::builder(key)
+                    .build()
+                    .await
+                    .map_err(|e| fail("using the service-account key", e))?
+            }
+            None => match authorized_user_secret().await {
+                Some(secret) => yup_oauth2::AuthorizedUserAuthenticator::builder(secret)
+                    .build()
+                    .await
+                    .map_err(|e| fail("using the gcloud user credentials", e))?,
+                None => {
+                    use yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes as Adc;
+                    let opts = yup_oauth2::ApplicationDefaultCredentialsFlowOpts::default();
+                    match yup_oauth2::ApplicationDefaultCredentialsAuthenticator::builder(opts)
+                        .await
+                    {
+                        Adc::InstanceMetadata(b) => b.build().await,
+                        Adc::ServiceAccount(b) => b.build().await,
+                    }
+                    .map_err(|e| fail("finding application default credentials", e))?
+                }
+            },
+        };
+        Ok(Tokens::Google(auth))
+    }
+}
+
+/// The gcloud user credentials (`gcloud auth application-default login`),
+/// which yup-oauth2's default-credentials flow does not read.
+async fn authorized_user_secret() -> Option<yup_oauth2::authorized_user::AuthorizedUserSecret> {
+    let path = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| Path::new(&h).join(".config/gcloud/application_default_credentials.json"))
+        })?;
+    let text = tokio::fs::read_to_string(path).await.ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if value.get("type")?.as_str()? != "authorized_user" {
+        return None;
+    }
+    serde_json::from_value(value).ok()
+}
+
+/// One dataset's BigQuery API.
+pub(super) struct Api {
+    http: reqwest::Client,
+    tokens: Arc<Tokens>,
+    upload_url: String,
+    v2_url: String,
+    /// Project running the jobs.
+    pub(super) project: String,
+    /// Dataset of the tables.
+    pub(super) dataset: String,
+    location: String,
+}
+
+/// The error of a failed call.
+fn call_error(context: &str, err: BQError) -> Error {
+    match err {
+        BQError::ResponseError { error } => Error::BigQuery {
+            context: context.to_string(),
+            status: u16::try_from(error.error.code).ok(),
+            reason: error
+                .error
+                .errors
+                .first()
+                .and_then(|e| e.get("reason").cloned()),
+            message: error.error.message,
+        },
+        BQError::RequestError(e) => Error::BigQuery {
+            context: context.to_string(),
+            status: e.status().map(|s| s.as_u16()),
+            // A request that could not be built or an answer that could not be
+            // read will not do better next time; a failed connection may.
+            reason: (e.is_builder() || e.is_decode()).then(|| "invalid".to_string()),
+            message: crate::error::chain(&e),
+        },
+        other => Error::BigQuery {
+            context: context.to_string(),
+            status: None,
+            reason: Some("authError".into()),
+            message: crate::error::chain(&other),
+        },
+    }
+}
+
+/// The error of a job or query that BigQuery answered as failed.
+fn job_error(context: &str, errors: &[ErrorProto]) -> Error {
+    let first = errors.first();
+    Error::BigQuery {
+        context: context.to_string(),
+        status: None,
+        reason: first.and_then(|e| e.reason.clone()),
+        message: errors
+            .iter()
+            .filter_map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+/// The id of the `attempt`th try of job `id`.
+fn attempt_id(id: &str, attempt: u32) -> String {
+    if attempt == 1 {
+        id.to_string()
+    } else {
+        format!("{id}_{attempt}")
+    }
+}
+
+fn not_found(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::BigQuery {
+            status: Some(404),
+            ..
+        }
+    )
+}
+
+impl Api {
+    /// Connects with the configured credentials (none for an emulator).
+    pub(super) async fn connect(config: &BigQueryConfig) -> Result<Api> {
+        let tokens = Arc::new(Tokens::from_config(config).await?);
+        let base = config
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| GOOGLE_API.to_string());
+        let base = base.trim_end_matches('/');
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|e| call_error("building the HTTP client", e.into()))?;
+        Ok(Api {
+            http,
+            tokens,
+            upload_url: format!("{base}/upload/bigquery/v2/projects/{}/jobs", config.project),
+            v2_url: format!("{base}/bigquery/v2"),
+            project: config.project.clone(),
+            dataset: config.dataset.clone(),
+            location: config.location.clone(),
+        })
+    }
+
+    /// The REST URL of table `name` (of the table collection for "").
+    fn table_url(&self, name: &str) -> String {
+        format!(
+            "{}/projects/{}/datasets/{}/tables/{name}",
+            self.v2_url, self.project, self.dataset
+        )
+        .trim_end_matches('/')
+        .to_string()
+    }
+
+    fn jobs_url(&self) -> String {
+        format!("{}/projects/{}/jobs", self.v2_url, self.project)
+    }
+
+    /// `project.dataset.name`, quoted for GoogleSQL.
+    pub(super) fn path(&self, name: &str) -> String {
+        format!("`{}.{}.{}`", self.project, self.dataset, name)
+    }
+
+    fn reference(&self, name: &str) -> TableReference {
+        TableReference::new(&self.project, &self.dataset, name)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or has been tried `TRIES` times.
+    async fn retry<T, F, Fut>(&self, context: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut delay = Duration::from_millis(250);
+        for attempt in 1.. {
+            match call().await {
+                Err(e) if e.is_transient() && attempt < TRIES => {
+                    tracing::warn!(call = context, attempt, error = %e, "BigQuery call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(8));
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Sends a request made on this API's HTTP client with a token, and reads
+    /// its JSON answer (an error answer becomes [`Error::BigQuery`]).
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        context: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T> {
+        let token = self
+            .tokens
+            .access_token()
+            .await
+            .map_err(|e| call_error(context, e))?;
+        let response = request
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| call_error(context, e.into()))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| call_error(context, e.into()))?;
+        if !status.is_success() {
+            let parsed: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+            let error = parsed.as_ref().and_then(|v| v.get("error"));
+            return Err(Error::BigQuery {
+                context: context.to_string(),
+                status: Some(status.as_u16()),
+                reason: error
+                    .and_then(|e| e.pointer("/errors/0/reason"))
+                    .and_then(|r| r.as_str())
+                    .map(String::from),
+                message: error
+                    .and_then(|e| e.get("message"))
+                    .and_then(|m| m.as_str())
+                    .map(String::from)
+                    .unwrap_or(text),
+            });
+        }
+        // A DELETE answers 204 with no body.
+        let text = if text.trim().is_empty() {
+            "null"
+        } else {
+            &text
+        };
+        serde_json::from_str(text).map_err(|e| call_error(context, e.into()))
+    }
+
+    /// The dataset, or an error saying how to create it.
+    pub(super) async fn check_dataset(&self) -> Result<()> {
+        let context = format!("dataset {}.{}", self.project, self.dataset);
+        let url = format!(
+            "{}/projects/{}/datasets/{}",
+            self.v2_url, self.project, self.dataset
+        );
+        self.retry(&context, || {
+            self.send::<serde_json::Value>(&context, self.http.get(&url))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The table `name`, or `None` when it does not exist.
+    pub(super) async fn table(&self, name: &str) -> Result<Option<Table>> {
+        let context = format!("reading table {name}");
+        let got = self
+            .retry(&context, || {
+                self.send(&context, self.http.get(self.table_url(name)))
+            })
+            .await;
+        match got {
+            Err(e) if not_found(&e) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// A new table `name` (nothing happens when it exists already).
+    pub(super) async fn create_table(
+        &self,
+        name: &str,
+        shape: impl Fn(Table) -> Table,
+    ) -> Result<()> {
+        let context = format!("creating table {name}");
+        let table = shape(Table::new(
+            &self.project,
+            &self.dataset,
+            name,
+            TableSchema::new(Vec::new()),
+        ));
+        let created = self
+            .retry(&context, || {
+                self.send::<serde_json::Value>(
+                    &context,
+                    self.http.post(self.table_url("")).json(&table),
+                )
+            })
+            .await;
+        match created {
+            Err(Error::BigQuery {
+                status: Some(409), ..
+            }) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Replaces the schema of table `name` (adding columns).
+    pub(super) async fn set_schema(&self, name: &str, schema: TableSchema) -> Result<()> {
+        let context = format!("adding columns to {name}");
+        let mut table = Table::new(&self.project, &self.dataset, name, schema);
+        table.table_reference = self.reference(name);
+        self.retry(&context, || {
+            self.send::<serde_json::Value>(
+                &context,
+                self.http.patch(self.table_url(name)).json(&table),
+            )
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Drops table `name` if it exists.
+    pub(super) async fn drop_table(&self, name: &str) -> Result<()> {
+        let context = format!("dropping table {name}");
+        let dropped = self
+            .retry(&context, || {
+                self.send::<serde_json::Value>(&context, self.http.delete(self.table_url(name)))
+            })
+            .await;
+        match dropped {
+            Err(e) if not_found(&e) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// The job `id`, or `None` when there is none.
+    pub(super) async fn job(&self, id: &str) -> Result<Option<Job>> {
+        let context = format!("reading job {id}");
+        let got = self
+            .retry(&context, || {
+                self.send(
+                    &context,
+                    self.http
+                        .get(format!("{}/{id}", self.jobs_url()))
+                        .query(&[("location", &self.location)]),
+                )
+            })
+            .await;
+        match got {
+            Err(e) if not_found(&e) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// Waits until job `id` is done; its error if it failed.
+    async fn wait(&self, id: &str, context: &str) -> Result<Job> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let job = self.job(id).await?.ok_or_else(|| Error::BigQuery {
+                context: context.to_string(),
+                status: Some(404),
+                reason: None,
+                message: format!("job {id} disappeared"),
+            })?;
+            let status = job.status.clone().unwrap_or_default();
+            if status.state.as_deref() == Some("DONE") {
+                if let Some(error) = status.error_result {
+                    let errors = status.errors.unwrap_or_else(|| vec![error]);
+                    return Err(job_error(context, &errors));
+                }
+                return Ok(job);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether job `id` (or a later attempt `id_2`, `id_3`… made after it
+    /// failed, see [`Api::run_job`]) ran to success.
+    pub(super) async fn job_succeeded(&self, id: &str) -> Result<bool> {
+        for attempt in 1.. {
+            let Some(job) = self.job(&attempt_id(id, attempt)).await? else {
+                return Ok(false);
+            };
+            let status = job.status.unwrap_or_default();
+            if status.state.as_deref() != Some("DONE") {
+                return Ok(false);
+            }
+            if status.error_result.is_none() {
+                return Ok(true);
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Runs a job under the deterministic id `id` and waits for it. With
+    /// `reuse`, a job already done under that id is not run again (BigQuery
+    /// answers a second insert of an id "duplicate"); when the earlier job
+    /// failed (or without `reuse`), the next free id `id_2`, `id_3`… is used.
+    /// `submit` starts the job under the id it is given and returns
+    /// BigQuery's answer.
+    async fn run_once<F, Fut>(&self, id: &str, reuse: bool, submit: F) -> Result<()>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<Job>>,
+    {
+        for attempt in 1.. {
+            let job_id = attempt_id(id, attempt);
+            let context = format!("job {job_id}");
+            let Some(job) = self.job(&job_id).await? else {
+                let started = submit(job_id.clone()).await?;
+                // An emulator may assign its own id: wait for the job it names.
+                let named = started.job_reference.and_then(|r| r.job_id);
+                self.wait(named.as_deref().unwrap_or(&job_id), &context)
+                    .await?;
+                return Ok(());
+            };
+            let status = job.status.unwrap_or_default();
+            if !reuse {
+                continue;
+            }
+            if status.state.as_deref() != Some("DONE") {
+                self.wait(&job_id, &context).await?;
+                return Ok(());
+            }
+            if status.error_result.is_none() {
+                tracing::info!(job = %job_id, "job already done; not run again");
+                return Ok(());
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn reference_of(&self, job_id: String) -> Option<JobReference> {
+        Some(JobReference {
+            job_id: Some(job_id),
+            location: Some(self.location.clone()),
+            project_id: Some(self.project.clone()),
+        })
+    }
+
+    /// Runs DML/DDL `sql` as the query job `id` (see [`Api::run_once`]).
+    pub(super) async fn run_job(&self, id: &str, sql: &str) -> Result<()> {
+        self.run_once(id, true, |job_id| async move {
+            let context = format!("job {job_id}");
+            let job = Job {
+                job_reference: self.reference_of(job_id),
+                configuration: Some(JobConfiguration {
+                    query: Some(JobConfigurationQuery {
+                        query: sql.to_string(),
+                        use_legacy_sql: Some(false),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            self.retry(&context, || {
+                self.send(&context, self.http.post(self.jobs_url()).json(&job))
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Loads the Parquet file at `file` into table `name` (created with
+    /// `schema`, truncated first) by a load job with a media upload, under
+    /// the first free id of `id`'s attempts (see [`Api::run_once`]).
+    pub(super) async fn load_parquet(
+        &self,
+        id: &str,
+        name: &str,
+        schema: TableSchema,
+        file: &Path,
+    ) -> Result<()> {
+        // A load into staging is idempotent (it truncates), so it is simply run
+        // again under a fresh id: the staging table may have been dropped since.
+        self.run_once(id, false, |job_id| {
+            let schema = schema.clone();
+            async move {
+                let context = format!("loading {name} (job {job_id})");
+                let config = Job {
+                    job_reference: self.reference_of(job_id),
+                    configuration: Some(JobConfiguration {
+                        load: Some(JobConfigurationLoad {
+                            destination_table: Some(self.reference(name)),
+                            source_format: Some("PARQUET".into()),
+                            schema: Some(schema),
+                            create_disposition: Some("CREATE_IF_NEEDED".into()),
+                            write_disposition: Some("WRITE_TRUNCATE".into()),
+                            decimal_target_types: Some(vec!["NUMERIC".into(), "BIGNUMERIC".into()]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                let metadata =
+                    serde_json::to_vec(&config).map_err(|e| call_error(&context, e.into()))?;
+                let data = tokio::fs::read(file)
+                    .await
+                    .map_err(|e| Error::io("reading the staged batch", file.display(), e))?;
+                let boundary = "cdcflow-upload-boundary";
+                let mut body = Vec::with_capacity(data.len() + metadata.len() + 256);
+                body.extend_from_slice(
+                    format!(
+                        "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                body.extend_from_slice(&metadata);
+                body.extend_from_slice(
+                    format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n")
+                        .as_bytes(),
+                );
+                body.extend_from_slice(&data);
+                body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+                let body = bytes::Bytes::from(body);
+                self.retry(&context, || {
+                    self.send(
+                        &context,
+                        self.http
+                            .post(&self.upload_url)
+                            .query(&[("uploadType", "multipart")])
+                            .header(
+                                reqwest::header::CONTENT_TYPE,
+                                format!("multipart/related; boundary={boundary}"),
+                            )
+                            .body(body.clone()),
+                    )
+                })
+                .await
+            }
+        })
+        .await
+    }
+
+    /// Runs the query `sql` (unqualified table names resolve in the dataset)
+    /// as a query job and returns its schema and every row.
+    pub(super) async fn query(&self, sql: &str) -> Result<(TableSchema, Vec<TableRow>)> {
+        let context = "query";
+        let job = Job {
+            job_reference: Some(JobReference {
+                job_id: None,
+                location: Some(self.location.clone()),
+                project_id: Some(self.project.clone()),
+            }),
+            configuration: Some(JobConfiguration {
+                query: Some(JobConfigurationQuery {
+                    query: sql.to_string(),
+                    use_legacy_sql: Some(false),
+                    default_dataset: Some(DatasetReference {
+                        dataset_id: self.dataset.clone(),
+                        project_id: self.project.clone(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let job: Job = self
+            .retry(context, || {
+                self.send(context, self.http.post(self.jobs_url()).json(&job))
+            })
+            .await?;
+        let job_id = job
+            .job_reference
+            .and_then(|r| r.job_id)
+            .ok_or_else(|| Error::BigQuery {
+                context: context.into(),
+                status: None,
+                reason: None,
+                message: "the query job has no id".into(),
+            })?;
+        self.wait(&job_id, context).await?;
+        let mut schema = None;
+        let mut rows = Vec::new();
+        let mut page_token = None;
+        loop {
+            // The crate's get_query_results cannot send formatOptions (a nested
+            // struct in a query string), so this one call is made here.
+            let mut params = vec![
+                ("formatOptions.useInt64Timestamp", "true".to_string()),
+                ("location", self.location.clone()),
+            ];
+            params.extend(page_token.clone().map(|t| ("pageToken", t)));
+            let url = format!("{}/projects/{}/queries/{job_id}", self.v2_url, self.project);
+            let page: GetQueryResultsResponse = self
+                .retry(context, || {
+                    self.send(context, self.http.get(&url).query(&params))
+                })
+                .await?;
+            if let Some(errors) = page.errors.as_deref().filter(|e| !e.is_empty()) {
+                return Err(job_error(context, errors));
+            }
+            schema = schema.or(page.schema);
+            rows.extend(page.rows.unwrap_or_default());
+            page_token = page.page_token;
+            if page_token.is_none() {
+                return Ok((schema.unwrap_or_default(), rows));
+            }
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! The BigQuery warehouse: `<t>_history` (partitioned by DATE(commit_ts),
+//! clustered by the key), `<t>` (clustered by the key) and the
+//! `<t>_versions` view in one dataset, created on demand.
+//!
+//! Per batch: the history rows are written to a local Parquet file, loaded
+//! into a staging table by one load job, merged into history by one query
+//! job and into current state by another; then the staging table is dropped.
+//!
+//! Idempotency: both MERGE jobs have ids made from the pipeline, table,
+//! batch number and batch id (`cdcflow_<pipeline>_<table>_<n>_<id>_history`).
+//! A step whose job already succeeded is not run again; and each MERGE is
+//! idempotent by itself (history replaces the rows of the batch's objects;
+//! current applies a change only over an older `change_seq`), so a replay
+//! after a crash between any two steps changes nothing.
+
+mod api;
+mod types;
+
+use arrow::array::RecordBatch;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use futures::StreamExt;
+use gcp_bigquery_client::model::clustering::Clustering;
+use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
+use gcp_bigquery_client::model::table_schema::TableSchema;
+use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
+use tokio::sync::OnceCell;
+
+use super::{Apply, LoadRequest, Warehouse};
+use crate::config::{BigQueryConfig, Column, SqlType, Table};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::merge::Merger;
+use crate::merge::sql::{self, Dialect};
+use crate::state::{Batch, BatchMode, BatchStats};
+use api::Api;
+
+const BQ: Dialect = Dialect::BigQuery;
+/// BigQuery clusters by at most four columns.
+const MAX_CLUSTER_COLUMNS: usize = 4;
+
+/// Tables in one BigQuery dataset.
+pub struct BigQueryWarehouse {
+    config: BigQueryConfig,
+    pipeline: String,
+    api: OnceCell<Api>,
+}
+
+/// A batch's history rows, staged in a local Parquet file.
+struct Staged {
+    file: tempfile::NamedTempFile,
+    stats: BatchStats,
+    min_seq: Option<String>,
+    /// First and last commit day (`YYYY-MM-DD`), when the batch has rows.
+    days: Option<(String, String)>,
+}
+
+impl BigQueryWarehouse {
+    /// A warehouse in the configured dataset; connects at first use.
+    pub fn new(config: BigQueryConfig, pipeline: &str) -> Self {
+        BigQueryWarehouse {
+            config,
+            pipeline: pipeline.to_string(),
+            api: OnceCell::new(),
+        }
+    }
+
+    async fn api(&self) -> Result<&Api> {
+        self.api
+            .get_or_try_init(|| async {
+                let api = Api::connect(&self.config).await?;
+                api.check_dataset().await?;
+                Ok(api)
+            })
+            .await
+    }
+
+    /// The id of a step's job for a batch: deterministic, so a retried step is recognized.
+    fn job_id(&self, table: &Table, batch: &Batch, step: &str) -> String {
+        let raw = format!(
+            "cdcflow_{}_{}_{}_{}_{step}",
+            self.pipeline, table.target, batch.number, batch.id
+        );
+        raw.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
+    fn stage_name(table: &Table, batch: &Batch) -> String {
+        format!("{}__cdcflow_stage_{}", table.target, batch.number)
+    }
+
+    /// Writes the batch's history rows to a Parquet file and reads its figures.
+    async fn stage_locally(&self, req: &LoadRequest<'_>) -> Result<Staged> {
+        let mut stream = req.rows.take().ok_or_else(|| {
+            Error::Usage(format!(
+                "the rows of batch {} were already read",
+                req.batch.number
+            ))
+        })?;
+        let file = tempfile::Builder::new()
+            .prefix("cdcflow-stage-")
+            .suffix(".parquet")
+            .tempfile()
+            .map_err(|e| {
+                Error::io(
+                    "creating the staging file",
+                    std::env::temp_dir().display(),
+                    e,
+                )
+            })?;
+        let path = file.path().to_path_buf();
+        let writer_file = file
+            .reopen()
+            .map_err(|e| Error::io("opening the staging file", path.display(), e))?;
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let parquet_error = |e: parquet::errors::ParquetError| {
+            Error::io(
+                "writing the staging file",
+                path.display(),
+                std::io::Error::other(e),
+            )
+        };
+        let mut writer = parquet::arrow::ArrowWriter::try_new(
+            writer_file,
+            req.merger.history_schema(),
+            Some(props),
+        )
+        .map_err(parquet_error)?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| Error::query("producing the batch's rows", e))?;
+            writer.write(&batch).map_err(parquet_error)?;
+        }
+        writer.close().map_err(parquet_error)?;
+
+        let ctx = SessionContext::new();
+        ctx.register_parquet(
+            "stage",
+            path.to_string_lossy().as_ref(),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .map_err(|e| Error::query("reading the staging file", e))?;
+        let (stats, min_seq) = req.merger.batch_stats(&ctx, "stage").await?;
+        let days_sql = sql::render(
+            sql::BQ_STAGE_DAYS,
+            &[
+                ("commit_ts", &sql::ident(&req.merger.meta.commit_ts)),
+                ("rows", "stage"),
+            ],
+        );
+        let fail = |e| Error::query("stage_days.sql", e);
+        let rows = ctx
+            .sql(&days_sql)
+            .await
+            .map_err(fail)?
+            .collect()
+            .await
+            .map_err(fail)?;
+        let days = rows.first().filter(|b| b.num_rows() == 1).and_then(|b| {
+            use arrow::array::{Array, AsArray};
+            let text = |i: usize| {
+                let column =
+                    arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).ok()?;
+                let column = column.as_string::<i32>();
+                column.is_valid(0).then(|| column.value(0).to_string())
+            };
+            Some((text(0)?, text(1)?))
+        });
+        Ok(Staged {
+            file,
+            stats,
+            min_seq,
+            days,
+        })
+    }
+
+    /// Creates the history and current tables and the versions view when
+    /// missing; adds columns the batch has and the tables lack.
+    async fn prepare_tables(&self, api: &Api, table: &Table, merger: &Merger) -> Result<()> {
+        let cluster = Clustering {
+            fields: Some(
+                table
+                    .primary_key
+                    .iter()
+                    .take(MAX_CLUSTER_COLUMNS)
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let mut changed = false;
+        for (name, schema, partitioned) in [
+            (table.history_name(), merger.history_schema(), true),
+            (table.target.clone(), merger.current_schema(), false),
+        ] {
+            let wanted = types::table_schema(&schema, &merger.columns, false);
+            match api.table(&name).await? {
+                None => {
+                    let commit_ts = merger.meta.commit_ts.clone();
+                    api.create_table(&name, |mut t| {
+                        t.schema = wanted.clone();
+                        t.clustering = Some(cluster.clone());
+                        if partitioned {
+                            t.time_partitioning =
+                                Some(TimePartitioning::per_day().field(&commit_ts));
+                        }
+                        t
+                    })
+                    .await?;
+                    changed = true;
+                }
+                Some(existing) => {
+                    let have = existing.schema.fields.unwrap_or_default();
+                    if let Some(fields) = evolve(&name, &have, &wanted)? {
+                        let added = &fields[have.len()..];
+                        tracing::info!(table = %name, columns = ?added.iter().map(|f| &f.name).collect::<Vec<_>>(), "adding new columns");
+                        // The patch sets the schema with the columns' declared types;
+                        // the DDL (a no-op where the patch already added them) is
+                        // what bqemulator needs to add them to its storage too.
+                        api.set_schema(&name, TableSchema::new(fields.clone()))
+                            .await?;
+                        let ddl = added
+                            .iter()
+                            .map(|f| {
+                                format!(
+                                    "ADD COLUMN IF NOT EXISTS {} {}",
+                                    BQ.ident(&f.name),
+                                    types::type_name(&f.r#type)
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        api.query(&format!("ALTER TABLE {} {ddl}", api.path(&name)))
+                            .await?;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        let versions = table.versions_name();
+        if changed || api.table(&versions).await?.is_none() {
+            let view = format!(
+                "CREATE OR REPLACE VIEW {} AS {}",
+                api.path(&versions),
+                merger.versions_sql(&api.path(&table.history_name()), BQ)
+            );
+            api.query(&view).await?;
+        }
+        Ok(())
+    }
+
+    /// `(SELECT … FROM stage)`: the staged rows with JSON columns parsed.
+    fn stage_source(api: &Api, stage: &str, merger: &Merger) -> String {
+        let json: Vec<String> = merger
+            .columns
+            .iter()
+            .filter(|c| c.sql_type == SqlType::Json)
+            .map(|c| format!("PARSE_JSON({0}) AS {0}", BQ.ident(&c.name)))
+            .collect();
+        if json.is_empty() {
+            api.path(stage)
+        } else {
+            format!(
+                "(SELECT * REPLACE ({}) FROM {})",
+                json.join(", "),
+                api.path(stage)
+            )
+        }
+    }
+
+    fn history_merge_sql(api: &Api, req: &LoadRequest<'_>, stage: &str, staged: &Staged) -> String {
+        let m = &req.merger.meta;
+        let names: Vec<String> = req
+            .merger
+            .history_schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let prune = match (&staged.days, req.batch.mode) {
+            (Some((first, last)), BatchMode::Append) => format!(
+                "DATE(h.{}) BETWEEN DATE {} AND DATE {}",
+                BQ.ident(&m.commit_ts),
+                sql::literal(first),
+                sql::literal(last)
+            ),
+            _ => "TRUE".to_string(),
+        };
+        let objects = req
+            .batch
+            .objects
+            .iter()
+            .map(|o| sql::literal(&o.key))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let values = names
+            .iter()
+            .map(|n| format!("s.{}", BQ.ident(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        sql::render(
+            sql::BQ_HISTORY_MERGE,
+            &[
+                ("history", &api.path(&req.table.history_name())),
+                ("stage", &Self::stage_source(api, stage, req.merger)),
+                ("prune", &prune),
+                ("source_file", &BQ.ident(&m.source_file)),
+                ("objects", &objects),
+                ("columns", &BQ.list(&names)),
+                ("values", &values),
+            ],
+        )
+    }
+
+    fn current_merge_sql(api: &Api, req: &LoadRequest<'_>, stage: &str, apply: Apply) -> String {
+        let merger = req.merger;
+        let m = &merger.meta;
+        let stage_source = Self::stage_source(api, stage, merger);
+        let history = api.path(&req.table.history_name());
+        let changes = match apply {
+            Apply::InOrder => stage_source,
+            Apply::Late => sql::render(
+                sql::section(sql::BQ_CURRENT_MERGE, "late_changes"),
+                &[
+                    ("history", &history),
+                    ("key", &BQ.list(&merger.key)),
+                    ("stage", &stage_source),
+                    ("key_equal", &BQ.key_equal("h", "b", &merger.key)),
+                ],
+            ),
+            Apply::Replace => history,
+        };
+        let newer = match apply {
+            Apply::Replace => "TRUE".to_string(),
+            _ => format!("s.{0} > t.{0}", BQ.ident(&m.change_seq)),
+        };
+        let mut targets: Vec<(String, String)> = merger
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .chain([m.commit_ts.clone(), m.change_seq.clone()])
+            .map(|c| (BQ.ident(&c), format!("s.{}", BQ.ident(&c))))
+            .collect();
+        if merger.soft_delete {
+            targets.push((BQ.ident(&m.deleted), format!("s.{} = 'D'", BQ.ident(&m.op))));
+        }
+        let assignments = targets
+            .iter()
+            .map(|(c, v)| format!("{c} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let columns = targets
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let values = targets
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let section = |name: &str| sql::section(sql::BQ_CURRENT_MERGE, name);
+        let op = BQ.ident(&m.op);
+        let mut clauses = Vec::new();
+        if !merger.soft_delete {
+            clauses.push(sql::render(
+                section("delete"),
+                &[("op", &op), ("newer", &newer)],
+            ));
+        }
+        clauses.push(sql::render(
+            section("update"),
+            &[("newer", &newer), ("assignments", &assignments)],
+        ));
+        let insert_when = if merger.soft_delete {
+            "TRUE".to_string()
+        } else {
+            format!("s.{op} <> 'D'")
+        };
+        clauses.push(sql::render(
+            section("insert"),
+            &[
+                ("insert_when", &insert_when),
+                ("columns", &columns),
+                ("values", &values),
+            ],
+        ));
+        if apply == Apply::Replace {
+            clauses.push(section("drop_missing").to_string());
+        }
+        sql::render(
+            section("merge"),
+            &[
+                ("current", &api.path(&req.table.target)),
+                ("changes", &changes),
+                ("key", &BQ.list(&merger.key)),
+                ("change_seq", &BQ.ident(&m.change_seq)),
+                ("key_equal", &BQ.key_equal("t", "s", &merger.key)),
+                ("clauses", &clauses.join("\n")),
+            ],
+        )
+    }
+}
+
+/// The fields of `name` after adding the ones `wanted` has and `have`
+/// lacks (nullable), or `None` when nothing is missing. A column whose type
+/// changed is an error: BigQuery cannot change it in place.
+fn evolve(
+    name: &str,
+    have: &[TableFieldSchema],
+    wanted: &TableSchema,
+) -> Result<Option<Vec<TableFieldSchema>>> {
+    let mut fields = have.to_vec();
+    for field in wanted.fields.iter().flatten() {
+        match have
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(&field.name))
+        {
+            Some(h) => {
+                if let (Some(old), Some(new)) =
+                    (types::declared_type(h), types::declared_type(field))
+                    && old != new
+                {
+                    return Err(Error::Usage(format!(
+                        "BigQuery table {name}: column {} is {old} there but {new} in this batch; \
+                         BigQuery cannot change a column's type. Declare the column as {old} in the \
+                         pipeline file, or move the table aside and reload it",
+                        field.name,
+                    )));
+                }
+            }
+            None => {
+                let mut added = field.clone();
+                added.mode = Some("NULLABLE".into());
+                fields.push(added);
+            }
+        }
+    }
+    Ok((fields.len() > have.len()).then_some(fields))
+}
+
+#[async_trait::async_trait]
+impl Warehouse for BigQueryWarehouse {
+    async fn load(&self, req: LoadRequest<'_>) -> Result<BatchStats> {
+        let api = self.api().await?;
+        self.prepare_tables(api, req.table, req.merger).await?;
+        let staged = self.stage_locally(&req).await?;
+        let stage = Self::stage_name(req.table, req.batch);
+        let history_job = self.job_id(req.table, req.batch, "history");
+        let current_job = self.job_id(req.table, req.batch, "current");
+        let history_done = api.job_succeeded(&history_job).await?;
+        let current_done = api.job_succeeded(&current_job).await?;
+        if !current_done && (!history_done || api.table(&stage).await?.is_none()) {
+            let schema =
+                types::table_schema(&req.merger.history_schema(), &req.merger.columns, true);
+            let load_job = self.job_id(req.table, req.batch, "load");
+            api.load_parquet(&load_job, &stage, schema, staged.file.path())
+                .await?;
+        }
+        api.run_job(
+            &history_job,
+            &Self::history_merge_sql(api, &req, &stage, &staged),
+        )
+        .await?;
+        failpoint::hit("load.between_history_and_current");
+        let apply = Apply::choose(
+            req.batch.mode,
+            staged.min_seq.as_deref(),
+            req.loaded_max.as_deref(),
+        );
+        if apply == Apply::Late {
+            tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
+        }
+        api.run_job(
+            &current_job,
+            &Self::current_merge_sql(api, &req, &stage, apply),
+        )
+        .await?;
+        api.drop_table(&stage).await?;
+        Ok(staged.stats)
+    }
+
+    async fn batch_started(&self, table: &Table, batch: &Batch) -> Result<bool> {
+        let api = self.api().await?;
+        api.job_succeeded(&self.job_id(table, batch, "history"))
+            .await
+    }
+
+    async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>> {
+        let api = self.api().await?;
+        let Some(history) = api.table(&table.history_name()).await? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            history
+                .schema
+                .fields
+                .unwrap_or_default()
+                .iter()
+                .filter(|f| merger.is_data_column(&f.name))
+                .filter_map(|f| {
+                    types::declared_type(f).map(|t| Column {
+                        name: f.name.clone(),
+                        sql_type: t,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn register(
+        &self,
+        _ctx: &SessionContext,
+        _table: &Table,
+        _merger: &Merger,
+    ) -> Result<bool> {
+        Err(Error::Usage(format!(
+            "the tables are in BigQuery ({}.{}); queries run there",
+            self.config.project, self.config.dataset
+        )))
+    }
+
+    async fn query(&self, sql: &str) -> Result<Option<Vec<RecordBatch>>> {
+        let api = self.api().await?;
+        let (schema, rows) = api.query(sql).await?;
+        Ok(Some(vec![types::to_arrow(&schema, &rows)?]))
+    }
+
+    fn dialect(&self) -> Dialect {
+        BQ
+    }
+}

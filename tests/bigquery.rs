@@ -1,0 +1,372 @@
+//! The BigQuery warehouse against a real BigQuery API emulator (bqemulator,
+//! started by `scripts/peers.sh bq start`). Each test uses its own dataset.
+//!
+//! bqemulator runs every job again when its id is reused, so idempotency is
+//! proved here at the pipeline level: a crashed run, rerun, leaves exactly
+//! the rows the independent replay expects.
+
+use std::sync::atomic::Ordering;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use cdcflow::failpoint::NAMES;
+
+use crate::support::{
+    SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, Workspace, assert_warehouse_matches, faulty_proxy,
+    output, peer, rows, staged_objects,
+};
+
+const PROJECT: &str = "test-proj";
+
+/// A fresh dataset named after the workspace.
+async fn dataset(endpoint: &str, ws: &Workspace) -> String {
+    let name = ws.unique_name("t", '_');
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{endpoint}/bigquery/v2/projects/{PROJECT}/datasets"
+        ))
+        .json(&serde_json::json!({
+            "datasetReference": { "projectId": PROJECT, "datasetId": name }
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "creating dataset {name}");
+    name
+}
+
+/// The `[warehouse]` keys of a BigQuery dataset on the emulator.
+fn bigquery(endpoint: &str, dataset: &str) -> String {
+    format!(
+        "kind = \"bigquery\"\nproject = \"{PROJECT}\"\ndataset = \"{dataset}\"\nendpoint = \"{endpoint}\""
+    )
+}
+
+/// A workspace with a generated dataset published and `pipeline.toml` into BigQuery.
+async fn bigquery_workspace(
+    endpoint: &str,
+    changes: usize,
+    seed: u64,
+    max_objects: usize,
+) -> (Workspace, cdcflow::synth::Dataset) {
+    let ws = Workspace::new();
+    let data = ws.synth(changes, seed);
+    ws.publish_all();
+    let dataset = dataset(endpoint, &ws).await;
+    ws.write_pipeline_into(
+        "pipeline.toml",
+        max_objects,
+        true,
+        "",
+        &bigquery(endpoint, &dataset),
+    );
+    (ws, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bigquery_holds_what_the_local_warehouse_holds() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let (ws, data) = bigquery_workspace(&endpoint, 2000, 5, 4).await;
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    assert_warehouse_matches(&ws, &data, true).await;
+
+    // The same files into the local warehouse: the same versions, row for row.
+    let local = format!(
+        "kind = \"local\"\npath = \"{}/warehouse\"",
+        ws.dir.path().display()
+    );
+    ws.write_pipeline_into("local.toml", 4, true, "", &local);
+    let run = ws.cdcflow(&["run", "--now", "-p", "local.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    for sql in [
+        "SELECT id, customer, amount, op, change_seq, valid_from, valid_to, is_current \
+         FROM orders_versions ORDER BY change_seq",
+        "SELECT order_id, line_no, qty, price, deleted, commit_ts FROM order_items \
+         ORDER BY order_id, line_no",
+    ] {
+        let in_bigquery = rows(&ws.query(sql).await);
+        let in_local = rows(&ws.runner_for("local.toml").query(sql).await.unwrap());
+        assert!(!in_local.is_empty(), "{sql}");
+        assert_eq!(in_bigquery, in_local, "{sql}");
+    }
+
+    // Nothing new: nothing loaded, nothing changed.
+    let again = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(again.status.success(), "{}", output(&again));
+    assert_warehouse_matches(&ws, &data, true).await;
+
+    // `history` reads the versions view in BigQuery.
+    let history = ws.cdcflow(
+        &[
+            "history",
+            "-p",
+            "pipeline.toml",
+            "--table",
+            "orders",
+            "--key",
+            "7",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert!(history.status.success(), "{}", output(&history));
+    let expected = data.tables[0]
+        .changes
+        .iter()
+        .filter(|c| c.values[0] == cdcflow::synth::Value::Int(7))
+        .count();
+    let lines = String::from_utf8_lossy(&history.stdout).lines().count();
+    assert_eq!(lines, expected, "one line per change of key 7");
+}
+
+async fn crash_then_recover(endpoint: &str, failpoint: &str) {
+    let (ws, data) = bigquery_workspace(endpoint, 1200, 11, 3).await;
+    let crashed = ws.cdcflow(
+        &["run", "--pipeline", "pipeline.toml"],
+        &[("CDCFLOW_FAILPOINT", failpoint)],
+    );
+    assert!(
+        !crashed.status.success() && output(&crashed).contains("failpoint"),
+        "{failpoint}: the run should have aborted: {}",
+        output(&crashed)
+    );
+    let recovered = ws.cdcflow(&["run", "--pipeline", "pipeline.toml"], &[]);
+    assert!(
+        recovered.status.success(),
+        "{failpoint}: {}",
+        output(&recovered)
+    );
+    assert_warehouse_matches(&ws, &data, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_step_neither_loses_nor_doubles_a_change() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    for name in NAMES {
+        crash_then_recover(&endpoint, name).await;
+        crash_then_recover(&endpoint, &format!("{name}@2")).await;
+    }
+}
+
+/// Publishes a copy of the newest `order_items` object, later by name, with
+/// an extra column `gift_note`; returns how many rows it holds.
+fn publish_object_with_a_new_column(ws: &Workspace) -> usize {
+    let staged = staged_objects(&ws.path("staging"), "order_items");
+    let newest = ws.path("staging").join(staged.last().unwrap());
+    let file = std::fs::File::open(&newest).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+    let old = batches[0].schema();
+    let mut fields: Vec<Field> = old.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("gift_note", DataType::Utf8, true));
+    let schema = std::sync::Arc::new(Schema::new(fields));
+    let to = ws
+        .source()
+        .join("public/order_items/2099/01/01/20990101-000000000.parquet");
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&to).unwrap(),
+        schema.clone(),
+        None,
+    )
+    .unwrap();
+    let mut count = 0;
+    for batch in &batches {
+        let notes: ArrayRef = std::sync::Arc::new(StringArray::from_iter_values(
+            (0..batch.num_rows()).map(|i| format!("note {}", count + i)),
+        ));
+        let mut columns = batch.columns().to_vec();
+        columns.push(notes);
+        writer
+            .write(&RecordBatch::try_new(schema.clone(), columns).unwrap())
+            .unwrap();
+        count += batch.num_rows();
+    }
+    writer.close().unwrap();
+    count
+}
+
+/// A Parquet object with a column the table lacks: both tables grow it,
+/// the rows before it hold NULL, its own rows hold their values.
+async fn a_new_column_is_added(ws: &Workspace) {
+    let first = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(first.status.success(), "{}", output(&first));
+    let before = rows(&ws.query("SELECT count(*) FROM order_items_history").await);
+    let added = publish_object_with_a_new_column(ws);
+    let second = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(second.status.success(), "{}", output(&second));
+
+    let count = |sql: &'static str| async move {
+        match rows(&ws.query(sql).await)[0][0] {
+            cdcflow::synth::Value::Int(n) => n as usize,
+            ref other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        rows(
+            &ws.query("SELECT count(*) FROM order_items_history WHERE gift_note IS NULL")
+                .await
+        ),
+        before,
+        "every earlier change keeps its values, with NULL in the new column"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM order_items_history WHERE gift_note IS NOT NULL").await,
+        added
+    );
+    // The current state of each key of the new object is its last change there.
+    let keys = count(
+        "SELECT count(*) FROM (SELECT DISTINCT order_id, line_no FROM order_items_history \
+         WHERE gift_note IS NOT NULL) k",
+    )
+    .await;
+    assert!(keys > 0);
+    assert_eq!(
+        count("SELECT count(*) FROM order_items WHERE gift_note IS NOT NULL").await,
+        keys
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_column_mid_stream_in_bigquery() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let (ws, _) = bigquery_workspace(&endpoint, 600, 21, 100).await;
+    a_new_column_is_added(&ws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_column_mid_stream_in_the_local_warehouse() {
+    let ws = Workspace::new();
+    ws.synth(600, 21);
+    ws.publish_all();
+    ws.write_pipeline(100, true);
+    a_new_column_is_added(&ws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_rate_limits_are_retried() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(800, 31);
+    ws.publish_all();
+    let dataset = dataset(&endpoint, &ws).await;
+    let answers = [SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, SERVICE_UNAVAILABLE];
+    let (proxy, seen) = faulty_proxy(endpoint.clone(), &answers).await;
+    ws.write_pipeline_into("pipeline.toml", 5, true, "", &bigquery(&proxy, &dataset));
+    let report = ws.run_now().await;
+    assert!(report.ok(), "{report:?}");
+    assert!(
+        seen.load(Ordering::SeqCst) > answers.len(),
+        "the proxy refused 3 connections and then served"
+    );
+    assert_warehouse_matches(&ws, &data, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dataset_or_a_bad_credential_says_what_to_fix() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    ws.synth(200, 41);
+    ws.publish_all();
+    ws.write_pipeline_into(
+        "pipeline.toml",
+        5,
+        true,
+        "",
+        &bigquery(&endpoint, "no_such_dataset"),
+    );
+    let out = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", output(&out));
+    assert!(
+        output(&out).contains("no_such_dataset")
+            && output(&out).contains("bq mk --dataset")
+            && output(&out).contains("after 1 tries"),
+        "not retried, and says how to create it:\n{}",
+        output(&out)
+    );
+
+    // A key file that is not a service-account key.
+    std::fs::write(ws.path("key.json"), "{\"type\": \"nonsense\"}").unwrap();
+    let with_key = format!(
+        "kind = \"bigquery\"\nproject = \"{PROJECT}\"\ndataset = \"shop\"\ncredentials = \"{}\"",
+        ws.path("key.json").display()
+    );
+    ws.write_pipeline_into("pipeline.toml", 5, true, "", &with_key);
+    let out = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", output(&out));
+    assert!(
+        output(&out).contains("reading the key file") && output(&out).contains("key.json"),
+        "{}",
+        output(&out)
+    );
+
+    // A key file that is not there is a configuration error.
+    let missing = with_key.replace("key.json", "missing.json");
+    ws.write_pipeline_into("pipeline.toml", 5, true, "", &missing);
+    let out = ws.cdcflow(&["validate", "-p", "pipeline.toml"], &[]);
+    assert!(!out.status.success(), "{}", output(&out));
+    assert!(
+        output(&out).contains("warehouse.credentials"),
+        "{}",
+        output(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_whose_type_changes_stops_its_table_with_a_clear_error() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(600, 51);
+    ws.publish("orders", 0..3);
+    let dataset = dataset(&endpoint, &ws).await;
+    let file = ws.write_pipeline_into(
+        "pipeline.toml",
+        100,
+        true,
+        "",
+        &bigquery(&endpoint, &dataset),
+    );
+    let first = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(first.status.success(), "{}", output(&first));
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace(
+            r#"name = "amount", type = "decimal(12,2)""#,
+            r#"name = "amount", type = "text""#,
+        ),
+    )
+    .unwrap();
+    ws.publish("orders", 3..usize::MAX);
+    let second = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert_eq!(second.status.code(), Some(3), "{}", output(&second));
+    assert!(
+        output(&second).contains("column amount is decimal(12,2) there but text in this batch"),
+        "{}",
+        output(&second)
+    );
+    // Nothing of the refused batch reached the tables.
+    let first_objects = data.tables[0].changes.iter().filter(|c| c.file < 3).count();
+    assert_eq!(
+        rows(&ws.query("SELECT count(*) FROM orders_history").await),
+        vec![vec![cdcflow::synth::Value::Int(first_objects as i64)]]
+    );
+}
