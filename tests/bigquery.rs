@@ -370,3 +370,118 @@ async fn a_column_whose_type_changes_stops_its_table_with_a_clear_error() {
         vec![vec![cdcflow::synth::Value::Int(first_objects as i64)]]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_replaces_its_days_and_a_crash_in_it_is_finished_later() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let (ws, data) = bigquery_workspace(&endpoint, 1500, 61, 4).await;
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    let outside = "SELECT change_seq, ingested_at FROM orders_history \
+                   WHERE source_file NOT LIKE '%/2024/05/02/%' ORDER BY change_seq";
+    let outside_before = rows(&ws.query(outside).await);
+    let backfill = [
+        "backfill",
+        "-p",
+        "pipeline.toml",
+        "--from",
+        "2024-05-02",
+        "--to",
+        "2024-05-02",
+    ];
+    for _ in 0..2 {
+        let out = ws.cdcflow(&backfill, &[]);
+        assert!(out.status.success(), "{}", output(&out));
+        assert_warehouse_matches(&ws, &data, true).await;
+    }
+    assert_eq!(
+        rows(&ws.query(outside).await),
+        outside_before,
+        "other days untouched"
+    );
+
+    let crashed = ws.cdcflow(
+        &backfill,
+        &[("CDCFLOW_FAILPOINT", "load.between_history_and_current")],
+    );
+    assert!(!crashed.status.success(), "{}", output(&crashed));
+    let rerun = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(rerun.status.success(), "{}", output(&rerun));
+    assert_warehouse_matches(&ws, &data, true).await;
+}
+
+/// The id of the history MERGE job of `table`'s first batch, from the state store.
+fn first_history_job(ws: &Workspace, table: &str) -> String {
+    let db = rusqlite::Connection::open(ws.path("state/pipeline.toml.db")).unwrap();
+    let batch_id: String = db
+        .query_row(
+            "SELECT batch_id FROM batches WHERE tbl = ?1 AND batch_no = 1",
+            [format!("public.{table}")],
+            |row| row.get(0),
+        )
+        .unwrap();
+    format!("cdcflow_test_{table}_1_{batch_id}_history")
+}
+
+async fn job_exists(endpoint: &str, id: &str) -> bool {
+    let url = format!("{endpoint}/bigquery/v2/projects/{PROJECT}/jobs/{id}");
+    reqwest::get(url).await.unwrap().status().is_success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_merge_is_recognized_by_its_job_id_and_harmless_without_it() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let crash = [("CDCFLOW_FAILPOINT", "load.between_history_and_current")];
+    let verbose = [("RUST_LOG", "cdcflow=info")];
+
+    // 1. The rerun finds the history MERGE done under its id and does not run it again.
+    let (ws, data) = bigquery_workspace(&endpoint, 800, 71, 1000).await;
+    let crashed = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &crash);
+    assert!(!crashed.status.success(), "{}", output(&crashed));
+    // The abort stops at the first table to reach it; the other may not have merged yet.
+    let mut merged = None;
+    for table in ["orders", "order_items"] {
+        let job = first_history_job(&ws, table);
+        if job_exists(&endpoint, &job).await {
+            merged = Some(job);
+        }
+    }
+    let job = merged.expect("a history MERGE ran before the abort");
+    let rerun = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &verbose);
+    assert!(rerun.status.success(), "{}", output(&rerun));
+    assert!(
+        output(&rerun).contains("job already done; not run again") && output(&rerun).contains(&job),
+        "{}",
+        output(&rerun)
+    );
+    assert!(!job_exists(&endpoint, &format!("{job}_2")).await);
+    assert_warehouse_matches(&ws, &data, true).await;
+
+    // 2. With the job's record gone, the MERGE runs again and adds nothing.
+    let (ws, data) = bigquery_workspace(&endpoint, 800, 72, 1000).await;
+    let crashed = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &crash);
+    assert!(!crashed.status.success(), "{}", output(&crashed));
+    let mut deleted = 0;
+    for table in ["orders", "order_items"] {
+        let job = first_history_job(&ws, table);
+        if job_exists(&endpoint, &job).await {
+            let url = format!("{endpoint}/bigquery/v2/projects/{PROJECT}/jobs/{job}/delete");
+            let answer = reqwest::Client::new().delete(url).send().await.unwrap();
+            assert!(answer.status().is_success(), "deleting {job}");
+            deleted += 1;
+        }
+    }
+    assert!(deleted > 0, "a history MERGE ran before the abort");
+    let rerun = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &verbose);
+    assert!(rerun.status.success(), "{}", output(&rerun));
+    assert!(
+        !output(&rerun).contains("job already done"),
+        "{}",
+        output(&rerun)
+    );
+    assert_warehouse_matches(&ws, &data, true).await;
+}

@@ -284,14 +284,14 @@ impl BigQueryWarehouse {
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        let prune = match (&staged.days, req.batch.mode) {
-            (Some((first, last)), BatchMode::Append) => format!(
+        let prune = match &staged.days {
+            Some((first, last)) => format!(
                 "DATE(h.{}) BETWEEN DATE {} AND DATE {}",
                 BQ.ident(&m.commit_ts),
                 sql::literal(first),
                 sql::literal(last)
             ),
-            _ => "TRUE".to_string(),
+            None => "TRUE".to_string(),
         };
         let objects = req
             .batch
@@ -305,18 +305,31 @@ impl BigQueryWarehouse {
             .map(|n| format!("s.{}", BQ.ident(n)))
             .collect::<Vec<_>>()
             .join(", ");
-        sql::render(
-            sql::BQ_HISTORY_MERGE,
-            &[
-                ("history", &api.path(&req.table.history_name())),
-                ("stage", &Self::stage_source(api, stage, req.merger)),
-                ("prune", &prune),
-                ("source_file", &BQ.ident(&m.source_file)),
-                ("objects", &objects),
-                ("columns", &BQ.list(&names)),
-                ("values", &values),
-            ],
-        )
+        let history = api.path(&req.table.history_name());
+        let stage = Self::stage_source(api, stage, req.merger);
+        let (source_file, columns) = (BQ.ident(&m.source_file), BQ.list(&names));
+        let mut params = vec![
+            ("history", history.as_str()),
+            ("stage", stage.as_str()),
+            ("source_file", source_file.as_str()),
+            ("columns", columns.as_str()),
+            ("values", values.as_str()),
+        ];
+        let change_seq = BQ.ident(&m.change_seq);
+        let section = match req.batch.mode {
+            BatchMode::Append => {
+                params.extend([
+                    ("change_seq", change_seq.as_str()),
+                    ("prune", prune.as_str()),
+                ]);
+                "append"
+            }
+            BatchMode::Replace => {
+                params.push(("objects", objects.as_str()));
+                "replace"
+            }
+        };
+        sql::render(sql::section(sql::BQ_HISTORY_MERGE, section), &params)
     }
 
     fn current_merge_sql(api: &Api, req: &LoadRequest<'_>, stage: &str, apply: Apply) -> String {
