@@ -485,3 +485,30 @@ async fn a_replayed_merge_is_recognized_by_its_job_id_and_harmless_without_it() 
     );
     assert_warehouse_matches(&ws, &data, true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_object_is_applied_in_its_place() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(2000, 4);
+    let dataset = dataset(&endpoint, &ws).await;
+    ws.write_pipeline_into(
+        "pipeline.toml",
+        1000,
+        true,
+        "",
+        &bigquery(&endpoint, &dataset),
+    );
+    for table in ["orders", "order_items"] {
+        ws.publish(table, 0..5);
+        ws.publish(table, 6..usize::MAX);
+    }
+    assert!(ws.run_now().await.ok());
+    ws.publish("orders", 5..6);
+    ws.publish("order_items", 5..6);
+    let report = ws.run_now().await;
+    assert!(report.tables.iter().all(|t| t.objects == 1), "{report:?}");
+    assert_warehouse_matches(&ws, &data, true).await;
+}
