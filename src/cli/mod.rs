@@ -28,7 +28,8 @@ pub const EXIT_LEASE_HELD: u8 = 4;
     version,
     about = "Load AWS DMS-format CDC files into history, current-state and versions tables, exactly once.",
     long_about = "Load AWS DMS-format CDC files into history, current-state and versions tables, exactly once.\n\n\
-        A pipeline file (pipelines/*.toml) names the source folder or bucket, the tables and the warehouse.\n\
+        A pipeline file (pipelines/*.toml) names the source folder or bucket, the tables and the warehouse\n\
+        (local Delta Lake tables, or a BigQuery dataset).\n\
         `cdcflow run` loads every new object once and exits: safe to run from cron, to interrupt, and to rerun.\n\n\
         Quick start:\n  cdcflow run --pipeline pipelines/example.toml\n  \
         cdcflow query --pipeline pipelines/example.toml \"SELECT * FROM orders LIMIT 5\"",
@@ -115,7 +116,8 @@ enum Command {
         #[arg(long, short)]
         pipeline: PathBuf,
     },
-    /// Run SQL (DataFusion) over the warehouse: `<t>`, `<t>_history`, `<t>_versions`.
+    /// Run SQL over the warehouse: `<t>`, `<t>_history`, `<t>_versions` (DataFusion SQL over the
+    /// local warehouse; GoogleSQL in BigQuery, where names resolve in the dataset).
     Query {
         /// Pipeline file.
         #[arg(long, short)]
