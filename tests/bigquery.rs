@@ -512,3 +512,59 @@ async fn a_late_object_is_applied_in_its_place() {
     assert!(report.tables.iter().all(|t| t.objects == 1), "{report:?}");
     assert_warehouse_matches(&ws, &data, true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_datetime_bytes_uuid_and_numeric_columns_keep_their_values() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let dataset = dataset(&endpoint, &ws).await;
+    let dir = ws.source().join("public/ev");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("20240101-000000000.csv"),
+        "I,1,\"{\"\"a\"\": [1, \"\"x\"\"]}\",2024-01-01 10:20:30.123456,\\x01ff,\
+         3e4d1e2a-0000-0000-0000-0000000000aa,12345678901234567890.123456789\n\
+         I,2,,,,,\n",
+    )
+    .unwrap();
+    let pipeline = format!(
+        "name = \"test\"\n[source]\nurl = \"file://{}\"\n[state]\nurl = \"sqlite://{}/state.db\"\n\
+         [warehouse]\n{}\n[[tables]]\nschema = \"public\"\nname = \"ev\"\nprimary_key = [\"id\"]\n\
+         columns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"doc\", type = \"jsonb\" }}, \
+         {{ name = \"at\", type = \"timestamp\" }}, {{ name = \"raw\", type = \"bytea\" }}, \
+         {{ name = \"u\", type = \"uuid\" }}, {{ name = \"big\", type = \"decimal(30,9)\" }}]\n",
+        ws.source().display(),
+        ws.dir.path().display(),
+        bigquery(&endpoint, &dataset)
+    );
+    std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    let text = |v: &str| cdcflow::synth::Value::Text(v.to_string());
+    for table in ["ev", "ev_history"] {
+        let got = rows(
+            &ws.query(&format!(
+                "SELECT TO_JSON_STRING(doc), CAST(at AS STRING), TO_HEX(raw), u, CAST(big AS STRING) \
+                 FROM {table} ORDER BY id"
+            ))
+            .await,
+        );
+        let null = cdcflow::synth::Value::Null;
+        assert_eq!(
+            got,
+            vec![
+                vec![
+                    text(r#"{"a":[1,"x"]}"#),
+                    text("2024-01-01 10:20:30.123456"),
+                    text("01ff"),
+                    text("3e4d1e2a-0000-0000-0000-0000000000aa"),
+                    text("12345678901234567890.123456789"),
+                ],
+                vec![null.clone(), null.clone(), null.clone(), null.clone(), null],
+            ],
+            "{table}"
+        );
+    }
+}
