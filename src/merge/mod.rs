@@ -288,16 +288,39 @@ impl Merger {
         Ok(out.finish())
     }
 
-    /// The latest change per key among the rows of the registered table `changes`.
-    pub async fn latest(&self, ctx: &SessionContext, changes: &str) -> Result<DataFrame> {
-        let query = sql::render(
+    /// `sql/latest_change.sql` over the registered table `changes`: per key,
+    /// its data columns, op, commit_ts and change_seq as of its latest change.
+    fn latest_sql(&self, changes: &str) -> String {
+        let m = &self.meta;
+        let change_seq = sql::ident(&m.change_seq);
+        let latest_values = self
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|c| !self.key.iter().any(|k| k == c))
+            .chain([m.op.as_str(), m.commit_ts.as_str()])
+            .map(|c| {
+                format!(
+                    "last_value({0} ORDER BY {change_seq}) AS {0}",
+                    sql::ident(c)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        sql::render(
             sql::LATEST_CHANGE,
             &[
                 ("key", &sql::key_list(&self.key)),
-                ("change_seq", &sql::ident(&self.meta.change_seq)),
+                ("latest_values", &latest_values),
+                ("change_seq", &change_seq),
                 ("changes", &sql::ident(changes)),
             ],
-        );
+        )
+    }
+
+    /// The latest change per key among the rows of the registered table `changes`.
+    pub async fn latest(&self, ctx: &SessionContext, changes: &str) -> Result<DataFrame> {
+        let query = self.latest_sql(changes);
         ctx.sql(&query)
             .await
             .map_err(|e| Error::query("latest_change.sql", e))
@@ -306,14 +329,7 @@ impl Merger {
     /// The current-state rows rebuilt from the whole registered `history`.
     pub async fn rebuilt_current(&self, ctx: &SessionContext, history: &str) -> Result<DataFrame> {
         let m = &self.meta;
-        let latest = sql::render(
-            sql::LATEST_CHANGE,
-            &[
-                ("key", &sql::key_list(&self.key)),
-                ("change_seq", &sql::ident(&m.change_seq)),
-                ("changes", &sql::ident(history)),
-            ],
-        );
+        let latest = self.latest_sql(history);
         let columns = self
             .columns
             .iter()
