@@ -8,6 +8,9 @@
 //! - `order_items` (key `order_id, line_no`): Parquet with DMS defaults
 //!   (uncompressed, 10k-row row groups), the timestamp as a string column.
 //!
+//! `Formats::Csv` or `Formats::Parquet` writes both tables in one format
+//! instead (uncompressed, as DMS does by default), for the benchmark.
+//!
 //! Full-load files first (~30% of the changes), then CDC files in date
 //! folders: about half updates (many to a few hot keys), a third inserts
 //! (some re-inserting deleted keys), the rest deletes; changes of one
@@ -40,7 +43,68 @@ pub struct Options {
     pub changes: usize,
     /// Random seed: the same seed writes the same bytes.
     pub seed: u64,
+    /// The objects' formats.
+    pub formats: Formats,
 }
+
+/// The formats of the generated objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Formats {
+    /// `orders` as CSV (some CDC files gzipped), `order_items` as Parquet.
+    #[default]
+    Mixed,
+    /// Both tables as plain CSV.
+    Csv,
+    /// Both tables as Parquet.
+    Parquet,
+}
+
+/// The type of a generated column in the objects.
+#[derive(Debug, Clone, Copy)]
+enum ColumnType {
+    Int64,
+    Int32,
+    Text,
+    /// Decimal with this precision, scale 2.
+    Decimal(u8),
+    /// Timestamp in UTC.
+    TimestampTz,
+    /// Timestamp without time zone.
+    Timestamp,
+}
+
+/// A generated table's name, columns and key length.
+struct TableShape {
+    name: &'static str,
+    columns: &'static [(&'static str, ColumnType)],
+    key_len: usize,
+}
+
+const ORDERS: TableShape = TableShape {
+    name: "orders",
+    columns: &[
+        ("id", ColumnType::Int64),
+        ("customer", ColumnType::Text),
+        ("amount", ColumnType::Decimal(12)),
+        ("status", ColumnType::Text),
+        ("note", ColumnType::Text),
+        ("created_at", ColumnType::TimestampTz),
+    ],
+    key_len: 1,
+};
+
+const ORDER_ITEMS: TableShape = TableShape {
+    name: "order_items",
+    columns: &[
+        ("order_id", ColumnType::Int64),
+        ("line_no", ColumnType::Int32),
+        ("sku", ColumnType::Text),
+        ("qty", ColumnType::Int32),
+        ("price", ColumnType::Decimal(10)),
+        ("updated_at", ColumnType::Timestamp),
+    ],
+    key_len: 2,
+};
 
 /// A typed value of a generated row.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -350,13 +414,20 @@ pub fn write_dataset(out: &Path, opts: &Options) -> Result<Dataset> {
         Value::Int(k) => k,
         _ => 0,
     });
-    let orders_table = write_orders(out, &orders)?;
+    let (orders_csv, items_csv) = match opts.formats {
+        Formats::Mixed => (true, false),
+        Formats::Csv => (true, true),
+        Formats::Parquet => (false, false),
+    };
+    // Only the mixed layout gzips some CSV objects (DMS writes plain CSV by default).
+    let gzip = opts.formats == Formats::Mixed;
+    let orders_table = write_table(out, &ORDERS, &orders, orders_csv, gzip)?;
     let mut rng = Rng(opts.seed ^ 0x5EED);
     let items = plan(opts, &mut rng, &mut item_row, &|v| match (&v[0], &v[1]) {
         (Value::Int(o), Value::Int(l)) => (o - 1) * 4 + (l - 1),
         _ => 0,
     });
-    let items_table = write_items(out, &items)?;
+    let items_table = write_table(out, &ORDER_ITEMS, &items, items_csv, gzip)?;
     Ok(Dataset {
         tables: vec![orders_table, items_table],
     })
@@ -373,146 +444,159 @@ fn file_path(out: &Path, table: &str, plan: &Plan, i: usize, ext: &str) -> std::
     dir.join(folder).join(format!("{name}.{ext}"))
 }
 
-fn write_orders(out: &Path, plan: &Plan) -> Result<SynthTable> {
+fn write_table(
+    out: &Path,
+    shape: &TableShape,
+    plan: &Plan,
+    csv: bool,
+    gzip: bool,
+) -> Result<SynthTable> {
     let mut changes = Vec::new();
     for (i, file) in plan.files.iter().enumerate() {
         let is_load = i < plan.load_files;
-        let mut text = String::new();
-        for (change, ts) in file {
-            if !is_load {
-                text.push_str(change.op.as_str());
-                text.push(',');
-            }
-            text.push_str(&dms_time(*ts));
-            for v in &change.values {
-                text.push(',');
-                match v {
-                    Value::Null => {}
-                    Value::Int(n) => write!(text, "{n}").expect("write"),
-                    Value::Decimal(d) => text.push_str(&decimal_text(*d, 2)),
-                    Value::Text(s) => csv_field(&mut text, Some(s)),
-                    Value::Micros(m) => text.push_str(&dms_time(*m)),
-                }
-            }
-            text.push('\n');
-            changes.push(change.placed(*ts, i));
-        }
-        let gzip = !is_load && i % 3 == 0;
-        let path = file_path(out, "orders", plan, i, if gzip { "csv.gz" } else { "csv" });
-        if gzip {
-            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            enc.write_all(text.as_bytes())
-                .map_err(|e| Error::io("gzip", path.display(), e))?;
-            write_file(
-                &path,
-                &enc.finish()
-                    .map_err(|e| Error::io("gzip", path.display(), e))?,
-            )?;
+        changes.extend(file.iter().map(|(change, ts)| change.placed(*ts, i)));
+        if csv {
+            let gzip = gzip && !is_load && i % 3 == 0;
+            let path = file_path(
+                out,
+                shape.name,
+                plan,
+                i,
+                if gzip { "csv.gz" } else { "csv" },
+            );
+            write_file(&path, &csv_object(file, is_load, gzip, &path)?)?;
         } else {
-            write_file(&path, text.as_bytes())?;
+            let path = file_path(out, shape.name, plan, i, "parquet");
+            write_file(&path, &parquet_object(shape, file, is_load))?;
         }
     }
     Ok(SynthTable {
-        name: "orders",
-        columns: vec!["id", "customer", "amount", "status", "note", "created_at"],
-        key_len: 1,
+        name: shape.name,
+        columns: shape.columns.iter().map(|(name, _)| *name).collect(),
+        key_len: shape.key_len,
         changes,
         files: plan.files.len(),
     })
 }
 
-fn write_items(out: &Path, plan: &Plan) -> Result<SynthTable> {
-    let mut changes = Vec::new();
-    for (i, file) in plan.files.iter().enumerate() {
-        let is_load = i < plan.load_files;
-        let mut fields = Vec::new();
+/// One headerless DMS CSV object: `[Op,]timestamp,columns…` per change.
+fn csv_object(file: &[(Change, i64)], is_load: bool, gzip: bool, path: &Path) -> Result<Vec<u8>> {
+    let mut text = String::new();
+    for (change, ts) in file {
         if !is_load {
-            fields.push(Field::new("Op", DataType::Utf8, false));
+            text.push_str(change.op.as_str());
+            text.push(',');
         }
-        fields.extend([
-            Field::new("dms_timestamp", DataType::Utf8, false),
-            Field::new("order_id", DataType::Int64, true),
-            Field::new("line_no", DataType::Int32, true),
-            Field::new("sku", DataType::Utf8, true),
-            Field::new("qty", DataType::Int32, true),
-            Field::new("price", DataType::Decimal128(10, 2), true),
-            Field::new(
-                "updated_at",
-                DataType::Timestamp(TimeUnit::Microsecond, None),
-                true,
-            ),
-        ]);
-        let n = file.len();
-        let mut op = StringBuilder::new();
-        let mut ts = StringBuilder::new();
-        let mut order_id = Int64Builder::with_capacity(n);
-        let mut line_no = Int32Builder::with_capacity(n);
-        let mut sku = StringBuilder::new();
-        let mut qty = Int32Builder::with_capacity(n);
-        let mut price = Decimal128Builder::with_capacity(n);
-        let mut updated = TimestampMicrosecondBuilder::with_capacity(n);
-        for (change, t) in file {
-            op.append_value(change.op.as_str());
-            ts.append_value(dms_time(*t));
-            let v = &change.values;
-            let int = |x: &Value| match x {
-                Value::Int(n) => *n,
-                _ => 0,
-            };
-            order_id.append_value(int(&v[0]));
-            line_no.append_value(int(&v[1]) as i32);
-            match &v[2] {
-                Value::Text(s) => sku.append_value(s),
-                _ => sku.append_null(),
+        text.push_str(&dms_time(*ts));
+        for v in &change.values {
+            text.push(',');
+            match v {
+                Value::Null => {}
+                Value::Int(n) => write!(text, "{n}").expect("write"),
+                Value::Decimal(d) => text.push_str(&decimal_text(*d, 2)),
+                Value::Text(s) => csv_field(&mut text, Some(s)),
+                Value::Micros(m) => text.push_str(&dms_time(*m)),
             }
-            qty.append_value(int(&v[3]) as i32);
-            match v[4] {
-                Value::Decimal(d) => price.append_value(d),
-                _ => price.append_null(),
-            }
-            match v[5] {
-                Value::Micros(m) => updated.append_value(m),
-                _ => updated.append_null(),
-            }
-            changes.push(change.placed(*t, i));
         }
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        if !is_load {
-            columns.push(Arc::new(op.finish()));
-        }
-        columns.extend([
-            Arc::new(ts.finish()) as ArrayRef,
-            Arc::new(order_id.finish()),
-            Arc::new(line_no.finish()),
-            Arc::new(sku.finish()),
-            Arc::new(qty.finish()),
-            Arc::new(
-                price
-                    .finish()
-                    .with_precision_and_scale(10, 2)
-                    .expect("valid decimal"),
-            ),
-            Arc::new(updated.finish()),
-        ]);
-        let schema = Arc::new(Schema::new(fields));
-        let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
-        let props = WriterProperties::builder()
-            .set_compression(Compression::UNCOMPRESSED)
-            .set_max_row_group_row_count(Some(10_000))
-            .set_created_by("cdcflow synth (DMS layout)".into())
-            .build();
-        let mut buf = Vec::new();
-        let mut writer =
-            ArrowWriter::try_new(&mut buf, schema, Some(props)).expect("parquet writer");
-        writer.write(&batch).expect("write parquet");
-        writer.close().expect("close parquet");
-        write_file(&file_path(out, "order_items", plan, i, "parquet"), &buf)?;
+        text.push('\n');
     }
-    Ok(SynthTable {
-        name: "order_items",
-        columns: vec!["order_id", "line_no", "sku", "qty", "price", "updated_at"],
-        key_len: 2,
-        changes,
-        files: plan.files.len(),
-    })
+    if !gzip {
+        return Ok(text.into_bytes());
+    }
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(text.as_bytes())
+        .map_err(|e| Error::io("gzip", path.display(), e))?;
+    enc.finish()
+        .map_err(|e| Error::io("gzip", path.display(), e))
+}
+
+/// One DMS Parquet object (uncompressed, 10k-row row groups): `[Op,]
+/// dms_timestamp` as strings, then the columns.
+fn parquet_object(shape: &TableShape, file: &[(Change, i64)], is_load: bool) -> Vec<u8> {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    if !is_load {
+        fields.push(Field::new("Op", DataType::Utf8, false));
+        let ops = file.iter().map(|(c, _)| Some(c.op.as_str()));
+        columns.push(Arc::new(arrow::array::StringArray::from_iter(ops)));
+    }
+    fields.push(Field::new("dms_timestamp", DataType::Utf8, false));
+    let times = file.iter().map(|(_, t)| Some(dms_time(*t)));
+    columns.push(Arc::new(arrow::array::StringArray::from_iter(times)));
+    for (index, (name, column_type)) in shape.columns.iter().enumerate() {
+        let values = file.iter().map(|(c, _)| &c.values[index]);
+        let (data_type, array) = parquet_column(*column_type, values, file.len());
+        fields.push(Field::new(*name, data_type, true));
+        columns.push(array);
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+    let props = WriterProperties::builder()
+        .set_compression(Compression::UNCOMPRESSED)
+        .set_max_row_group_row_count(Some(10_000))
+        .set_created_by("cdcflow synth (DMS layout)".into())
+        .build();
+    let mut buf = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut buf, schema, Some(props)).expect("parquet writer");
+    writer.write(&batch).expect("write parquet");
+    writer.close().expect("close parquet");
+    buf
+}
+
+/// The Arrow type and values of one column.
+fn parquet_column<'a>(
+    column_type: ColumnType,
+    values: impl Iterator<Item = &'a Value>,
+    n: usize,
+) -> (DataType, ArrayRef) {
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    let micros = |v: &Value| match v {
+        Value::Micros(m) => Some(*m),
+        _ => None,
+    };
+    match column_type {
+        ColumnType::Int64 => {
+            let mut b = Int64Builder::with_capacity(n);
+            values.for_each(|v| b.append_option(int(v)));
+            (DataType::Int64, Arc::new(b.finish()))
+        }
+        ColumnType::Int32 => {
+            let mut b = Int32Builder::with_capacity(n);
+            values.for_each(|v| b.append_option(int(v).map(|x| x as i32)));
+            (DataType::Int32, Arc::new(b.finish()))
+        }
+        ColumnType::Text => {
+            let mut b = StringBuilder::new();
+            values.for_each(|v| match v {
+                Value::Text(s) => b.append_value(s),
+                _ => b.append_null(),
+            });
+            (DataType::Utf8, Arc::new(b.finish()))
+        }
+        ColumnType::Decimal(precision) => {
+            let mut b = Decimal128Builder::with_capacity(n);
+            values.for_each(|v| match v {
+                Value::Decimal(d) => b.append_value(*d),
+                _ => b.append_null(),
+            });
+            let array = b
+                .finish()
+                .with_precision_and_scale(precision, 2)
+                .expect("valid decimal");
+            (DataType::Decimal128(precision, 2), Arc::new(array))
+        }
+        ColumnType::TimestampTz | ColumnType::Timestamp => {
+            let tz = matches!(column_type, ColumnType::TimestampTz).then(|| "UTC".into());
+            let mut b = TimestampMicrosecondBuilder::with_capacity(n);
+            values.for_each(|v| b.append_option(micros(v)));
+            let array = b.finish().with_timezone_opt(tz.clone());
+            (
+                DataType::Timestamp(TimeUnit::Microsecond, tz),
+                Arc::new(array),
+            )
+        }
+    }
 }

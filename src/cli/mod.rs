@@ -172,6 +172,9 @@ enum Command {
         /// Random seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Formats: mixed (orders CSV, order_items Parquet), or both tables as csv or parquet.
+        #[arg(long, value_enum, default_value_t = synth::Formats::Mixed)]
+        format: synth::Formats,
     },
 }
 
@@ -411,8 +414,20 @@ async fn execute(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Synth { out, changes, seed } => {
-            let summary = synth::write_dataset(&out, &synth::Options { changes, seed })?;
+        Command::Synth {
+            out,
+            changes,
+            seed,
+            format,
+        } => {
+            let summary = synth::write_dataset(
+                &out,
+                &synth::Options {
+                    changes,
+                    seed,
+                    formats: format,
+                },
+            )?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }

@@ -66,8 +66,12 @@ impl Workspace {
 
     /// Generates a dataset into `staging/` (all of it) and returns it.
     pub(crate) fn synth(&self, changes: usize, seed: u64) -> Dataset {
-        cdcflow::synth::write_dataset(&self.path("staging"), &Options { changes, seed })
-            .expect("synth")
+        let options = Options {
+            changes,
+            seed,
+            formats: Default::default(),
+        };
+        cdcflow::synth::write_dataset(&self.path("staging"), &options).expect("synth")
     }
 
     /// Copies the staged objects of `table` whose index is in `range` (change order) into `source/`.
