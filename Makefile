@@ -5,7 +5,7 @@ CARGO ?= cargo
 BIN    = $(or $(CARGO_TARGET_DIR),target)/debug/cdcflow
 EXAMPLE = pipelines/example.toml
 
-.PHONY: help build run test peers-up peers-down lint fmt testdata clean
+.PHONY: help build run test bench peers-up peers-down lint fmt testdata clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 
 test: peers-up ## Run every test (unit and integration); starts the S3 (moto) and BigQuery (bqemulator) peers first
 	eval "$$(scripts/peers.sh all env)" && $(CARGO) test
+
+bench: ## Benchmark vs DuckDB and Polars (release build; BENCH_ROWS=1000000 for a quick look); writes BENCH.md
+	scripts/bench.sh
 
 peers-up: ## Install (first time) and start the test peers on loopback
 	scripts/peers.sh all start
