@@ -1,6 +1,8 @@
 //! A bad object stops its own table at that object, is reported, and waits
 //! for the operator; other tables go on; nothing is dropped or doubled.
 
+use std::sync::Arc;
+
 use crate::support::{Workspace, assert_warehouse_matches, output, staged_objects};
 
 const EXIT_TABLES_FAILED: i32 = 3;
@@ -250,5 +252,79 @@ async fn large_objects_stream_with_exact_rows_and_error_locations() {
     assert_eq!(
         last[0][0],
         cdcflow::synth::Value::Text("text, with \"quotes\" and\nnewlines 119999".into())
+    );
+}
+
+/// A Parquet object larger than 8 MiB is spooled and read 64k rows at a
+/// time: every row arrives, and an error names its row within the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_parquet_objects_stream_with_exact_rows_and_error_locations() {
+    use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    let ws = Workspace::new();
+    let dir = ws.source().join("public/big");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, rows: usize, bad_row: Option<usize>| {
+        let ops: ArrayRef = Arc::new(StringArray::from_iter_values(
+            (0..rows).map(|i| if bad_row == Some(i + 1) { "X" } else { "U" }),
+        ));
+        let ts: ArrayRef = Arc::new(StringArray::from_iter_values(
+            (0..rows).map(|_| "2024-05-01 00:00:00.000000"),
+        ));
+        let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(
+            (0..rows).map(|i| (i % 50_000) as i64),
+        ));
+        let texts: ArrayRef = Arc::new(StringArray::from_iter_values(
+            (0..rows).map(|i| format!("value {i} {}", "x".repeat(40))),
+        ));
+        let batch =
+            RecordBatch::try_from_iter([("Op", ops), ("ts", ts), ("id", ids), ("v", texts)])
+                .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::UNCOMPRESSED)
+            .set_max_row_group_row_count(Some(10_000))
+            .build();
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    };
+    write("20240501-000000000.parquet", 200_000, None);
+    write("20240501-010000000.parquet", 200_000, Some(170_001));
+    assert!(
+        std::fs::metadata(dir.join("20240501-000000000.parquet"))
+            .unwrap()
+            .len()
+            > 8 << 20,
+        "must take the streaming path"
+    );
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"big\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"ts\"\n[state]\nurl = \"sqlite://{}/s.db\"\n\
+             [warehouse]\nkind = \"local\"\npath = \"{}/wh\"\n[[tables]]\nschema = \"public\"\nname = \"big\"\nprimary_key = [\"id\"]\n",
+            ws.source().display(),
+            ws.dir.path().display(),
+            ws.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert_eq!(run.status.code(), Some(3), "{}", output(&run));
+    assert!(
+        output(&run).contains("20240501-010000000.parquet: row 170001, column \"Op\""),
+        "{}",
+        output(&run)
+    );
+    let loaded = crate::support::rows(
+        &ws.query("SELECT count(*), count(DISTINCT id) FROM big_history")
+            .await,
+    );
+    assert_eq!(loaded[0][0], cdcflow::synth::Value::Int(200_000));
+    assert_eq!(loaded[0][1], cdcflow::synth::Value::Int(50_000));
+    let last = crate::support::rows(&ws.query("SELECT v FROM big WHERE id = 49999").await);
+    assert_eq!(
+        last[0][0],
+        cdcflow::synth::Value::Text(format!("value 199999 {}", "x".repeat(40)))
     );
 }

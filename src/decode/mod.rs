@@ -133,13 +133,10 @@ fn gzip_error(object: &SourceObject, err: std::io::Error) -> Error {
     )
 }
 
-/// Rows handed to `emit` at once when a Parquet object is sliced.
-const PARQUET_SLICE_ROWS: usize = 64 * 1024;
-
 /// Decodes one object read from `reader`, handing its rows to `emit` in
 /// order, one chunk at a time (see the module contract). CSV (also gzipped)
-/// streams in chunks of [`csv::CHUNK_BYTES`]; Parquet is read whole (its
-/// footer is at the end) and handed on in slices.
+/// streams in chunks of [`csv::CHUNK_BYTES`]; Parquet is spooled to a
+/// temporary file (its footer is at the end) and read 64k rows at a time.
 pub fn decode_stream(
     object: &SourceObject,
     reader: Box<dyn Read + Send + '_>,
@@ -163,15 +160,14 @@ fn decode_stream_chunked(
     };
     match object.name.format {
         Format::Parquet => {
-            let mut bytes = Vec::new();
-            reader
-                .read_to_end(&mut bytes)
+            // The footer is at the end: the stream is spooled to a temporary
+            // file, then read a row group at a time, so memory stays flat.
+            let mut file = tempfile::tempfile().map_err(|e| {
+                Error::io("creating a spool file", std::env::temp_dir().display(), e)
+            })?;
+            std::io::copy(&mut reader, &mut file)
                 .map_err(|e| Error::io("reading the object", &object.key, e))?;
-            let batch = parquet::decode(&object.key, Bytes::from(bytes), cdc, spec)?;
-            for start in (0..batch.num_rows()).step_by(PARQUET_SLICE_ROWS) {
-                emit(batch.slice(start, PARQUET_SLICE_ROWS.min(batch.num_rows() - start)))?;
-            }
-            Ok(())
+            parquet::decode_batches(&object.key, file, cdc, spec, emit)
         }
         _ => csv::decode_reader(
             &object.key,
@@ -208,16 +204,24 @@ fn decode_chunked(
     chunk_bytes: usize,
 ) -> Result<RecordBatch> {
     let mut batches = Vec::new();
-    decode_stream_chunked(
-        object,
-        Box::new(std::io::Cursor::new(bytes)),
-        spec,
-        chunk_bytes,
-        &mut |b| {
-            batches.push(b);
-            Ok(())
-        },
-    )?;
+    let mut keep = |b| {
+        batches.push(b);
+        Ok(())
+    };
+    if object.name.format == Format::Parquet {
+        // In memory already: read from the bytes, not through a spool file.
+        let cdc = matches!(object.name.order, ObjectOrder::Cdc(_));
+        let bytes = uncompress(object, bytes)?;
+        parquet::decode_batches(&object.key, bytes, cdc, spec, &mut keep)?;
+    } else {
+        decode_stream_chunked(
+            object,
+            Box::new(std::io::Cursor::new(bytes)),
+            spec,
+            chunk_bytes,
+            &mut keep,
+        )?;
+    }
     arrow::compute::concat_batches(&spec.output_schema(), &batches)
         .map_err(|e| Error::decode(&object.key, Location::default(), e.to_string()))
 }

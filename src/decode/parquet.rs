@@ -9,6 +9,7 @@ use arrow::datatypes::{DataType, Schema, TimeUnit};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::ChunkReader;
 
 use super::columns::ColumnBuilder;
 use super::{DecodeSpec, Op};
@@ -25,17 +26,48 @@ fn corrupt(key: &str, err: impl std::fmt::Display) -> Error {
     )
 }
 
-fn read_all(key: &str, bytes: Bytes) -> Result<RecordBatch> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| corrupt(key, e))?;
-    let schema = builder.schema().clone();
-    let reader = builder
-        .with_batch_size(64 * 1024)
+/// Rows per decoded batch: a Parquet object is read this many rows at a time
+/// (a row group is decoded as it is reached), so memory does not grow with it.
+const BATCH_ROWS: usize = 64 * 1024;
+
+/// Decodes a Parquet object from `file` (bytes in memory, or a spooled
+/// file), `BATCH_ROWS` rows at a time. `cdc` is true for CDC files.
+pub(crate) fn decode_batches<R: ChunkReader + 'static>(
+    key: &str,
+    file: R,
+    cdc: bool,
+    spec: &DecodeSpec,
+    emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| corrupt(key, e))?
+        .with_batch_size(BATCH_ROWS)
         .build()
         .map_err(|e| corrupt(key, e))?;
-    let batches = reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| corrupt(key, e))?;
-    arrow::compute::concat_batches(&schema, &batches).map_err(|e| corrupt(key, e))
+    let mut first_row = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| corrupt(key, e))?;
+        let rows = batch.num_rows() as u64;
+        let decoded = decode(key, &batch, cdc, spec).map_err(|err| match err {
+            // Rows are numbered within the object, not within this batch.
+            Error::Decode {
+                object,
+                mut location,
+                message,
+            } => {
+                location.row = location.row.map(|r| r + first_row);
+                Error::Decode {
+                    object,
+                    location,
+                    message,
+                }
+            }
+            other => other,
+        })?;
+        emit(decoded)?;
+        first_row += rows;
+    }
+    Ok(())
 }
 
 fn find(schema: &Schema, name: &str) -> Option<usize> {
@@ -89,9 +121,8 @@ fn is_dms_column(name: &str, spec: &DecodeSpec) -> bool {
             .any(|c| c.eq_ignore_ascii_case(name))
 }
 
-/// Decodes a whole Parquet object. `cdc` is true for CDC files.
-pub(crate) fn decode(key: &str, bytes: Bytes, cdc: bool, spec: &DecodeSpec) -> Result<RecordBatch> {
-    let batch = read_all(key, bytes)?;
+/// Decodes one batch of a Parquet object's rows.
+fn decode(key: &str, batch: &RecordBatch, cdc: bool, spec: &DecodeSpec) -> Result<RecordBatch> {
     let schema = batch.schema();
     let rows = batch.num_rows();
     let at = |column: &str| Location {
