@@ -288,31 +288,21 @@ impl Merger {
         Ok(out.finish())
     }
 
-    /// `sql/latest_change.sql` over the registered table `changes`: per key,
-    /// its data columns, op, commit_ts and change_seq as of its latest change.
+    /// `sql/latest_change.sql` over the registered table `changes`.
     fn latest_sql(&self, changes: &str) -> String {
-        let m = &self.meta;
-        let change_seq = sql::ident(&m.change_seq);
-        let latest_values = self
-            .columns
+        // NULL-safe, as a key column may be NULL in a bad source.
+        let key_match = self
+            .key
             .iter()
-            .map(|c| c.name.as_str())
-            .filter(|c| !self.key.iter().any(|k| k == c))
-            .chain([m.op.as_str(), m.commit_ts.as_str()])
-            .map(|c| {
-                format!(
-                    "last_value({0} ORDER BY {change_seq}) AS {0}",
-                    sql::ident(c)
-                )
-            })
+            .map(|k| format!("(c.{0} IS NOT DISTINCT FROM l.{0})", sql::ident(k)))
             .collect::<Vec<_>>()
-            .join(", ");
+            .join(" AND ");
         sql::render(
             sql::LATEST_CHANGE,
             &[
                 ("key", &sql::key_list(&self.key)),
-                ("latest_values", &latest_values),
-                ("change_seq", &change_seq),
+                ("key_match", &key_match),
+                ("change_seq", &sql::ident(&self.meta.change_seq)),
                 ("changes", &sql::ident(changes)),
             ],
         )

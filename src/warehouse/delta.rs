@@ -242,11 +242,22 @@ impl DeltaWarehouse {
             keys.clone().min().unwrap_or_default(),
             keys.max().unwrap_or_default(),
         );
+        // The objects themselves as a small table: a semi-join, where a long IN
+        // list would be planned as a deep OR chain (and the batch is read twice).
+        let objects = arrow::array::RecordBatch::try_from_iter([(
+            "key",
+            std::sync::Arc::new(arrow::array::StringArray::from_iter_values(
+                req.batch.objects.iter().map(|o| o.key.as_str()),
+            )) as arrow::array::ArrayRef,
+        )])
+        .map_err(|e| Error::query("listing the batch's objects", e.into()))?;
+        ctx.register_batch("batch_objects", objects)
+            .map_err(|e| Error::query("listing the batch's objects", e))?;
         let rows = format!(
-            "SELECT * FROM history WHERE {source_file} BETWEEN {} AND {} AND {source_file} IN ({})",
+            "SELECT * FROM history WHERE {source_file} BETWEEN {} AND {} \
+             AND {source_file} IN (SELECT key FROM batch_objects)",
             sql::literal(first),
             sql::literal(last),
-            object_list(req)
         );
         let df = ctx
             .sql(&rows)
