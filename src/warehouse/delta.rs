@@ -210,7 +210,18 @@ impl DeltaWarehouse {
         }
         let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
         let changes = match apply {
-            Apply::Replace => return self.rebuild_current(table, &name, req, app, ctx).await,
+            Apply::Replace => {
+                return self
+                    .write_current(table, &name, req, app, ctx, "history")
+                    .await;
+            }
+            // Nothing to merge with (a first load): the batch's state is written
+            // as it is, without the MERGE's join.
+            Apply::InOrder if is_empty(&table, &name)? => {
+                return self
+                    .write_current(table, &name, req, app, ctx, "batch")
+                    .await;
+            }
             Apply::Late => {
                 let df = req.merger.late_changes(ctx, "history", "batch").await?;
                 ctx.register_table("changes", df.into_view())
@@ -268,39 +279,41 @@ impl DeltaWarehouse {
         Ok(())
     }
 
-    /// Overwrites the current table with the state rebuilt from history.
-    async fn rebuild_current(
+    /// Overwrites the current table with the state of the registered table
+    /// `source` (`history` for a backfill, `batch` for a first load), streamed.
+    async fn write_current(
         &self,
         table: DeltaTable,
         name: &str,
         req: &LoadRequest<'_>,
         app: &str,
         ctx: &SessionContext,
+        source: &str,
     ) -> Result<()> {
-        let rows = req
+        use datafusion::prelude::{cast, col};
+        let state = req.merger.rebuilt_current(ctx, source).await?;
+        // Query output may use other encodings (string views): cast to the table's types.
+        let columns = req
             .merger
-            .rebuilt_current(ctx, "history")
-            .await?
-            .collect()
-            .await
-            .map_err(|e| Error::query("current_rebuild.sql", e))?;
-        let schema = req.merger.current_schema();
-        let mut batches = rows
+            .current_schema()
+            .fields()
             .iter()
-            .map(|b| conform(b, &schema))
-            .collect::<Result<Vec<_>>>()?;
-        if batches.is_empty() {
-            batches.push(arrow::array::RecordBatch::new_empty(schema));
-        }
+            .map(|f| cast(col(sql::ident(f.name())), f.data_type().clone()).alias(f.name()))
+            .collect::<Vec<_>>();
+        let plan = state
+            .select(columns)
+            .map_err(|e| Error::query("current_rebuild.sql", e))?
+            .into_unoptimized_plan();
         table
-            .write(batches)
+            .write(Vec::new())
+            .with_input_plan(plan)
             .with_save_mode(SaveMode::Overwrite)
             .with_commit_properties(Self::commit(app, req.batch.number))
             .await
             .map_err(|e| {
                 Error::warehouse(
                     name,
-                    format!("rebuilding for batch {}", req.batch.number),
+                    format!("writing current state for batch {}", req.batch.number),
                     e,
                 )
             })?;
@@ -495,18 +508,13 @@ async fn add_missing_columns(
         .map_err(|e| Error::warehouse(name, "adding columns", e))
 }
 
-/// Casts query output (e.g. string views) to the table's schema.
-fn conform(
-    batch: &arrow::array::RecordBatch,
-    schema: &arrow::datatypes::SchemaRef,
-) -> Result<arrow::array::RecordBatch> {
-    let columns = schema
-        .fields()
+/// Whether `table` holds no rows.
+fn is_empty(table: &DeltaTable, name: &str) -> Result<bool> {
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| Error::warehouse(name, "reading the snapshot", e))?;
+    Ok(snapshot
+        .log_data()
         .iter()
-        .zip(batch.columns())
-        .map(|(field, column)| arrow::compute::cast(column, field.data_type()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::query("current_rebuild.sql", e.into()))?;
-    arrow::array::RecordBatch::try_new(schema.clone(), columns)
-        .map_err(|e| Error::query("current_rebuild.sql", e.into()))
+        .all(|file| file.num_records() == Some(0)))
 }
