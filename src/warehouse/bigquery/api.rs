@@ -499,9 +499,10 @@ impl Api {
         unreachable!("the loop returns")
     }
 
-    fn reference_of(&self, job_id: String) -> Option<JobReference> {
+    /// A reference to job `job_id` (`None`: BigQuery names it) in this API's project and location.
+    fn reference_of(&self, job_id: Option<String>) -> Option<JobReference> {
         Some(JobReference {
-            job_id: Some(job_id),
+            job_id,
             location: Some(self.location.clone()),
             project_id: Some(self.project.clone()),
         })
@@ -512,7 +513,7 @@ impl Api {
         self.run_once(id, true, |job_id| async move {
             let context = format!("job {job_id}");
             let job = Job {
-                job_reference: self.reference_of(job_id),
+                job_reference: self.reference_of(Some(job_id)),
                 configuration: Some(JobConfiguration {
                     query: Some(JobConfigurationQuery {
                         query: sql.to_string(),
@@ -548,7 +549,7 @@ impl Api {
             async move {
                 let context = format!("loading {name} (job {job_id})");
                 let config = Job {
-                    job_reference: self.reference_of(job_id),
+                    job_reference: self.reference_of(Some(job_id)),
                     configuration: Some(JobConfiguration {
                         load: Some(JobConfigurationLoad {
                             destination_table: Some(self.reference(name)),
@@ -608,11 +609,7 @@ impl Api {
     pub(super) async fn query(&self, sql: &str) -> Result<(TableSchema, Vec<TableRow>)> {
         let context = "query";
         let job = Job {
-            job_reference: Some(JobReference {
-                job_id: None,
-                location: Some(self.location.clone()),
-                project_id: Some(self.project.clone()),
-            }),
+            job_reference: self.reference_of(None),
             configuration: Some(JobConfiguration {
                 query: Some(JobConfigurationQuery {
                     query: sql.to_string(),

@@ -293,13 +293,6 @@ impl BigQueryWarehouse {
             ),
             None => "TRUE".to_string(),
         };
-        let objects = req
-            .batch
-            .objects
-            .iter()
-            .map(|o| sql::literal(&o.key))
-            .collect::<Vec<_>>()
-            .join(", ");
         let values = names
             .iter()
             .map(|n| format!("s.{}", BQ.ident(n)))
@@ -324,11 +317,20 @@ impl BigQueryWarehouse {
                 ]);
                 "append"
             }
-            BatchMode::Replace => {
-                params.push(("objects", objects.as_str()));
-                "replace"
-            }
+            BatchMode::Replace => "replace",
         };
+        // Only a backfill names its objects (their old rows are replaced).
+        let objects;
+        if req.batch.mode == BatchMode::Replace {
+            objects = req
+                .batch
+                .objects
+                .iter()
+                .map(|o| sql::literal(&o.key))
+                .collect::<Vec<_>>()
+                .join(", ");
+            params.push(("objects", objects.as_str()));
+        }
         sql::render(sql::section(sql::BQ_HISTORY_MERGE, section), &params)
     }
 
