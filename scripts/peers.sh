@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Real test peers on loopback, installed and started by the project itself.
-#   scripts/peers.sh {moto|bq|all} {install|start|stop|status|env}
+#   scripts/peers.sh {moto|bq|pg|all} {install|start|stop|status|env}
 # State (virtualenvs, logs, pids) lives in $PEERS_DIR (default ./.peers).
 #   moto       S3 API on 127.0.0.1:19000 (any credentials accepted)
 #   moto-auth  S3 API on 127.0.0.1:19001 that enforces credentials (for "wrong credentials" tests)
 #   bq         BigQuery REST API (bqemulator, DuckDB inside) on 127.0.0.1:19050, project test-proj
+#   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
@@ -14,6 +15,8 @@ MOTO_VERSION=5.2.5
 BQ_PORT="${BQ_PORT:-19050}"
 BQ_GRPC_PORT="${BQ_GRPC_PORT:-19060}"
 BQ_PROJECT="${BQ_PROJECT:-test-proj}"
+PG_PORT="${PG_PORT:-15432}"
+PG_BIN=/usr/lib/postgresql/15/bin
 mkdir -p "$PEERS_DIR"
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -85,8 +88,42 @@ bq_env() {
   echo "export CDCFLOW_TEST_BQ_PROJECT=$BQ_PROJECT"
 }
 
+# PostgreSQL refuses to run as root: the cluster belongs to the `postgres` user the package creates.
+# Durability settings are off: this server holds test data only.
+as_postgres() { if [ "$(id -u)" = 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
+pg_install() {
+  if [ ! -x "$PG_BIN/postgres" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15
+  fi
+  [ -f "$PEERS_DIR/pg/data/PG_VERSION" ] && return 0
+  mkdir -p "$PEERS_DIR/pg"
+  if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$PEERS_DIR/pg"; fi
+  as_postgres "$PG_BIN/initdb -D '$PEERS_DIR/pg/data' -U postgres -A trust -E UTF8 --no-locale" \
+    >"$PEERS_DIR/pg-initdb.log"
+  printf '%s\n' "listen_addresses = '127.0.0.1'" "port = $PG_PORT" \
+    "unix_socket_directories = '$PEERS_DIR/pg'" "wal_level = logical" \
+    "max_replication_slots = 40" "max_wal_senders = 40" "max_connections = 200" \
+    "fsync = off" "synchronous_commit = off" "full_page_writes = off" \
+    | as_postgres "cat >>'$PEERS_DIR/pg/data/postgresql.conf'"
+}
+pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+pg_start() {
+  pg_install
+  pg_ready && return 0
+  as_postgres "$PG_BIN/pg_ctl -D '$PEERS_DIR/pg/data' -l '$PEERS_DIR/pg/server.log' -w -t 30 start" >/dev/null
+  wait_for "postgres :$PG_PORT" 30 pg_ready
+}
+pg_stop() {
+  [ -f "$PEERS_DIR/pg/data/postmaster.pid" ] || return 0
+  as_postgres "$PG_BIN/pg_ctl -D '$PEERS_DIR/pg/data' -m fast -w stop" >/dev/null || true
+}
+pg_status() { pg_ready && echo "pg: up on 127.0.0.1:$PG_PORT" || echo "pg: down"; }
+pg_env() {
+  echo "export CDCFLOW_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+}
+
 peer=${1:-}; action=${2:-}
-usage="usage: $0 {moto|bq|all} {install|start|stop|status|env}"
-case "$peer" in moto|bq) peers=$peer ;; all) peers="moto bq" ;; *) echo "$usage" >&2; exit 2 ;; esac
+usage="usage: $0 {moto|bq|pg|all} {install|start|stop|status|env}"
+case "$peer" in moto|bq|pg) peers=$peer ;; all) peers="moto bq pg" ;; *) echo "$usage" >&2; exit 2 ;; esac
 case "$action" in install|start|stop|status|env) ;; *) echo "$usage" >&2; exit 2 ;; esac
 for p in $peers; do "${p}_${action}"; done

@@ -175,6 +175,15 @@ pub enum Error {
         transient: bool,
     },
 
+    /// The capture source (PostgreSQL) refused or failed; the message says what to fix.
+    #[error("capture: {context}: {message}")]
+    Capture {
+        /// What was being done (the table, the query).
+        context: String,
+        /// The server's message or what was found.
+        message: String,
+    },
+
     /// An object of a recorded batch changed before the batch was finished
     /// (same key, new ETag): the batch must load the version it recorded.
     #[error(
@@ -318,6 +327,14 @@ impl Error {
         }
     }
 
+    /// A capture error with what was being done.
+    pub fn capture(context: impl Into<String>, message: impl fmt::Display) -> Self {
+        Error::Capture {
+            context: context.into(),
+            message: message.to_string(),
+        }
+    }
+
     /// Wraps an I/O error with what was being done and the path.
     pub fn io(context: impl Into<String>, path: impl fmt::Display, source: std::io::Error) -> Self {
         Error::Io {
@@ -370,7 +387,8 @@ impl Error {
             | Error::Usage(_)
             | Error::LeaseHeld { .. }
             | Error::ObjectChanged { .. }
-            | Error::NewColumns { .. } => false,
+            | Error::NewColumns { .. }
+            | Error::Capture { .. } => false,
         }
     }
 }

@@ -18,6 +18,9 @@ pub const NAMES: &[&str] = &[
     "load.between_history_and_current",
     "load.after_warehouse",
     "commit.after_state",
+    "capture.after_checkpoint",
+    "capture.after_first_object",
+    "capture.before_confirm",
 ];
 
 static HITS: AtomicUsize = AtomicUsize::new(0);

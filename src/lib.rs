@@ -7,6 +7,7 @@
 //! change per key with DataFusion, and the [`warehouse`] applies the batch
 //! idempotently. A crash anywhere is finished by the next run.
 
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod decode;

@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub use types::{SqlType, TYPE_NAMES, UTC};
 pub use validate::{
     BigQueryConfig, Column, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig,
+    store_of,
 };
 
 use crate::error::{Error, Result};
@@ -190,6 +191,13 @@ pub struct SourceFile {
 }
 
 impl SourceFile {
+    /// Settings for `url` with every other field at its default.
+    pub fn for_url(url: &str) -> SourceFile {
+        let mut table = toml::Table::new();
+        table.insert("url".into(), url.into());
+        SourceFile::deserialize(toml::Value::Table(table)).expect("every other field has a default")
+    }
+
     fn default_lateness() -> String {
         "1h".into()
     }

@@ -259,6 +259,21 @@ impl PipelineFile {
             problems.add("batch.max_bytes", "must be greater than 0");
         }
         validate_metadata(&self.metadata_columns, &mut problems);
+        for (i, extra) in self.source.extra_columns.iter().enumerate() {
+            if let Some((key, _)) = self
+                .metadata_columns
+                .named()
+                .into_iter()
+                .find(|(_, name)| name.eq_ignore_ascii_case(extra))
+            {
+                problems.add(
+                    format!("source.extra_columns[{i}]"),
+                    format!(
+                        "{extra:?} is also the name of a metadata column; rename that one with `metadata_columns.{key}`"
+                    ),
+                );
+            }
+        }
         if self.tables.is_empty() {
             problems.add("tables", "no tables: add at least one [[tables]] section");
         }
@@ -302,6 +317,25 @@ impl PipelineFile {
             meta: self.metadata_columns,
             tables,
         })
+    }
+}
+
+/// The object-store settings of a `[source]`-shaped table found at `field`
+/// (a capture's `target`), checked as a pipeline's source is.
+pub fn store_of(file: &super::SourceFile, field: &str) -> Result<Source> {
+    let mut problems = Problems(Vec::new());
+    let source = validate_source(file, &mut problems);
+    match source {
+        Some(source) if problems.0.is_empty() => Ok(source),
+        _ => Err(Error::Usage(format!(
+            "{field} is invalid:\n{}",
+            problems
+                .0
+                .iter()
+                .map(|p| format!("  - {}", p.replace("`source.", &format!("`{field}."))))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))),
     }
 }
 

@@ -9,7 +9,7 @@
 //! value that does not fit is an error naming the object, line/row, column
 //! and what was expected; nothing is dropped or coerced to NULL.
 
-mod columns;
+pub(crate) mod columns;
 mod csv;
 mod parquet;
 mod text;
@@ -34,6 +34,9 @@ pub enum Op {
     Update,
     /// `D`.
     Delete,
+    /// `T`: every row of the table was removed (PostgreSQL TRUNCATE, written by
+    /// `cdcflow capture`); its columns are NULL.
+    Truncate,
 }
 
 impl Op {
@@ -43,6 +46,10 @@ impl Op {
             "I" => Ok(Op::Insert),
             "U" => Ok(Op::Update),
             "D" => Ok(Op::Delete),
+            "T" => Err(
+                "an Op of I, U or D (T, a TRUNCATE written by capture, is not applied by the \
+                        pipeline yet: load the table again with a full load)",
+            ),
             _ => Err("an Op of I, U or D"),
         }
     }
@@ -53,6 +60,7 @@ impl Op {
             Op::Insert => "I",
             Op::Update => "U",
             Op::Delete => "D",
+            Op::Truncate => "T",
         }
     }
 }

@@ -149,6 +149,42 @@ pub trait ObjectSource: Send + Sync {
     fn lists_incrementally(&self) -> bool;
 }
 
+type Remote = (
+    Arc<dyn ObjectStore>,
+    StorePath,
+    Option<Arc<dyn PaginatedListStore>>,
+);
+
+/// The remote store of `source.url` (s3, gs, az), its root prefix, and its
+/// page-by-page listing where it has one (S3).
+fn remote_store(source: &Source) -> Result<Remote> {
+    let root = StorePath::from_url_path(source.url.path())
+        .map_err(|e| Error::object_store(format!("opening {}", source.url), e.into()))?;
+    if matches!(source.url.scheme(), "s3" | "s3a") {
+        let s3 = Arc::new(s3::build(source)?);
+        return Ok((s3.clone(), root, Some(s3)));
+    }
+    let mut options: Vec<(String, String)> = std::env::vars()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    options.extend(
+        source
+            .store_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_string())),
+    );
+    let (store, _) = object_store::parse_url_opts(&source.url, options)
+        .map_err(|e| Error::object_store(format!("opening {}", source.url), e))?;
+    Ok((Arc::from(store), root, None))
+}
+
+/// A remote store (s3, gs, az) and the prefix of `source.url` in it: what
+/// `capture` writes to, with the same settings as a pipeline's source.
+pub fn open_store(source: &Source) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
+    let (store, root, _) = remote_store(source)?;
+    Ok((store, root))
+}
+
 /// Objects listed per LIST request (the S3 maximum).
 const PAGE_SIZE: usize = 1000;
 
@@ -187,31 +223,10 @@ impl StoreSource {
                 format: source.format,
             });
         }
-        let root = StorePath::from_url_path(source.url.path())
-            .map_err(|e| Error::object_store(format!("opening {}", source.url), e.into()))?;
-        if matches!(source.url.scheme(), "s3" | "s3a") {
-            let s3 = Arc::new(s3::build(source)?);
-            return Ok(StoreSource {
-                store: s3.clone(),
-                pager: Some(s3),
-                root,
-                format: source.format,
-            });
-        }
-        let mut options: Vec<(String, String)> = std::env::vars()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
-        options.extend(
-            source
-                .store_options
-                .iter()
-                .map(|(k, v)| (k.clone(), v.expose().to_string())),
-        );
-        let (store, _) = object_store::parse_url_opts(&source.url, options)
-            .map_err(|e| Error::object_store(format!("opening {}", source.url), e))?;
+        let (store, root, pager) = remote_store(source)?;
         Ok(StoreSource {
-            store: Arc::from(store),
-            pager: None,
+            store,
+            pager,
             root,
             format: source.format,
         })

@@ -1,0 +1,334 @@
+//! `cdcflow capture`: writes the DMS-format objects of DESIGN §1 from a
+//! PostgreSQL logical replication slot, as AWS DMS does.
+//!
+//! Stages: [`postgres`] reads the source (full load, then the slot),
+//! [`pgoutput`] decodes the change stream, [`mapping`] applies the DMS
+//! table-mapping rules and masks, [`sink`] buffers rows and checkpoints,
+//! [`writer`] encodes and writes the objects.
+
+pub mod mapping;
+pub mod pgoutput;
+pub mod postgres;
+pub mod sink;
+pub mod writer;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::config::{self, Secret, SourceFile};
+use crate::error::{Error, Result};
+use crate::pipeline::Shutdown;
+use crate::source;
+use mapping::{Mapping, MaskFile};
+use postgres::{Mode, PgSettings, PgSource, Snapshot};
+use sink::Sink;
+use writer::{Layout, OutputFormat, Target};
+
+/// A capture file (TOML); see the README's "Capture" section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureFile {
+    /// Names the checkpoint (`_cdcflow/capture-<name>.json` in the target).
+    pub name: String,
+    /// The database.
+    pub source: CaptureSource,
+    /// Where the objects go.
+    pub target: CaptureTarget,
+    /// Column masks.
+    #[serde(default)]
+    pub masking: Vec<MaskFile>,
+}
+
+/// `[source]` of a capture file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSource {
+    /// `postgres://user@host:port/database` (no password: see `password_env`).
+    pub url: String,
+    /// Environment variable holding the password (default `PGPASSWORD`).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Publication; created for the selected tables when missing.
+    #[serde(default = "CaptureSource::default_name")]
+    pub publication: String,
+    /// Logical replication slot; created when missing.
+    #[serde(default = "CaptureSource::default_name")]
+    pub slot: String,
+    /// `full-load`, `cdc` or `full-load-and-cdc` (DMS migration types).
+    #[serde(default)]
+    pub mode: Mode,
+    /// DMS table-mapping rules (a JSON file, as DMS takes it). All tables when omitted.
+    #[serde(default)]
+    pub rules: Option<String>,
+    /// Changes read per poll at most (whole transactions stay together).
+    #[serde(default = "CaptureSource::default_max_changes")]
+    pub max_changes: i32,
+    /// Tables copied at once during the full load.
+    #[serde(default = "CaptureSource::default_parallel_load")]
+    pub parallel_load: usize,
+}
+
+impl CaptureSource {
+    fn default_name() -> String {
+        "cdcflow".into()
+    }
+    fn default_max_changes() -> i32 {
+        100_000
+    }
+    fn default_parallel_load() -> usize {
+        4
+    }
+}
+
+/// `[target]` of a capture file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureTarget {
+    /// `file://dir` or `s3://bucket/prefix` (as a pipeline's `source.url`).
+    pub url: String,
+    /// `parquet` (default) or `csv`.
+    #[serde(default)]
+    pub format: OutputFormat,
+    /// Commit-time column (DMS TimestampColumnName).
+    #[serde(default = "CaptureTarget::default_timestamp")]
+    pub timestamp_column: String,
+    /// Change-sequence column: 35 digits, commit LSN then position in the transaction.
+    #[serde(default = "CaptureTarget::default_sequence")]
+    pub sequence_column: String,
+    /// CDC objects under `yyyy/MM/dd/` folders.
+    #[serde(default)]
+    pub date_folders: bool,
+    /// Rows per object at most.
+    #[serde(default = "CaptureTarget::default_max_rows")]
+    pub max_rows: usize,
+    /// MiB of values per object at most.
+    #[serde(default = "CaptureTarget::default_max_mib")]
+    pub max_mib: usize,
+    /// While streaming, the time between polls once caught up, e.g. "10s".
+    #[serde(default = "CaptureTarget::default_interval")]
+    pub interval: String,
+    /// S3 region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an S3-compatible store.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Allow plain HTTP to the endpoint.
+    #[serde(default)]
+    pub allow_http: Option<bool>,
+    /// Named AWS profile.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Further object_store options (secrets, never printed).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, Secret>,
+}
+
+impl CaptureTarget {
+    fn default_timestamp() -> String {
+        "dms_timestamp".into()
+    }
+    fn default_sequence() -> String {
+        "cdc_seq".into()
+    }
+    fn default_max_rows() -> usize {
+        1_000_000
+    }
+    fn default_max_mib() -> usize {
+        64
+    }
+    fn default_interval() -> String {
+        "10s".into()
+    }
+}
+
+/// A checked capture file, ready to run.
+pub struct Capture {
+    file: CaptureFile,
+    pg: PgSettings,
+    interval: Duration,
+}
+
+impl Capture {
+    /// Reads and checks a capture file.
+    pub fn load(path: &Path) -> Result<Capture> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io("reading", path.display(), e))?;
+        let file: CaptureFile = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            problems: vec![e.to_string()],
+        })?;
+        let interval =
+            config::parse_duration(&file.target.interval).map_err(|e| Error::Config {
+                path: path.display().to_string(),
+                problems: vec![format!("`target.interval`: {e}")],
+            })?;
+        let mut url = file.source.url.clone();
+        let password_env = file.source.password_env.as_deref().unwrap_or("PGPASSWORD");
+        if let Ok(password) = std::env::var(password_env)
+            && let Ok(mut u) = url::Url::parse(&url)
+            && u.password().is_none()
+        {
+            let _ = u.set_password(Some(&password));
+            url = u.to_string();
+        }
+        let pg = PgSettings {
+            url,
+            publication: file.source.publication.clone(),
+            slot: file.source.slot.clone(),
+            mode: file.source.mode,
+            max_changes: file.source.max_changes.max(1),
+            parallel_load: file.source.parallel_load,
+        };
+        Ok(Capture { file, pg, interval })
+    }
+
+    async fn sink(&self) -> Result<Sink> {
+        let t = &self.file.target;
+        let source_file = SourceFile {
+            url: t.url.clone(),
+            region: t.region.clone(),
+            endpoint: t.endpoint.clone(),
+            allow_http: t.allow_http,
+            profile: t.profile.clone(),
+            options: t.options.clone(),
+            ..SourceFile::for_url("")
+        };
+        let store = config::store_of(&source_file, "target")?;
+        let target = if store.url.scheme() == "file" {
+            let dir = store.url.to_file_path().expect("file URL");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", dir.display(), e))?;
+            Target::Local(dir)
+        } else {
+            let (store, root) = source::open_store(&store)?;
+            Target::Store(store, root)
+        };
+        let rules =
+            match &self.file.source.rules {
+                None => None,
+                Some(path) => {
+                    let path = Path::new(path);
+                    Some(std::fs::read_to_string(path).map_err(|e| {
+                        Error::io("reading the table-mapping rules", path.display(), e)
+                    })?)
+                }
+            };
+        let mapping = Mapping::new(rules.as_deref(), &self.file.masking)?;
+        let layout = Layout {
+            format: t.format,
+            timestamp_column: t.timestamp_column.clone(),
+            sequence_column: t.sequence_column.clone(),
+            date_folders: t.date_folders,
+            max_rows: t.max_rows.max(1),
+            max_bytes: t.max_mib.max(1) << 20,
+        };
+        Sink::open(target, layout, mapping, &self.file.name).await
+    }
+
+    /// Runs capture: the full load when due, then changes until `stop` (or,
+    /// with `once`, until the server's position at start). Returns the rows
+    /// written (full load and changes).
+    pub async fn run(&self, once: bool, stop: &Shutdown) -> Result<u64> {
+        let mut sink = self.sink().await?;
+        let source = PgSource::connect(self.pg.clone()).await?;
+        source.prepare(&sink).await?;
+        let mut seen: Option<Snapshot> = sink
+            .checkpoint
+            .full_load
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let mut loaded = 0;
+        if self.pg.mode != Mode::Cdc && seen.is_none() {
+            let (snapshot, rows) = source.full_load(&mut sink).await?;
+            loaded = rows;
+            sink.write_schema_files().await?;
+            sink.checkpoint.full_load = Some(serde_json::to_value(&snapshot).expect("json"));
+            sink.save().await?;
+            seen = Some(snapshot);
+        }
+        if self.pg.mode == Mode::FullLoad {
+            return Ok(loaded);
+        }
+        let end = if once {
+            Some(source.current_end().await?)
+        } else {
+            None
+        };
+        let mut relations = postgres::Relations::new();
+        let started = Instant::now();
+        while !stop.requested() {
+            relations.clear();
+            let before = sink.rows();
+            let position = source
+                .poll(&mut sink, end, seen.as_ref(), &mut relations)
+                .await?;
+            let Some(lsn) = position else {
+                if once {
+                    break;
+                }
+                sleep_unless_stopped(self.interval, stop).await;
+                continue;
+            };
+            if sink.has_rows() {
+                let objects = sink.commit(pgoutput::format_lsn(lsn)).await?;
+                tracing::info!(
+                    lsn = %pgoutput::format_lsn(lsn),
+                    rows = sink.rows() - before,
+                    objects,
+                    "changes written"
+                );
+            }
+            crate::failpoint::hit("capture.before_confirm");
+            source.confirm(lsn).await?;
+        }
+        tracing::info!(
+            rows = sink.rows(),
+            seconds = started.elapsed().as_secs_f64(),
+            "capture stopped"
+        );
+        Ok(loaded + sink.rows())
+    }
+
+    /// `status`: the checkpoint and how far the slot is behind the server.
+    pub async fn status(&self) -> Result<String> {
+        let sink = self.sink().await?;
+        let source = PgSource::connect(self.pg.clone()).await?;
+        let lag = source.lag().await?;
+        let cp = &sink.checkpoint;
+        let mut out = format!(
+            "capture {}: {}\n",
+            self.file.name,
+            postgres::describe_lag(lag, &self.pg.slot)
+        );
+        out.push_str(&format!(
+            "full load: {}\nlast checkpoint: {} at {}\n",
+            if cp.full_load.is_some() {
+                "done"
+            } else {
+                "not done"
+            },
+            cp.position.as_deref().unwrap_or("none"),
+            cp.updated_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "never".into())
+        ));
+        for (table, t) in &cp.tables {
+            out.push_str(&format!(
+                "  {table}: schema v{}, last object {}\n",
+                t.version,
+                t.last_object.as_deref().unwrap_or("-")
+            ));
+        }
+        Ok(out)
+    }
+}
+
+async fn sleep_unless_stopped(total: Duration, stop: &Shutdown) {
+    let step = Duration::from_millis(100);
+    let until = Instant::now() + total;
+    while Instant::now() < until && !stop.requested() {
+        tokio::time::sleep(step).await;
+    }
+}

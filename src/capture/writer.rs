@@ -1,0 +1,490 @@
+//! Writing captured rows as DMS-format objects (DESIGN §1): per table a
+//! buffer of rows, flushed to one CSV or Parquet object, durably.
+//!
+//! Columns of every object: `Op` (CDC objects only), the timestamp column
+//! (commit time), the sequence column (fixed-width text, totally ordered),
+//! then the table's columns after mapping. Beside the data, one schema file
+//! per table version (`cdcflow-schema-v0001.json`) names the columns and
+//! types, so headerless CSV is self-describing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use super::mapping::OutputTable;
+use super::pgoutput::Value;
+use crate::config::UTC;
+use crate::decode::Op;
+use crate::decode::columns::ColumnBuilder;
+use crate::error::{Error, Result};
+
+/// Object format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Headerless CSV, DMS defaults.
+    Csv,
+    /// Parquet, uncompressed, as DMS writes it by default.
+    #[default]
+    Parquet,
+}
+
+impl OutputFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Csv => "csv",
+            OutputFormat::Parquet => "parquet",
+        }
+    }
+}
+
+/// Where objects go: a local directory (written with fsync) or an object store.
+#[derive(Clone)]
+pub enum Target {
+    /// A local directory.
+    Local(PathBuf),
+    /// An object store and the prefix inside it.
+    Store(Arc<dyn ObjectStore>, StorePath),
+}
+
+impl Target {
+    /// Writes `bytes` at `key` durably and atomically: a reader sees the whole
+    /// object or nothing, and it survives a crash once this returns.
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
+        match self {
+            Target::Local(dir) => {
+                let path = dir.join(key);
+                let parent = path.parent().expect("key has a folder").to_path_buf();
+                tokio::task::spawn_blocking(move || write_synced(&parent, &path, &bytes))
+                    .await
+                    .expect("write task")
+            }
+            Target::Store(store, root) => {
+                let path = StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()));
+                store
+                    .put(&path, PutPayload::from_bytes(bytes))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::object_store(format!("writing {path}"), e))
+            }
+        }
+    }
+
+    /// Reads `key`; `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self {
+            Target::Local(dir) => match std::fs::read(dir.join(key)) {
+                Ok(b) => Ok(Some(b.into())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io("reading", dir.join(key).display(), e)),
+            },
+            Target::Store(store, root) => {
+                let path = StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()));
+                match store.get(&path).await {
+                    Ok(r) => {
+                        Ok(Some(r.bytes().await.map_err(|e| {
+                            Error::object_store(format!("reading {path}"), e)
+                        })?))
+                    }
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(Error::object_store(format!("reading {path}"), e)),
+                }
+            }
+        }
+    }
+
+    /// Deletes `key` if it exists.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            Target::Local(dir) => match std::fs::remove_file(dir.join(key)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io("deleting", dir.join(key).display(), e))
+                }
+                _ => Ok(()),
+            },
+            Target::Store(store, root) => {
+                let path = StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()));
+                match store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(Error::object_store(format!("deleting {path}"), e)),
+                }
+            }
+        }
+    }
+}
+
+fn write_synced(parent: &std::path::Path, path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |what: &str, e| Error::io(what, path.display(), e);
+    std::fs::create_dir_all(parent).map_err(|e| io("creating the folder of", e))?;
+    let tmp = path.with_extension("cdcflow-tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| io("writing", e))?;
+    file.write_all(bytes).map_err(|e| io("writing", e))?;
+    file.sync_all().map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming into", e))?;
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing the folder of", e))
+}
+
+/// How objects are laid out and named.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// CSV or Parquet.
+    pub format: OutputFormat,
+    /// Name of the commit-time column.
+    pub timestamp_column: String,
+    /// Name of the change-sequence column.
+    pub sequence_column: String,
+    /// CDC objects under `yyyy/MM/dd/` folders (DMS DatePartitionEnabled).
+    pub date_folders: bool,
+    /// Rows per object at most.
+    pub max_rows: usize,
+    /// Bytes of buffered values per object at most (approximate).
+    pub max_bytes: usize,
+}
+
+/// Which kind of object a buffer becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A full-load file (no `Op` column).
+    Load,
+    /// A CDC file.
+    Cdc,
+}
+
+/// A problem with one value, before it is written.
+#[derive(Debug)]
+pub struct BadValue {
+    /// Column name (after mapping).
+    pub column: String,
+    /// The text value.
+    pub value: String,
+    /// What the column's type expects.
+    pub expected: String,
+}
+
+enum Rows {
+    Parquet(Box<ParquetRows>),
+    Csv(Vec<u8>),
+}
+
+struct ParquetRows {
+    op: StringBuilder,
+    ts: TimestampMicrosecondBuilder,
+    seq: StringBuilder,
+    columns: Vec<ColumnBuilder>,
+}
+
+/// The rows of one table waiting to be written as one object.
+pub struct Buffer {
+    table: Arc<OutputTable>,
+    kind: Kind,
+    rows: Rows,
+    count: usize,
+    bytes: usize,
+    /// Sequence of the last row.
+    pub last_seq: String,
+}
+
+impl Buffer {
+    /// An empty buffer.
+    pub fn new(table: Arc<OutputTable>, kind: Kind, layout: &Layout) -> Buffer {
+        let cap = layout.max_rows.min(16_384);
+        let rows = match layout.format {
+            OutputFormat::Parquet => Rows::Parquet(Box::new(ParquetRows {
+                op: StringBuilder::with_capacity(cap, cap),
+                ts: TimestampMicrosecondBuilder::with_capacity(cap).with_timezone(UTC),
+                seq: StringBuilder::with_capacity(cap, cap * 35),
+                columns: table
+                    .columns
+                    .iter()
+                    .map(|c| ColumnBuilder::new(c.sql_type, cap))
+                    .collect(),
+            })),
+            OutputFormat::Csv => Rows::Csv(Vec::with_capacity(1 << 16)),
+        };
+        Buffer {
+            table,
+            kind,
+            rows,
+            count: 0,
+            bytes: 0,
+            last_seq: String::new(),
+        }
+    }
+
+    /// The table written.
+    pub fn table(&self) -> &Arc<OutputTable> {
+        &self.table
+    }
+
+    /// Rows buffered.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// No rows buffered.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether the buffer has reached a rotation limit.
+    pub fn full(&self, layout: &Layout) -> bool {
+        self.count >= layout.max_rows || self.bytes >= layout.max_bytes
+    }
+
+    /// Appends one row: `row` holds the source columns (before mapping).
+    pub fn append(
+        &mut self,
+        op: Op,
+        commit_micros: i64,
+        seq: &str,
+        row: &[Value<'_>],
+    ) -> Result<(), BadValue> {
+        let table = self.table.clone();
+        match &mut self.rows {
+            Rows::Parquet(rows) => {
+                let ParquetRows {
+                    op: ops,
+                    ts,
+                    seq: seqs,
+                    columns,
+                } = rows.as_mut();
+                for (builder, col) in columns.iter_mut().zip(&table.columns) {
+                    match row[col.source_index] {
+                        Value::Text(v) => {
+                            self.bytes += v.len();
+                            let res = match &col.mask {
+                                Some(mask) => builder.append_text(&mask.apply(v)),
+                                None => builder.append_text(v),
+                            };
+                            res.map_err(|expected| BadValue {
+                                column: col.name.clone(),
+                                value: v.chars().take(100).collect(),
+                                expected,
+                            })?;
+                        }
+                        Value::Null | Value::Unchanged => builder.append_null(),
+                    }
+                }
+                ops.append_value(op.as_str());
+                ts.append_value(commit_micros);
+                seqs.append_value(seq);
+            }
+            Rows::Csv(out) => {
+                let start = out.len();
+                if self.kind == Kind::Cdc {
+                    out.extend_from_slice(op.as_str().as_bytes());
+                    out.push(b',');
+                }
+                let ts = DateTime::<Utc>::from_timestamp_micros(commit_micros)
+                    .unwrap_or_default()
+                    .format("%Y-%m-%d %H:%M:%S%.6f");
+                out.extend_from_slice(ts.to_string().as_bytes());
+                out.push(b',');
+                out.extend_from_slice(seq.as_bytes());
+                for col in &table.columns {
+                    out.push(b',');
+                    if let Value::Text(v) = row[col.source_index] {
+                        match &col.mask {
+                            Some(mask) => csv_field(out, &mask.apply(v)),
+                            None => csv_field(out, v),
+                        }
+                    }
+                }
+                out.push(b'\n');
+                self.bytes += out.len() - start;
+            }
+        }
+        self.count += 1;
+        self.last_seq.clear();
+        self.last_seq.push_str(seq);
+        Ok(())
+    }
+
+    /// The object's bytes.
+    pub fn encode(self, layout: &Layout) -> Result<Bytes> {
+        match self.rows {
+            Rows::Csv(out) => Ok(out.into()),
+            Rows::Parquet(rows) => {
+                let ParquetRows {
+                    mut op,
+                    mut ts,
+                    mut seq,
+                    columns,
+                } = *rows;
+                let mut fields = Vec::new();
+                let mut arrays: Vec<ArrayRef> = Vec::new();
+                if self.kind == Kind::Cdc {
+                    fields.push(Field::new("Op", DataType::Utf8, false));
+                    arrays.push(Arc::new(op.finish()));
+                }
+                fields.push(Field::new(
+                    &layout.timestamp_column,
+                    DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
+                    false,
+                ));
+                arrays.push(Arc::new(ts.finish()));
+                fields.push(Field::new(&layout.sequence_column, DataType::Utf8, false));
+                arrays.push(Arc::new(seq.finish()));
+                for (col, builder) in self.table.columns.iter().zip(columns) {
+                    fields.push(Field::new(&col.name, col.sql_type.arrow_type(), true));
+                    arrays.push(builder.finish());
+                }
+                let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+                    .expect("builders match the schema");
+                let props = WriterProperties::builder()
+                    .set_max_row_group_row_count(Some(10_000))
+                    .build();
+                let mut out = Vec::with_capacity(self.bytes + self.count * 48);
+                let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
+                    .map_err(|e| Error::Usage(format!("writing Parquet: {e}")))?;
+                writer
+                    .write(&batch)
+                    .and_then(|_| writer.close().map(|_| ()))
+                    .map_err(|e| Error::Usage(format!("writing Parquet: {e}")))?;
+                Ok(out.into())
+            }
+        }
+    }
+}
+
+/// RFC 4180 field; an empty string is quoted so that it is not read as NULL.
+fn csv_field(out: &mut Vec<u8>, v: &str) {
+    let needs = v.is_empty()
+        || v.bytes().any(|b| matches!(b, b',' | b'"' | b'\n' | b'\r'))
+        || v.starts_with(' ')
+        || v.ends_with(' ');
+    if !needs {
+        out.extend_from_slice(v.as_bytes());
+        return;
+    }
+    out.push(b'"');
+    for b in v.bytes() {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+}
+
+/// Key of a table's folder: `schema/table`.
+pub fn table_dir(table: &OutputTable) -> String {
+    format!("{}/{}", table.schema, table.name)
+}
+
+/// Key of a full-load object: `schema/table/LOAD00000001.parquet`.
+pub fn load_key(table: &OutputTable, number: u32, layout: &Layout) -> String {
+    format!(
+        "{}/LOAD{number:08}.{}",
+        table_dir(table),
+        layout.format.extension()
+    )
+}
+
+/// Key of a CDC object named by `at` (`yyyyMMdd-HHmmssSSS`), under date
+/// folders when configured.
+pub fn cdc_key(table: &OutputTable, at: DateTime<Utc>, layout: &Layout) -> String {
+    let folders = if layout.date_folders {
+        at.format("%Y/%m/%d/").to_string()
+    } else {
+        String::new()
+    };
+    format!(
+        "{}/{folders}{}.{}",
+        table_dir(table),
+        at.format("%Y%m%d-%H%M%S%3f"),
+        layout.format.extension()
+    )
+}
+
+/// The schema file of one table version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SchemaFile {
+    /// Schema folder.
+    pub schema: String,
+    /// Table folder.
+    pub table: String,
+    /// Version, from 1.
+    pub version: u32,
+    /// The first object written with this version.
+    pub first_object: String,
+    /// Columns in file order, after the DMS columns.
+    pub columns: Vec<SchemaColumn>,
+    /// Primary-key columns.
+    pub primary_key: Vec<String>,
+}
+
+/// A column of a [`SchemaFile`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SchemaColumn {
+    /// Name.
+    pub name: String,
+    /// Type as a pipeline file spells it.
+    #[serde(rename = "type")]
+    pub sql_type: String,
+}
+
+impl SchemaFile {
+    /// The schema file of `table` at `version`.
+    pub fn new(table: &OutputTable, version: u32, first_object: String) -> SchemaFile {
+        SchemaFile {
+            schema: table.schema.clone(),
+            table: table.name.clone(),
+            version,
+            first_object,
+            columns: table
+                .columns
+                .iter()
+                .map(|c| SchemaColumn {
+                    name: c.name.clone(),
+                    sql_type: c.sql_type.to_string(),
+                })
+                .collect(),
+            primary_key: table
+                .columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| c.name.clone())
+                .collect(),
+        }
+    }
+
+    /// Its key beside the data.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/cdcflow-schema-v{:04}.json",
+            self.schema, self.table, self.version
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        let mut out = Vec::new();
+        for v in ["plain", "", "a,b", "say \"hi\"", "two\nlines", " pad"] {
+            csv_field(&mut out, v);
+            out.push(b'|');
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "plain|\"\"|\"a,b\"|\"say \"\"hi\"\"\"|\"two\nlines\"|\" pad\"|"
+        );
+    }
+}

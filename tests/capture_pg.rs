@@ -1,0 +1,482 @@
+//! `cdcflow capture` against a real PostgreSQL 15 (scripts/peers.sh pg): the
+//! objects it writes, run through the pipeline, give tables equal to the
+//! source, with every change once, across kill -9 at any moment.
+
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use tokio_postgres::{Client, NoTls};
+
+use crate::support::{Workspace, output, peer};
+
+/// A fresh database for one test; dropped (with its slot) at the end.
+struct Db {
+    admin: Client,
+    name: String,
+    url: String,
+    client: Client,
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+impl Db {
+    async fn new(ws: &Workspace) -> Option<Db> {
+        let base = peer("CDCFLOW_TEST_PG_URL")?;
+        let admin = connect(&base).await;
+        let name = ws.unique_name("cap_", '_');
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+        let client = connect(&url).await;
+        Some(Db {
+            admin,
+            name,
+            url,
+            client,
+        })
+    }
+
+    async fn exec(&self, sql: &str) -> u64 {
+        self.client
+            .execute(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Rows of `sql` as text (NULL as None), sorted.
+    async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let mut out: Vec<Vec<Option<String>>> = self
+            .client
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| r.get::<_, Option<String>>(i))
+                    .collect()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    async fn drop(self) {
+        drop(self.client);
+        let _ = self
+            .admin
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{0}';
+                 DROP DATABASE IF EXISTS {0} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+/// Writes `capture.toml` (objects into `objects/`) and `pipeline.toml` over them.
+fn write_configs(ws: &Workspace, db: &Db, extra_source: &str, tables: &[(&str, &str)]) {
+    let objects = ws.path("objects");
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            r#"name = "test"
+[source]
+url = "{url}"
+slot = "{slot}"
+publication = "{slot}"
+max_changes = 200
+{extra_source}
+[target]
+url = "file://{objects}"
+max_rows = 150
+interval = "50ms"
+"#,
+            url = db.url,
+            slot = db.name,
+            objects = objects.display(),
+        ),
+    )
+    .unwrap();
+    let mut pipeline = format!(
+        r#"name = "cap"
+[source]
+url = "file://{objects}"
+timestamp_column = "dms_timestamp"
+extra_columns = ["cdc_seq"]
+sequence_column = "cdc_seq"
+[state]
+url = "sqlite://{state}"
+[warehouse]
+kind = "local"
+path = "{warehouse}"
+"#,
+        objects = objects.display(),
+        state = ws.path("state.db").display(),
+        warehouse = ws.path("warehouse").display(),
+    );
+    for (name, key) in tables {
+        pipeline.push_str(&format!(
+            "[[tables]]\nschema = \"public\"\nname = \"{name}\"\nprimary_key = [{key}]\n"
+        ));
+    }
+    std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+}
+
+fn capture_once(ws: &Workspace, env: &[(&str, &str)]) -> String {
+    let out = ws.cdcflow(&["capture", "--config", "capture.toml", "--once"], env);
+    let text = output(&out);
+    assert!(out.status.success(), "capture failed:\n{text}");
+    text
+}
+
+/// The warehouse's rows of `sql` as text, sorted: each column is cast to
+/// text in the query so both sides compare the same spelling.
+async fn warehouse_rows(ws: &Workspace, sql: &str) -> Vec<Vec<Option<String>>> {
+    let mut out = Vec::new();
+    for batch in ws.query(sql).await {
+        for row in 0..batch.num_rows() {
+            out.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
+                        let c = c.as_string::<i32>();
+                        (!c.is_null(row)).then(|| c.value(row).to_string())
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn count(ws: &Workspace, sql: &str) -> i64 {
+    let batches = ws.query(sql).await;
+    batches[0].column(0).as_primitive::<Int64Type>().value(0)
+}
+
+const ORDERS_PG: &str = "SELECT id::text, customer, amount::text, paid::text, \
+     ((extract(epoch from created_at) * 1000000)::bigint)::text, doc::text, encode(blob, 'hex'), \
+     u::text, tags::text, d::text, md5(big) FROM orders";
+const ORDERS_WH: &str = "SELECT CAST(id AS VARCHAR), customer, CAST(amount AS VARCHAR), \
+     CAST(paid AS VARCHAR), CAST(CAST(created_at AS BIGINT) AS VARCHAR), doc, encode(blob, 'hex'), \
+     u, tags, CAST(d AS VARCHAR), md5(big) FROM orders";
+const ITEMS_PG: &str = "SELECT order_id::text, line_no::text, qty::text, sku FROM items";
+const ITEMS_WH: &str = "SELECT CAST(order_id AS VARCHAR), CAST(line_no AS VARCHAR), \
+     CAST(qty AS VARCHAR), sku FROM items";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_changes_give_the_source_tables() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.client
+        .batch_execute(
+            "CREATE TABLE orders(id bigint PRIMARY KEY, customer text, amount numeric(12,2), paid bool,
+                created_at timestamptz, doc jsonb, blob bytea, u uuid, tags int[], d date, big text);
+             ALTER TABLE orders REPLICA IDENTITY FULL;
+             ALTER TABLE orders ALTER COLUMN big SET STORAGE EXTERNAL;
+             CREATE TABLE items(order_id bigint, line_no int, qty int, sku text, PRIMARY KEY (order_id, line_no));
+             CREATE TABLE ignored(id int PRIMARY KEY);
+             INSERT INTO orders SELECT g, 'customer ' || g, g * 1.25, g % 2 = 0,
+                timestamptz '2024-05-01 10:00:00.123456+00' + g * interval '1 minute',
+                jsonb_build_object('n', g, 's', 'a \"q\", b'), decode(lpad(to_hex(g), 4, '0'), 'hex'),
+                md5(g::text)::uuid, ARRAY[g, g + 1], date '2024-01-01' + g,
+                CASE WHEN g % 50 = 0 THEN NULL WHEN g % 7 = 0 THEN '' ELSE 'line1\nline2, \"x\"' END
+              FROM generate_series(1, 200) g;
+             INSERT INTO items SELECT g / 2 + 1, g % 2, g, 'sku-' || g FROM generate_series(0, 399) g;
+             INSERT INTO ignored VALUES (1);",
+        )
+        .await
+        .unwrap();
+    let rules = r#"{"rules": [{"rule-type": "selection", "rule-id": "1", "rule-name": "1",
+        "object-locator": {"schema-name": "public", "table-name": "%"}, "rule-action": "include"},
+        {"rule-type": "selection", "rule-id": "2", "rule-name": "2",
+        "object-locator": {"schema-name": "public", "table-name": "ign%"}, "rule-action": "exclude"}]}"#;
+    std::fs::write(ws.path("rules.json"), rules).unwrap();
+    let rules_line = format!("rules = \"{}\"", ws.path("rules.json").display());
+    write_configs(
+        &ws,
+        &db,
+        &rules_line,
+        &[("orders", "\"id\""), ("items", "\"order_id\", \"line_no\"")],
+    );
+
+    // Full load.
+    let text = capture_once(&ws, &[]);
+    assert!(text.contains("captured 600 changes"), "{text}");
+    assert!(
+        !ws.path("objects/public/ignored").exists(),
+        "excluded table written"
+    );
+
+    // The workload: every statement's row count is the number of changes it makes.
+    let mut changes = 0;
+    changes += db.exec("INSERT INTO orders(id, customer, amount) SELECT g, 'late ' || g, g FROM generate_series(201, 250) g").await;
+    db.exec("BEGIN").await;
+    changes += db
+        .exec("UPDATE orders SET amount = amount + 1, paid = NOT paid WHERE id BETWEEN 1 AND 30")
+        .await;
+    changes += db
+        .exec("DELETE FROM orders WHERE id BETWEEN 31 AND 40")
+        .await;
+    changes += db
+        .exec("INSERT INTO items VALUES (1, 7, 1, 'in txn'), (2, 7, 1, NULL)")
+        .await;
+    db.exec("COMMIT").await;
+    // TOAST: an out-of-line value, then updates that leave it unchanged.
+    changes += db
+        .exec("UPDATE orders SET big = repeat(md5(id::text), 200) WHERE id BETWEEN 41 AND 45")
+        .await;
+    changes += db
+        .exec("UPDATE orders SET customer = 'toast kept' WHERE id BETWEEN 41 AND 45")
+        .await;
+    // Key updates: a delete of the old key and an insert of the new one each.
+    changes += 2 * db
+        .exec("UPDATE orders SET id = id + 10000 WHERE id BETWEEN 100 AND 104")
+        .await;
+    changes += 2 * db
+        .exec("UPDATE items SET line_no = line_no + 100 WHERE order_id = 3")
+        .await;
+    changes += db
+        .exec("DELETE FROM items WHERE order_id BETWEEN 10 AND 20")
+        .await;
+    // Delete then insert again the same key, in one transaction.
+    db.exec("BEGIN").await;
+    changes += db.exec("DELETE FROM orders WHERE id = 150").await;
+    changes += db
+        .exec("INSERT INTO orders(id, customer) VALUES (150, 'reborn')")
+        .await;
+    db.exec("COMMIT").await;
+    changes += db.exec("INSERT INTO ignored VALUES (2)").await - 1;
+
+    let text = capture_once(&ws, &[]);
+    assert!(
+        text.contains(&format!("captured {changes} changes")),
+        "{changes}: {text}"
+    );
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+
+    assert_eq!(
+        warehouse_rows(&ws, ORDERS_WH).await,
+        db.rows(ORDERS_PG).await
+    );
+    assert_eq!(warehouse_rows(&ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
+    // History: the full load plus every change, each once.
+    let history = count(
+        &ws,
+        "SELECT (SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history)",
+    )
+    .await;
+    assert_eq!(history, 600 + changes as i64);
+    let distinct = count(&ws, "SELECT count(DISTINCT cdc_seq) FROM orders_history").await
+        + count(&ws, "SELECT count(DISTINCT cdc_seq) FROM items_history").await;
+    assert_eq!(distinct, history, "a change sequence appears twice");
+    // Key 150, in commit order: loaded, deleted, inserted again.
+    let ops = warehouse_rows(
+        &ws,
+        "SELECT string_agg(op, '' ORDER BY change_seq) FROM orders_history WHERE id = 150",
+    )
+    .await;
+    assert_eq!(ops, vec![vec![Some("IDI".to_string())]]);
+    // The key update: 100 deleted, 10100 inserted.
+    let ops = warehouse_rows(&ws, "SELECT CAST(id AS VARCHAR), string_agg(op, '' ORDER BY change_seq) FROM orders_history WHERE id IN (100, 10100) GROUP BY id").await;
+    assert_eq!(
+        ops,
+        vec![
+            vec![Some("100".into()), Some("ID".into())],
+            vec![Some("10100".into()), Some("I".into())]
+        ]
+    );
+
+    // Nothing new: a run writes nothing and the slot is at the server's position.
+    let text = capture_once(&ws, &[]);
+    assert!(text.contains("captured 0 changes"), "{text}");
+    let status = ws.cdcflow(&["capture", "--config", "capture.toml", "--status"], &[]);
+    let status = output(&status);
+    assert!(
+        status.contains("full load: done") && status.contains("behind by"),
+        "{status}"
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_each_step_loses_and_doubles_nothing() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.client
+        .batch_execute(
+            "CREATE TABLE orders(id bigint PRIMARY KEY, customer text, amount numeric(12,2), paid bool,
+                created_at timestamptz, doc jsonb, blob bytea, u uuid, tags int[], d date, big text);
+             INSERT INTO orders(id, amount) SELECT g, g FROM generate_series(1, 100) g;
+             CREATE TABLE items(order_id bigint, line_no int, qty int, sku text, PRIMARY KEY (order_id, line_no));",
+        )
+        .await
+        .unwrap();
+    write_configs(
+        &ws,
+        &db,
+        "",
+        &[("orders", "\"id\""), ("items", "\"order_id\", \"line_no\"")],
+    );
+    capture_once(&ws, &[]);
+    let mut changes = 0;
+    for (round, failpoint) in [
+        "capture.after_checkpoint@1",
+        "capture.after_first_object@2",
+        "capture.before_confirm@1",
+        "capture.after_checkpoint@2",
+    ]
+    .iter()
+    .enumerate()
+    {
+        // Enough changes for several chunks (200 changes each) and objects (150 rows).
+        let base = 1000 * (round as i64 + 1);
+        changes += db
+            .exec(&format!(
+                "INSERT INTO items SELECT {base}, g, g, 'x' FROM generate_series(1, 300) g"
+            ))
+            .await;
+        changes += db
+            .exec(&format!(
+                "UPDATE orders SET amount = amount + 1 WHERE id <= {}",
+                50 + round * 10
+            ))
+            .await;
+        changes += db
+            .exec(&format!(
+                "DELETE FROM items WHERE order_id = {base} AND line_no % 3 = 0"
+            ))
+            .await;
+        let crashed = ws.cdcflow(
+            &["capture", "--config", "capture.toml", "--once"],
+            &[("CDCFLOW_FAILPOINT", failpoint)],
+        );
+        assert!(
+            !crashed.status.success(),
+            "{failpoint} was not reached:\n{}",
+            output(&crashed)
+        );
+        capture_once(&ws, &[]);
+    }
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        warehouse_rows(&ws, ORDERS_WH).await,
+        db.rows(ORDERS_PG).await
+    );
+    assert_eq!(warehouse_rows(&ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
+    let history = count(
+        &ws,
+        "SELECT (SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history)",
+    )
+    .await;
+    assert_eq!(
+        history,
+        100 + changes as i64,
+        "history holds every change exactly once"
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_live_workload_loses_and_doubles_nothing() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.client
+        .batch_execute(
+            "CREATE TABLE items(order_id bigint, line_no int, qty int, sku text, PRIMARY KEY (order_id, line_no));
+             INSERT INTO items SELECT g, 0, g, 'start' FROM generate_series(1, 500) g;",
+        )
+        .await
+        .unwrap();
+    write_configs(&ws, &db, "", &[("items", "\"order_id\", \"line_no\"")]);
+    capture_once(&ws, &[]);
+    // The workload runs on its own connection; each transaction's row count is summed.
+    let url = db.url.clone();
+    let workload = tokio::spawn(async move {
+        let mut c = connect(&url).await;
+        let mut changes = 0u64;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..400i64 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let k = (state % 600) as i64 + 1;
+            let tx = c.build_transaction().start().await.unwrap();
+            changes += tx
+                .execute(
+                    &format!(
+                        "INSERT INTO items VALUES ({k}, {i} + 1, {i}, 'w') ON CONFLICT DO NOTHING"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            changes += tx
+                .execute(
+                    &format!("UPDATE items SET qty = qty + 1, sku = 'u{i}' WHERE order_id = {k}"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            if i % 5 == 0 {
+                changes += tx
+                    .execute(
+                        &format!(
+                            "DELETE FROM items WHERE order_id = {} AND line_no = 0",
+                            k + 1
+                        ),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        changes
+    });
+    let mut kills = 0;
+    let mut delay = 150;
+    while !workload.is_finished() {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+            .current_dir(ws.dir.path())
+            .args(["capture", "--config", "capture.toml"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        delay = 90 + (delay * 7) % 300;
+    }
+    let changes = workload.await.unwrap();
+    assert!(kills >= 3, "only {kills} kills: the workload was too short");
+    capture_once(&ws, &[]);
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(warehouse_rows(&ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
+    let history = count(&ws, "SELECT count(*) FROM items_history").await;
+    assert_eq!(
+        history,
+        500 + changes as i64,
+        "history holds every change exactly once ({kills} kills)"
+    );
+    db.drop().await;
+}
