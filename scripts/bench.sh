@@ -2,6 +2,8 @@
 # The benchmark (`make bench`): cdcflow against DuckDB and Polars on the same DMS files.
 #   BENCH_ROWS=10000000 (changes in all, split over two tables; BENCH_ROWS=1000000 for a quick look)
 #   BENCH_FORMATS="csv parquet"
+#   BENCH_PARTS="pipeline capture" (capture: scripts/bench/capture.sh, CAPTURE_ROWS=1000000; it
+#   starts the PostgreSQL peer). A run of some parts keeps the other parts' last results.
 # Writes bench-out/ (data, outputs, results.tsv) and BENCH.md. Never part of `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,14 @@ cargo build --release --quiet
 BIN="$CARGO_TARGET_DIR/release/cdcflow"
 mkdir -p "$OUT"
 RESULTS="$OUT/results.tsv"
-: >"$RESULTS"
+PARTS="${BENCH_PARTS:-pipeline capture}"
+# Keep the last results of the parts not run now (capture rows have format pgoutput).
+touch "$RESULTS"
+case " $PARTS " in
+  *" pipeline "*" capture "*|*" capture "*" pipeline "*) : >"$RESULTS" ;;
+  *" pipeline "*) grep -P '\tpgoutput\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
+  *" capture "*) grep -vP '\tpgoutput\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
+esac
 
 # measure NAME FORMAT CHANGES OUTPUT CMD...: wall seconds and peak RSS of CMD, appended to results.tsv.
 measure() {
@@ -95,6 +104,7 @@ print(n)
 PY
 }
 
+if [[ " $PARTS " == *" pipeline "* ]]; then
 for fmt in $FORMATS; do
   data="$OUT/data-$fmt"
   rm -rf "$data"
@@ -126,5 +136,11 @@ for fmt in $FORMATS; do
   n=$(add_cdc "$small/data" ".$fmt")
   measure "cdcflow +1 object (1/10)" "$fmt" "$n" "$small/p.toml" "$BIN" run --now -p "$small/p.toml"
 done
+fi
+
+if [[ " $PARTS " == *" capture "* ]]; then
+  # shellcheck source=scripts/bench/capture.sh
+  source scripts/bench/capture.sh
+fi
 
 "$VENV/bin/python" scripts/bench/report.py write "$RESULTS" "$BIN" "$OUT" BENCH.md

@@ -12,12 +12,16 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Every step boundary a test can crash at, in protocol order.
+/// Every step boundary of a pipeline run a test can crash at, in protocol order.
 pub const NAMES: &[&str] = &[
     "plan.after_record",
     "load.between_history_and_current",
     "load.after_warehouse",
     "commit.after_state",
+];
+
+/// The step boundaries of capture's write protocol, in order.
+pub const CAPTURE_NAMES: &[&str] = &[
     "capture.after_checkpoint",
     "capture.after_first_object",
     "capture.before_confirm",
@@ -27,7 +31,10 @@ static HITS: AtomicUsize = AtomicUsize::new(0);
 
 /// Aborts the process if `CDCFLOW_FAILPOINT` names this boundary.
 pub fn hit(name: &str) {
-    debug_assert!(NAMES.contains(&name), "unknown failpoint {name}");
+    debug_assert!(
+        NAMES.contains(&name) || CAPTURE_NAMES.contains(&name),
+        "unknown failpoint {name}"
+    );
     let Ok(setting) = std::env::var("CDCFLOW_FAILPOINT") else {
         return;
     };

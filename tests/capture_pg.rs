@@ -167,6 +167,24 @@ async fn count(ws: &Workspace, sql: &str) -> i64 {
     batches[0].column(0).as_primitive::<Int64Type>().value(0)
 }
 
+/// Runs the pipeline over the captured objects; then orders and items must
+/// equal the source, and history must hold `history` changes.
+async fn load_and_compare(ws: &Workspace, db: &Db, history: i64) {
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        warehouse_rows(ws, ORDERS_WH).await,
+        db.rows(ORDERS_PG).await
+    );
+    assert_eq!(warehouse_rows(ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
+    let found = count(
+        ws,
+        "SELECT (SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history)",
+    )
+    .await;
+    assert_eq!(found, history, "history holds every change exactly once");
+}
+
 const ORDERS_PG: &str = "SELECT id::text, customer, amount::text, paid::text, \
      ((extract(epoch from created_at) * 1000000)::bigint)::text, doc::text, encode(blob, 'hex'), \
      u::text, tags::text, d::text, md5(big) FROM orders";
@@ -260,27 +278,24 @@ async fn captured_changes_give_the_source_tables() {
         .await;
     db.exec("COMMIT").await;
     changes += db.exec("INSERT INTO ignored VALUES (2)").await - 1;
+    // A new column: a new schema version, and the pipeline adds the column.
+    db.exec("ALTER TABLE orders ADD COLUMN note text").await;
+    changes += db
+        .exec("UPDATE orders SET note = 'noted ' || id WHERE id BETWEEN 1 AND 3")
+        .await;
+    // A truncate (one change) removes rows loaded before and rows changed in this batch.
+    changes += db.exec("TRUNCATE items").await + 1;
+    changes += db
+        .exec("INSERT INTO items VALUES (500, 1, 1, 'after truncate'), (3, 100, 5, 'back')")
+        .await;
 
     let text = capture_once(&ws, &[]);
     assert!(
         text.contains(&format!("captured {changes} changes")),
         "{changes}: {text}"
     );
-    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
-    assert!(out.status.success(), "{}", output(&out));
-
-    assert_eq!(
-        warehouse_rows(&ws, ORDERS_WH).await,
-        db.rows(ORDERS_PG).await
-    );
-    assert_eq!(warehouse_rows(&ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
-    // History: the full load plus every change, each once.
-    let history = count(
-        &ws,
-        "SELECT (SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history)",
-    )
-    .await;
-    assert_eq!(history, 600 + changes as i64);
+    load_and_compare(&ws, &db, 600 + changes as i64).await;
+    let history = 600 + changes as i64;
     let distinct = count(&ws, "SELECT count(DISTINCT cdc_seq) FROM orders_history").await
         + count(&ws, "SELECT count(DISTINCT cdc_seq) FROM items_history").await;
     assert_eq!(distinct, history, "a change sequence appears twice");
@@ -300,6 +315,24 @@ async fn captured_changes_give_the_source_tables() {
             vec![Some("10100".into()), Some("I".into())]
         ]
     );
+
+    let notes = "SELECT CAST(id AS VARCHAR), note FROM orders WHERE note IS NOT NULL";
+    assert_eq!(
+        warehouse_rows(&ws, notes).await,
+        db.rows(&notes.replace("CAST(id AS VARCHAR)", "id::text"))
+            .await
+    );
+    assert!(
+        ws.path("objects/public/orders/cdcflow-schema-v0002.json")
+            .exists()
+    );
+    // The truncate ends the versions it removed; the rows inserted after it are current.
+    let current = warehouse_rows(
+        &ws,
+        "SELECT CAST(count(*) AS VARCHAR) FROM items_versions WHERE is_current",
+    )
+    .await;
+    assert_eq!(current, vec![vec![Some("2".to_string())]]);
 
     // Nothing new: a run writes nothing and the slot is at the server's position.
     let text = capture_once(&ws, &[]);
@@ -334,15 +367,12 @@ async fn a_crash_at_each_step_loses_and_doubles_nothing() {
     );
     capture_once(&ws, &[]);
     let mut changes = 0;
-    for (round, failpoint) in [
-        "capture.after_checkpoint@1",
-        "capture.after_first_object@2",
-        "capture.before_confirm@1",
-        "capture.after_checkpoint@2",
-    ]
-    .iter()
-    .enumerate()
-    {
+    // Each boundary, at the first and at the second chunk of a run.
+    let failpoints = cdcflow::failpoint::CAPTURE_NAMES
+        .iter()
+        .flat_map(|name| [format!("{name}@1"), format!("{name}@2")]);
+    for (round, failpoint) in failpoints.enumerate() {
+        let failpoint = failpoint.as_str();
         // Enough changes for several chunks (200 changes each) and objects (150 rows).
         let base = 1000 * (round as i64 + 1);
         changes += db
@@ -372,23 +402,7 @@ async fn a_crash_at_each_step_loses_and_doubles_nothing() {
         );
         capture_once(&ws, &[]);
     }
-    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
-    assert!(out.status.success(), "{}", output(&out));
-    assert_eq!(
-        warehouse_rows(&ws, ORDERS_WH).await,
-        db.rows(ORDERS_PG).await
-    );
-    assert_eq!(warehouse_rows(&ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
-    let history = count(
-        &ws,
-        "SELECT (SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history)",
-    )
-    .await;
-    assert_eq!(
-        history,
-        100 + changes as i64,
-        "history holds every change exactly once"
-    );
+    load_and_compare(&ws, &db, 100 + changes as i64).await;
     db.drop().await;
 }
 

@@ -239,7 +239,9 @@ fn unparsable_value_names_the_column_and_the_expected_form() {
 fn unknown_op_bad_quoting_and_non_utf8() {
     let err = error(CDC, format!("X,{TS},1,a,1\n").as_bytes(), &orders());
     assert!(
-        err.contains("row 1, column \"Op\"") && err.contains("I, U or D") && err.contains("\"X\""),
+        err.contains("row 1, column \"Op\"")
+            && err.contains("I, U, D or T")
+            && err.contains("\"X\""),
         "{err}"
     );
     let err = error(CDC, format!("I,{TS},1,\"a\"b,1\n").as_bytes(), &orders());

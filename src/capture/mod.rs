@@ -332,3 +332,32 @@ async fn sleep_unless_stopped(total: Duration, stop: &Shutdown) {
         tokio::time::sleep(step).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_capture_file_and_rules_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/capture");
+        let capture = Capture::load(&dir.join("postgres.toml")).unwrap();
+        assert_eq!(capture.pg.mode, Mode::FullLoadAndCdc);
+        assert_eq!(capture.interval, Duration::from_secs(10));
+        let rules = std::fs::read_to_string(dir.join("mapping.json")).unwrap();
+        let mapping = Mapping::new(Some(&rules), &[]).unwrap();
+        assert!(mapping.selects("public", "customers") && !mapping.selects("public", "audit_log"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "name = \"x\"\n[source]\nurl = \"postgres://h/db\"\nslots = \"typo\"\n[target]\nurl = \"file:///tmp/x\"\n",
+        )
+        .unwrap();
+        let err = Capture::load(&path).err().expect("refused").to_string();
+        assert!(err.contains("slots"), "{err}");
+    }
+}

@@ -40,17 +40,14 @@ pub enum Op {
 }
 
 impl Op {
-    /// Parses DMS's `I`, `U`, `D`.
+    /// Parses DMS's `I`, `U`, `D`, and capture's `T`.
     pub fn parse(s: &str) -> Result<Op, &'static str> {
         match s {
             "I" => Ok(Op::Insert),
             "U" => Ok(Op::Update),
             "D" => Ok(Op::Delete),
-            "T" => Err(
-                "an Op of I, U or D (T, a TRUNCATE written by capture, is not applied by the \
-                        pipeline yet: load the table again with a full load)",
-            ),
-            _ => Err("an Op of I, U or D"),
+            "T" => Ok(Op::Truncate),
+            _ => Err("an Op of I, U, D or T"),
         }
     }
 

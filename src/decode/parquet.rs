@@ -247,7 +247,7 @@ fn convert_op(key: &str, array: &ArrayRef) -> Result<ArrayRef> {
                     row: Some(row as u64 + 1),
                     column: Some("Op".into()),
                 },
-                format!("expected I, U or D, found {value:?}"),
+                format!("expected I, U, D or T, found {value:?}"),
             ));
         }
     }

@@ -24,6 +24,27 @@ use crate::error::{Error, Location, Result};
 use crate::source::{ObjectOrder, SourceObject};
 use crate::state::BatchStats;
 
+/// Runs `query` and collects its rows; errors name `context`.
+async fn collect(ctx: &SessionContext, query: &str, context: &str) -> Result<Vec<RecordBatch>> {
+    let fail = |e| Error::query(context, e);
+    ctx.sql(query)
+        .await
+        .map_err(fail)?
+        .collect()
+        .await
+        .map_err(fail)
+}
+
+/// Where a batch sits in the change order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOrder {
+    /// Its smallest `change_seq` (older than what is loaded: a late batch).
+    pub min_seq: Option<String>,
+    /// The `change_seq` of its latest truncate (`Op` `T`): every row changed
+    /// before it is gone.
+    pub truncated: Option<String>,
+}
+
 /// Builds history rows and latest-change queries for one table.
 #[derive(Debug, Clone)]
 pub struct Merger {
@@ -157,12 +178,12 @@ impl Merger {
     }
 
     /// The figures of the batch whose history rows are registered as `rows`,
-    /// and its smallest `change_seq`.
+    /// and its order: smallest `change_seq` and latest truncate.
     pub async fn batch_stats(
         &self,
         ctx: &SessionContext,
         rows: &str,
-    ) -> Result<(BatchStats, Option<String>)> {
+    ) -> Result<(BatchStats, BatchOrder)> {
         let m = &self.meta;
         let query = sql::render(
             sql::BATCH_STATS,
@@ -174,15 +195,9 @@ impl Merger {
             ],
         );
         let fail = |e| Error::query("batch_stats.sql", e);
-        let batches = ctx
-            .sql(&query)
-            .await
-            .map_err(fail)?
-            .collect()
-            .await
-            .map_err(fail)?;
+        let batches = collect(ctx, &query, "batch_stats.sql").await?;
         let mut stats = BatchStats::default();
-        let mut min_seq: Option<String> = None;
+        let mut order = BatchOrder::default();
         for b in &batches {
             let text = |i: usize| {
                 arrow::compute::cast(b.column(i), &DataType::Utf8).map_err(|e| fail(e.into()))
@@ -206,6 +221,10 @@ impl Merger {
                 match ops.value(i) {
                     "I" => stats.inserts += n,
                     "U" => stats.updates += n,
+                    "T" => {
+                        stats.deletes += n;
+                        order.truncated = Some(maxs.value(i).to_string());
+                    }
                     _ => stats.deletes += n,
                 }
                 stats.rows += n;
@@ -214,10 +233,10 @@ impl Merger {
                     .max_commit_ts
                     .max(DateTime::from_timestamp_micros(newest.value(i)));
                 let min = mins.value(i).to_string();
-                min_seq = Some(min_seq.map_or(min.clone(), |m| m.min(min)));
+                order.min_seq = Some(order.min_seq.map_or(min.clone(), |m| m.min(min)));
             }
         }
-        Ok((stats, min_seq))
+        Ok((stats, order))
     }
 
     /// The decoded timestamp, or else the CDC file-name time, or else the object's last-modified time.
@@ -288,8 +307,38 @@ impl Merger {
         Ok(out.finish())
     }
 
-    /// `sql/latest_change.sql` over the registered table `changes`.
-    fn latest_sql(&self, changes: &str) -> String {
+    /// The `change_seq` of the latest truncate among the registered `rows`.
+    pub async fn truncated(&self, ctx: &SessionContext, rows: &str) -> Result<Option<String>> {
+        let m = &self.meta;
+        let query = format!(
+            "SELECT CAST(max({seq}) AS VARCHAR) FROM {rows} WHERE {op} = 'T'",
+            seq = sql::ident(&m.change_seq),
+            op = sql::ident(&m.op),
+            rows = sql::ident(rows),
+        );
+        let context = "finding the latest truncate";
+        let batches = collect(ctx, &query, context).await?;
+        let value = arrow::compute::cast(batches[0].column(0), &DataType::Utf8)
+            .map_err(|e| Error::query(context, e.into()))?;
+        let value = value.as_string::<i32>();
+        Ok(value.is_valid(0).then(|| value.value(0).to_string()))
+    }
+
+    /// `sql/latest_change.sql` over the registered table `changes`; a change
+    /// older than `truncated` (a truncate's `change_seq`) becomes a delete.
+    fn latest_sql(&self, changes: &str, truncated: Option<&str>) -> String {
+        let op = sql::ident(&self.meta.op);
+        let (columns, op_column) = match truncated {
+            None => ("c.*".to_string(), String::new()),
+            Some(seq) => (
+                format!("c.* EXCLUDE ({op})"),
+                format!(
+                    ", CASE WHEN c.{} < {} THEN 'D' ELSE c.{op} END AS {op}",
+                    sql::ident(&self.meta.change_seq),
+                    sql::literal(seq)
+                ),
+            ),
+        };
         // NULL-safe, as a key column may be NULL in a bad source.
         let key_match = self
             .key
@@ -304,22 +353,37 @@ impl Merger {
                 ("key_match", &key_match),
                 ("change_seq", &sql::ident(&self.meta.change_seq)),
                 ("changes", &sql::ident(changes)),
+                ("columns", &columns),
+                ("op_column", &op_column),
+                ("op", &op),
             ],
         )
     }
 
-    /// The latest change per key among the rows of the registered table `changes`.
-    pub async fn latest(&self, ctx: &SessionContext, changes: &str) -> Result<DataFrame> {
-        let query = self.latest_sql(changes);
+    /// The latest change per key among the rows of the registered table
+    /// `changes`; changes before `truncated` count as deletes.
+    pub async fn latest(
+        &self,
+        ctx: &SessionContext,
+        changes: &str,
+        truncated: Option<&str>,
+    ) -> Result<DataFrame> {
+        let query = self.latest_sql(changes, truncated);
         ctx.sql(&query)
             .await
             .map_err(|e| Error::query("latest_change.sql", e))
     }
 
-    /// The current-state rows rebuilt from the whole registered `history`.
-    pub async fn rebuilt_current(&self, ctx: &SessionContext, history: &str) -> Result<DataFrame> {
+    /// The current-state rows rebuilt from the whole registered `history`
+    /// (whose latest truncate is `truncated`).
+    pub async fn rebuilt_current(
+        &self,
+        ctx: &SessionContext,
+        history: &str,
+        truncated: Option<&str>,
+    ) -> Result<DataFrame> {
         let m = &self.meta;
-        let latest = self.latest_sql(history);
+        let latest = self.latest_sql(history, truncated);
         let columns = self
             .columns
             .iter()

@@ -193,6 +193,7 @@ impl DeltaWarehouse {
         app: &str,
         ctx: &SessionContext,
         apply: Apply,
+        truncated: Option<&str>,
     ) -> Result<()> {
         let name = req.table.target.clone();
         let mut table = self.open(&name).await?;
@@ -211,15 +212,16 @@ impl DeltaWarehouse {
         let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
         let changes = match apply {
             Apply::Replace => {
+                let truncated = req.merger.truncated(ctx, "history").await?;
                 return self
-                    .write_current(table, &name, req, app, ctx, "history")
+                    .write_current(table, req, app, ctx, "history", truncated.as_deref())
                     .await;
             }
             // Nothing to merge with (a first load): the batch's state is written
             // as it is, without the MERGE's join.
             Apply::InOrder if is_empty(&table, &name)? => {
                 return self
-                    .write_current(table, &name, req, app, ctx, "batch")
+                    .write_current(table, req, app, ctx, "batch", truncated)
                     .await;
             }
             Apply::Late => {
@@ -230,8 +232,8 @@ impl DeltaWarehouse {
             }
             Apply::InOrder => "batch",
         };
-        let latest = req.merger.latest(ctx, changes).await?;
-        self.merge_current(table, &name, req, latest, app, ctx)
+        let latest = req.merger.latest(ctx, changes, truncated).await?;
+        self.merge_current(table, req, latest, app, ctx, truncated)
             .await
     }
 
@@ -284,14 +286,15 @@ impl DeltaWarehouse {
     async fn write_current(
         &self,
         table: DeltaTable,
-        name: &str,
         req: &LoadRequest<'_>,
         app: &str,
         ctx: &SessionContext,
         source: &str,
+        truncated: Option<&str>,
     ) -> Result<()> {
         use datafusion::prelude::{cast, col};
-        let state = req.merger.rebuilt_current(ctx, source).await?;
+        let name = req.table.target.as_str();
+        let state = req.merger.rebuilt_current(ctx, source, truncated).await?;
         // Query output may use other encodings (string views): cast to the table's types.
         let columns = req
             .merger
@@ -323,12 +326,13 @@ impl DeltaWarehouse {
     async fn merge_current(
         &self,
         table: DeltaTable,
-        name: &str,
         req: &LoadRequest<'_>,
         latest: datafusion::prelude::DataFrame,
         app: &str,
         ctx: &SessionContext,
+        truncated: Option<&str>,
     ) -> Result<()> {
+        let name = req.table.target.as_str();
         let m = &req.merger.meta;
         let params = [
             ("key_equal", sql::key_equal("t", "s", &req.merger.key)),
@@ -388,6 +392,18 @@ impl DeltaWarehouse {
                     .fold(i, |i, (c, e)| i.set(c.as_str(), e.as_str()))
             })
             .map_err(fail)?;
+        // A truncate removes the rows the batch does not touch too.
+        if let Some(seq) = truncated {
+            let older = format!("t.{} < {}", sql::ident(&m.change_seq), sql::literal(seq));
+            builder = if req.merger.soft_delete {
+                builder.when_not_matched_by_source_update(|u| {
+                    u.predicate(older).update(m.deleted.as_str(), "TRUE")
+                })
+            } else {
+                builder.when_not_matched_by_source_delete(|d| d.predicate(older))
+            }
+            .map_err(fail)?;
+        }
         builder.await.map_err(fail)?;
         Ok(())
     }
@@ -401,16 +417,17 @@ impl Warehouse for DeltaWarehouse {
         failpoint::hit("load.between_history_and_current");
         let ctx = session(self.memory_limit);
         self.register_batch(&ctx, &req).await?;
-        let (stats, min_seq) = req.merger.batch_stats(&ctx, "batch").await?;
+        let (stats, order) = req.merger.batch_stats(&ctx, "batch").await?;
         let apply = Apply::choose(
             req.batch.mode,
-            min_seq.as_deref(),
+            order.min_seq.as_deref(),
             req.loaded_max.as_deref(),
         );
         if apply == Apply::Late {
             tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
         }
-        self.load_current(&req, &app, &ctx, apply).await?;
+        self.load_current(&req, &app, &ctx, apply, order.truncated.as_deref())
+            .await?;
         Ok(stats)
     }
 

@@ -49,7 +49,7 @@ pub struct BigQueryWarehouse {
 struct Staged {
     file: tempfile::NamedTempFile,
     stats: BatchStats,
-    min_seq: Option<String>,
+    order: crate::merge::BatchOrder,
     /// First and last commit day (`YYYY-MM-DD`), when the batch has rows.
     days: Option<(String, String)>,
 }
@@ -148,7 +148,7 @@ impl BigQueryWarehouse {
         )
         .await
         .map_err(|e| Error::query("reading the staging file", e))?;
-        let (stats, min_seq) = req.merger.batch_stats(&ctx, "stage").await?;
+        let (stats, order) = req.merger.batch_stats(&ctx, "stage").await?;
         let days_sql = sql::render(
             sql::BQ_STAGE_DAYS,
             &[
@@ -177,7 +177,7 @@ impl BigQueryWarehouse {
         Ok(Staged {
             file,
             stats,
-            min_seq,
+            order,
             days,
         })
     }
@@ -334,7 +334,13 @@ impl BigQueryWarehouse {
         sql::render(sql::section(sql::BQ_HISTORY_MERGE, section), &params)
     }
 
-    fn current_merge_sql(api: &Api, req: &LoadRequest<'_>, stage: &str, apply: Apply) -> String {
+    fn current_merge_sql(
+        api: &Api,
+        req: &LoadRequest<'_>,
+        stage: &str,
+        apply: Apply,
+        truncated: Option<&str>,
+    ) -> String {
         let merger = req.merger;
         let m = &merger.meta;
         let stage_source = Self::stage_source(api, stage, merger);
@@ -364,7 +370,7 @@ impl BigQueryWarehouse {
             .map(|c| (BQ.ident(&c), format!("s.{}", BQ.ident(&c))))
             .collect();
         if merger.soft_delete {
-            targets.push((BQ.ident(&m.deleted), format!("s.{} = 'D'", BQ.ident(&m.op))));
+            targets.push((BQ.ident(&m.deleted), "s.__gone".to_string()));
         }
         let assignments = targets
             .iter()
@@ -385,30 +391,42 @@ impl BigQueryWarehouse {
         let op = BQ.ident(&m.op);
         let mut clauses = Vec::new();
         if !merger.soft_delete {
-            clauses.push(sql::render(
-                section("delete"),
-                &[("op", &op), ("newer", &newer)],
-            ));
+            clauses.push(sql::render(section("delete"), &[("newer", &newer)]));
         }
         clauses.push(sql::render(
             section("update"),
             &[("newer", &newer), ("assignments", &assignments)],
         ));
         let insert_when = if merger.soft_delete {
-            "TRUE".to_string()
+            "TRUE"
         } else {
-            format!("s.{op} <> 'D'")
+            "NOT s.__gone"
         };
         clauses.push(sql::render(
             section("insert"),
             &[
-                ("insert_when", &insert_when),
+                ("insert_when", insert_when),
                 ("columns", &columns),
                 ("values", &values),
             ],
         ));
         if apply == Apply::Replace {
             clauses.push(section("drop_missing").to_string());
+        } else if let Some(seq) = truncated {
+            // A truncate removes the rows the batch does not touch too.
+            let action = if merger.soft_delete {
+                format!("UPDATE SET {} = TRUE", BQ.ident(&m.deleted))
+            } else {
+                "DELETE".to_string()
+            };
+            clauses.push(sql::render(
+                section("truncate"),
+                &[
+                    ("change_seq", &BQ.ident(&m.change_seq)),
+                    ("truncated", &sql::literal(seq)),
+                    ("action", &action),
+                ],
+            ));
         }
         sql::render(
             section("merge"),
@@ -417,6 +435,7 @@ impl BigQueryWarehouse {
                 ("changes", &changes),
                 ("key", &BQ.list(&merger.key)),
                 ("change_seq", &BQ.ident(&m.change_seq)),
+                ("op", &op),
                 ("key_equal", &BQ.key_equal("t", "s", &merger.key)),
                 ("clauses", &clauses.join("\n")),
             ],
@@ -487,7 +506,7 @@ impl Warehouse for BigQueryWarehouse {
         failpoint::hit("load.between_history_and_current");
         let apply = Apply::choose(
             req.batch.mode,
-            staged.min_seq.as_deref(),
+            staged.order.min_seq.as_deref(),
             req.loaded_max.as_deref(),
         );
         if apply == Apply::Late {
@@ -495,7 +514,7 @@ impl Warehouse for BigQueryWarehouse {
         }
         api.run_job(
             &current_job,
-            &Self::current_merge_sql(api, &req, &stage, apply),
+            &Self::current_merge_sql(api, &req, &stage, apply, staged.order.truncated.as_deref()),
         )
         .await?;
         api.drop_table(&stage).await?;

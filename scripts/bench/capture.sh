@@ -1,0 +1,50 @@
+# Capture benchmark, sourced by scripts/bench.sh (uses its BIN, OUT, RESULTS and measure):
+# CAPTURE_ROWS changes (default 1M) in table bench(id bigint pk, t text, n numeric(12,2),
+# ts timestamptz), committed 1000 rows per transaction, then read from two slots made before
+# them: pg_recvlogical writing the pgoutput stream to a file, and `cdcflow capture --once`
+# writing Parquet objects to a local folder. Same server, same WAL, one after the other.
+CAPTURE_ROWS="${CAPTURE_ROWS:-1000000}"
+scripts/peers.sh pg start >/dev/null
+eval "$(scripts/peers.sh pg env)"
+PG_BIN=/usr/lib/postgresql/15/bin
+PSQL=(psql -X -q -v ON_ERROR_STOP=1 "$CDCFLOW_TEST_PG_URL")
+DB_URL="${CDCFLOW_TEST_PG_URL%/*}/bench_capture"
+"${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('bench_recv', 'bench_cdcflow')" >/dev/null
+"${PSQL[@]}" -c "DROP DATABASE IF EXISTS bench_capture" -c "CREATE DATABASE bench_capture"
+psql -X -q -v ON_ERROR_STOP=1 "$DB_URL" <<SQL
+CREATE TABLE bench(id bigint PRIMARY KEY, t text, n numeric(12,2), ts timestamptz);
+CREATE PUBLICATION bench_pub FOR TABLE bench;
+SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput');
+SELECT pg_create_logical_replication_slot('bench_cdcflow', 'pgoutput');
+DO \$\$ BEGIN
+  FOR b IN 0..($CAPTURE_ROWS / 1000 - 1) LOOP
+    INSERT INTO bench SELECT g, 'row ' || g, g * 0.01, now() FROM generate_series(b * 1000 + 1, b * 1000 + 1000) g;
+    COMMIT;
+  END LOOP;
+END \$\$;
+SQL
+END_LSN=$(psql -X -At "$DB_URL" -c "SELECT pg_current_wal_insert_lsn()")
+until [ "$(psql -X -At "$DB_URL" -c "SELECT pg_current_wal_flush_lsn() >= '$END_LSN'")" = t ]; do sleep 0.1; done
+echo "capture: $CAPTURE_ROWS changes written up to $END_LSN"
+rm -rf "$OUT/capture" && mkdir -p "$OUT/capture"
+measure pg_recvlogical pgoutput "$CAPTURE_ROWS" "$OUT/capture/recv.bin" \
+  "$PG_BIN/pg_recvlogical" -d "$DB_URL" --slot bench_recv --start --endpos "$END_LSN" --no-loop \
+  -o proto_version=1 -o publication_names=bench_pub -f "$OUT/capture/recv.bin"
+cat >"$OUT/capture/capture.toml" <<TOML
+name = "bench"
+[source]
+url = "$DB_URL"
+slot = "bench_cdcflow"
+publication = "bench_pub"
+mode = "cdc"
+[target]
+url = "file://$OUT/capture/objects"
+TOML
+measure "cdcflow capture" pgoutput "$CAPTURE_ROWS" "$OUT/capture/objects" \
+  "$BIN" capture --config "$OUT/capture/capture.toml" --once
+# Both must have read every change.
+got=$("$BIN" capture --config "$OUT/capture/capture.toml" --status | grep -c 'last object' || true)
+[ "$got" -ge 1 ] || { echo "bench: cdcflow capture wrote no objects" >&2; exit 1; }
+grep -q "captured $CAPTURE_ROWS changes" "$OUT/cdcflow_capture-pgoutput.log" || {
+  echo "bench: cdcflow capture did not capture $CAPTURE_ROWS changes; see $OUT/cdcflow_capture-pgoutput.log" >&2; exit 1; }
+"${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('bench_recv', 'bench_cdcflow')" >/dev/null
