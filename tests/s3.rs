@@ -17,7 +17,7 @@ use crate::support::{
 };
 
 /// A fresh bucket on the peer (moto accepts an unsigned create).
-async fn bucket(endpoint: &str, ws: &Workspace) -> String {
+pub(crate) async fn bucket(endpoint: &str, ws: &Workspace) -> String {
     let name = ws.unique_name("cdcflow", '-');
     let addr = endpoint.trim_start_matches("http://");
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -38,7 +38,7 @@ async fn bucket(endpoint: &str, ws: &Workspace) -> String {
     name
 }
 
-fn store(endpoint: &str, bucket: &str) -> Arc<dyn ObjectStore> {
+pub(crate) fn store(endpoint: &str, bucket: &str) -> Arc<dyn ObjectStore> {
     Arc::new(
         AmazonS3Builder::new()
             .with_endpoint(endpoint)
