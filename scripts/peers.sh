@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Real test peers on loopback, installed and started by the project itself.
-#   scripts/peers.sh {moto|bq|pg|all} {install|start|stop|status|env}
+#   scripts/peers.sh {moto|bq|pg|mariadb|all} {install|start|stop|status|env}
 # State (virtualenvs, logs, pids) lives in $PEERS_DIR (default ./.peers).
 #   moto       S3 API on 127.0.0.1:19000 (any credentials accepted)
 #   moto-auth  S3 API on 127.0.0.1:19001 that enforces credentials (for "wrong credentials" tests)
 #   bq         BigQuery REST API (bqemulator, DuckDB inside) on 127.0.0.1:19050, project test-proj
 #   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth)
+#   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
@@ -17,6 +18,7 @@ BQ_GRPC_PORT="${BQ_GRPC_PORT:-19060}"
 BQ_PROJECT="${BQ_PROJECT:-test-proj}"
 PG_PORT="${PG_PORT:-15432}"
 PG_BIN=/usr/lib/postgresql/15/bin
+MY_PORT="${MY_PORT:-13306}"
 mkdir -p "$PEERS_DIR"
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -122,8 +124,36 @@ pg_env() {
   echo "export CDCFLOW_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 }
 
+# MariaDB with the row binlog capture needs (ROW, FULL image, full row metadata for column names).
+MY_BIN_DIR="$PEERS_DIR/mariadb"
+my_admin() { mariadb-admin --no-defaults -h127.0.0.1 -P"$MY_PORT" -uroot "$@"; }
+mariadb_install() {
+  if ! command -v mariadbd >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server
+  fi
+  [ -d "$MY_BIN_DIR/data/mysql" ] && return 0
+  mkdir -p "$MY_BIN_DIR"
+  if [ "$(id -u)" = 0 ]; then chown mysql:mysql "$MY_BIN_DIR"; fi
+  mariadb-install-db --no-defaults --user=mysql --datadir="$MY_BIN_DIR/data" \
+    --auth-root-authentication-method=normal --skip-test-db >"$PEERS_DIR/mariadb-install.log" 2>&1
+}
+mariadb_start() {
+  mariadb_install
+  my_admin ping >/dev/null 2>&1 && return 0
+  nohup mariadbd --no-defaults --user=mysql --datadir="$MY_BIN_DIR/data" --port="$MY_PORT" \
+    --bind-address=127.0.0.1 --socket="$MY_BIN_DIR/mysqld.sock" --pid-file="$MY_BIN_DIR/mysqld.pid" \
+    --log-error="$MY_BIN_DIR/error.log" --log-bin="$MY_BIN_DIR/data/binlog" --binlog-format=ROW \
+    --binlog-row-image=FULL --binlog-row-metadata=FULL --server-id=1 --max-connections=300 \
+    --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
+    --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 >/dev/null 2>&1 &
+  wait_for "mariadb :$MY_PORT" 30 my_admin ping
+}
+mariadb_stop() { my_admin shutdown >/dev/null 2>&1 || true; }
+mariadb_status() { my_admin ping >/dev/null 2>&1 && echo "mariadb: up on 127.0.0.1:$MY_PORT" || echo "mariadb: down"; }
+mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; }
+
 peer=${1:-}; action=${2:-}
-usage="usage: $0 {moto|bq|pg|all} {install|start|stop|status|env}"
-case "$peer" in moto|bq|pg) peers=$peer ;; all) peers="moto bq pg" ;; *) echo "$usage" >&2; exit 2 ;; esac
+usage="usage: $0 {moto|bq|pg|mariadb|all} {install|start|stop|status|env}"
+case "$peer" in moto|bq|pg|mariadb) peers=$peer ;; all) peers="moto bq pg mariadb" ;; *) echo "$usage" >&2; exit 2 ;; esac
 case "$action" in install|start|stop|status|env) ;; *) echo "$usage" >&2; exit 2 ;; esac
 for p in $peers; do "${p}_${action}"; done

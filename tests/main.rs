@@ -4,6 +4,7 @@ mod support;
 
 mod bad_input;
 mod bigquery;
+mod capture_mysql;
 mod capture_pg;
 mod cli;
 mod crash;

@@ -1,12 +1,14 @@
 //! `cdcflow capture`: writes the DMS-format objects of DESIGN §1 from a
-//! PostgreSQL logical replication slot, as AWS DMS does.
+//! PostgreSQL logical replication slot or a MySQL / MariaDB row binlog, as
+//! AWS DMS does.
 //!
-//! Stages: [`postgres`] reads the source (full load, then the slot),
-//! [`pgoutput`] decodes the change stream, [`mapping`] applies the DMS
+//! Stages: [`postgres`] and [`mysql`] read the source (full load, then the
+//! change stream), [`pgoutput`] decodes PostgreSQL's stream, [`mapping`] applies the DMS
 //! table-mapping rules and masks, [`sink`] buffers rows and checkpoints,
 //! [`writer`] encodes and writes the objects.
 
 pub mod mapping;
+pub mod mysql;
 pub mod pgoutput;
 pub mod postgres;
 pub mod sink;
@@ -22,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::Shutdown;
 use crate::source;
 use mapping::{Mapping, MaskFile};
+use mysql::{MySettings, MySource};
 use postgres::{Mode, PgSettings, PgSource, Snapshot};
 use sink::Sink;
 use writer::{Layout, OutputFormat, Target};
@@ -45,11 +48,16 @@ pub struct CaptureFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureSource {
-    /// `postgres://user@host:port/database` (no password: see `password_env`).
+    /// `postgres://user@host:port/database` or `mysql://user@host:port/database`
+    /// (no password: see `password_env`).
     pub url: String,
-    /// Environment variable holding the password (default `PGPASSWORD`).
+    /// Environment variable holding the password (default `PGPASSWORD`, or
+    /// `MYSQL_PWD` for MySQL).
     #[serde(default)]
     pub password_env: Option<String>,
+    /// MySQL: the server id capture registers with as a replica (unique among them).
+    #[serde(default = "CaptureSource::default_server_id")]
+    pub server_id: u32,
     /// Publication; created for the selected tables when missing.
     #[serde(default = "CaptureSource::default_name")]
     pub publication: String,
@@ -79,6 +87,9 @@ impl CaptureSource {
     }
     fn default_parallel_load() -> usize {
         4
+    }
+    fn default_server_id() -> u32 {
+        4_271
     }
 }
 
@@ -144,10 +155,16 @@ impl CaptureTarget {
     }
 }
 
+/// The database capture reads.
+enum Database {
+    Postgres(PgSettings),
+    Mysql(MySettings),
+}
+
 /// A checked capture file, ready to run.
 pub struct Capture {
     file: CaptureFile,
-    pg: PgSettings,
+    database: Database,
     interval: Duration,
 }
 
@@ -166,7 +183,18 @@ impl Capture {
                 problems: vec![format!("`target.interval`: {e}")],
             })?;
         let mut url = file.source.url.clone();
-        let password_env = file.source.password_env.as_deref().unwrap_or("PGPASSWORD");
+        let mysql = url.starts_with("mysql://") || url.starts_with("mariadb://");
+        if !mysql && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(Error::Config {
+                path: path.display().to_string(),
+                problems: vec![format!(
+                    "`source.url`: {:?} is neither postgres://… nor mysql://…",
+                    postgres::redact_url(&url)
+                )],
+            });
+        }
+        let default_env = if mysql { "MYSQL_PWD" } else { "PGPASSWORD" };
+        let password_env = file.source.password_env.as_deref().unwrap_or(default_env);
         if let Ok(password) = std::env::var(password_env)
             && let Ok(mut u) = url::Url::parse(&url)
             && u.password().is_none()
@@ -174,15 +202,29 @@ impl Capture {
             let _ = u.set_password(Some(&password));
             url = u.to_string();
         }
-        let pg = PgSettings {
-            url,
-            publication: file.source.publication.clone(),
-            slot: file.source.slot.clone(),
-            mode: file.source.mode,
-            max_changes: file.source.max_changes.max(1),
-            parallel_load: file.source.parallel_load,
+        let database = if mysql {
+            Database::Mysql(MySettings {
+                url: url.replacen("mariadb://", "mysql://", 1),
+                server_id: file.source.server_id,
+                full_load: file.source.mode != Mode::Cdc,
+                cdc: file.source.mode != Mode::FullLoad,
+                max_changes: file.source.max_changes.max(1) as usize,
+            })
+        } else {
+            Database::Postgres(PgSettings {
+                url,
+                publication: file.source.publication.clone(),
+                slot: file.source.slot.clone(),
+                mode: file.source.mode,
+                max_changes: file.source.max_changes.max(1),
+                parallel_load: file.source.parallel_load,
+            })
         };
-        Ok(Capture { file, pg, interval })
+        Ok(Capture {
+            file,
+            database,
+            interval,
+        })
     }
 
     async fn sink(&self) -> Result<Sink> {
@@ -232,23 +274,36 @@ impl Capture {
     /// written (full load and changes).
     pub async fn run(&self, once: bool, stop: &Shutdown) -> Result<u64> {
         let mut sink = self.sink().await?;
-        let source = PgSource::connect(self.pg.clone()).await?;
-        source.prepare(&sink).await?;
+        match &self.database {
+            Database::Postgres(pg) => self.run_postgres(pg, &mut sink, once, stop).await,
+            Database::Mysql(my) => run_mysql(my, &mut sink, once, stop).await,
+        }
+    }
+
+    async fn run_postgres(
+        &self,
+        pg: &PgSettings,
+        sink: &mut Sink,
+        once: bool,
+        stop: &Shutdown,
+    ) -> Result<u64> {
+        let source = PgSource::connect(pg.clone()).await?;
+        source.prepare(sink).await?;
         let mut seen: Option<Snapshot> = sink
             .checkpoint
             .full_load
             .as_ref()
             .and_then(|v| serde_json::from_value(v.clone()).ok());
         let mut loaded = 0;
-        if self.pg.mode != Mode::Cdc && seen.is_none() {
-            let (snapshot, rows) = source.full_load(&mut sink).await?;
+        if pg.mode != Mode::Cdc && seen.is_none() {
+            let (snapshot, rows) = source.full_load(sink).await?;
             loaded = rows;
             sink.write_schema_files().await?;
             sink.checkpoint.full_load = Some(serde_json::to_value(&snapshot).expect("json"));
             sink.save().await?;
             seen = Some(snapshot);
         }
-        if self.pg.mode == Mode::FullLoad {
+        if pg.mode == Mode::FullLoad {
             return Ok(loaded);
         }
         let end = if once {
@@ -262,7 +317,7 @@ impl Capture {
             relations.clear();
             let before = sink.rows();
             let position = source
-                .poll(&mut sink, end, seen.as_ref(), &mut relations)
+                .poll(sink, end, seen.as_ref(), &mut relations)
                 .await?;
             let Some(lsn) = position else {
                 if once {
@@ -272,7 +327,7 @@ impl Capture {
                 continue;
             };
             if sink.has_rows() {
-                let objects = sink.commit(pgoutput::format_lsn(lsn)).await?;
+                let objects = sink.commit().await?;
                 tracing::info!(
                     lsn = %pgoutput::format_lsn(lsn),
                     rows = sink.rows() - before,
@@ -282,6 +337,7 @@ impl Capture {
             }
             crate::failpoint::hit("capture.before_confirm");
             source.confirm(lsn).await?;
+            sink.confirm(pgoutput::format_lsn(lsn)).await?;
         }
         tracing::info!(
             rows = sink.rows(),
@@ -291,17 +347,36 @@ impl Capture {
         Ok(loaded + sink.rows())
     }
 
-    /// `status`: the checkpoint and how far the slot is behind the server.
+    /// `status`: the checkpoint and how far capture is behind the server.
     pub async fn status(&self) -> Result<String> {
         let sink = self.sink().await?;
-        let source = PgSource::connect(self.pg.clone()).await?;
-        let lag = source.lag().await?;
+        let behind = match &self.database {
+            Database::Postgres(pg) => {
+                let source = PgSource::connect(pg.clone()).await?;
+                postgres::describe_lag(source.lag().await?, &pg.slot)
+            }
+            Database::Mysql(my) => {
+                let mut source = MySource::connect(my.clone()).await?;
+                let server = source.current_position().await?;
+                match mysql::sink_position(&sink) {
+                    None => "no position yet (capture has not run)".to_string(),
+                    Some(at) if at.file == server.file => format!(
+                        "binlog {}:{}, server at {}:{}, behind by {} bytes",
+                        at.file,
+                        at.pos,
+                        server.file,
+                        server.pos,
+                        server.pos.saturating_sub(at.pos)
+                    ),
+                    Some(at) => format!(
+                        "binlog {}:{}, server at {}:{}: behind by at least one binlog file",
+                        at.file, at.pos, server.file, server.pos
+                    ),
+                }
+            }
+        };
         let cp = &sink.checkpoint;
-        let mut out = format!(
-            "capture {}: {}\n",
-            self.file.name,
-            postgres::describe_lag(lag, &self.pg.slot)
-        );
+        let mut out = format!("capture {}: {behind}\n", self.file.name);
         out.push_str(&format!(
             "full load: {}\nlast checkpoint: {} at {}\n",
             if cp.full_load.is_some() {
@@ -325,6 +400,38 @@ impl Capture {
     }
 }
 
+/// MySQL / MariaDB: the full load when due, then the binlog from the
+/// confirmed position.
+async fn run_mysql(my: &MySettings, sink: &mut Sink, once: bool, stop: &Shutdown) -> Result<u64> {
+    let mut source = MySource::connect(my.clone()).await?;
+    let mut loaded = 0;
+    let mut from = mysql::sink_position(sink);
+    if my.full_load && sink.checkpoint.full_load.is_none() {
+        let (position, rows) = source.full_load(sink).await?;
+        loaded = rows;
+        sink.write_schema_files().await?;
+        sink.checkpoint.full_load = Some(serde_json::to_value(&position).expect("json"));
+        sink.confirm(serde_json::to_string(&position).expect("json"))
+            .await?;
+        from = Some(position);
+    }
+    if !my.cdc {
+        return Ok(loaded);
+    }
+    let from = match from {
+        Some(from) => from,
+        None => {
+            // CDC only, first run: from now on; recorded before anything is read.
+            let now = source.current_position().await?;
+            sink.confirm(serde_json::to_string(&now).expect("json"))
+                .await?;
+            now
+        }
+    };
+    let rows = source.stream(sink, from, once, stop).await?;
+    Ok(loaded + rows)
+}
+
 async fn sleep_unless_stopped(total: Duration, stop: &Shutdown) {
     let step = Duration::from_millis(100);
     let until = Instant::now() + total;
@@ -341,7 +448,9 @@ mod tests {
     fn the_example_capture_file_and_rules_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/capture");
         let capture = Capture::load(&dir.join("postgres.toml")).unwrap();
-        assert_eq!(capture.pg.mode, Mode::FullLoadAndCdc);
+        assert!(
+            matches!(&capture.database, Database::Postgres(pg) if pg.mode == Mode::FullLoadAndCdc)
+        );
         assert_eq!(capture.interval, Duration::from_secs(10));
         let rules = std::fs::read_to_string(dir.join("mapping.json")).unwrap();
         let mapping = Mapping::new(Some(&rules), &[]).unwrap();

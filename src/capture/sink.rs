@@ -5,7 +5,9 @@
 //!    [`Sink::row`]), in commit order, each row with its change sequence;
 //! 2. [`Sink::commit`] writes the checkpoint naming the objects it is about
 //!    to write (with each object's last sequence), then the objects;
-//! 3. only then does the source confirm the chunk's end position to the server.
+//! 3. only then is the chunk's end position confirmed: to the server (a
+//!    PostgreSQL slot), and by [`Sink::confirm`] in the checkpoint (where a
+//!    MySQL binlog reader resumes).
 //!
 //! After a crash the server sends the unconfirmed chunk again. Objects of the
 //! checkpoint's pending list that exist hold rows up to their last sequence;
@@ -303,9 +305,9 @@ impl Sink {
         !self.ready.is_empty() || self.tables.values().any(|t| t.buffer.is_some())
     }
 
-    /// Writes every buffered row and the checkpoint (see the module contract);
-    /// `position` is where the source resumes once these objects exist.
-    pub async fn commit(&mut self, position: String) -> Result<usize> {
+    /// Writes the checkpoint naming the objects, then every buffered row as
+    /// objects (see the module contract). Returns the objects written.
+    pub async fn commit(&mut self) -> Result<usize> {
         for (id, state) in &mut self.tables {
             if let Some(buf) = state.buffer.take() {
                 self.ready.push((id.clone(), buf));
@@ -331,7 +333,6 @@ impl Sink {
         }
         self.write_schema_files().await?;
         self.checkpoint.pending = objects.iter().map(|(p, _)| p.clone()).collect();
-        self.checkpoint.position = Some(position);
         self.save().await?;
         crate::failpoint::hit("capture.after_checkpoint");
         let written = objects.len();
@@ -341,6 +342,14 @@ impl Sink {
             crate::failpoint::hit("capture.after_first_object");
         }
         Ok(written)
+    }
+
+    /// Records that the source has everything before `position` in objects:
+    /// where the next run resumes.
+    pub async fn confirm(&mut self, position: String) -> Result<()> {
+        self.checkpoint.position = Some(position);
+        self.checkpoint.pending.clear();
+        self.save().await
     }
 
     /// Writes the checkpoint.

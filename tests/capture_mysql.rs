@@ -1,0 +1,317 @@
+//! `cdcflow capture` against a real MariaDB (scripts/peers.sh mariadb): the
+//! binlog objects, run through the pipeline, give tables equal to the source,
+//! with every change once across crashes and binlog rotation.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts};
+
+use crate::support::{Workspace, output, peer};
+
+/// A fresh database for one test, dropped at the end.
+struct Db {
+    name: String,
+    url: String,
+    conn: Conn,
+}
+
+impl Db {
+    async fn new(ws: &Workspace) -> Option<Db> {
+        let base = peer("CDCFLOW_TEST_MYSQL_URL")?;
+        let name = ws.unique_name("cap_", '_');
+        let mut admin = Conn::new(Opts::from_url(&base).unwrap()).await.unwrap();
+        admin
+            .query_drop(format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = format!("{base}/{name}");
+        let conn = Conn::new(Opts::from_url(&url).unwrap()).await.unwrap();
+        Some(Db { name, url, conn })
+    }
+
+    /// Runs `sql`; returns the rows it changed (the binlog's row count).
+    async fn exec(&mut self, sql: &str) -> u64 {
+        self.conn
+            .query_drop(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.conn.affected_rows()
+    }
+
+    async fn rows(&mut self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let rows: Vec<mysql_async::Row> = self.conn.query(sql).await.unwrap();
+        let mut out: Vec<Vec<Option<String>>> = rows
+            .into_iter()
+            .map(|r| {
+                r.unwrap()
+                    .into_iter()
+                    .map(|v| match v {
+                        mysql_async::Value::NULL => None,
+                        mysql_async::Value::Bytes(b) => Some(String::from_utf8(b).unwrap()),
+                        other => Some(other.as_sql(true)),
+                    })
+                    .collect()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    async fn drop(mut self) {
+        let _ = self
+            .conn
+            .query_drop(format!("DROP DATABASE {}", self.name))
+            .await;
+    }
+}
+
+fn write_configs(ws: &Workspace, db: &Db) {
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            "name = \"my\"\n[source]\nurl = \"{}\"\nmax_changes = 100\nserver_id = {}\n\
+             [target]\nurl = \"file://{}\"\nmax_rows = 70\n",
+            db.url,
+            // A replica id of its own: tests run side by side.
+            5000 + (db.name.bytes().map(u32::from).sum::<u32>() % 1000),
+            ws.path("objects").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"my\"\n[source]\nurl = \"file://{objects}\"\ntimestamp_column = \"dms_timestamp\"\n\
+             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
+             [state]\nurl = \"sqlite://{state}\"\n[warehouse]\nkind = \"local\"\npath = \"{wh}\"\n\
+             [[tables]]\nschema = \"{db}\"\nname = \"orders\"\nprimary_key = [\"id\"]\n\
+             [[tables]]\nschema = \"{db}\"\nname = \"items\"\nprimary_key = [\"order_id\", \"line_no\"]\n",
+            objects = ws.path("objects").display(),
+            state = ws.path("state.db").display(),
+            wh = ws.path("warehouse").display(),
+            db = db.name,
+        ),
+    )
+    .unwrap();
+}
+
+fn capture_once(ws: &Workspace, env: &[(&str, &str)]) -> String {
+    let out = ws.cdcflow(&["capture", "--config", "capture.toml", "--once"], env);
+    let text = output(&out);
+    assert!(out.status.success(), "capture failed:\n{text}");
+    text
+}
+
+/// The warehouse's rows of `sql`, every column cast to text, sorted.
+async fn warehouse_rows(ws: &Workspace, sql: &str) -> Vec<Vec<Option<String>>> {
+    use arrow::array::{Array, AsArray};
+    let mut out = Vec::new();
+    for batch in ws.query(sql).await {
+        for row in 0..batch.num_rows() {
+            out.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
+                        let c = c.as_string::<i32>();
+                        (!c.is_null(row)).then(|| c.value(row).to_string())
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+const ORDERS_MY: &str = "SELECT CAST(id AS CHAR), customer, CAST(amount AS CHAR), status, tags, \
+     CAST(ROUND(UNIX_TIMESTAMP(created_at) * 1000000) AS CHAR), CAST(d AS CHAR), LOWER(HEX(bin)), \
+     CAST(small AS CHAR), CAST(big AS CHAR), doc FROM orders";
+const ORDERS_WH: &str = "SELECT CAST(id AS VARCHAR), customer, CAST(amount AS VARCHAR), status, tags, \
+     CAST(CAST(created_at AS BIGINT) AS VARCHAR), CAST(d AS VARCHAR), encode(bin, 'hex'), \
+     CAST(small AS VARCHAR), CAST(big AS VARCHAR), doc FROM orders";
+const ITEMS_MY: &str =
+    "SELECT CAST(order_id AS CHAR), CAST(line_no AS CHAR), CAST(qty AS CHAR), sku FROM items";
+const ITEMS_WH: &str = "SELECT CAST(order_id AS VARCHAR), CAST(line_no AS VARCHAR), \
+     CAST(qty AS VARCHAR), sku FROM items";
+
+async fn load_and_compare(ws: &Workspace, db: &mut Db, history: u64) {
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        warehouse_rows(ws, ORDERS_WH).await,
+        db.rows(ORDERS_MY).await
+    );
+    assert_eq!(warehouse_rows(ws, ITEMS_WH).await, db.rows(ITEMS_MY).await);
+    let found = warehouse_rows(
+        ws,
+        "SELECT CAST((SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history) AS VARCHAR)",
+    )
+    .await;
+    assert_eq!(
+        found,
+        vec![vec![Some(history.to_string())]],
+        "history holds every change once"
+    );
+}
+
+async fn create_tables(db: &mut Db) -> u64 {
+    db.exec(
+        "CREATE TABLE orders(id bigint PRIMARY KEY, customer varchar(100), amount decimal(12,2),
+           status enum('new','paid','it''s'), tags set('a','b','c'), created_at datetime(6), d date,
+           bin varbinary(16), small tinyint unsigned, big bigint unsigned, doc json)",
+    )
+    .await;
+    db.exec("CREATE TABLE items(order_id bigint, line_no int, qty int, sku text, PRIMARY KEY (order_id, line_no))")
+        .await;
+    let mut rows = db
+        .exec(
+            "INSERT INTO orders VALUES
+               (1, 'Ünï, \"q\"', 12.50, 'paid', 'a,c', '2024-05-01 10:00:00.123456', '2024-05-01', x'00ff', 255, 18446744073709551615, '{\"k\": [1, 2]}'),
+               (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+               (3, '', 0, 'it''s', '', '1999-12-31 23:59:59', '1999-12-31', x'', 0, 0, '[]')",
+        )
+        .await;
+    for i in 0..4 {
+        rows += db
+            .exec(&format!(
+                "INSERT INTO orders(id, customer, amount, status) SELECT seq + {base}, CONCAT('c', seq), seq / 4, 'new' FROM seq_1_to_50",
+                base = 100 + i * 50
+            ))
+            .await;
+    }
+    rows += db
+        .exec("INSERT INTO items SELECT seq DIV 3, seq MOD 3, seq, CONCAT('sku-', seq) FROM seq_1_to_150")
+        .await;
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binlog_capture_gives_the_source_tables() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    let loaded = create_tables(&mut db).await;
+    write_configs(&ws, &db);
+    let text = capture_once(&ws, &[]);
+    assert!(
+        text.contains(&format!("captured {loaded} changes")),
+        "{loaded}: {text}"
+    );
+    load_and_compare(&ws, &mut db, loaded).await;
+
+    let mut changes = 0;
+    changes += db
+        .exec("UPDATE orders SET amount = amount + 1, status = 'paid', tags = 'b' WHERE id <= 120")
+        .await;
+    db.exec("BEGIN").await;
+    changes += db
+        .exec("DELETE FROM orders WHERE id BETWEEN 130 AND 139")
+        .await;
+    changes += db
+        .exec("INSERT INTO items VALUES (1, 7, 1, 'in txn'), (2, 7, 1, NULL)")
+        .await;
+    db.exec("COMMIT").await;
+    // Key updates: a delete of the old key and an insert of the new one each.
+    changes += 2 * db
+        .exec("UPDATE orders SET id = id + 10000 WHERE id BETWEEN 140 AND 144")
+        .await;
+    changes += 2 * db
+        .exec("UPDATE items SET line_no = line_no + 100 WHERE order_id = 3")
+        .await;
+    // A new column mid-stream: a new schema version, and the pipeline adds it.
+    db.exec("ALTER TABLE items ADD COLUMN note varchar(20)")
+        .await;
+    changes += db
+        .exec("UPDATE items SET note = 'noted', qty = qty * 2 WHERE order_id = 5")
+        .await;
+    // Delete then insert again the same key, in one transaction.
+    db.exec("BEGIN").await;
+    changes += db.exec("DELETE FROM orders WHERE id = 150").await;
+    changes += db
+        .exec("INSERT INTO orders(id, customer) VALUES (150, 'reborn')")
+        .await;
+    db.exec("COMMIT").await;
+    let text = capture_once(&ws, &[]);
+    assert!(
+        text.contains(&format!("captured {changes} changes")),
+        "{changes}: {text}"
+    );
+    load_and_compare(&ws, &mut db, loaded + changes).await;
+    let notes = warehouse_rows(
+        &ws,
+        "SELECT CAST(line_no AS VARCHAR), note FROM items WHERE note IS NOT NULL",
+    )
+    .await;
+    assert_eq!(
+        notes,
+        db.rows("SELECT CAST(line_no AS CHAR), note FROM items WHERE note IS NOT NULL")
+            .await
+    );
+
+    // TRUNCATE is one change; rows inserted after it stay.
+    db.exec("TRUNCATE TABLE items").await;
+    let after = db
+        .exec("INSERT INTO items(order_id, line_no, qty) VALUES (9, 9, 9)")
+        .await;
+    capture_once(&ws, &[]);
+    load_and_compare(&ws, &mut db, loaded + changes + 1 + after).await;
+
+    let status = output(&ws.cdcflow(&["capture", "--config", "capture.toml", "--status"], &[]));
+    assert!(status.contains("behind by"), "{status}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_and_binlog_rotation_lose_and_double_nothing() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    let loaded = create_tables(&mut db).await;
+    write_configs(&ws, &db);
+    capture_once(&ws, &[]);
+    let mut changes = 0;
+    let failpoints = cdcflow::failpoint::CAPTURE_NAMES
+        .iter()
+        .flat_map(|name| [format!("{name}@1"), format!("{name}@2")]);
+    for (round, failpoint) in failpoints.enumerate() {
+        let base = 1000 * (round as u64 + 1);
+        changes += db
+            .exec(&format!(
+                "INSERT INTO items SELECT {base}, seq, seq, 'x' FROM seq_1_to_150"
+            ))
+            .await;
+        changes += db
+            .exec(&format!(
+                "UPDATE orders SET amount = amount + 1 WHERE id <= {}",
+                110 + round * 10
+            ))
+            .await;
+        changes += db
+            .exec(&format!(
+                "DELETE FROM items WHERE order_id = {base} AND line_no % 3 = 0"
+            ))
+            .await;
+        let crashed = ws.cdcflow(
+            &["capture", "--config", "capture.toml", "--once"],
+            &[("CDCFLOW_FAILPOINT", failpoint.as_str())],
+        );
+        assert!(
+            !crashed.status.success(),
+            "{failpoint} was not reached:\n{}",
+            output(&crashed)
+        );
+        // A new binlog file: the next run resumes by GTID across it.
+        db.exec("FLUSH BINARY LOGS").await;
+        capture_once(&ws, &[]);
+    }
+    let checkpoint = std::fs::read_to_string(ws.path("objects/_cdcflow/capture-my.json")).unwrap();
+    assert!(
+        checkpoint.contains("gtid") && checkpoint.contains("0-1-"),
+        "{checkpoint}"
+    );
+    load_and_compare(&ws, &mut db, loaded + changes).await;
+    db.drop().await;
+}
