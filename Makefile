@@ -18,10 +18,10 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
 	$(BIN) status --pipeline $(EXAMPLE)
 
-test: peers-up ## Run every test (unit and integration); starts the S3 (moto) and BigQuery (bqemulator) peers first
+test: peers-up ## Run every test (unit and integration); starts the peers first (moto S3, bqemulator, PostgreSQL, MariaDB)
 	eval "$$(scripts/peers.sh all env)" && $(CARGO) test
 
-bench: ## Benchmark vs DuckDB and Polars (release build; BENCH_ROWS=1000000 for a quick look); writes BENCH.md
+bench: ## Benchmark vs DuckDB, Polars, pg_recvlogical, mariadb-binlog (release; BENCH_ROWS=1000000 quick); writes BENCH.md
 	scripts/bench.sh
 
 peers-up: ## Install (first time) and start the test peers on loopback

@@ -24,12 +24,12 @@ BIN="$CARGO_TARGET_DIR/release/cdcflow"
 mkdir -p "$OUT"
 RESULTS="$OUT/results.tsv"
 PARTS="${BENCH_PARTS:-pipeline capture}"
-# Keep the last results of the parts not run now (capture rows have format pgoutput).
+# Keep the last results of the parts not run now (capture rows have format pgoutput or binlog).
 touch "$RESULTS"
 case " $PARTS " in
   *" pipeline "*" capture "*|*" capture "*" pipeline "*) : >"$RESULTS" ;;
-  *" pipeline "*) grep -P '\tpgoutput\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
-  *" capture "*) grep -vP '\tpgoutput\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
+  *" pipeline "*) grep -P '\t(pgoutput|binlog)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
+  *" capture "*) grep -vP '\t(pgoutput|binlog)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
 esac
 
 # measure NAME FORMAT CHANGES OUTPUT CMD...: wall seconds and peak RSS of CMD, appended to results.tsv.

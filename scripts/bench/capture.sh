@@ -48,3 +48,43 @@ got=$("$BIN" capture --config "$OUT/capture/capture.toml" --status | grep -c 'la
 grep -q "captured $CAPTURE_ROWS changes" "$OUT/cdcflow_capture-pgoutput.log" || {
   echo "bench: cdcflow capture did not capture $CAPTURE_ROWS changes; see $OUT/cdcflow_capture-pgoutput.log" >&2; exit 1; }
 "${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('bench_recv', 'bench_cdcflow')" >/dev/null
+
+# MariaDB: the same CAPTURE_ROWS changes in the row binlog, read by mariadb-binlog (decoding the
+# rows, output to /dev/null) and by `cdcflow capture --once` (Parquet objects), from one position.
+scripts/peers.sh mariadb start >/dev/null
+eval "$(scripts/peers.sh mariadb env)"
+MY=(mariadb --no-defaults -h127.0.0.1 -P13306 -uroot)
+"${MY[@]}" -e "DROP DATABASE IF EXISTS bench_capture; CREATE DATABASE bench_capture;
+  CREATE TABLE bench_capture.bench(id bigint PRIMARY KEY, t varchar(40), n decimal(12,2), ts timestamp(6) NULL)"
+cat >"$OUT/capture/mariadb.toml" <<TOML
+name = "bench-mariadb"
+[source]
+url = "$CDCFLOW_TEST_MYSQL_URL/bench_capture"
+mode = "cdc"
+server_id = 4999
+[target]
+url = "file://$OUT/capture/mariadb-objects"
+TOML
+rm -rf "$OUT/capture/mariadb-objects"
+"$BIN" capture --config "$OUT/capture/mariadb.toml" --once >/dev/null  # records the start position
+read -r MY_FILE MY_POS < <("${MY[@]}" -N -e "SHOW MASTER STATUS" | cut -f1,2)
+"${MY[@]}" bench_capture -e "
+  DELIMITER //
+  CREATE PROCEDURE fill() BEGIN
+    DECLARE b INT DEFAULT 0;
+    WHILE b < $CAPTURE_ROWS / 1000 DO
+      INSERT INTO bench SELECT b * 1000 + seq, CONCAT('row ', b * 1000 + seq), (b * 1000 + seq) * 0.01, NOW(6) FROM seq_1_to_1000;
+      COMMIT;
+      SET b = b + 1;
+    END WHILE;
+  END //
+  DELIMITER ;
+  SET autocommit = 0; CALL fill();"
+echo "capture: $CAPTURE_ROWS changes in the binlog from $MY_FILE:$MY_POS"
+measure mariadb-binlog binlog "$CAPTURE_ROWS" /dev/null \
+  mariadb-binlog --no-defaults --read-from-remote-server -h127.0.0.1 -P13306 -uroot \
+  --base64-output=DECODE-ROWS -v --start-position="$MY_POS" --to-last-log "$MY_FILE" --result-file=/dev/null
+measure "cdcflow capture" binlog "$CAPTURE_ROWS" "$OUT/capture/mariadb-objects" \
+  "$BIN" capture --config "$OUT/capture/mariadb.toml" --once
+grep -q "captured $CAPTURE_ROWS changes" "$OUT/cdcflow_capture-binlog.log" || {
+  echo "bench: cdcflow capture did not capture $CAPTURE_ROWS binlog changes; see $OUT/cdcflow_capture-binlog.log" >&2; exit 1; }
