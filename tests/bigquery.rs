@@ -568,3 +568,60 @@ async fn json_datetime_bytes_uuid_and_numeric_columns_keep_their_values() {
         );
     }
 }
+
+/// A truncate (`Op` T, written by capture) in the second batch: the row
+/// changed before it in the batch and the row loaded before it that the batch
+/// does not touch are gone; rows changed after it stay.
+async fn a_truncate_removes_every_older_row(ws: &Workspace, warehouse: &str) {
+    let dir = ws.source().join("public/tt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("LOAD00000001.csv"), "1,a\n2,b\n3,c\n").unwrap();
+    let pipeline = format!(
+        "name = \"test\"\n[source]\nurl = \"file://{}\"\n[state]\nurl = \"sqlite://{}/state.db\"\n\
+         [warehouse]\n{warehouse}\n[[tables]]\nschema = \"public\"\nname = \"tt\"\nprimary_key = [\"id\"]\n\
+         columns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"v\", type = \"text\" }}]\n",
+        ws.source().display(),
+        ws.dir.path().display(),
+    );
+    std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    std::fs::write(
+        dir.join("20240102-000000000.csv"),
+        "U,2,b2\nT,,\nI,4,d\nU,3,c3\n",
+    )
+    .unwrap();
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    let text = |v: &str| cdcflow::synth::Value::Text(v.to_string());
+    let got = rows(&ws.query("SELECT v FROM tt ORDER BY id").await);
+    assert_eq!(got, vec![vec![text("c3")], vec![text("d")]]);
+    let history = rows(
+        &ws.query("SELECT op FROM tt_history ORDER BY change_seq")
+            .await,
+    );
+    let ops: Vec<_> = ["I", "I", "I", "U", "T", "I", "U"]
+        .map(|o| vec![text(o)])
+        .into();
+    assert_eq!(history, ops);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_in_bigquery() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let dataset = dataset(&endpoint, &ws).await;
+    a_truncate_removes_every_older_row(&ws, &bigquery(&endpoint, &dataset)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_in_the_local_warehouse() {
+    let ws = Workspace::new();
+    let local = format!(
+        "kind = \"local\"\npath = \"{}/warehouse\"",
+        ws.dir.path().display()
+    );
+    a_truncate_removes_every_older_row(&ws, &local).await;
+}
