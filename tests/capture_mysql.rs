@@ -260,6 +260,26 @@ async fn binlog_capture_gives_the_source_tables() {
 
     let status = output(&ws.cdcflow(&["capture", "--config", "capture.toml", "--status"], &[]));
     assert!(status.contains("behind by"), "{status}");
+
+    // A user without the replication grants is told which to add.
+    let user = format!("u{}", &db.name[db.name.len() - 8..]);
+    db.exec(&format!("CREATE USER '{user}'@'127.0.0.1'")).await;
+    db.exec(&format!(
+        "GRANT SELECT ON {}.* TO '{user}'@'127.0.0.1'",
+        db.name
+    ))
+    .await;
+    let config = std::fs::read_to_string(ws.path("capture.toml")).unwrap();
+    let url = db.url.replacen("root@", &format!("{user}@"), 1);
+    std::fs::write(ws.path("capture.toml"), config.replacen(&db.url, &url, 1)).unwrap();
+    let refused = ws.cdcflow(&["capture", "--config", "capture.toml", "--once"], &[]);
+    assert!(!refused.status.success());
+    assert!(
+        output(&refused).contains("GRANT REPLICATION SLAVE"),
+        "{}",
+        output(&refused)
+    );
+    db.exec(&format!("DROP USER '{user}'@'127.0.0.1'")).await;
     db.drop().await;
 }
 

@@ -100,6 +100,7 @@ max_changes = 200
 url = "file://{objects}"
 max_rows = 150
 interval = "50ms"
+date_folders = true
 "#,
             url = db.url,
             slot = db.name,
@@ -482,6 +483,27 @@ async fn kill_9_during_a_live_workload_loses_and_doubles_nothing() {
     }
     let changes = workload.await.unwrap();
     assert!(kills >= 3, "only {kills} kills: the workload was too short");
+    // Streaming capture stops cleanly on SIGTERM, having written what it read.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+        .current_dir(ws.dir.path())
+        .args(["capture", "--config", "capture.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = child.wait_with_output().unwrap();
+    assert!(stopped.status.success(), "SIGTERM: {}", output(&stopped));
+    assert!(
+        output(&stopped).contains("captured"),
+        "{}",
+        output(&stopped)
+    );
     capture_once(&ws, &[]);
     let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
     assert!(out.status.success(), "{}", output(&out));

@@ -289,6 +289,7 @@ impl Capture {
     ) -> Result<u64> {
         let source = PgSource::connect(pg.clone()).await?;
         source.prepare(sink).await?;
+        source.wait_for_slot().await?;
         let mut seen: Option<Snapshot> = sink
             .checkpoint
             .full_load

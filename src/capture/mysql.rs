@@ -886,16 +886,6 @@ impl MySource {
         }
         Ok(in_chunk)
     }
-
-    /// Whether this is a MariaDB server.
-    pub fn is_mariadb(&self) -> bool {
-        self.mariadb
-    }
-
-    /// The settings.
-    pub fn settings(&self) -> &MySettings {
-        &self.settings
-    }
 }
 
 async fn commit(sink: &mut Sink, at: &Position) -> Result<()> {

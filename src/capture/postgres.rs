@@ -288,16 +288,34 @@ impl PgSource {
         }
     }
 
-    /// Drops the slot (a full load that did not finish starts over with a new one).
-    pub async fn drop_slot(&self) -> Result<()> {
-        self.client
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.settings.slot],
-            )
-            .await
-            .map_err(pg("dropping the slot"))?;
-        Ok(())
+    /// Waits until no other session uses the slot: after a crash the old
+    /// session can hold it for a moment; a live one is another capture.
+    pub async fn wait_for_slot(&self) -> Result<()> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        loop {
+            let pid: Option<i32> = self
+                .catalog
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&self.settings.slot],
+                )
+                .await
+                .map_err(pg("reading the slot"))?
+                .map(|r| r.get(0));
+            let Some(pid) = pid else { return Ok(()) };
+            if started.elapsed() > WAIT {
+                return Err(Error::capture(
+                    format!("slot {}", self.settings.slot),
+                    format!(
+                        "in use by server process {pid} for {} s: another capture runs on this slot \
+                         (one process per slot), or stop that session with pg_terminate_backend({pid})",
+                        WAIT.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// The selected tables of the publication with their columns and keys.

@@ -229,11 +229,6 @@ impl Buffer {
         &self.table
     }
 
-    /// Rows buffered.
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
     /// No rows buffered.
     pub fn is_empty(&self) -> bool {
         self.count == 0
