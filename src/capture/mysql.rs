@@ -164,12 +164,12 @@ fn binlog_text(value: &BinlogValue<'_>, column: &MyColumn) -> Result<String, Str
             let micros: u32 = format!("{micros:0<6}")[..6].parse().unwrap_or(0);
             let at = chrono::DateTime::from_timestamp(secs, micros * 1000)
                 .ok_or_else(|| format!("a timestamp, found {text}"))?;
-            at.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()
+            utc_text(at)
         }
         (MyValue::Int(secs), SqlType::TimestampTz) => {
             let at = chrono::DateTime::from_timestamp(*secs, 0)
                 .ok_or_else(|| format!("a timestamp, found {secs}"))?;
-            at.format("%Y-%m-%d %H:%M:%S+00").to_string()
+            utc_text(at)
         }
         (MyValue::Bytes(b), SqlType::Text) if column.set => {
             let mut mask = 0u64;
@@ -206,6 +206,22 @@ fn binlog_text(value: &BinlogValue<'_>, column: &MyColumn) -> Result<String, Str
         ),
         (MyValue::NULL, _) => return Err("NULL (handled before)".into()),
     })
+}
+
+/// `yyyy-MM-dd HH:mm:ss.ffffff+00`, formatted by hand (chrono's strftime
+/// was a tenth of binlog capture's time).
+fn utc_text(at: chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+        at.year(),
+        at.month(),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.timestamp_subsec_micros()
+    )
 }
 
 fn label(column: &MyColumn, index: u64) -> String {

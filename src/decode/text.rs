@@ -63,12 +63,29 @@ pub(crate) fn parse_decimal(s: &str, precision: u8, scale: i8) -> Result<i128, S
     Ok(if negative { -value } else { value })
 }
 
+/// The number written by the ASCII digits `b[range]`.
+fn digits(b: &[u8], range: std::ops::Range<usize>) -> Option<u32> {
+    b[range].iter().try_fold(0u32, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+    })
+}
+
+/// `yyyy-MM-dd` exactly (parsed by hand: chrono's format parser was a tenth
+/// of the time of decoding a timestamp column).
+fn ymd(s: &str) -> Option<NaiveDate> {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    NaiveDate::from_ymd_opt(digits(b, 0..4)? as i32, digits(b, 5..7)?, digits(b, 8..10)?)
+}
+
 /// `yyyy-MM-dd`, as days since 1970-01-01. A midnight time part
 /// (`1994-06-07 00:00:00`, as Oracle DATE is written) is accepted.
 pub(crate) fn parse_date(s: &str) -> Result<i32, &'static str> {
     const EXPECTED: &str = "a date yyyy-MM-dd";
     let (date, rest) = s.split_at(s.len().min(10));
-    let date = NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| EXPECTED)?;
+    let date = ymd(date).ok_or(EXPECTED)?;
     if !rest.is_empty() {
         let time = rest.trim_start_matches([' ', 'T']);
         if time
@@ -98,7 +115,7 @@ pub(crate) fn parse_timestamp(s: &str, with_zone: bool) -> Result<i64, &'static 
         return Err(expected);
     }
     let (date_str, rest) = s.split_at(10);
-    let date = NaiveDate::parse_from_str(date_str, "%Y-%m-%d").map_err(|_| expected)?;
+    let date = ymd(date_str).ok_or(expected)?;
     let (time, offset_secs) = if rest.is_empty() {
         (NaiveTime::MIN, 0)
     } else {
@@ -157,7 +174,11 @@ fn parse_clock(clock: &str) -> Option<NaiveTime> {
         Some((hms, frac)) => (hms, frac),
         None => (clock, ""),
     };
-    let time = NaiveTime::parse_from_str(hms, "%H:%M:%S").ok()?;
+    let b = hms.as_bytes();
+    if b.len() != 8 || b[2] != b':' || b[5] != b':' {
+        return None;
+    }
+    let time = NaiveTime::from_hms_opt(digits(b, 0..2)?, digits(b, 3..5)?, digits(b, 6..8)?)?;
     if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
