@@ -94,36 +94,6 @@ fn write_configs(ws: &Workspace, db: &Db) {
     .unwrap();
 }
 
-fn capture_once(ws: &Workspace, env: &[(&str, &str)]) -> String {
-    let out = ws.cdcflow(&["capture", "--config", "capture.toml", "--once"], env);
-    let text = output(&out);
-    assert!(out.status.success(), "capture failed:\n{text}");
-    text
-}
-
-/// The warehouse's rows of `sql`, every column cast to text, sorted.
-async fn warehouse_rows(ws: &Workspace, sql: &str) -> Vec<Vec<Option<String>>> {
-    use arrow::array::{Array, AsArray};
-    let mut out = Vec::new();
-    for batch in ws.query(sql).await {
-        for row in 0..batch.num_rows() {
-            out.push(
-                batch
-                    .columns()
-                    .iter()
-                    .map(|c| {
-                        let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
-                        let c = c.as_string::<i32>();
-                        (!c.is_null(row)).then(|| c.value(row).to_string())
-                    })
-                    .collect(),
-            );
-        }
-    }
-    out.sort();
-    out
-}
-
 const ORDERS_MY: &str = "SELECT CAST(id AS CHAR), customer, CAST(amount AS CHAR), status, tags, \
      CAST(ROUND(UNIX_TIMESTAMP(created_at) * 1000000) AS CHAR), CAST(d AS CHAR), LOWER(HEX(bin)), \
      CAST(small AS CHAR), CAST(big AS CHAR), doc FROM orders";
@@ -138,14 +108,9 @@ const ITEMS_WH: &str = "SELECT CAST(order_id AS VARCHAR), CAST(line_no AS VARCHA
 async fn load_and_compare(ws: &Workspace, db: &mut Db, history: u64) {
     let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
     assert!(out.status.success(), "{}", output(&out));
-    assert_eq!(
-        warehouse_rows(ws, ORDERS_WH).await,
-        db.rows(ORDERS_MY).await
-    );
-    assert_eq!(warehouse_rows(ws, ITEMS_WH).await, db.rows(ITEMS_MY).await);
-    let found = warehouse_rows(
-        ws,
-        "SELECT CAST((SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history) AS VARCHAR)",
+    assert_eq!(ws.text_rows(ORDERS_WH).await, db.rows(ORDERS_MY).await);
+    assert_eq!(ws.text_rows(ITEMS_WH).await, db.rows(ITEMS_MY).await);
+    let found = ws.text_rows("SELECT CAST((SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history) AS VARCHAR)",
     )
     .await;
     assert_eq!(
@@ -194,7 +159,7 @@ async fn binlog_capture_gives_the_source_tables() {
     };
     let loaded = create_tables(&mut db).await;
     write_configs(&ws, &db);
-    let text = capture_once(&ws, &[]);
+    let text = ws.capture_once(&[]);
     assert!(
         text.contains(&format!("captured {loaded} changes")),
         "{loaded}: {text}"
@@ -233,17 +198,15 @@ async fn binlog_capture_gives_the_source_tables() {
         .exec("INSERT INTO orders(id, customer) VALUES (150, 'reborn')")
         .await;
     db.exec("COMMIT").await;
-    let text = capture_once(&ws, &[]);
+    let text = ws.capture_once(&[]);
     assert!(
         text.contains(&format!("captured {changes} changes")),
         "{changes}: {text}"
     );
     load_and_compare(&ws, &mut db, loaded + changes).await;
-    let notes = warehouse_rows(
-        &ws,
-        "SELECT CAST(line_no AS VARCHAR), note FROM items WHERE note IS NOT NULL",
-    )
-    .await;
+    let notes = ws
+        .text_rows("SELECT CAST(line_no AS VARCHAR), note FROM items WHERE note IS NOT NULL")
+        .await;
     assert_eq!(
         notes,
         db.rows("SELECT CAST(line_no AS CHAR), note FROM items WHERE note IS NOT NULL")
@@ -255,7 +218,7 @@ async fn binlog_capture_gives_the_source_tables() {
     let after = db
         .exec("INSERT INTO items(order_id, line_no, qty) VALUES (9, 9, 9)")
         .await;
-    capture_once(&ws, &[]);
+    ws.capture_once(&[]);
     load_and_compare(&ws, &mut db, loaded + changes + 1 + after).await;
 
     let status = output(&ws.cdcflow(&["capture", "--config", "capture.toml", "--status"], &[]));
@@ -291,12 +254,9 @@ async fn crashes_and_binlog_rotation_lose_and_double_nothing() {
     };
     let loaded = create_tables(&mut db).await;
     write_configs(&ws, &db);
-    capture_once(&ws, &[]);
+    ws.capture_once(&[]);
     let mut changes = 0;
-    let failpoints = cdcflow::failpoint::CAPTURE_NAMES
-        .iter()
-        .flat_map(|name| [format!("{name}@1"), format!("{name}@2")]);
-    for (round, failpoint) in failpoints.enumerate() {
+    for (round, failpoint) in crate::support::capture_failpoints().enumerate() {
         let base = 1000 * (round as u64 + 1);
         changes += db
             .exec(&format!(
@@ -314,18 +274,10 @@ async fn crashes_and_binlog_rotation_lose_and_double_nothing() {
                 "DELETE FROM items WHERE order_id = {base} AND line_no % 3 = 0"
             ))
             .await;
-        let crashed = ws.cdcflow(
-            &["capture", "--config", "capture.toml", "--once"],
-            &[("CDCFLOW_FAILPOINT", failpoint.as_str())],
-        );
-        assert!(
-            !crashed.status.success(),
-            "{failpoint} was not reached:\n{}",
-            output(&crashed)
-        );
+        ws.capture_crashing_at(&failpoint);
         // A new binlog file: the next run resumes by GTID across it.
         db.exec("FLUSH BINARY LOGS").await;
-        capture_once(&ws, &[]);
+        ws.capture_once(&[]);
     }
     let checkpoint = std::fs::read_to_string(ws.path("objects/_cdcflow/capture-my.json")).unwrap();
     assert!(

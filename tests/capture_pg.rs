@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use tokio_postgres::{Client, NoTls};
 
@@ -133,36 +133,6 @@ path = "{warehouse}"
     std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
 }
 
-fn capture_once(ws: &Workspace, env: &[(&str, &str)]) -> String {
-    let out = ws.cdcflow(&["capture", "--config", "capture.toml", "--once"], env);
-    let text = output(&out);
-    assert!(out.status.success(), "capture failed:\n{text}");
-    text
-}
-
-/// The warehouse's rows of `sql` as text, sorted: each column is cast to
-/// text in the query so both sides compare the same spelling.
-async fn warehouse_rows(ws: &Workspace, sql: &str) -> Vec<Vec<Option<String>>> {
-    let mut out = Vec::new();
-    for batch in ws.query(sql).await {
-        for row in 0..batch.num_rows() {
-            out.push(
-                batch
-                    .columns()
-                    .iter()
-                    .map(|c| {
-                        let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
-                        let c = c.as_string::<i32>();
-                        (!c.is_null(row)).then(|| c.value(row).to_string())
-                    })
-                    .collect(),
-            );
-        }
-    }
-    out.sort();
-    out
-}
-
 async fn count(ws: &Workspace, sql: &str) -> i64 {
     let batches = ws.query(sql).await;
     batches[0].column(0).as_primitive::<Int64Type>().value(0)
@@ -173,11 +143,8 @@ async fn count(ws: &Workspace, sql: &str) -> i64 {
 async fn load_and_compare(ws: &Workspace, db: &Db, history: i64) {
     let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
     assert!(out.status.success(), "{}", output(&out));
-    assert_eq!(
-        warehouse_rows(ws, ORDERS_WH).await,
-        db.rows(ORDERS_PG).await
-    );
-    assert_eq!(warehouse_rows(ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
+    assert_eq!(ws.text_rows(ORDERS_WH).await, db.rows(ORDERS_PG).await);
+    assert_eq!(ws.text_rows(ITEMS_WH).await, db.rows(ITEMS_PG).await);
     let found = count(
         ws,
         "SELECT (SELECT count(*) FROM orders_history) + (SELECT count(*) FROM items_history)",
@@ -233,7 +200,7 @@ async fn captured_changes_give_the_source_tables() {
     );
 
     // Full load.
-    let text = capture_once(&ws, &[]);
+    let text = ws.capture_once(&[]);
     assert!(text.contains("captured 600 changes"), "{text}");
     assert!(
         !ws.path("objects/public/ignored").exists(),
@@ -290,7 +257,7 @@ async fn captured_changes_give_the_source_tables() {
         .exec("INSERT INTO items VALUES (500, 1, 1, 'after truncate'), (3, 100, 5, 'back')")
         .await;
 
-    let text = capture_once(&ws, &[]);
+    let text = ws.capture_once(&[]);
     assert!(
         text.contains(&format!("captured {changes} changes")),
         "{changes}: {text}"
@@ -301,14 +268,14 @@ async fn captured_changes_give_the_source_tables() {
         + count(&ws, "SELECT count(DISTINCT cdc_seq) FROM items_history").await;
     assert_eq!(distinct, history, "a change sequence appears twice");
     // Key 150, in commit order: loaded, deleted, inserted again.
-    let ops = warehouse_rows(
-        &ws,
-        "SELECT string_agg(op, '' ORDER BY change_seq) FROM orders_history WHERE id = 150",
-    )
-    .await;
+    let ops = ws
+        .text_rows(
+            "SELECT string_agg(op, '' ORDER BY change_seq) FROM orders_history WHERE id = 150",
+        )
+        .await;
     assert_eq!(ops, vec![vec![Some("IDI".to_string())]]);
     // The key update: 100 deleted, 10100 inserted.
-    let ops = warehouse_rows(&ws, "SELECT CAST(id AS VARCHAR), string_agg(op, '' ORDER BY change_seq) FROM orders_history WHERE id IN (100, 10100) GROUP BY id").await;
+    let ops = ws.text_rows("SELECT CAST(id AS VARCHAR), string_agg(op, '' ORDER BY change_seq) FROM orders_history WHERE id IN (100, 10100) GROUP BY id").await;
     assert_eq!(
         ops,
         vec![
@@ -319,7 +286,7 @@ async fn captured_changes_give_the_source_tables() {
 
     let notes = "SELECT CAST(id AS VARCHAR), note FROM orders WHERE note IS NOT NULL";
     assert_eq!(
-        warehouse_rows(&ws, notes).await,
+        ws.text_rows(notes).await,
         db.rows(&notes.replace("CAST(id AS VARCHAR)", "id::text"))
             .await
     );
@@ -328,15 +295,13 @@ async fn captured_changes_give_the_source_tables() {
             .exists()
     );
     // The truncate ends the versions it removed; the rows inserted after it are current.
-    let current = warehouse_rows(
-        &ws,
-        "SELECT CAST(count(*) AS VARCHAR) FROM items_versions WHERE is_current",
-    )
-    .await;
+    let current = ws
+        .text_rows("SELECT CAST(count(*) AS VARCHAR) FROM items_versions WHERE is_current")
+        .await;
     assert_eq!(current, vec![vec![Some("2".to_string())]]);
 
     // Nothing new: a run writes nothing and the slot is at the server's position.
-    let text = capture_once(&ws, &[]);
+    let text = ws.capture_once(&[]);
     assert!(text.contains("captured 0 changes"), "{text}");
     let status = ws.cdcflow(&["capture", "--config", "capture.toml", "--status"], &[]);
     let status = output(&status);
@@ -366,14 +331,9 @@ async fn a_crash_at_each_step_loses_and_doubles_nothing() {
         "",
         &[("orders", "\"id\""), ("items", "\"order_id\", \"line_no\"")],
     );
-    capture_once(&ws, &[]);
+    ws.capture_once(&[]);
     let mut changes = 0;
-    // Each boundary, at the first and at the second chunk of a run.
-    let failpoints = cdcflow::failpoint::CAPTURE_NAMES
-        .iter()
-        .flat_map(|name| [format!("{name}@1"), format!("{name}@2")]);
-    for (round, failpoint) in failpoints.enumerate() {
-        let failpoint = failpoint.as_str();
+    for (round, failpoint) in crate::support::capture_failpoints().enumerate() {
         // Enough changes for several chunks (200 changes each) and objects (150 rows).
         let base = 1000 * (round as i64 + 1);
         changes += db
@@ -392,16 +352,8 @@ async fn a_crash_at_each_step_loses_and_doubles_nothing() {
                 "DELETE FROM items WHERE order_id = {base} AND line_no % 3 = 0"
             ))
             .await;
-        let crashed = ws.cdcflow(
-            &["capture", "--config", "capture.toml", "--once"],
-            &[("CDCFLOW_FAILPOINT", failpoint)],
-        );
-        assert!(
-            !crashed.status.success(),
-            "{failpoint} was not reached:\n{}",
-            output(&crashed)
-        );
-        capture_once(&ws, &[]);
+        ws.capture_crashing_at(&failpoint);
+        ws.capture_once(&[]);
     }
     load_and_compare(&ws, &db, 100 + changes as i64).await;
     db.drop().await;
@@ -419,7 +371,7 @@ async fn kill_9_during_a_live_workload_loses_and_doubles_nothing() {
         .await
         .unwrap();
     write_configs(&ws, &db, "", &[("items", "\"order_id\", \"line_no\"")]);
-    capture_once(&ws, &[]);
+    ws.capture_once(&[]);
     // The workload runs on its own connection; each transaction's row count is summed.
     let url = db.url.clone();
     let workload = tokio::spawn(async move {
@@ -504,10 +456,10 @@ async fn kill_9_during_a_live_workload_loses_and_doubles_nothing() {
         "{}",
         output(&stopped)
     );
-    capture_once(&ws, &[]);
+    ws.capture_once(&[]);
     let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
     assert!(out.status.success(), "{}", output(&out));
-    assert_eq!(warehouse_rows(&ws, ITEMS_WH).await, db.rows(ITEMS_PG).await);
+    assert_eq!(ws.text_rows(ITEMS_WH).await, db.rows(ITEMS_PG).await);
     let history = count(&ws, "SELECT count(*) FROM items_history").await;
     assert_eq!(
         history,
@@ -561,10 +513,10 @@ async fn csv_objects_on_s3_with_dms_rules_and_masks() {
     )
     .unwrap();
     let salt = [("TEST_SALT", "pepper")];
-    capture_once(&ws, &salt);
+    ws.capture_once(&salt);
     db.exec("UPDATE customers SET email = 'new' || id || '@example.com', ssn = 'changed' WHERE id <= 10").await;
     db.exec("DELETE FROM customers WHERE id = 50").await;
-    capture_once(&ws, &salt);
+    ws.capture_once(&salt);
 
     // The schema file describes the headerless CSV: the pipeline declares its columns from it.
     let s3 = crate::s3::store(&endpoint, &bucket);
@@ -603,11 +555,9 @@ async fn csv_objects_on_s3_with_dms_rules_and_masks() {
     let expected = db
         .rows("SELECT id::text, encode(sha256(('pepper' || email)::bytea), 'hex'), name FROM customers")
         .await;
-    let found = warehouse_rows(
-        &ws,
-        "SELECT CAST(id AS VARCHAR), email, full_name FROM clients",
-    )
-    .await;
+    let found = ws
+        .text_rows("SELECT CAST(id AS VARCHAR), email, full_name FROM clients")
+        .await;
     assert_eq!(found, expected);
     db.drop().await;
 }

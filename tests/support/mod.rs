@@ -455,3 +455,58 @@ pub(crate) async fn faulty_proxy(
     });
     (format!("http://{addr}"), served)
 }
+
+/// Each boundary of capture's write protocol, at the first and the second chunk of a run.
+pub(crate) fn capture_failpoints() -> impl Iterator<Item = String> {
+    cdcflow::failpoint::CAPTURE_NAMES
+        .iter()
+        .flat_map(|name| [format!("{name}@1"), format!("{name}@2")])
+}
+
+impl Workspace {
+    /// `capture --once` crashing at `failpoint` (`name@n`), which it must reach.
+    pub(crate) fn capture_crashing_at(&self, failpoint: &str) {
+        let crashed = self.cdcflow(
+            &["capture", "--config", "capture.toml", "--once"],
+            &[("CDCFLOW_FAILPOINT", failpoint)],
+        );
+        assert!(
+            !crashed.status.success() && output(&crashed).contains("failpoint"),
+            "{failpoint} was not reached:\n{}",
+            output(&crashed)
+        );
+    }
+
+    /// `cdcflow capture --config capture.toml --once`, which must succeed; its output.
+    pub(crate) fn capture_once(&self, env: &[(&str, &str)]) -> String {
+        let out = self.cdcflow(&["capture", "--config", "capture.toml", "--once"], env);
+        let text = output(&out);
+        assert!(out.status.success(), "capture failed:\n{text}");
+        text
+    }
+
+    /// The warehouse's rows of `sql` with every column cast to text (NULL as
+    /// None), sorted: compared with a source database's rows cast the same way.
+    pub(crate) async fn text_rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        use arrow::array::{Array, AsArray};
+        let mut out = Vec::new();
+        for batch in self.query(sql).await {
+            for row in 0..batch.num_rows() {
+                out.push(
+                    batch
+                        .columns()
+                        .iter()
+                        .map(|c| {
+                            let c =
+                                arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
+                            let c = c.as_string::<i32>();
+                            (!c.is_null(row)).then(|| c.value(row).to_string())
+                        })
+                        .collect(),
+                );
+            }
+        }
+        out.sort();
+        out
+    }
+}
