@@ -161,16 +161,18 @@ enum Command {
         #[arg(long, short)]
         reason: String,
     },
-    /// Capture a PostgreSQL database into DMS-format objects (replaces AWS DMS).
+    /// Capture a PostgreSQL or MySQL / MariaDB database into DMS-format objects (replaces AWS DMS).
     ///
-    /// Creates the publication and the logical replication slot when missing, writes a full load
-    /// of every selected table under one snapshot (LOAD00000001.parquet…), then the changes of the
-    /// slot as CDC objects (yyyyMMdd-HHmmssSSS.parquet) with `Op`, the commit time and a change
-    /// sequence. The slot is advanced only after the objects holding its changes are written, so
-    /// a crash or kill -9 loses nothing and writes nothing twice. Point a pipeline at the target
-    /// folder with `sequence_column = "cdc_seq"` (see the README).
+    /// Writes a full load of every selected table under one snapshot (LOAD00000001.parquet…),
+    /// then the changes as CDC objects (yyyyMMdd-HHmmssSSS.parquet) with `Op`, the commit time and
+    /// a change sequence. PostgreSQL (`postgres://…`): the publication and logical replication
+    /// slot are created when missing, and the slot is advanced only after the objects holding its
+    /// changes are written. MySQL / MariaDB (`mysql://…`): the row binlog is read from the
+    /// snapshot's position; the checkpoint keeps file:pos and the GTID. A crash or kill -9 loses
+    /// nothing and writes nothing twice. Point a pipeline at the target folder with
+    /// `extra_columns = ["cdc_seq"]`, `sequence_column = "cdc_seq"` (see the README).
     Capture {
-        /// Capture file (TOML), e.g. pipelines/capture.toml.
+        /// Capture file (TOML), e.g. pipelines/capture/postgres.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Capture up to the server's position at start, then exit (cron, CronJob, tests).
