@@ -189,7 +189,7 @@ impl Capture {
                 path: path.display().to_string(),
                 problems: vec![format!(
                     "`source.url`: {:?} is neither postgres://… nor mysql://…",
-                    postgres::redact_url(&url)
+                    redact_url(&url)
                 )],
             });
         }
@@ -315,7 +315,6 @@ impl Capture {
         let mut relations = postgres::Relations::new();
         let started = Instant::now();
         while !stop.requested() {
-            relations.clear();
             let before = sink.rows();
             let position = source
                 .poll(sink, end, seen.as_ref(), &mut relations)
@@ -431,6 +430,17 @@ async fn run_mysql(my: &MySettings, sink: &mut Sink, once: bool, stop: &Shutdown
     };
     let rows = source.stream(sink, from, once, stop).await?;
     Ok(loaded + rows)
+}
+
+/// The URL without its password, for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 async fn sleep_unless_stopped(total: Duration, stop: &Shutdown) {

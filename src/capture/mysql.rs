@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::mapping::{SourceColumn, SourceTable};
 use super::pgoutput::Value;
 use super::sink::Sink;
-use super::writer::{Buffer, Kind, load_key};
+use super::writer::{LoadWriter, timestamp_text};
 use crate::config::SqlType;
 use crate::decode::Op;
 use crate::error::{Error, Result};
@@ -62,6 +62,17 @@ pub struct Position {
     /// MariaDB GTID of the last transaction read (`domain-server-seq`).
     #[serde(default)]
     pub gtid: Option<String>,
+}
+
+impl Position {
+    /// Moves past the event ending at `log_pos`; a transaction's end takes
+    /// the GTID its start announced.
+    fn advance(&mut self, log_pos: u64, gtid: &mut Option<String>) {
+        self.pos = log_pos;
+        if let Some(gtid) = gtid.take() {
+            self.gtid = Some(gtid);
+        }
+    }
 }
 
 fn my(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
@@ -164,12 +175,12 @@ fn binlog_text(value: &BinlogValue<'_>, column: &MyColumn) -> Result<String, Str
             let micros: u32 = format!("{micros:0<6}")[..6].parse().unwrap_or(0);
             let at = chrono::DateTime::from_timestamp(secs, micros * 1000)
                 .ok_or_else(|| format!("a timestamp, found {text}"))?;
-            utc_text(at)
+            format!("{}+00", timestamp_text(at))
         }
         (MyValue::Int(secs), SqlType::TimestampTz) => {
             let at = chrono::DateTime::from_timestamp(*secs, 0)
                 .ok_or_else(|| format!("a timestamp, found {secs}"))?;
-            utc_text(at)
+            format!("{}+00", timestamp_text(at))
         }
         (MyValue::Bytes(b), SqlType::Text) if column.set => {
             let mut mask = 0u64;
@@ -206,22 +217,6 @@ fn binlog_text(value: &BinlogValue<'_>, column: &MyColumn) -> Result<String, Str
         ),
         (MyValue::NULL, _) => return Err("NULL (handled before)".into()),
     })
-}
-
-/// `yyyy-MM-dd HH:mm:ss.ffffff+00`, formatted by hand (chrono's strftime
-/// was a tenth of binlog capture's time).
-fn utc_text(at: chrono::DateTime<chrono::Utc>) -> String {
-    use chrono::{Datelike, Timelike};
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
-        at.year(),
-        at.month(),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.timestamp_subsec_micros()
-    )
 }
 
 fn label(column: &MyColumn, index: u64) -> String {
@@ -263,7 +258,7 @@ impl MySource {
         })?;
         let mut conn = Conn::new(opts.clone()).await.map_err(my(format!(
             "connecting to {}",
-            super::postgres::redact_url(&settings.url)
+            super::redact_url(&settings.url)
         )))?;
         conn.query_drop("SET time_zone = '+00:00'")
             .await
@@ -512,13 +507,6 @@ impl MySource {
         for name in self.table_names(sink).await? {
             let table = self.describe(&database, &name, None, sink).await?;
             let output = sink.load_table(&table.source);
-            for n in 1.. {
-                let key = load_key(&output, n, sink.layout());
-                if sink.target().get(&key).await?.is_none() {
-                    break;
-                }
-                sink.target().delete(&key).await?;
-            }
             let cols: Vec<String> = table
                 .source
                 .columns
@@ -532,10 +520,15 @@ impl MySource {
                 name.replace('`', "``")
             );
             let context = format!("copying {database}.{name}");
-            let layout = sink.layout().clone();
             let now = chrono::Utc::now().timestamp_micros();
-            let mut buffer = Buffer::new(output.clone(), Kind::Load, &layout);
-            let (mut rows, mut file) = (0u64, 1u32);
+            let mut load = LoadWriter::start(
+                sink.target().clone(),
+                sink.layout().clone(),
+                output,
+                context.clone(),
+                now,
+            )
+            .await?;
             let mut result = snap.query_iter(sql).await.map_err(my(context.clone()))?;
             let mut stream = result
                 .stream::<mysql_async::Row>()
@@ -561,34 +554,11 @@ impl MySource {
                     .iter()
                     .map(|t| t.as_deref().map_or(Value::Null, Value::Text))
                     .collect();
-                rows += 1;
-                let seq = format!("{:020}{rows:015}", 0);
-                buffer
-                    .append(Op::Insert, now, &seq, &values)
-                    .map_err(|bad| {
-                        Error::capture(
-                            format!("{context}, row {rows}, column {:?}", bad.column),
-                            format!("value {:?} is not {}", bad.value, bad.expected),
-                        )
-                    })?;
-                if buffer.full(&layout) {
-                    let full = std::mem::replace(
-                        &mut buffer,
-                        Buffer::new(output.clone(), Kind::Load, &layout),
-                    );
-                    sink.target()
-                        .put(&load_key(&output, file, &layout), full.encode(&layout)?)
-                        .await?;
-                    file += 1;
-                }
+                load.row(&values).await?;
             }
             drop(stream);
             drop(result);
-            if !buffer.is_empty() || file == 1 {
-                sink.target()
-                    .put(&load_key(&output, file, &layout), buffer.encode(&layout)?)
-                    .await?;
-            }
+            let rows = load.finish().await?;
             tracing::info!(table = %format!("{database}.{name}"), rows, "full load written");
             total += rows;
         }
@@ -715,8 +685,7 @@ impl MySource {
                     {
                         // Columns are read again at the table's next row event.
                         self.tables.clear();
-                        at.pos = log_pos;
-                        at.gtid = pending_gtid.take().or(at.gtid.clone());
+                        at.advance(log_pos, &mut pending_gtid);
                     } else if upper.starts_with("TRUNCATE") {
                         let schema = q.schema().to_string();
                         let name = truncate_target(&sql);
@@ -732,14 +701,7 @@ impl MySource {
                                     name,
                                 ),
                             };
-                            let key = format!("{schema}.{name}");
-                            if !self.tables.contains_key(&key) {
-                                let table = self.describe(&schema, &name, None, sink).await?;
-                                if table.id.is_some() {
-                                    sink.table(&table.source);
-                                }
-                                self.tables.insert(key.clone(), table);
-                            }
+                            let key = self.table_for(&schema, &name, None, sink).await?;
                             let table = &self.tables[&key];
                             if let Some(id) = &table.id {
                                 let seq =
@@ -754,17 +716,14 @@ impl MySource {
                                 )?;
                             }
                         }
-                        at.pos = log_pos;
-                        at.gtid = pending_gtid.take().or(at.gtid.clone());
+                        at.advance(log_pos, &mut pending_gtid);
                     } else if upper.starts_with("COMMIT") {
-                        at.pos = log_pos;
-                        at.gtid = pending_gtid.take().or(at.gtid.clone());
+                        at.advance(log_pos, &mut pending_gtid);
                         in_chunk = self.maybe_commit(sink, &at, in_chunk).await?;
                     }
                 }
                 EventData::XidEvent(_) => {
-                    at.pos = log_pos;
-                    at.gtid = pending_gtid.take().or(at.gtid.clone());
+                    at.advance(log_pos, &mut pending_gtid);
                     in_chunk = self.maybe_commit(sink, &at, in_chunk).await?;
                 }
                 EventData::RowsEvent(rows) => {
@@ -774,25 +733,11 @@ impl MySource {
                             "a row event without its table map",
                         ));
                     };
-                    let schema = tme.database_name().to_string();
-                    let name = tme.table_name().to_string();
-                    let key = format!("{schema}.{name}");
+                    let (schema, name) = (tme.database_name(), tme.table_name());
                     let names = column_names(tme);
-                    let known = self.tables.get(&key).is_some_and(|t| {
-                        names.as_ref().is_none_or(|n| {
-                            n.len() == t.source.columns.len()
-                                && n.iter().zip(&t.source.columns).all(|(a, c)| *a == c.name)
-                        })
-                    });
-                    if !known {
-                        let table = self
-                            .describe(&schema, &name, names.as_deref(), sink)
-                            .await?;
-                        if table.id.is_some() {
-                            sink.table(&table.source);
-                        }
-                        self.tables.insert(key.clone(), table);
-                    }
+                    let key = self
+                        .table_for(&schema, &name, names.as_deref(), sink)
+                        .await?;
                     let table = &self.tables[&key];
                     let Some(id) = &table.id else { continue };
                     if tme.columns_count() as usize != table.columns.len() {
@@ -893,6 +838,32 @@ impl MySource {
         }
         let _ = stream.close().await;
         Ok(sink.rows())
+    }
+
+    /// The key of a table whose rows follow, described (and declared to the
+    /// sink, when selected) unless already known with these column `names`.
+    async fn table_for(
+        &mut self,
+        schema: &str,
+        name: &str,
+        names: Option<&[String]>,
+        sink: &mut Sink,
+    ) -> Result<String> {
+        let key = format!("{schema}.{name}");
+        let known = self.tables.get(&key).is_some_and(|t| {
+            names.is_none_or(|n| {
+                n.len() == t.source.columns.len()
+                    && n.iter().zip(&t.source.columns).all(|(a, c)| *a == c.name)
+            })
+        });
+        if !known {
+            let table = self.describe(schema, name, names, sink).await?;
+            if table.id.is_some() {
+                sink.table(&table.source);
+            }
+            self.tables.insert(key.clone(), table);
+        }
+        Ok(key)
     }
 
     async fn maybe_commit(&self, sink: &mut Sink, at: &Position, in_chunk: usize) -> Result<usize> {

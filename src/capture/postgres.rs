@@ -30,7 +30,7 @@ use tokio_postgres::{Client, NoTls};
 use super::mapping::{SourceColumn, SourceTable};
 use super::pgoutput::{self, Message, PG_EPOCH_MICROS, Relation, Value, format_lsn, parse_lsn};
 use super::sink::Sink;
-use super::writer::{Buffer, Kind, load_key};
+use super::writer::LoadWriter;
 use crate::config::SqlType;
 use crate::decode::Op;
 use crate::error::{Error, Result};
@@ -116,6 +116,16 @@ pub(crate) fn sql_type(oid: u32, typmod: i32) -> SqlType {
         }
         _ => SqlType::Text,
     }
+}
+
+/// The same table with the same columns and types (key flags aside: they
+/// come from the catalog).
+fn same_shape(a: &Relation, b: &Relation) -> bool {
+    (&a.schema, &a.name, a.replica_identity) == (&b.schema, &b.name, b.replica_identity)
+        && a.columns.len() == b.columns.len()
+        && a.columns.iter().zip(&b.columns).all(|(x, y)| {
+            (&x.name, x.type_oid, x.type_modifier) == (&y.name, y.type_oid, y.type_modifier)
+        })
 }
 
 fn source_table(rel: &Relation) -> SourceTable {
@@ -396,19 +406,10 @@ impl PgSource {
         if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
-        let mut outputs = Vec::new();
-        for (_, table) in &tables {
-            let output = sink.load_table(table);
-            for n in 1.. {
-                // Objects of an earlier, interrupted full load.
-                let key = load_key(&output, n, sink.layout());
-                if sink.target().get(&key).await?.is_none() {
-                    break;
-                }
-                sink.target().delete(&key).await?;
-            }
-            outputs.push((table.clone(), output));
-        }
+        let outputs: Vec<_> = tables
+            .iter()
+            .map(|(_, table)| (table.clone(), sink.load_table(table)))
+            .collect();
         let results = futures::stream::iter(outputs.into_iter().map(|(table, output)| {
             let url = self.settings.url.clone();
             let id = id.clone();
@@ -434,8 +435,7 @@ impl PgSource {
                 let context = format!("copying {}.{}", table.schema, table.name);
                 let stream = client.copy_out(&sql).await.map_err(pg(context.clone()))?;
                 pin_mut!(stream);
-                let (mut rows, mut file) = (0u64, 1u32);
-                let mut buffer = Buffer::new(output.clone(), Kind::Load, &layout);
+                let mut load = LoadWriter::start(target, layout, output, context.clone(), now_micros).await?;
                 let mut pending = Vec::new();
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(pg(context.clone()))?;
@@ -445,31 +445,14 @@ impl PgSource {
                         let fields = copy_fields(line);
                         let values: Vec<Value<'_>> = fields
                             .iter()
-                            .map(|f| match f {
-                                None => Value::Null,
-                                Some(s) => Value::Text(s),
-                            })
+                            .map(|f| f.as_deref().map_or(Value::Null, Value::Text))
                             .collect();
-                        rows += 1;
-                        let seq = format!("{:020}{rows:015}", 0);
-                        buffer.append(Op::Insert, now_micros, &seq, &values).map_err(|bad| {
-                            Error::capture(
-                                format!("{context}, row {rows}, column {:?}", bad.column),
-                                format!("value {:?} is not {}", bad.value, bad.expected),
-                            )
-                        })?;
-                        if buffer.full(&layout) {
-                            let full = std::mem::replace(&mut buffer, Buffer::new(output.clone(), Kind::Load, &layout));
-                            target.put(&load_key(&output, file, &layout), full.encode(&layout)?).await?;
-                            file += 1;
-                        }
+                        load.row(&values).await?;
                     }
                     pending.drain(..end);
-                    bar.set_position(rows);
+                    bar.set_position(load.rows());
                 }
-                if !buffer.is_empty() || file == 1 {
-                    target.put(&load_key(&output, file, &layout), buffer.encode(&layout)?).await?;
-                }
+                let rows = load.finish().await?;
                 client.batch_execute("COMMIT").await.map_err(pg(context))?;
                 bar.finish_with_message(format!("{}.{}: {rows} rows", table.schema, table.name));
                 Ok::<_, Error>(rows)
@@ -578,12 +561,21 @@ impl PgSource {
                 }
                 Message::Commit { end_lsn } => last_end = Some(end_lsn),
                 Message::Relation(mut rel) => {
-                    self.mark_primary_key(&mut rel).await?;
-                    let table = source_table(&rel);
-                    let entry = sink
-                        .table(&table)
-                        .then(|| (format!("{}.{}", rel.schema, rel.name), rel.clone()));
-                    relations.insert(rel.id, entry);
+                    // Every poll is a new decoding session that sends each
+                    // Relation again: only a changed one is looked up and declared.
+                    let known =
+                        matches!(relations.get(&rel.id), Some(Some((_, r))) if same_shape(r, &rel));
+                    if !known {
+                        let id = rel.id;
+                        let entry = if sink.mapping().selects(&rel.schema, &rel.name) {
+                            self.mark_primary_key(&mut rel).await?;
+                            sink.table(&source_table(&rel));
+                            Some((format!("{}.{}", rel.schema, rel.name), rel))
+                        } else {
+                            None
+                        };
+                        relations.insert(id, entry);
+                    }
                 }
                 _ if skip => {}
                 Message::Insert { rel, new } => emit(sink, rel, Op::Insert, &new, relations)?,
@@ -710,7 +702,7 @@ impl PgSource {
 async fn connect(url: &str) -> Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .map_err(pg(format!("connecting to {}", redact_url(url))))?;
+        .map_err(pg(format!("connecting to {}", super::redact_url(url))))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!("PostgreSQL connection closed: {e}");
@@ -724,17 +716,6 @@ async fn connect(url: &str) -> Result<Client> {
         .await
         .map_err(pg("setting up the session"))?;
     Ok(client)
-}
-
-/// The URL without its password, for messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
 }
 
 fn quote(ident: &str) -> String {
@@ -785,8 +766,9 @@ pub(crate) fn describe_lag(lag: Option<(String, String, i64)>, slot: &str) -> St
     }
 }
 
-/// The relations of a session: the table id (`schema.table`) and its
-/// Relation message, or `None` when the mapping excludes it.
+/// The relations seen so far, kept across polls: the table id
+/// (`schema.table`) and its Relation message (keys from the catalog), or
+/// `None` when the mapping excludes it.
 pub(crate) type Relations = HashMap<u32, Option<(String, Relation)>>;
 
 #[cfg(test)]

@@ -140,7 +140,7 @@ impl Sink {
     async fn recover(&mut self) -> Result<()> {
         let mut skips: HashMap<String, String> = HashMap::new();
         for p in std::mem::take(&mut self.checkpoint.pending) {
-            if self.target.get(&p.key).await?.is_some() {
+            if self.target.exists(&p.key).await? {
                 tracing::info!(object = %p.key, "found an object written before a crash; its rows are not written again");
                 let skip = skips.entry(p.table.clone()).or_default();
                 if p.last_seq > *skip {
@@ -178,13 +178,11 @@ impl Sink {
         self.rows
     }
 
-    /// Declares a source table's current columns (before its rows, and again
-    /// after a schema change). A changed column list starts a new version
-    /// with its own schema file. Returns false when the mapping excludes it.
-    pub fn table(&mut self, table: &SourceTable) -> bool {
-        if !self.mapping.selects(&table.schema, &table.name) {
-            return false;
-        }
+    /// Declares a selected source table's current columns (before its rows,
+    /// and again after a schema change). A changed column list starts a new
+    /// version with its own schema file.
+    pub fn table(&mut self, table: &SourceTable) {
+        debug_assert!(self.mapping.selects(&table.schema, &table.name));
         let id = format!("{}.{}", table.schema, table.name);
         let output = Arc::new(self.mapping.output(table));
         let columns = signature(table);
@@ -221,7 +219,6 @@ impl Sink {
             }
             state.output = output;
         }
-        true
     }
 
     /// Declares a table for its full load: version 1 starts at `LOAD00000001`.
@@ -286,12 +283,7 @@ impl Sink {
             .get_or_insert_with(|| Buffer::new(state.output.clone(), Kind::Cdc, layout));
         buffer
             .append(op, commit_micros, seq, values)
-            .map_err(|bad| {
-                Error::capture(
-                    format!("{table}, change {seq}, column {:?}", bad.column),
-                    format!("value {:?} is not {}", bad.value, bad.expected),
-                )
-            })?;
+            .map_err(|bad| bad.at(format!("{table}, change {seq}")))?;
         self.rows += 1;
         if buffer.full(layout) {
             let full = state.buffer.take().expect("just filled");

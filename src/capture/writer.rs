@@ -57,6 +57,11 @@ pub enum Target {
     Store(Arc<dyn ObjectStore>, StorePath),
 }
 
+/// `key` under the store's prefix.
+fn under(root: &StorePath, key: &str) -> StorePath {
+    StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()))
+}
+
 impl Target {
     /// Writes `bytes` at `key` durably and atomically: a reader sees the whole
     /// object or nothing, and it survives a crash once this returns.
@@ -70,7 +75,7 @@ impl Target {
                     .expect("write task")
             }
             Target::Store(store, root) => {
-                let path = StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()));
+                let path = under(root, key);
                 store
                     .put(&path, PutPayload::from_bytes(bytes))
                     .await
@@ -89,7 +94,7 @@ impl Target {
                 Err(e) => Err(Error::io("reading", dir.join(key).display(), e)),
             },
             Target::Store(store, root) => {
-                let path = StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()));
+                let path = under(root, key);
                 match store.get(&path).await {
                     Ok(r) => {
                         Ok(Some(r.bytes().await.map_err(|e| {
@@ -98,6 +103,21 @@ impl Target {
                     }
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(Error::object_store(format!("reading {path}"), e)),
+                }
+            }
+        }
+    }
+
+    /// Whether `key` exists (without reading it).
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self {
+            Target::Local(dir) => Ok(dir.join(key).is_file()),
+            Target::Store(store, root) => {
+                let path = under(root, key);
+                match store.head(&path).await {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(Error::object_store(format!("looking up {path}"), e)),
                 }
             }
         }
@@ -113,7 +133,7 @@ impl Target {
                 _ => Ok(()),
             },
             Target::Store(store, root) => {
-                let path = StorePath::from_iter(root.parts().chain(StorePath::from(key).parts()));
+                let path = under(root, key);
                 match store.delete(&path).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                     Err(e) => Err(Error::object_store(format!("deleting {path}"), e)),
@@ -172,6 +192,16 @@ pub struct BadValue {
     pub value: String,
     /// What the column's type expects.
     pub expected: String,
+}
+
+impl BadValue {
+    /// The error, for the change or row described by `at`.
+    pub fn at(self, at: impl std::fmt::Display) -> Error {
+        Error::capture(
+            format!("{at}, column {:?}", self.column),
+            format!("value {:?} is not {}", self.value, self.expected),
+        )
+    }
 }
 
 enum Rows {
@@ -247,7 +277,7 @@ impl Buffer {
         seq: &str,
         row: &[Value<'_>],
     ) -> Result<(), BadValue> {
-        let table = self.table.clone();
+        let table = &self.table;
         match &mut self.rows {
             Rows::Parquet(rows) => {
                 let ParquetRows {
@@ -283,10 +313,8 @@ impl Buffer {
                     out.extend_from_slice(op.as_str().as_bytes());
                     out.push(b',');
                 }
-                let ts = DateTime::<Utc>::from_timestamp_micros(commit_micros)
-                    .unwrap_or_default()
-                    .format("%Y-%m-%d %H:%M:%S%.6f");
-                out.extend_from_slice(ts.to_string().as_bytes());
+                let at = DateTime::<Utc>::from_timestamp_micros(commit_micros).unwrap_or_default();
+                out.extend_from_slice(timestamp_text(at).as_bytes());
                 out.push(b',');
                 out.extend_from_slice(seq.as_bytes());
                 for col in &table.columns {
@@ -353,6 +381,106 @@ impl Buffer {
             }
         }
     }
+}
+
+/// Writes one table's full load: `LOAD00000001`, `LOAD00000002`… of at most
+/// the layout's rows and bytes each, every row an insert at the snapshot's time.
+pub struct LoadWriter {
+    target: Target,
+    layout: Layout,
+    output: Arc<OutputTable>,
+    /// What is being copied, for errors.
+    context: String,
+    snapshot_micros: i64,
+    buffer: Buffer,
+    rows: u64,
+    file: u32,
+}
+
+impl LoadWriter {
+    /// Starts the full load of `output`; the objects of an earlier,
+    /// interrupted full load of it are deleted first.
+    pub async fn start(
+        target: Target,
+        layout: Layout,
+        output: Arc<OutputTable>,
+        context: String,
+        snapshot_micros: i64,
+    ) -> Result<LoadWriter> {
+        for n in 1.. {
+            let key = load_key(&output, n, &layout);
+            if !target.exists(&key).await? {
+                break;
+            }
+            target.delete(&key).await?;
+        }
+        let buffer = Buffer::new(output.clone(), Kind::Load, &layout);
+        Ok(LoadWriter {
+            target,
+            layout,
+            output,
+            context,
+            snapshot_micros,
+            buffer,
+            rows: 0,
+            file: 1,
+        })
+    }
+
+    /// Appends one row of source columns; writes an object when one is full.
+    pub async fn row(&mut self, values: &[Value<'_>]) -> Result<()> {
+        self.rows += 1;
+        let seq = format!("{:020}{:015}", 0, self.rows);
+        self.buffer
+            .append(Op::Insert, self.snapshot_micros, &seq, values)
+            .map_err(|bad| bad.at(format!("{}, row {}", self.context, self.rows)))?;
+        if self.buffer.full(&self.layout) {
+            let next = Buffer::new(self.output.clone(), Kind::Load, &self.layout);
+            let full = std::mem::replace(&mut self.buffer, next);
+            self.write(full).await?;
+        }
+        Ok(())
+    }
+
+    /// Rows appended so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Writes the last object (an empty table still gets one) and returns the rows.
+    pub async fn finish(mut self) -> Result<u64> {
+        if !self.buffer.is_empty() || self.file == 1 {
+            let last = std::mem::replace(
+                &mut self.buffer,
+                Buffer::new(self.output.clone(), Kind::Load, &self.layout),
+            );
+            self.write(last).await?;
+        }
+        Ok(self.rows)
+    }
+
+    async fn write(&mut self, buffer: Buffer) -> Result<()> {
+        let key = load_key(&self.output, self.file, &self.layout);
+        self.target.put(&key, buffer.encode(&self.layout)?).await?;
+        self.file += 1;
+        Ok(())
+    }
+}
+
+/// `yyyy-MM-dd HH:mm:ss.ffffff` (UTC), formatted by hand: chrono's strftime
+/// showed up in perf on a per-row path.
+pub(crate) fn timestamp_text(at: DateTime<Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+        at.year(),
+        at.month(),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.timestamp_subsec_micros()
+    )
 }
 
 /// RFC 4180 field; an empty string is quoted so that it is not read as NULL.
