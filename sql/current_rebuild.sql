@@ -1,6 +1,7 @@
--- Backfill: the current-state table rebuilt from the whole history of the
--- table (registered as {history}): each key's latest change, deletes
--- dropped (or flagged under soft delete).
+-- Current state from the latest change of each key ({latest}: latest_change.sql
+-- over the whole history for a backfill, or the batch's latest changes taken
+-- as they streamed into history for a first load): deletes dropped (or
+-- flagged under soft delete).
 SELECT {columns}, {commit_ts}, {change_seq}{deleted}
 FROM ({latest}) latest
 WHERE {keep}

@@ -8,7 +8,10 @@
 //! `1` + CDC file time in ms (17 digits) + row (12 digits) for CDC rows, or
 //! `1` + the sequence column's value when one is configured.
 
+mod latest;
 pub mod sql;
+
+pub use latest::LatestChanges;
 
 use std::sync::Arc;
 
@@ -326,7 +329,7 @@ impl Merger {
 
     /// `sql/latest_change.sql` over the registered table `changes`; a change
     /// older than `truncated` (a truncate's `change_seq`) becomes a delete.
-    fn latest_sql(&self, changes: &str, truncated: Option<&str>) -> String {
+    pub fn latest_sql(&self, changes: &str, truncated: Option<&str>) -> String {
         let op = sql::ident(&self.meta.op);
         let (columns, op_column) = match truncated {
             None => ("c.*".to_string(), String::new()),
@@ -360,30 +363,11 @@ impl Merger {
         )
     }
 
-    /// The latest change per key among the rows of the registered table
-    /// `changes`; changes before `truncated` count as deletes.
-    pub async fn latest(
-        &self,
-        ctx: &SessionContext,
-        changes: &str,
-        truncated: Option<&str>,
-    ) -> Result<DataFrame> {
-        let query = self.latest_sql(changes, truncated);
-        ctx.sql(&query)
-            .await
-            .map_err(|e| Error::query("latest_change.sql", e))
-    }
-
-    /// The current-state rows rebuilt from the whole registered `history`
-    /// (whose latest truncate is `truncated`).
-    pub async fn rebuilt_current(
-        &self,
-        ctx: &SessionContext,
-        history: &str,
-        truncated: Option<&str>,
-    ) -> Result<DataFrame> {
+    /// The current-state rows of the latest change per key that the query
+    /// `latest` gives (see [`Merger::latest_sql`]): deletes dropped, or
+    /// flagged under soft delete.
+    pub async fn current_state(&self, ctx: &SessionContext, latest: &str) -> Result<DataFrame> {
         let m = &self.meta;
-        let latest = self.latest_sql(history, truncated);
         let columns = self
             .columns
             .iter()
@@ -406,7 +390,7 @@ impl Merger {
                 ("commit_ts", &sql::ident(&m.commit_ts)),
                 ("change_seq", &sql::ident(&m.change_seq)),
                 ("deleted", &deleted),
-                ("latest", &latest),
+                ("latest", latest),
                 ("keep", &keep),
             ],
         );

@@ -25,7 +25,7 @@ use super::{Apply, LoadRequest, Warehouse};
 use crate::config::{Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::merge::{Merger, sql};
+use crate::merge::{LatestChanges, Merger, sql};
 use crate::state::{Batch, BatchMode, BatchStats};
 
 /// A DataFusion session whose memory is bounded by `limit` bytes: sorts
@@ -39,6 +39,10 @@ fn session(limit: usize) -> SessionContext {
     let config = SessionConfig::new().with_sort_spill_reservation_bytes(limit / 8);
     SessionContext::new_with_config_rt(config, runtime)
 }
+
+/// The table name of a batch's latest changes per key, when they were
+/// taken while its history was written.
+const LATEST: &str = "latest_changes";
 
 /// `'key1', 'key2'…`: the objects of the batch, as SQL literals.
 fn object_list(req: &LoadRequest<'_>) -> String {
@@ -139,12 +143,18 @@ impl DeltaWarehouse {
         CommitProperties::default().with_application_transaction(Transaction::new(app, number))
     }
 
-    /// Writes the batch's history rows (streamed) unless history holds the batch already.
-    async fn load_history(&self, req: &LoadRequest<'_>, app: &str) -> Result<()> {
+    /// Writes the batch's history rows (streamed) unless history holds the
+    /// batch already. An appended batch's rows are also collected into their
+    /// latest change per key on the way (returned), so they need not be read back.
+    async fn load_history(
+        &self,
+        req: &LoadRequest<'_>,
+        app: &str,
+    ) -> Result<Option<LatestChanges>> {
         let name = req.table.history_name();
         let table = self.open(&name).await?;
         if self.recorded(&table, &name, app).await? >= req.batch.number {
-            return Ok(());
+            return Ok(None);
         }
         let table_exists = table.version().is_some();
         let stream = req.rows.take().ok_or_else(|| {
@@ -153,6 +163,16 @@ impl DeltaWarehouse {
                 req.batch.number
             ))
         })?;
+        let collector = match req.batch.mode {
+            BatchMode::Append => Some(Arc::new(std::sync::Mutex::new(Some(LatestChanges::new(
+                req.merger,
+            )?)))),
+            BatchMode::Replace => None,
+        };
+        let stream = match &collector {
+            None => stream,
+            Some(collector) => collect_latest(stream, collector.clone()),
+        };
         let source = StreamingTable::try_new(
             req.merger.history_schema(),
             vec![Arc::new(OneShot::new(stream))],
@@ -182,7 +202,7 @@ impl DeltaWarehouse {
         write.await.map_err(|e| {
             Error::warehouse(&name, format!("writing batch {}", req.batch.number), e)
         })?;
-        Ok(())
+        Ok(collector.and_then(|c| c.lock().unwrap_or_else(|p| p.into_inner()).take()))
     }
 
     /// Applies the batch (registered as `batch` in `ctx`, history as
@@ -194,6 +214,7 @@ impl DeltaWarehouse {
         ctx: &SessionContext,
         apply: Apply,
         truncated: Option<&str>,
+        streamed: bool,
     ) -> Result<()> {
         let name = req.table.target.clone();
         let mut table = self.open(&name).await?;
@@ -210,29 +231,40 @@ impl DeltaWarehouse {
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
         let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
-        let changes = match apply {
+        // The latest change per key: taken while history was written
+        // (`streamed`, registered as LATEST), or from the batch's history rows.
+        let latest_sql = |changes: &str| {
+            if streamed {
+                format!("SELECT * FROM {LATEST}")
+            } else {
+                req.merger.latest_sql(changes, truncated)
+            }
+        };
+        let latest = match apply {
             Apply::Replace => {
                 let truncated = req.merger.truncated(ctx, "history").await?;
-                return self
-                    .write_current(table, req, app, ctx, "history", truncated.as_deref())
-                    .await;
+                let latest = req.merger.latest_sql("history", truncated.as_deref());
+                return self.write_current(table, req, app, ctx, &latest).await;
             }
             // Nothing to merge with (a first load): the batch's state is written
             // as it is, without the MERGE's join.
             Apply::InOrder if is_empty(&table, &name)? => {
                 return self
-                    .write_current(table, req, app, ctx, "batch", truncated)
+                    .write_current(table, req, app, ctx, &latest_sql("batch"))
                     .await;
             }
             Apply::Late => {
                 let df = req.merger.late_changes(ctx, "history", "batch").await?;
                 ctx.register_table("changes", df.into_view())
                     .map_err(|e| Error::query("registering late changes", e))?;
-                "changes"
+                latest_sql("changes")
             }
-            Apply::InOrder => "batch",
+            Apply::InOrder => latest_sql("batch"),
         };
-        let latest = req.merger.latest(ctx, changes, truncated).await?;
+        let latest = ctx
+            .sql(&latest)
+            .await
+            .map_err(|e| Error::query("latest_change.sql", e))?;
         self.merge_current(table, req, latest, app, ctx, truncated)
             .await
     }
@@ -281,20 +313,20 @@ impl DeltaWarehouse {
         Ok(())
     }
 
-    /// Overwrites the current table with the state of the registered table
-    /// `source` (`history` for a backfill, `batch` for a first load), streamed.
+    /// Overwrites the current table with the state of the latest changes per
+    /// key the query `latest` gives (of the whole history for a backfill, of
+    /// the batch for a first load), streamed.
     async fn write_current(
         &self,
         table: DeltaTable,
         req: &LoadRequest<'_>,
         app: &str,
         ctx: &SessionContext,
-        source: &str,
-        truncated: Option<&str>,
+        latest: &str,
     ) -> Result<()> {
         use datafusion::prelude::{cast, col};
         let name = req.table.target.as_str();
-        let state = req.merger.rebuilt_current(ctx, source, truncated).await?;
+        let state = req.merger.current_state(ctx, latest).await?;
         // Query output may use other encodings (string views): cast to the table's types.
         let columns = req
             .merger
@@ -413,21 +445,51 @@ impl DeltaWarehouse {
 impl Warehouse for DeltaWarehouse {
     async fn load(&self, req: LoadRequest<'_>) -> Result<BatchStats> {
         let app = self.app_id(req.table);
-        self.load_history(&req, &app).await?;
+        let streamed = self.load_history(&req, &app).await?;
         failpoint::hit("load.between_history_and_current");
         let ctx = session(self.memory_limit);
-        self.register_batch(&ctx, &req).await?;
-        let (stats, order) = req.merger.batch_stats(&ctx, "batch").await?;
+        let (latest, stats, order) = match streamed {
+            Some(collected) => {
+                let schema = collected.schema();
+                let (rows, stats, order) = collected.finish()?;
+                (Some((schema, rows)), stats, order)
+            }
+            // History held the batch already (a retry): read it back.
+            None => {
+                self.register_batch(&ctx, &req).await?;
+                let (stats, order) = req.merger.batch_stats(&ctx, "batch").await?;
+                (None, stats, order)
+            }
+        };
         let apply = Apply::choose(
             req.batch.mode,
             order.min_seq.as_deref(),
             req.loaded_max.as_deref(),
         );
+        let streamed = latest.is_some() && apply == Apply::InOrder;
+        match latest {
+            Some((schema, rows)) if streamed => {
+                let rows = datafusion::datasource::MemTable::try_new(schema, vec![rows])
+                    .map_err(|e| Error::query("registering the latest changes", e))?;
+                ctx.register_table(LATEST, Arc::new(rows))
+                    .map_err(|e| Error::query("registering the latest changes", e))?;
+            }
+            // A late batch needs its keys' history.
+            Some(_) => self.register_batch(&ctx, &req).await?,
+            None => {}
+        }
         if apply == Apply::Late {
             tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
         }
-        self.load_current(&req, &app, &ctx, apply, order.truncated.as_deref())
-            .await?;
+        self.load_current(
+            &req,
+            &app,
+            &ctx,
+            apply,
+            order.truncated.as_deref(),
+            streamed,
+        )
+        .await?;
         Ok(stats)
     }
 
@@ -490,6 +552,26 @@ impl Warehouse for DeltaWarehouse {
             .map_err(|e| Error::query("versions.sql", e))?;
         Ok(true)
     }
+}
+
+/// `stream`, with every chunk also handed to `collector`.
+fn collect_latest(
+    stream: SendableRecordBatchStream,
+    collector: Arc<std::sync::Mutex<Option<LatestChanges>>>,
+) -> SendableRecordBatchStream {
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+    use futures::StreamExt;
+    let schema = stream.schema();
+    let stream = stream.map(move |chunk| {
+        let chunk = chunk?;
+        if let Some(collector) = collector.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            collector
+                .push(&chunk)
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        }
+        Ok(chunk)
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
 }
 
 /// Adds to `table` the columns of `schema` it lacks (columns new to the

@@ -1,0 +1,422 @@
+//! The latest change per primary key, and the batch's figures, taken from
+//! history rows as they stream past on their way into history.
+//!
+//! This is what `sql/latest_change.sql` and `sql/batch_stats.sql` compute,
+//! without reading the batch back: those queries scanned the freshly written
+//! history three times (figures, the per-key maximum, and the join back).
+//! Memory holds the latest row of each key seen (plus, between compactions,
+//! at most as many superseded rows), not the batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
+use arrow::compute::{interleave, max, max_string, min_string};
+use arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
+use arrow::row::{RowConverter, SortField};
+use chrono::DateTime;
+
+use super::{BatchOrder, Merger};
+use crate::error::{Error, Result};
+use crate::state::BatchStats;
+
+/// Superseded rows are dropped once they outnumber the kept keys and this many rows are held.
+const COMPACT_AFTER_ROWS: usize = 1 << 20;
+/// Rows per output batch.
+const OUTPUT_ROWS: usize = 64 * 1024;
+
+/// Where a key's latest row is: (kept batch, row).
+type Loc = (u32, u32);
+
+/// Collects the latest change per key and the figures of a batch's history rows.
+pub struct LatestChanges {
+    /// History columns kept: the data columns, op, commit_ts and change_seq.
+    projection: Vec<usize>,
+    schema: SchemaRef,
+    /// Positions in the kept rows.
+    key: Vec<usize>,
+    op: usize,
+    seq: usize,
+    /// Positions in history rows.
+    history_op: usize,
+    history_seq: usize,
+    history_commit_ts: usize,
+    converter: RowConverter,
+    kept: Vec<RecordBatch>,
+    /// The change_seq column of each kept batch.
+    kept_seq: Vec<StringArray>,
+    kept_rows: usize,
+    /// Compact once this many rows are kept (and most are superseded).
+    compact_after: usize,
+    index: HashMap<Box<[u8]>, Loc, foldhash::fast::RandomState>,
+    stats: BatchStats,
+    order: BatchOrder,
+}
+
+fn internal(message: impl std::fmt::Display) -> Error {
+    Error::Usage(format!("taking the latest change per key: {message}"))
+}
+
+impl LatestChanges {
+    /// A collector for history rows of `merger`'s history schema.
+    pub fn new(merger: &Merger) -> Result<Self> {
+        let history = merger.history_schema();
+        let position = |name: &str| {
+            history
+                .index_of(name)
+                .map_err(|_| internal(format!("no column {name:?} in history")))
+        };
+        let m = &merger.meta;
+        let mut projection = merger
+            .columns
+            .iter()
+            .map(|c| position(&c.name))
+            .collect::<Result<Vec<_>>>()?;
+        let (history_op, history_commit_ts, history_seq) = (
+            position(&m.op)?,
+            position(&m.commit_ts)?,
+            position(&m.change_seq)?,
+        );
+        projection.extend([history_op, history_commit_ts, history_seq]);
+        let schema = Arc::new(
+            history
+                .project(&projection)
+                .map_err(|e| internal(e.to_string()))?,
+        );
+        let kept_position = |name: &str| schema.index_of(name).map_err(|e| internal(e.to_string()));
+        let key = merger
+            .key
+            .iter()
+            .map(|k| kept_position(k))
+            .collect::<Result<Vec<_>>>()?;
+        let converter = RowConverter::new(
+            key.iter()
+                .map(|&i| SortField::new(schema.field(i).data_type().clone()))
+                .collect(),
+        )
+        .map_err(|e| internal(e.to_string()))?;
+        Ok(LatestChanges {
+            op: kept_position(&m.op)?,
+            seq: kept_position(&m.change_seq)?,
+            projection,
+            schema,
+            key,
+            history_op,
+            history_seq,
+            history_commit_ts,
+            converter,
+            kept: Vec::new(),
+            kept_seq: Vec::new(),
+            kept_rows: 0,
+            compact_after: COMPACT_AFTER_ROWS,
+            index: HashMap::default(),
+            stats: BatchStats::default(),
+            order: BatchOrder::default(),
+        })
+    }
+
+    /// The schema of the rows [`LatestChanges::finish`] returns.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Takes in one chunk of history rows.
+    pub fn push(&mut self, rows: &RecordBatch) -> Result<()> {
+        if rows.num_rows() == 0 {
+            return Ok(());
+        }
+        self.count(rows)?;
+        let rows = rows
+            .project(&self.projection)
+            .map_err(|e| internal(e.to_string()))?;
+        let keys: Vec<ArrayRef> = self.key.iter().map(|&i| rows.column(i).clone()).collect();
+        let keys = self
+            .converter
+            .convert_columns(&keys)
+            .map_err(|e| internal(e.to_string()))?;
+        let ops = rows.column(self.op).as_string::<i32>().clone();
+        let seqs = rows.column(self.seq).as_string::<i32>().clone();
+        let batch = u32::try_from(self.kept.len()).map_err(internal)?;
+        self.kept_rows += rows.num_rows();
+        self.kept.push(rows);
+        self.kept_seq.push(seqs.clone());
+        let kept_seq = &self.kept_seq;
+        for (i, key) in keys.iter().enumerate() {
+            if ops.value(i) == "T" {
+                continue; // a truncate is no key's change
+            }
+            let here = (batch, i as u32);
+            match self.index.get_mut(key.as_ref()) {
+                Some(loc) => {
+                    if seqs.value(i) > kept_seq[loc.0 as usize].value(loc.1 as usize) {
+                        *loc = here;
+                    }
+                }
+                None => {
+                    self.index.insert(key.as_ref().into(), here);
+                }
+            }
+        }
+        if self.kept_rows >= self.compact_after && self.kept_rows > 2 * self.index.len() {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// The batch's figures from one chunk: changes per op, change_seq range,
+    /// newest commit time and latest truncate.
+    fn count(&mut self, rows: &RecordBatch) -> Result<()> {
+        let ops = rows.column(self.history_op).as_string::<i32>();
+        let seqs = rows.column(self.history_seq).as_string::<i32>();
+        let stats = &mut self.stats;
+        for (i, op) in ops.iter().enumerate() {
+            match op.unwrap_or_default() {
+                "I" => stats.inserts += 1,
+                "U" => stats.updates += 1,
+                "T" => {
+                    stats.deletes += 1;
+                    let seq = seqs.value(i);
+                    if self.order.truncated.as_deref().is_none_or(|t| seq > t) {
+                        self.order.truncated = Some(seq.to_string());
+                    }
+                }
+                _ => stats.deletes += 1,
+            }
+        }
+        stats.rows += rows.num_rows() as u64;
+        if let Some(seq) = max_string(seqs)
+            && stats.max_seq.as_deref().is_none_or(|m| seq > m)
+        {
+            stats.max_seq = Some(seq.to_string());
+        }
+        if let Some(seq) = min_string(seqs)
+            && self.order.min_seq.as_deref().is_none_or(|m| seq < m)
+        {
+            self.order.min_seq = Some(seq.to_string());
+        }
+        let newest = max(rows
+            .column(self.history_commit_ts)
+            .as_primitive::<TimestampMicrosecondType>())
+        .and_then(DateTime::from_timestamp_micros);
+        stats.max_commit_ts = stats.max_commit_ts.max(newest);
+        Ok(())
+    }
+
+    /// Keeps only each key's latest row, in batches of [`OUTPUT_ROWS`].
+    fn compact(&mut self) -> Result<()> {
+        let locs: Vec<(usize, usize)> = self
+            .index
+            .values()
+            .map(|&(b, r)| (b as usize, r as usize))
+            .collect();
+        let mut compacted = Vec::with_capacity(locs.len().div_ceil(OUTPUT_ROWS));
+        for chunk in locs.chunks(OUTPUT_ROWS) {
+            let columns = (0..self.schema.fields().len())
+                .map(|c| {
+                    let arrays: Vec<&dyn Array> =
+                        self.kept.iter().map(|b| b.column(c).as_ref()).collect();
+                    interleave(&arrays, chunk)
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| internal(e.to_string()))?;
+            compacted.push(
+                RecordBatch::try_new(self.schema.clone(), columns)
+                    .map_err(|e| internal(e.to_string()))?,
+            );
+        }
+        // The values are visited in the same order as above: nothing changed the map.
+        for (n, loc) in self.index.values_mut().enumerate() {
+            *loc = ((n / OUTPUT_ROWS) as u32, (n % OUTPUT_ROWS) as u32);
+        }
+        self.kept_seq = compacted
+            .iter()
+            .map(|b| b.column(self.seq).as_string::<i32>().clone())
+            .collect();
+        self.kept_rows = locs.len();
+        self.kept = compacted;
+        Ok(())
+    }
+
+    /// The latest change of every key (a change older than the batch's latest
+    /// truncate becomes a delete), with the batch's figures and order.
+    pub fn finish(mut self) -> Result<(Vec<RecordBatch>, BatchStats, BatchOrder)> {
+        self.compact()?;
+        if let Some(truncated) = self.order.truncated.as_deref() {
+            for batch in &mut self.kept {
+                let seqs = batch.column(self.seq).as_string::<i32>();
+                let ops: StringArray = batch
+                    .column(self.op)
+                    .as_string::<i32>()
+                    .iter()
+                    .zip(seqs.iter())
+                    .map(|(op, seq)| match seq {
+                        Some(seq) if seq < truncated => Some("D"),
+                        _ => op,
+                    })
+                    .collect();
+                let mut columns = batch.columns().to_vec();
+                columns[self.op] = Arc::new(ops);
+                *batch = RecordBatch::try_new(self.schema.clone(), columns)
+                    .map_err(|e| internal(e.to_string()))?;
+            }
+        }
+        Ok((self.kept, self.stats, self.order))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arrow::array::{Int64Array, StringArray, TimestampMicrosecondArray};
+
+    use super::*;
+    use crate::config::{Column, MetadataColumns, SqlType};
+
+    fn merger() -> Merger {
+        let column = |name: &str, sql_type| Column {
+            name: name.into(),
+            sql_type,
+        };
+        Merger {
+            key: vec!["a".into(), "b".into()],
+            columns: vec![
+                column("a", SqlType::BigInt),
+                column("b", SqlType::Text),
+                column("v", SqlType::BigInt),
+            ],
+            extra_columns: Vec::new(),
+            sequence_column: None,
+            meta: MetadataColumns::default(),
+            soft_delete: false,
+        }
+    }
+
+    /// One change: key (a, b), value, op, change_seq.
+    type Change = (Option<i64>, Option<String>, i64, &'static str, String);
+    type Key = (Option<i64>, Option<String>);
+    /// A key's latest change: change_seq, value, op.
+    type Row = (String, i64, String);
+
+    fn history(merger: &Merger, changes: &[Change]) -> RecordBatch {
+        let n = changes.len();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(changes.iter().map(|c| c.0).collect::<Int64Array>()),
+            Arc::new(changes.iter().map(|c| c.1.clone()).collect::<StringArray>()),
+            Arc::new(changes.iter().map(|c| Some(c.2)).collect::<Int64Array>()),
+            Arc::new(changes.iter().map(|c| Some(c.3)).collect::<StringArray>()),
+            Arc::new(
+                TimestampMicrosecondArray::from(changes.iter().map(|c| c.2).collect::<Vec<_>>())
+                    .with_timezone(crate::config::UTC),
+            ),
+            Arc::new(
+                changes
+                    .iter()
+                    .map(|c| Some(c.4.clone()))
+                    .collect::<StringArray>(),
+            ),
+            Arc::new(StringArray::from(vec!["f"; n])),
+            Arc::new(TimestampMicrosecondArray::from(vec![0; n]).with_timezone(crate::config::UTC)),
+        ];
+        RecordBatch::try_new(merger.history_schema(), columns).unwrap()
+    }
+
+    /// Random changes in random order (change_seq does not follow the
+    /// stream), over few keys (NULL key parts included), and one truncate.
+    fn changes(count: usize, seed: u64) -> Vec<Change> {
+        let mut state = seed;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let mut seqs: Vec<usize> = (0..count).collect();
+        for i in (1..count).rev() {
+            seqs.swap(i, next(i as u64 + 1) as usize);
+        }
+        (0..count)
+            .map(|i| {
+                let seq = format!("1{:012}", seqs[i]);
+                if i == count / 2 {
+                    return (None, None, i as i64, "T", seq);
+                }
+                let a = (next(7) != 0).then(|| next(40) as i64);
+                let b = (next(9) != 0).then(|| format!("k{}", next(3)));
+                let op = ["I", "U", "D"][next(3) as usize];
+                (a, b, i as i64, op, seq)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn latest_change_per_key_matches_a_naive_scan() {
+        let merger = merger();
+        for (seed, compact_after) in [(1, usize::MAX), (2, 50), (3, 1)] {
+            let all = changes(3000, seed);
+            let mut latest = LatestChanges::new(&merger).unwrap();
+            latest.compact_after = compact_after;
+            for chunk in all.chunks(97) {
+                latest.push(&history(&merger, chunk)).unwrap();
+            }
+            let (rows, stats, order) = latest.finish().unwrap();
+
+            // Expected, computed naively: the largest change_seq of each key.
+            let truncate = all.iter().find(|c| c.3 == "T").map(|c| c.4.clone());
+            let mut expected: BTreeMap<Key, Row> = BTreeMap::new();
+            for c in all.iter().filter(|c| c.3 != "T") {
+                let entry = expected.entry((c.0, c.1.clone())).or_insert((
+                    c.4.clone(),
+                    c.2,
+                    c.3.to_string(),
+                ));
+                if c.4 > entry.0 {
+                    *entry = (c.4.clone(), c.2, c.3.to_string());
+                }
+            }
+            for value in expected.values_mut() {
+                if Some(&value.0) < truncate.as_ref() {
+                    value.2 = "D".into();
+                }
+            }
+            let mut got = BTreeMap::new();
+            for batch in &rows {
+                let a = batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                let b = batch.column(1).as_string::<i32>();
+                let v = batch
+                    .column(2)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                let op = batch.column(3).as_string::<i32>();
+                let seq = batch.column(5).as_string::<i32>();
+                for i in 0..batch.num_rows() {
+                    let key = (
+                        a.is_valid(i).then(|| a.value(i)),
+                        b.is_valid(i).then(|| b.value(i).to_string()),
+                    );
+                    let row = (
+                        seq.value(i).to_string(),
+                        v.value(i),
+                        op.value(i).to_string(),
+                    );
+                    assert!(got.insert(key, row).is_none(), "one row per key");
+                }
+            }
+            assert_eq!(got, expected, "seed {seed}");
+
+            let count = |op: &str| all.iter().filter(|c| c.3 == op).count() as u64;
+            assert_eq!(stats.rows, all.len() as u64);
+            assert_eq!(stats.inserts, count("I"));
+            assert_eq!(stats.updates, count("U"));
+            assert_eq!(stats.deletes, count("D") + count("T"));
+            assert_eq!(stats.max_seq, all.iter().map(|c| c.4.clone()).max());
+            assert_eq!(order.min_seq, all.iter().map(|c| c.4.clone()).min());
+            assert_eq!(order.truncated, truncate);
+            assert_eq!(
+                stats.max_commit_ts,
+                DateTime::from_timestamp_micros(all.len() as i64 - 1)
+            );
+        }
+    }
+}
