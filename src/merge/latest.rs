@@ -5,13 +5,14 @@
 //! without reading the batch back: those queries scanned the freshly written
 //! history three times (figures, the per-key maximum, and the join back).
 //! Memory holds the latest row of each key seen (plus, between compactions,
-//! at most as many superseded rows), not the batch.
+//! superseded rows up to a quarter of them), not the batch.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
-use arrow::compute::{interleave, max, max_string, min_string};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
+use arrow::compute::{filter_record_batch, max, max_string, min_string};
 use arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use arrow::row::{RowConverter, SortField};
 use chrono::DateTime;
@@ -20,10 +21,10 @@ use super::{BatchOrder, Merger};
 use crate::error::{Error, Result};
 use crate::state::BatchStats;
 
-/// Superseded rows are dropped once they outnumber the kept keys and this many rows are held.
-const COMPACT_AFTER_ROWS: usize = 1 << 20;
-/// Rows per output batch.
-const OUTPUT_ROWS: usize = 64 * 1024;
+/// Superseded rows are dropped once this many are held, or a quarter as many
+/// as there are keys if that is more: memory holds at most 1.25 times the
+/// latest rows plus this, and each row is filtered a few times at most.
+const COMPACT_AFTER_ROWS: usize = 1 << 19;
 
 /// Where a key's latest row is: (kept batch, row).
 type Loc = (u32, u32);
@@ -46,9 +47,11 @@ pub struct LatestChanges {
     /// The change_seq column of each kept batch.
     kept_seq: Vec<StringArray>,
     kept_rows: usize,
-    /// Compact once this many rows are kept (and most are superseded).
+    /// Compact once this many superseded rows are kept (or a quarter of the keys).
     compact_after: usize,
-    index: HashMap<Box<[u8]>, Loc, foldhash::fast::RandomState>,
+    index: KeyIndex,
+    /// The largest change_seq pushed so far.
+    stream_max: Option<String>,
     stats: BatchStats,
     order: BatchOrder,
 }
@@ -109,7 +112,8 @@ impl LatestChanges {
             kept_seq: Vec::new(),
             kept_rows: 0,
             compact_after: COMPACT_AFTER_ROWS,
-            index: HashMap::default(),
+            index: KeyIndex::default(),
+            stream_max: None,
             stats: BatchStats::default(),
             order: BatchOrder::default(),
         })
@@ -136,6 +140,18 @@ impl LatestChanges {
             .map_err(|e| internal(e.to_string()))?;
         let ops = rows.column(self.op).as_string::<i32>().clone();
         let seqs = rows.column(self.seq).as_string::<i32>().clone();
+        // Rows usually stream in change order (objects in order, rows in
+        // order): then each row supersedes what its key held, unseen.
+        let in_order = self
+            .stream_max
+            .as_deref()
+            .is_none_or(|max| seqs.value(0) > max)
+            && (1..seqs.len()).all(|i| seqs.value(i - 1) < seqs.value(i));
+        if let Some(max) = max_string(&seqs)
+            && self.stream_max.as_deref().is_none_or(|m| max > m)
+        {
+            self.stream_max = Some(max.to_string());
+        }
         let batch = u32::try_from(self.kept.len()).map_err(internal)?;
         self.kept_rows += rows.num_rows();
         self.kept.push(rows);
@@ -146,18 +162,13 @@ impl LatestChanges {
                 continue; // a truncate is no key's change
             }
             let here = (batch, i as u32);
-            match self.index.get_mut(key.as_ref()) {
-                Some(loc) => {
-                    if seqs.value(i) > kept_seq[loc.0 as usize].value(loc.1 as usize) {
-                        *loc = here;
-                    }
-                }
-                None => {
-                    self.index.insert(key.as_ref().into(), here);
-                }
+            let loc = self.index.entry(key.as_ref(), here);
+            if in_order || seqs.value(i) > kept_seq[loc.0 as usize].value(loc.1 as usize) {
+                *loc = here;
             }
         }
-        if self.kept_rows >= self.compact_after && self.kept_rows > 2 * self.index.len() {
+        let superseded = self.kept_rows - self.index.len();
+        if superseded >= self.compact_after.max(self.index.len() / 4) {
             self.compact()?;
         }
         Ok(())
@@ -202,37 +213,42 @@ impl LatestChanges {
         Ok(())
     }
 
-    /// Keeps only each key's latest row, in batches of [`OUTPUT_ROWS`].
+    /// Keeps only each key's latest row (kept rows are filtered, in order).
     fn compact(&mut self) -> Result<()> {
-        let locs: Vec<(usize, usize)> = self
-            .index
-            .values()
-            .map(|&(b, r)| (b as usize, r as usize))
+        let mut winners: Vec<Vec<bool>> = self
+            .kept
+            .iter()
+            .map(|b| vec![false; b.num_rows()])
             .collect();
-        let mut compacted = Vec::with_capacity(locs.len().div_ceil(OUTPUT_ROWS));
-        for chunk in locs.chunks(OUTPUT_ROWS) {
-            let columns = (0..self.schema.fields().len())
-                .map(|c| {
-                    let arrays: Vec<&dyn Array> =
-                        self.kept.iter().map(|b| b.column(c).as_ref()).collect();
-                    interleave(&arrays, chunk)
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| internal(e.to_string()))?;
-            compacted.push(
-                RecordBatch::try_new(self.schema.clone(), columns)
-                    .map_err(|e| internal(e.to_string()))?,
-            );
+        for &(b, r) in self.index.locs() {
+            winners[b as usize][r as usize] = true;
         }
-        // The values are visited in the same order as above: nothing changed the map.
-        for (n, loc) in self.index.values_mut().enumerate() {
-            *loc = ((n / OUTPUT_ROWS) as u32, (n % OUTPUT_ROWS) as u32);
+        // Where each kept row lands: (new batch, new row) for the winners.
+        let mut moved: Vec<Vec<u32>> = Vec::with_capacity(winners.len());
+        let mut compacted = Vec::with_capacity(winners.len());
+        for (batch, winners) in self.kept.iter().zip(&winners) {
+            let mut next = 0;
+            moved.push(
+                winners
+                    .iter()
+                    .map(|&w| {
+                        next += u32::from(w);
+                        next.saturating_sub(1)
+                    })
+                    .collect(),
+            );
+            let filtered = filter_record_batch(batch, &BooleanArray::from(winners.clone()))
+                .map_err(|e| internal(e.to_string()))?;
+            compacted.push(filtered);
+        }
+        for loc in self.index.locs_mut() {
+            loc.1 = moved[loc.0 as usize][loc.1 as usize];
         }
         self.kept_seq = compacted
             .iter()
             .map(|b| b.column(self.seq).as_string::<i32>().clone())
             .collect();
-        self.kept_rows = locs.len();
+        self.kept_rows = self.index.len();
         self.kept = compacted;
         Ok(())
     }
@@ -261,6 +277,90 @@ impl LatestChanges {
             }
         }
         Ok((self.kept, self.stats, self.order))
+    }
+}
+
+/// Each key's latest row, by the key's row-format bytes. The bytes live in
+/// one arena (no allocation per key); the map goes from a key's 64-bit hash
+/// to a chain of the (rarely more than one) keys with that hash.
+#[derive(Default)]
+struct KeyIndex {
+    hasher: foldhash::fast::RandomState,
+    heads: HashMap<u64, u32, PassThrough>,
+    entries: Vec<KeyEntry>,
+    arena: Vec<u8>,
+}
+
+struct KeyEntry {
+    start: usize,
+    len: u32,
+    /// The next entry with the same hash, or `u32::MAX`.
+    next: u32,
+    loc: Loc,
+}
+
+impl KeyIndex {
+    /// The location of `key`'s latest row; a new key gets `fresh`.
+    fn entry(&mut self, key: &[u8], fresh: Loc) -> &mut Loc {
+        let hash = self.hasher.hash_one(key);
+        let new = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
+        let head = self.heads.entry(hash).or_insert(u32::MAX);
+        let mut at = *head;
+        while at != u32::MAX {
+            let e = &self.entries[at as usize];
+            if &self.arena[e.start..e.start + e.len as usize] == key {
+                return &mut self.entries[at as usize].loc;
+            }
+            at = e.next;
+        }
+        self.entries.push(KeyEntry {
+            start: self.arena.len(),
+            len: key.len() as u32,
+            next: *head,
+            loc: fresh,
+        });
+        *head = new;
+        self.arena.extend_from_slice(key);
+        &mut self.entries[new as usize].loc
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn locs(&self) -> impl Iterator<Item = &Loc> {
+        self.entries.iter().map(|e| &e.loc)
+    }
+
+    fn locs_mut(&mut self) -> impl Iterator<Item = &mut Loc> {
+        self.entries.iter_mut().map(|e| &mut e.loc)
+    }
+}
+
+/// The hasher of a map whose keys are hashes already.
+#[derive(Default, Clone, Copy)]
+struct PassThrough;
+
+impl BuildHasher for PassThrough {
+    type Hasher = PassThroughHasher;
+    fn build_hasher(&self) -> PassThroughHasher {
+        PassThroughHasher(0)
+    }
+}
+
+struct PassThroughHasher(u64);
+
+impl std::hash::Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -321,9 +421,9 @@ mod tests {
         RecordBatch::try_new(merger.history_schema(), columns).unwrap()
     }
 
-    /// Random changes in random order (change_seq does not follow the
-    /// stream), over few keys (NULL key parts included), and one truncate.
-    fn changes(count: usize, seed: u64) -> Vec<Change> {
+    /// Random changes over few keys (NULL key parts included) and one
+    /// truncate; `shuffled`: change_seq does not follow the stream.
+    fn changes(count: usize, seed: u64, shuffled: bool) -> Vec<Change> {
         let mut state = seed;
         let mut next = move |n: u64| {
             state = state
@@ -332,7 +432,7 @@ mod tests {
             (state >> 33) % n
         };
         let mut seqs: Vec<usize> = (0..count).collect();
-        for i in (1..count).rev() {
+        for i in (1..count).rev().filter(|_| shuffled) {
             seqs.swap(i, next(i as u64 + 1) as usize);
         }
         (0..count)
@@ -352,8 +452,18 @@ mod tests {
     #[test]
     fn latest_change_per_key_matches_a_naive_scan() {
         let merger = merger();
-        for (seed, compact_after) in [(1, usize::MAX), (2, 50), (3, 1)] {
-            let all = changes(3000, seed);
+        for (seed, compact_after, shuffled) in [
+            (1, usize::MAX, true),
+            (2, 50, true),
+            (3, 1, true),
+            (4, 50, false),
+            (5, usize::MAX, false),
+        ] {
+            let mut all = changes(3000, seed, shuffled);
+            if !shuffled {
+                // In order, but for one late chunk.
+                all[500..600].reverse();
+            }
             let mut latest = LatestChanges::new(&merger).unwrap();
             latest.compact_after = compact_after;
             for chunk in all.chunks(97) {

@@ -19,6 +19,7 @@ use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::SchemaMode;
+use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 
 use super::{Apply, LoadRequest, Warehouse};
@@ -43,6 +44,36 @@ fn session(limit: usize) -> SessionContext {
 /// The table name of a batch's latest changes per key, when they were
 /// taken while its history was written.
 const LATEST: &str = "latest_changes";
+
+/// How cdcflow writes a Delta table's Parquet files: Snappy (Delta's
+/// default), and dictionary encoding only for text columns other than
+/// `change_seq`. Dictionary-encoding numbers, timestamps and the unique
+/// `change_seq` cost the writer a hash lookup per value for little gain:
+/// without it, the 10M-change CSV load of `make bench` took 10.2 s instead of
+/// 11.9 s (CPU 17.9 s instead of 20.0 s), for files 4 % larger.
+fn writer_properties(schema: &arrow::datatypes::Schema, change_seq: &str) -> WriterProperties {
+    use arrow::datatypes::DataType;
+    use deltalake::parquet::basic::Compression;
+    use deltalake::parquet::schema::types::ColumnPath;
+    schema
+        .fields()
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.data_type(),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            ) && f.name() != change_seq
+        })
+        .fold(
+            WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .set_dictionary_enabled(false),
+            |builder, f| {
+                builder.set_column_dictionary_enabled(ColumnPath::from(f.name().as_str()), true)
+            },
+        )
+        .build()
+}
 
 /// `'key1', 'key2'…`: the objects of the batch, as SQL literals.
 fn object_list(req: &LoadRequest<'_>) -> String {
@@ -188,6 +219,10 @@ impl DeltaWarehouse {
             .with_save_mode(SaveMode::Append)
             // A column new to the table (schema evolution) is added to it.
             .with_schema_mode(SchemaMode::Merge)
+            .with_writer_properties(writer_properties(
+                &req.merger.history_schema(),
+                &req.merger.meta.change_seq,
+            ))
             .with_commit_properties(Self::commit(app, req.batch.number));
         if req.batch.mode == BatchMode::Replace && table_exists {
             let predicate = format!(
@@ -343,6 +378,10 @@ impl DeltaWarehouse {
             .write(Vec::new())
             .with_input_plan(plan)
             .with_save_mode(SaveMode::Overwrite)
+            .with_writer_properties(writer_properties(
+                &req.merger.current_schema(),
+                &req.merger.meta.change_seq,
+            ))
             .with_commit_properties(Self::commit(app, req.batch.number))
             .await
             .map_err(|e| {
@@ -397,6 +436,10 @@ impl DeltaWarehouse {
             .with_source_alias("s")
             .with_target_alias("t")
             .with_session_state(Arc::new(ctx.state()))
+            .with_writer_properties(writer_properties(
+                &req.merger.current_schema(),
+                &req.merger.meta.change_seq,
+            ))
             .with_commit_properties(Self::commit(app, req.batch.number));
         if !req.merger.soft_delete {
             builder = builder
