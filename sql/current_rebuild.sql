@@ -1,7 +1,6 @@
--- Current state from the latest change of each key ({latest}: latest_change.sql
--- over the whole history for a backfill, or the batch's latest changes taken
--- as they streamed into history for a first load): deletes dropped (or
--- flagged under soft delete).
+-- Current state from the latest change of each key ({latest}: of the whole
+-- history for a backfill, of the batch for a first load; see
+-- src/merge/latest.rs): deletes dropped (or flagged under soft delete).
 SELECT {columns}, {commit_ts}, {change_seq}{deleted}
 FROM ({latest}) latest
 WHERE {keep}

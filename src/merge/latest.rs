@@ -1,9 +1,11 @@
 //! The latest change per primary key, and the batch's figures, taken from
-//! history rows as they stream past on their way into history.
+//! history rows as they stream past on their way into history (or from a
+//! scan of history, for a retried batch, a late batch and a backfill).
 //!
-//! This is what `sql/latest_change.sql` and `sql/batch_stats.sql` compute,
-//! without reading the batch back: those queries scanned the freshly written
-//! history three times (figures, the per-key maximum, and the join back).
+//! It replaced SQL that read the freshly written batch back three times
+//! (figures, the per-key maximum of change_seq, and a join back to the rows)
+//! and held a hash join's build side: a hash table over the key's row-format
+//! bytes keeps each key's newest row.
 //! Memory holds the latest row of each key seen (plus, between compactions,
 //! superseded rows up to a quarter of them), not the batch.
 
@@ -179,21 +181,18 @@ impl LatestChanges {
     fn count(&mut self, rows: &RecordBatch) -> Result<()> {
         let ops = rows.column(self.history_op).as_string::<i32>();
         let seqs = rows.column(self.history_seq).as_string::<i32>();
-        let stats = &mut self.stats;
         for (i, op) in ops.iter().enumerate() {
             match op.unwrap_or_default() {
-                "I" => stats.inserts += 1,
-                "U" => stats.updates += 1,
+                "I" => self.stats.inserts += 1,
+                "U" => self.stats.updates += 1,
                 "T" => {
-                    stats.deletes += 1;
-                    let seq = seqs.value(i);
-                    if self.order.truncated.as_deref().is_none_or(|t| seq > t) {
-                        self.order.truncated = Some(seq.to_string());
-                    }
+                    self.stats.deletes += 1;
+                    self.truncated_at(Some(seqs.value(i)));
                 }
-                _ => stats.deletes += 1,
+                _ => self.stats.deletes += 1,
             }
         }
+        let stats = &mut self.stats;
         stats.rows += rows.num_rows() as u64;
         if let Some(seq) = max_string(seqs)
             && stats.max_seq.as_deref().is_none_or(|m| seq > m)
@@ -211,6 +210,15 @@ impl LatestChanges {
         .and_then(DateTime::from_timestamp_micros);
         stats.max_commit_ts = stats.max_commit_ts.max(newest);
         Ok(())
+    }
+
+    /// Takes a truncate at `seq` (from elsewhere) into account too.
+    pub fn truncated_at(&mut self, seq: Option<&str>) {
+        if let Some(seq) = seq
+            && self.order.truncated.as_deref().is_none_or(|t| seq > t)
+        {
+            self.order.truncated = Some(seq.to_string());
+        }
     }
 
     /// Keeps only each key's latest row (kept rows are filtered, in order).

@@ -310,61 +310,8 @@ impl Merger {
         Ok(out.finish())
     }
 
-    /// The `change_seq` of the latest truncate among the registered `rows`.
-    pub async fn truncated(&self, ctx: &SessionContext, rows: &str) -> Result<Option<String>> {
-        let m = &self.meta;
-        let query = format!(
-            "SELECT CAST(max({seq}) AS VARCHAR) FROM {rows} WHERE {op} = 'T'",
-            seq = sql::ident(&m.change_seq),
-            op = sql::ident(&m.op),
-            rows = sql::ident(rows),
-        );
-        let context = "finding the latest truncate";
-        let batches = collect(ctx, &query, context).await?;
-        let value = arrow::compute::cast(batches[0].column(0), &DataType::Utf8)
-            .map_err(|e| Error::query(context, e.into()))?;
-        let value = value.as_string::<i32>();
-        Ok(value.is_valid(0).then(|| value.value(0).to_string()))
-    }
-
-    /// `sql/latest_change.sql` over the registered table `changes`; a change
-    /// older than `truncated` (a truncate's `change_seq`) becomes a delete.
-    pub fn latest_sql(&self, changes: &str, truncated: Option<&str>) -> String {
-        let op = sql::ident(&self.meta.op);
-        let (columns, op_column) = match truncated {
-            None => ("c.*".to_string(), String::new()),
-            Some(seq) => (
-                format!("c.* EXCLUDE ({op})"),
-                format!(
-                    ", CASE WHEN c.{} < {} THEN 'D' ELSE c.{op} END AS {op}",
-                    sql::ident(&self.meta.change_seq),
-                    sql::literal(seq)
-                ),
-            ),
-        };
-        // NULL-safe, as a key column may be NULL in a bad source.
-        let key_match = self
-            .key
-            .iter()
-            .map(|k| format!("(c.{0} IS NOT DISTINCT FROM l.{0})", sql::ident(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        sql::render(
-            sql::LATEST_CHANGE,
-            &[
-                ("key", &sql::key_list(&self.key)),
-                ("key_match", &key_match),
-                ("change_seq", &sql::ident(&self.meta.change_seq)),
-                ("changes", &sql::ident(changes)),
-                ("columns", &columns),
-                ("op_column", &op_column),
-                ("op", &op),
-            ],
-        )
-    }
-
     /// The current-state rows of the latest change per key that the query
-    /// `latest` gives (see [`Merger::latest_sql`]): deletes dropped, or
+    /// `latest` gives (see [`LatestChanges`]): deletes dropped, or
     /// flagged under soft delete.
     pub async fn current_state(&self, ctx: &SessionContext, latest: &str) -> Result<DataFrame> {
         let m = &self.meta;

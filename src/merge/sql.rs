@@ -3,8 +3,6 @@
 //! Templates name their parameters `{name}`; every identifier is quoted
 //! here, so source column names with capitals, spaces or keywords work.
 
-/// `sql/latest_change.sql`.
-pub const LATEST_CHANGE: &str = include_str!("../../sql/latest_change.sql");
 /// `sql/late_changes.sql`.
 pub const LATE_CHANGES: &str = include_str!("../../sql/late_changes.sql");
 /// `sql/versions.sql`.

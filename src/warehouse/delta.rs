@@ -41,8 +41,7 @@ fn session(limit: usize) -> SessionContext {
     SessionContext::new_with_config_rt(config, runtime)
 }
 
-/// The table name of a batch's latest changes per key, when they were
-/// taken while its history was written.
+/// The table name of the latest changes per key a batch applies.
 const LATEST: &str = "latest_changes";
 
 /// How cdcflow writes a Delta table's Parquet files: Snappy (Delta's
@@ -175,8 +174,9 @@ impl DeltaWarehouse {
     }
 
     /// Writes the batch's history rows (streamed) unless history holds the
-    /// batch already. An appended batch's rows are also collected into their
-    /// latest change per key on the way (returned), so they need not be read back.
+    /// batch already. The rows are also collected into their latest change
+    /// per key and the batch's figures on the way (returned), so they need
+    /// not be read back.
     async fn load_history(
         &self,
         req: &LoadRequest<'_>,
@@ -194,16 +194,8 @@ impl DeltaWarehouse {
                 req.batch.number
             ))
         })?;
-        let collector = match req.batch.mode {
-            BatchMode::Append => Some(Arc::new(std::sync::Mutex::new(Some(LatestChanges::new(
-                req.merger,
-            )?)))),
-            BatchMode::Replace => None,
-        };
-        let stream = match &collector {
-            None => stream,
-            Some(collector) => collect_latest(stream, collector.clone()),
-        };
+        let collector = Arc::new(std::sync::Mutex::new(Some(LatestChanges::new(req.merger)?)));
+        let stream = collect_latest(stream, collector.clone());
         let source = StreamingTable::try_new(
             req.merger.history_schema(),
             vec![Arc::new(OneShot::new(stream))],
@@ -237,7 +229,8 @@ impl DeltaWarehouse {
         write.await.map_err(|e| {
             Error::warehouse(&name, format!("writing batch {}", req.batch.number), e)
         })?;
-        Ok(collector.and_then(|c| c.lock().unwrap_or_else(|p| p.into_inner()).take()))
+        let collected = collector.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Ok(collected)
     }
 
     /// Applies the batch (registered as `batch` in `ctx`, history as
@@ -249,7 +242,6 @@ impl DeltaWarehouse {
         ctx: &SessionContext,
         apply: Apply,
         truncated: Option<&str>,
-        streamed: bool,
     ) -> Result<()> {
         let name = req.table.target.clone();
         let mut table = self.open(&name).await?;
@@ -266,42 +258,22 @@ impl DeltaWarehouse {
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
         let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
-        // The latest change per key: taken while history was written
-        // (`streamed`, registered as LATEST), or from the batch's history rows.
-        let latest_sql = |changes: &str| {
-            if streamed {
-                format!("SELECT * FROM {LATEST}")
-            } else {
-                req.merger.latest_sql(changes, truncated)
-            }
-        };
-        let latest = match apply {
-            Apply::Replace => {
-                let truncated = req.merger.truncated(ctx, "history").await?;
-                let latest = req.merger.latest_sql("history", truncated.as_deref());
-                return self.write_current(table, req, app, ctx, &latest).await;
-            }
-            // Nothing to merge with (a first load): the batch's state is written
-            // as it is, without the MERGE's join.
+        match apply {
+            // Nothing to merge with (a first load), or a rebuild: the state is
+            // written as it is, without the MERGE's join.
+            Apply::Replace => self.write_current(table, req, app, ctx).await,
             Apply::InOrder if is_empty(&table, &name)? => {
-                return self
-                    .write_current(table, req, app, ctx, &latest_sql("batch"))
-                    .await;
+                self.write_current(table, req, app, ctx).await
             }
-            Apply::Late => {
-                let df = req.merger.late_changes(ctx, "history", "batch").await?;
-                ctx.register_table("changes", df.into_view())
-                    .map_err(|e| Error::query("registering late changes", e))?;
-                latest_sql("changes")
+            Apply::InOrder | Apply::Late => {
+                let latest = ctx
+                    .table(LATEST)
+                    .await
+                    .map_err(|e| Error::query("reading the latest changes", e))?;
+                self.merge_current(table, req, latest, app, ctx, truncated)
+                    .await
             }
-            Apply::InOrder => latest_sql("batch"),
-        };
-        let latest = ctx
-            .sql(&latest)
-            .await
-            .map_err(|e| Error::query("latest_change.sql", e))?;
-        self.merge_current(table, req, latest, app, ctx, truncated)
-            .await
+        }
     }
 
     /// Registers `<t>_history` in `ctx` as `history`, and the rows of this
@@ -348,20 +320,22 @@ impl DeltaWarehouse {
         Ok(())
     }
 
-    /// Overwrites the current table with the state of the latest changes per
-    /// key the query `latest` gives (of the whole history for a backfill, of
-    /// the batch for a first load), streamed.
+    /// Overwrites the current table with the state the latest changes
+    /// (registered as [`LATEST`]) give: of the whole history for a backfill,
+    /// of the batch for a first load.
     async fn write_current(
         &self,
         table: DeltaTable,
         req: &LoadRequest<'_>,
         app: &str,
         ctx: &SessionContext,
-        latest: &str,
     ) -> Result<()> {
         use datafusion::prelude::{cast, col};
         let name = req.table.target.as_str();
-        let state = req.merger.current_state(ctx, latest).await?;
+        let state = req
+            .merger
+            .current_state(ctx, &format!("SELECT * FROM {LATEST}"))
+            .await?;
         // Query output may use other encodings (string views): cast to the table's types.
         let columns = req
             .merger
@@ -491,48 +465,45 @@ impl Warehouse for DeltaWarehouse {
         let streamed = self.load_history(&req, &app).await?;
         failpoint::hit("load.between_history_and_current");
         let ctx = session(self.memory_limit);
-        let (latest, stats, order) = match streamed {
-            Some(collected) => {
-                let schema = collected.schema();
-                let (rows, stats, order) = collected.finish()?;
-                (Some((schema, rows)), stats, order)
-            }
+        let registered = streamed.is_none();
+        let collected = match streamed {
+            Some(collected) => collected,
             // History held the batch already (a retry): read it back.
             None => {
                 self.register_batch(&ctx, &req).await?;
-                let (stats, order) = req.merger.batch_stats(&ctx, "batch").await?;
-                (None, stats, order)
+                latest_of(&ctx, "batch", req.merger).await?
             }
         };
+        let schema = collected.schema();
+        let (batch_latest, stats, order) = collected.finish()?;
         let apply = Apply::choose(
             req.batch.mode,
             order.min_seq.as_deref(),
             req.loaded_max.as_deref(),
         );
-        let streamed = latest.is_some() && apply == Apply::InOrder;
-        match latest {
-            Some((schema, rows)) if streamed => {
-                let rows = datafusion::datasource::MemTable::try_new(schema, vec![rows])
-                    .map_err(|e| Error::query("registering the latest changes", e))?;
-                ctx.register_table(LATEST, Arc::new(rows))
-                    .map_err(|e| Error::query("registering the latest changes", e))?;
+        if apply != Apply::InOrder && !registered {
+            self.register_batch(&ctx, &req).await?;
+        }
+        let latest = match apply {
+            Apply::InOrder => batch_latest,
+            // The whole history of its keys decides their current state.
+            Apply::Late => {
+                tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
+                let changes = req.merger.late_changes(&ctx, "history", "batch").await?;
+                ctx.register_table("changes", changes.into_view())
+                    .map_err(|e| Error::query("registering late changes", e))?;
+                let mut collected = latest_of(&ctx, "changes", req.merger).await?;
+                collected.truncated_at(order.truncated.as_deref());
+                collected.finish()?.0
             }
-            // A late batch needs its keys' history.
-            Some(_) => self.register_batch(&ctx, &req).await?,
-            None => {}
-        }
-        if apply == Apply::Late {
-            tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
-        }
-        self.load_current(
-            &req,
-            &app,
-            &ctx,
-            apply,
-            order.truncated.as_deref(),
-            streamed,
-        )
-        .await?;
+            Apply::Replace => latest_of(&ctx, "history", req.merger).await?.finish()?.0,
+        };
+        let latest = datafusion::datasource::MemTable::try_new(schema, vec![latest])
+            .map_err(|e| Error::query("registering the latest changes", e))?;
+        ctx.register_table(LATEST, Arc::new(latest))
+            .map_err(|e| Error::query("registering the latest changes", e))?;
+        self.load_current(&req, &app, &ctx, apply, order.truncated.as_deref())
+            .await?;
         Ok(stats)
     }
 
@@ -595,6 +566,35 @@ impl Warehouse for DeltaWarehouse {
             .map_err(|e| Error::query("versions.sql", e))?;
         Ok(true)
     }
+}
+
+/// The latest changes per key (and figures) of the rows of the registered
+/// table `rows`, which has the history columns.
+async fn latest_of(ctx: &SessionContext, rows: &str, merger: &Merger) -> Result<LatestChanges> {
+    use datafusion::prelude::{cast, col};
+    use futures::StreamExt;
+    let fail = |e| Error::query(format!("reading {rows}"), e);
+    // Scans may use other encodings (string views): cast to the history types.
+    let columns = merger
+        .history_schema()
+        .fields()
+        .iter()
+        .map(|f| cast(col(sql::ident(f.name())), f.data_type().clone()).alias(f.name()))
+        .collect::<Vec<_>>();
+    let mut stream = ctx
+        .table(rows)
+        .await
+        .map_err(fail)?
+        .select(columns)
+        .map_err(fail)?
+        .execute_stream()
+        .await
+        .map_err(fail)?;
+    let mut collected = LatestChanges::new(merger)?;
+    while let Some(chunk) = stream.next().await {
+        collected.push(&chunk.map_err(fail)?)?;
+    }
+    Ok(collected)
 }
 
 /// `stream`, with every chunk also handed to `collector`.
