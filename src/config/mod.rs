@@ -318,7 +318,8 @@ pub struct BatchFile {
     /// At most this many bytes (object sizes) per batch; a larger single object still forms a batch.
     #[serde(default = "BatchFile::default_max_bytes")]
     pub max_bytes: u64,
-    /// Memory the merge of one batch may use before its sorts spill to disk, in MiB.
+    /// Memory a batch's DataFusion queries (the MERGE, scans) may use before
+    /// sorts spill to disk, in MiB. Each key's latest row is held besides.
     #[serde(default = "BatchFile::default_memory_limit_mib")]
     pub memory_limit_mib: usize,
 }
