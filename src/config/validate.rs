@@ -740,4 +740,38 @@ mod tests {
         let err = check(&GOOD.replace("name = \"amount\"", "name = \"op\"")).unwrap_err();
         assert!(err.to_string().contains("metadata_columns.op"), "{err}");
     }
+
+    /// `GOOD` reading from `url`, with `extra` lines in `[source]`.
+    fn remote(url: &str, extra: &str) -> String {
+        GOOD.replace(
+            "url = \"file://testdata/dms\"",
+            &format!("url = \"{url}\"\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn gcs_and_azure_sources_take_their_own_options() {
+        for (url, option) in [
+            ("gs://bucket/dms", "google_service_account"),
+            ("az://container/dms", "azure_storage_account_name"),
+            (
+                "abfss://container@account.dfs.core.windows.net/dms",
+                "azure_storage_account_key",
+            ),
+        ] {
+            let p = check(&remote(url, &format!("[source.options]\n{option} = \"x\""))).unwrap();
+            assert_eq!(p.source.url.as_str(), url);
+            // Another cloud's option, or an S3-only setting, names the field and the fix.
+            let err = check(&remote(url, "[source.options]\naws_access_key_id = \"x\""))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("source.options.aws_access_key_id"), "{err}");
+            assert!(err.contains("google_service_account"), "{err}");
+            let err = check(&remote(url, "region = \"eu-west-1\"")).unwrap_err();
+            assert!(
+                err.to_string().contains("applies to s3:// sources only"),
+                "{err}"
+            );
+        }
+    }
 }

@@ -331,3 +331,58 @@ impl ObjectSource for StoreSource {
         self.pager.is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(url: &str, options: &str) -> crate::config::Pipeline {
+        let text = format!(
+            "name = \"p\"\n[source]\nurl = \"{url}\"\n[source.options]\n{options}\n\
+             [warehouse]\nkind = \"local\"\npath = \"wh\"\n\
+             [[tables]]\nschema = \"public\"\nname = \"t\"\nprimary_key = [\"id\"]\n"
+        );
+        crate::config::PipelineFile::parse(&text, "test.toml")
+            .and_then(|f| f.validate("test.toml"))
+            .unwrap()
+    }
+
+    /// A GCS or Azure source builds its store from the pipeline's options
+    /// alone (tokens are fetched at the first request): no peer needed.
+    #[test]
+    fn gcs_and_azure_stores_open_from_the_pipeline_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let adc = dir.path().join("adc.json");
+        std::fs::write(
+            &adc,
+            r#"{"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}"#,
+        )
+        .unwrap();
+        for (url, options) in [
+            (
+                "gs://bucket/dms",
+                format!(
+                    "google_application_credentials = {:?}",
+                    adc.display().to_string()
+                ),
+            ),
+            (
+                "az://container/dms",
+                "azure_storage_account_name = \"account\"\nazure_storage_account_key = \"a2V5\""
+                    .into(),
+            ),
+        ] {
+            let (_, root, pager) = remote_store(&pipeline(url, &options).source)
+                .unwrap_or_else(|e| panic!("{url}: {}", crate::error::chain(&e)));
+            assert_eq!(root.as_ref(), "dms", "{url}");
+            assert!(pager.is_none(), "only S3 lists page by page");
+        }
+        // A credentials file that is not there is named.
+        let missing = pipeline(
+            "gs://bucket/dms",
+            "google_application_credentials = \"/nonexistent/adc.json\"",
+        );
+        let err = crate::error::chain(&remote_store(&missing.source).err().expect("an error"));
+        assert!(err.contains("/nonexistent/adc.json"), "{err}");
+    }
+}
