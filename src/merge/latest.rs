@@ -231,33 +231,35 @@ impl LatestChanges {
         for &(b, r) in self.index.locs() {
             winners[b as usize][r as usize] = true;
         }
-        // Where each kept row lands: (new batch, new row) for the winners.
+        // Batch by batch, each old batch freed once filtered: memory peaks at
+        // the kept rows plus one batch, not twice the kept rows.
+        self.kept_seq.clear();
+        let kept = std::mem::take(&mut self.kept);
+        // Where each kept row lands: its new row number, for the winners.
         let mut moved: Vec<Vec<u32>> = Vec::with_capacity(winners.len());
-        let mut compacted = Vec::with_capacity(winners.len());
-        for (batch, winners) in self.kept.iter().zip(&winners) {
+        for (batch, winners) in kept.into_iter().zip(winners) {
+            let mask = BooleanArray::from(winners);
             let mut next = 0;
             moved.push(
-                winners
+                mask.values()
                     .iter()
-                    .map(|&w| {
+                    .map(|w| {
                         next += u32::from(w);
                         next.saturating_sub(1)
                     })
                     .collect(),
             );
-            let filtered = filter_record_batch(batch, &BooleanArray::from(winners.clone()))
-                .map_err(|e| internal(e.to_string()))?;
-            compacted.push(filtered);
+            let filtered =
+                filter_record_batch(&batch, &mask).map_err(|e| internal(e.to_string()))?;
+            drop(batch);
+            self.kept_seq
+                .push(filtered.column(self.seq).as_string::<i32>().clone());
+            self.kept.push(filtered);
         }
         for loc in self.index.locs_mut() {
             loc.1 = moved[loc.0 as usize][loc.1 as usize];
         }
-        self.kept_seq = compacted
-            .iter()
-            .map(|b| b.column(self.seq).as_string::<i32>().clone())
-            .collect();
         self.kept_rows = self.index.len();
-        self.kept = compacted;
         Ok(())
     }
 

@@ -488,6 +488,7 @@ impl Warehouse for DeltaWarehouse {
             Apply::InOrder => batch_latest,
             // The whole history of its keys decides their current state.
             Apply::Late => {
+                drop(batch_latest); // not needed: freed before the scan
                 tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
                 let changes = req.merger.late_changes(&ctx, "history", "batch").await?;
                 ctx.register_table("changes", changes.into_view())
@@ -496,7 +497,10 @@ impl Warehouse for DeltaWarehouse {
                 collected.truncated_at(order.truncated.as_deref());
                 collected.finish()?.0
             }
-            Apply::Replace => latest_of(&ctx, "history", req.merger).await?.finish()?.0,
+            Apply::Replace => {
+                drop(batch_latest); // not needed: freed before the scan
+                latest_of(&ctx, "history", req.merger).await?.finish()?.0
+            }
         };
         let latest = datafusion::datasource::MemTable::try_new(schema, vec![latest])
             .map_err(|e| Error::query("registering the latest changes", e))?;
