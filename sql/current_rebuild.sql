@@ -1,6 +1,6 @@
--- Current state from the latest change of each key ({latest}: of the whole
+-- Current state from the latest change of each key (table {latest}: of the whole
 -- history for a backfill, of the batch for a first load; see
 -- src/merge/latest.rs): deletes dropped (or flagged under soft delete).
 SELECT {columns}, {commit_ts}, {change_seq}{deleted}
-FROM ({latest}) latest
+FROM {latest} latest
 WHERE {keep}

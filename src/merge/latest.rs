@@ -131,7 +131,7 @@ impl LatestChanges {
         if rows.num_rows() == 0 {
             return Ok(());
         }
-        self.count(rows)?;
+        self.count(rows);
         let rows = rows
             .project(&self.projection)
             .map_err(|e| internal(e.to_string()))?;
@@ -178,7 +178,7 @@ impl LatestChanges {
 
     /// The batch's figures from one chunk: changes per op, change_seq range,
     /// newest commit time and latest truncate.
-    fn count(&mut self, rows: &RecordBatch) -> Result<()> {
+    fn count(&mut self, rows: &RecordBatch) {
         let ops = rows.column(self.history_op).as_string::<i32>();
         let seqs = rows.column(self.history_seq).as_string::<i32>();
         for (i, op) in ops.iter().enumerate() {
@@ -209,7 +209,6 @@ impl LatestChanges {
             .as_primitive::<TimestampMicrosecondType>())
         .and_then(DateTime::from_timestamp_micros);
         stats.max_commit_ts = stats.max_commit_ts.max(newest);
-        Ok(())
     }
 
     /// Takes a truncate at `seq` (from elsewhere) into account too.

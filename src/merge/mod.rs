@@ -48,7 +48,7 @@ pub struct BatchOrder {
     pub truncated: Option<String>,
 }
 
-/// Builds history rows and latest-change queries for one table.
+/// Builds history rows and the current-state queries of one table.
 #[derive(Debug, Clone)]
 pub struct Merger {
     /// Primary-key columns.
@@ -310,8 +310,8 @@ impl Merger {
         Ok(out.finish())
     }
 
-    /// The current-state rows of the latest change per key that the query
-    /// `latest` gives (see [`LatestChanges`]): deletes dropped, or
+    /// The current-state rows of the latest changes per key in the
+    /// registered table `latest` (see [`LatestChanges`]): deletes dropped, or
     /// flagged under soft delete.
     pub async fn current_state(&self, ctx: &SessionContext, latest: &str) -> Result<DataFrame> {
         let m = &self.meta;
@@ -337,7 +337,7 @@ impl Merger {
                 ("commit_ts", &sql::ident(&m.commit_ts)),
                 ("change_seq", &sql::ident(&m.change_seq)),
                 ("deleted", &deleted),
-                ("latest", latest),
+                ("latest", &sql::ident(latest)),
                 ("keep", &keep),
             ],
         );

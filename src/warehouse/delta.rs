@@ -233,8 +233,8 @@ impl DeltaWarehouse {
         Ok(collected)
     }
 
-    /// Applies the batch (registered as `batch` in `ctx`, history as
-    /// `history`) to the current table unless it holds the batch already.
+    /// Applies the batch's latest changes per key (registered as [`LATEST`]
+    /// in `ctx`) to the current table unless it holds the batch already.
     async fn load_current(
         &self,
         req: &LoadRequest<'_>,
@@ -330,22 +330,11 @@ impl DeltaWarehouse {
         app: &str,
         ctx: &SessionContext,
     ) -> Result<()> {
-        use datafusion::prelude::{cast, col};
         let name = req.table.target.as_str();
-        let state = req
-            .merger
-            .current_state(ctx, &format!("SELECT * FROM {LATEST}"))
-            .await?;
+        let state = req.merger.current_state(ctx, LATEST).await?;
         // Query output may use other encodings (string views): cast to the table's types.
-        let columns = req
-            .merger
-            .current_schema()
-            .fields()
-            .iter()
-            .map(|f| cast(col(sql::ident(f.name())), f.data_type().clone()).alias(f.name()))
-            .collect::<Vec<_>>();
         let plan = state
-            .select(columns)
+            .select(cast_to(&req.merger.current_schema()))
             .map_err(|e| Error::query("current_rebuild.sql", e))?
             .into_unoptimized_plan();
         table
@@ -572,24 +561,28 @@ impl Warehouse for DeltaWarehouse {
     }
 }
 
-/// The latest changes per key (and figures) of the rows of the registered
-/// table `rows`, which has the history columns.
-async fn latest_of(ctx: &SessionContext, rows: &str, merger: &Merger) -> Result<LatestChanges> {
+/// Every column of `schema`, cast to its type there (query output may use
+/// other encodings, such as string views).
+fn cast_to(schema: &arrow::datatypes::Schema) -> Vec<datafusion::prelude::Expr> {
     use datafusion::prelude::{cast, col};
-    use futures::StreamExt;
-    let fail = |e| Error::query(format!("reading {rows}"), e);
-    // Scans may use other encodings (string views): cast to the history types.
-    let columns = merger
-        .history_schema()
+    schema
         .fields()
         .iter()
         .map(|f| cast(col(sql::ident(f.name())), f.data_type().clone()).alias(f.name()))
-        .collect::<Vec<_>>();
+        .collect()
+}
+
+/// The latest changes per key (and figures) of the rows of the registered
+/// table `rows`, which has the history columns.
+async fn latest_of(ctx: &SessionContext, rows: &str, merger: &Merger) -> Result<LatestChanges> {
+    use futures::StreamExt;
+    let fail = |e| Error::query(format!("reading {rows}"), e);
+    // Scans may use other encodings (string views): cast to the history types.
     let mut stream = ctx
         .table(rows)
         .await
         .map_err(fail)?
-        .select(columns)
+        .select(cast_to(&merger.history_schema()))
         .map_err(fail)?
         .execute_stream()
         .await
