@@ -15,9 +15,10 @@ VENV="${PEERS_DIR:-$PWD/.peers}/venv-bench"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import duckdb, polars' 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import duckdb, polars, deltalake' 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb==1.5.6 polars==1.44.2
+  # deltalake: a second Delta reader, to check cdcflow's tables (it must apply deletion vectors).
+  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb==1.5.6 polars==1.44.2 deltalake==1.6.6
 fi
 cargo build --release --quiet
 BIN="$CARGO_TARGET_DIR/release/cdcflow"
@@ -136,6 +137,7 @@ for fmt in $FORMATS; do
   n=$(add_cdc "$small/data" ".$fmt")
   measure "cdcflow +1 object (1/10)" "$fmt" "$n" "$small/p.toml" "$BIN" run --now -p "$small/p.toml"
 done
+"$VENV/bin/python" scripts/bench/report.py delta "$RESULTS" "$BIN" "$OUT" BENCH.md
 fi
 
 if [[ " $PARTS " == *" capture "* ]]; then

@@ -286,6 +286,11 @@ pub enum WarehouseFile {
     Local {
         /// Directory holding one Delta table per warehouse table.
         path: String,
+        /// Apply in-order batches to current-state tables by Delta deletion
+        /// vectors (default), which readers must support; `false` rewrites
+        /// the touched files instead (set it before the first load).
+        #[serde(default = "default_true")]
+        deletion_vectors: bool,
     },
     /// Google BigQuery: tables in one dataset, loaded by load and MERGE jobs.
     Bigquery {
@@ -473,4 +478,8 @@ pub fn absolute(path: &str) -> PathBuf {
             .map(|cwd| cwd.join(path))
             .unwrap_or_else(|_| path.to_path_buf())
     }
+}
+
+fn default_true() -> bool {
+    true
 }

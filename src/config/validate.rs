@@ -47,6 +47,8 @@ pub enum WarehouseConfig {
     Local {
         /// Absolute directory.
         path: PathBuf,
+        /// Whether current-state tables take deletion vectors.
+        deletion_vectors: bool,
     },
     /// A BigQuery dataset.
     BigQuery(BigQueryConfig),
@@ -616,7 +618,10 @@ fn validate_table(
 
 fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> WarehouseConfig {
     match file {
-        WarehouseFile::Local { path } => {
+        WarehouseFile::Local {
+            path,
+            deletion_vectors,
+        } => {
             if path.trim().is_empty() {
                 problems.add(
                     "warehouse.path",
@@ -625,6 +630,7 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
             }
             WarehouseConfig::Local {
                 path: absolute(path),
+                deletion_vectors: *deletion_vectors,
             }
         }
         WarehouseFile::Bigquery {

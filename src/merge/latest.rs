@@ -29,7 +29,7 @@ use crate::state::BatchStats;
 const COMPACT_AFTER_ROWS: usize = 1 << 19;
 
 /// Where a key's latest row is: (kept batch, row).
-type Loc = (u32, u32);
+pub type Loc = (u32, u32);
 
 /// Collects the latest change per key and the figures of a batch's history rows.
 pub struct LatestChanges {
@@ -289,6 +289,66 @@ impl LatestChanges {
     }
 }
 
+/// The finished latest changes by key: which of them a row of another
+/// table (the current-state table) has the key of.
+pub struct KeyLookup {
+    converter: RowConverter,
+    types: Vec<arrow::datatypes::DataType>,
+    index: KeyIndex,
+}
+
+impl KeyLookup {
+    /// Indexes `rows`, as [`LatestChanges::finish`] returned them (one row per key).
+    pub fn new(merger: &Merger, rows: &[RecordBatch]) -> Result<Self> {
+        let collector = LatestChanges::new(merger)?;
+        let types: Vec<_> = collector
+            .key
+            .iter()
+            .map(|&i| collector.schema.field(i).data_type().clone())
+            .collect();
+        let mut lookup = KeyLookup {
+            converter: collector.converter,
+            types,
+            index: KeyIndex::default(),
+        };
+        for (batch, rows) in rows.iter().enumerate() {
+            let keys: Vec<ArrayRef> = collector
+                .key
+                .iter()
+                .map(|&i| rows.column(i).clone())
+                .collect();
+            let batch = u32::try_from(batch).map_err(internal)?;
+            for (row, key) in lookup.rows(&keys)?.iter().enumerate() {
+                *lookup.index.entry(key.as_ref(), (batch, row as u32)) = (batch, row as u32);
+            }
+        }
+        Ok(lookup)
+    }
+
+    /// For each row of `keys` (the key columns in key order, of any types
+    /// that cast to the history's), where the latest change of its key is:
+    /// (batch, row) in the rows given to [`KeyLookup::new`].
+    pub fn find(&self, keys: &[ArrayRef]) -> Result<Vec<Option<Loc>>> {
+        let keys = keys
+            .iter()
+            .zip(&self.types)
+            .map(|(k, t)| arrow::compute::cast(k, t))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| internal(e.to_string()))?;
+        Ok(self
+            .rows(&keys)?
+            .iter()
+            .map(|key| self.index.get(key.as_ref()))
+            .collect())
+    }
+
+    fn rows(&self, keys: &[ArrayRef]) -> Result<arrow::row::Rows> {
+        self.converter
+            .convert_columns(keys)
+            .map_err(|e| internal(e.to_string()))
+    }
+}
+
 /// Each key's latest row, by the key's row-format bytes. The bytes live in
 /// one arena (no allocation per key); the map goes from a key's 64-bit hash
 /// to a chain of the (rarely more than one) keys with that hash.
@@ -312,25 +372,38 @@ impl KeyIndex {
     /// The location of `key`'s latest row; a new key gets `fresh`.
     fn entry(&mut self, key: &[u8], fresh: Loc) -> &mut Loc {
         let hash = self.hasher.hash_one(key);
-        let new = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
-        let head = self.heads.entry(hash).or_insert(u32::MAX);
-        let mut at = *head;
-        while at != u32::MAX {
-            let e = &self.entries[at as usize];
-            if &self.arena[e.start..e.start + e.len as usize] == key {
-                return &mut self.entries[at as usize].loc;
-            }
-            at = e.next;
+        let head = self.heads.get(&hash).copied().unwrap_or(u32::MAX);
+        if let Some(at) = self.find(head, key) {
+            return &mut self.entries[at as usize].loc;
         }
+        let new = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
         self.entries.push(KeyEntry {
             start: self.arena.len(),
             len: key.len() as u32,
-            next: *head,
+            next: head,
             loc: fresh,
         });
-        *head = new;
+        self.heads.insert(hash, new);
         self.arena.extend_from_slice(key);
         &mut self.entries[new as usize].loc
+    }
+
+    /// The location of `key`'s latest row, if it has one.
+    fn get(&self, key: &[u8]) -> Option<Loc> {
+        let head = *self.heads.get(&self.hasher.hash_one(key))?;
+        self.find(head, key).map(|at| self.entries[at as usize].loc)
+    }
+
+    /// The entry of `key` in the chain starting at `at`.
+    fn find(&self, mut at: u32, key: &[u8]) -> Option<u32> {
+        while at != u32::MAX {
+            let e = &self.entries[at as usize];
+            if &self.arena[e.start..e.start + e.len as usize] == key {
+                return Some(at);
+            }
+            at = e.next;
+        }
+        None
     }
 
     fn len(&self) -> usize {

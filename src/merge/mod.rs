@@ -11,7 +11,7 @@
 mod latest;
 pub mod sql;
 
-pub use latest::LatestChanges;
+pub use latest::{KeyLookup, LatestChanges, Loc};
 
 use std::sync::Arc;
 

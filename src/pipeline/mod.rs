@@ -118,10 +118,14 @@ impl Runner {
         let source = Arc::new(StoreSource::open(&pipeline.source)?);
         let state = Arc::new(SqliteStore::open(&pipeline.state_path, &pipeline.name)?);
         let warehouse: Arc<dyn Warehouse> = match &pipeline.warehouse {
-            WarehouseConfig::Local { path } => Arc::new(DeltaWarehouse::new(
+            WarehouseConfig::Local {
+                path,
+                deletion_vectors,
+            } => Arc::new(DeltaWarehouse::new(
                 path.clone(),
                 &pipeline.name,
                 pipeline.batch.memory_limit_mib << 20,
+                *deletion_vectors,
             )),
             WarehouseConfig::BigQuery(config) => {
                 Arc::new(BigQueryWarehouse::new(config.clone(), &pipeline.name))

@@ -6,6 +6,8 @@
 //! atomic commit as the data. Before applying a step the table's recorded
 //! version is read; a step already recorded is not applied again.
 
+mod deletion_vectors;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ use super::{Apply, LoadRequest, Warehouse};
 use crate::config::{Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::merge::{LatestChanges, Merger, sql};
+use crate::merge::{BatchOrder, LatestChanges, Merger, sql};
 use crate::state::{Batch, BatchMode, BatchStats};
 
 /// A DataFusion session whose memory is bounded by `limit` bytes: sorts
@@ -124,16 +126,20 @@ pub struct DeltaWarehouse {
     root: PathBuf,
     pipeline: String,
     memory_limit: usize,
+    deletion_vectors: bool,
 }
 
 impl DeltaWarehouse {
     /// A warehouse at `root` for `pipeline` (names the transaction app ids)
-    /// whose merges use at most `memory_limit` bytes before spilling.
-    pub fn new(root: PathBuf, pipeline: &str, memory_limit: usize) -> Self {
+    /// whose merges use at most `memory_limit` bytes before spilling, and
+    /// which applies in-order batches by deletion vectors when
+    /// `deletion_vectors` (see the `deletion_vectors` module).
+    pub fn new(root: PathBuf, pipeline: &str, memory_limit: usize, deletion_vectors: bool) -> Self {
         DeltaWarehouse {
             root,
             pipeline: pipeline.to_string(),
             memory_limit,
+            deletion_vectors,
         }
     }
 
@@ -147,6 +153,22 @@ impl DeltaWarehouse {
         DeltaTable::try_from_url(url)
             .await
             .map_err(|e| Error::warehouse(name, "opening", e))
+    }
+
+    /// A query provider over table `name`, if it has been created.
+    async fn provider(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        let delta = self.open(name).await?;
+        if delta.version().is_none() {
+            return Ok(None);
+        }
+        let provider = delta
+            .table_provider()
+            .await
+            .map_err(|e| Error::query(format!("reading {name}"), e))?;
+        Ok(Some(provider))
     }
 
     /// The Delta application id of a table's commits.
@@ -241,7 +263,7 @@ impl DeltaWarehouse {
         app: &str,
         ctx: &SessionContext,
         apply: Apply,
-        truncated: Option<&str>,
+        order: &BatchOrder,
     ) -> Result<()> {
         let name = req.table.target.clone();
         let mut table = self.open(&name).await?;
@@ -258,12 +280,42 @@ impl DeltaWarehouse {
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
         let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
+        let table = if self.deletion_vectors {
+            deletion_vectors::enable(table, &name).await?
+        } else {
+            table
+        };
+        let truncated = order.truncated.as_deref();
         match apply {
             // Nothing to merge with (a first load), or a rebuild: the state is
             // written as it is, without the MERGE's join.
             Apply::Replace => self.write_current(table, req, app, ctx).await,
             Apply::InOrder if is_empty(&table, &name)? => {
                 self.write_current(table, req, app, ctx).await
+            }
+            // The usual batch: its cost is its own rows (and a scan of the
+            // table's keys), not a rewrite of the files its keys are in.
+            Apply::InOrder
+                if self.deletion_vectors
+                    && truncated.is_none()
+                    && !deletion_vectors::rewrite_due(&table, &name)? =>
+            {
+                // A batch starting at the loaded maximum (the same change in
+                // two objects) may hold changes no newer than the table's.
+                let compare_seq = matches!(
+                    (order.min_seq.as_deref(), req.loaded_max.as_deref()),
+                    (Some(min), Some(max)) if min <= max
+                );
+                deletion_vectors::apply(
+                    table,
+                    &self.root.join(&name),
+                    &name,
+                    req,
+                    app,
+                    ctx,
+                    compare_seq,
+                )
+                .await
             }
             Apply::InOrder | Apply::Late => {
                 let latest = ctx
@@ -495,8 +547,7 @@ impl Warehouse for DeltaWarehouse {
             .map_err(|e| Error::query("registering the latest changes", e))?;
         ctx.register_table(LATEST, Arc::new(latest))
             .map_err(|e| Error::query("registering the latest changes", e))?;
-        self.load_current(&req, &app, &ctx, apply, order.truncated.as_deref())
-            .await?;
+        self.load_current(&req, &app, &ctx, apply, &order).await?;
         Ok(stats)
     }
 
@@ -512,15 +563,9 @@ impl Warehouse for DeltaWarehouse {
     }
 
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>> {
-        let name = table.history_name();
-        let delta = self.open(&name).await?;
-        if delta.version().is_none() {
+        let Some(provider) = self.provider(&table.history_name()).await? else {
             return Ok(None);
-        }
-        let provider = delta
-            .table_provider()
-            .await
-            .map_err(|e| Error::query("reading history", e))?;
+        };
         let columns = provider
             .schema()
             .fields()
@@ -538,14 +583,9 @@ impl Warehouse for DeltaWarehouse {
 
     async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool> {
         for name in [table.target.clone(), table.history_name()] {
-            let delta = self.open(&name).await?;
-            if delta.version().is_none() {
+            let Some(provider) = self.provider(&name).await? else {
                 return Ok(false);
-            }
-            let provider = delta
-                .table_provider()
-                .await
-                .map_err(|e| Error::query(format!("reading {name}"), e))?;
+            };
             ctx.register_table(sql::ident(&name).as_str(), provider)
                 .map_err(|e| Error::query(format!("registering {name}"), e))?;
         }

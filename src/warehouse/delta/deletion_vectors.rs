@@ -1,0 +1,394 @@
+//! Applying an in-order batch to a current-state table by deletion vectors.
+//!
+//! A copy-on-write MERGE rewrites every file that holds a changed key: when
+//! changes are spread over the keys, that is the whole table, so one more
+//! small object costs as much as the table. Here the rows a batch replaces
+//! are marked deleted in their files instead (Delta deletion vectors: a
+//! bitmap of row positions per file, in one small file per commit), and the
+//! batch's new rows are appended as a new file. The cost is the batch plus
+//! one scan of the table's key columns, and every reader of Delta with
+//! deletion vectors (delta-rs, DuckDB, Spark, Polars) sees the same rows.
+//!
+//! The marked rows stay on disk until a copy-on-write MERGE rewrites their
+//! files: [`rewrite_due`] sends a batch that way once they are a quarter of
+//! the table's rows (or the table has many files), so the rewritten rows
+//! per changed row stay bounded and the table does not grow without end.
+//!
+//! The semantics are those of `sql/current_merge.sql`: a target row whose
+//! key has a newer change is replaced (deleted, and the change's row
+//! appended unless it is a hard delete); a change no newer than the target
+//! row of its key is dropped; a change to a key the table lacks is appended
+//! unless it is a hard delete.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use datafusion::prelude::SessionContext;
+use delta_kernel::actions::deletion_vector_writer::{
+    KernelDeletionVector, StreamingDeletionVectorWriter,
+};
+use deltalake::DeltaTable;
+use deltalake::DeltaTableError;
+use deltalake::kernel::transaction::CommitBuilder;
+use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, StorageType};
+use deltalake::protocol::DeltaOperation;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{DeltaWarehouse, LATEST, cast_to, writer_properties};
+use crate::error::{Error, Result};
+use crate::merge::{KeyLookup, Loc, Merger};
+use crate::warehouse::LoadRequest;
+
+/// The table property that lets writers add deletion vectors (and makes
+/// the table's protocol require readers that apply them).
+const ENABLE: &str = "delta.enableDeletionVectors";
+
+/// A table with more files than this is rewritten by the next MERGE.
+const MAX_FILES: usize = 64;
+
+/// Turns deletion vectors on for `table` unless they are on already.
+pub(super) async fn enable(table: DeltaTable, name: &str) -> Result<DeltaTable> {
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| Error::warehouse(name, "reading the table's properties", e))?;
+    let enabled = snapshot
+        .metadata()
+        .configuration()
+        .get(ENABLE)
+        .is_some_and(|v| v == "true");
+    if enabled {
+        return Ok(table);
+    }
+    table
+        .set_tbl_properties()
+        .with_properties([(ENABLE.to_string(), "true".to_string())].into())
+        .await
+        .map_err(|e| Error::warehouse(name, "enabling deletion vectors", e))
+}
+
+/// Whether the next batch should rewrite the files it touches (a
+/// copy-on-write MERGE, which drops the rows marked deleted in them): when
+/// marked rows are a quarter of the table's rows, or it has too many files.
+pub(super) fn rewrite_due(table: &DeltaTable, name: &str) -> Result<bool> {
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| Error::warehouse(name, "reading the snapshot", e))?;
+    let (mut rows, mut deleted, mut files) = (0u64, 0u64, 0usize);
+    for file in snapshot.log_data().iter() {
+        files += 1;
+        rows += file.num_records().unwrap_or(0) as u64;
+        deleted += file
+            .deletion_vector_descriptor()
+            .map_or(0, |dv| dv.cardinality as u64);
+    }
+    Ok(files > MAX_FILES || (deleted > 0 && deleted * 4 >= rows))
+}
+
+/// One file whose deletion vector grows.
+struct Marked {
+    add: Add,
+    remove: Remove,
+    deleted: KernelDeletionVector,
+}
+
+/// Applies the latest changes of `req`'s batch, registered as [`LATEST`] in
+/// `ctx`, to `table` (in directory `dir`), in one commit that records the
+/// batch under `app`.
+/// `compare_seq`: the batch may hold changes no newer than rows of the
+/// table (its first change equals the loaded maximum), so each target row's
+/// `change_seq` is compared; otherwise every change is newer.
+pub(super) async fn apply(
+    table: DeltaTable,
+    dir: &std::path::Path,
+    name: &str,
+    req: &LoadRequest<'_>,
+    app: &str,
+    ctx: &SessionContext,
+    compare_seq: bool,
+) -> Result<()> {
+    let merger = req.merger;
+    let fail = |context: &str, e: DeltaTableError| Error::warehouse(name, context.to_string(), e);
+    let latest = ctx
+        .table(LATEST)
+        .await
+        .map_err(|e| Error::query("reading the latest changes", e))?
+        .collect()
+        .await
+        .map_err(|e| Error::query("reading the latest changes", e))?;
+    let lookup = Arc::new(KeyLookup::new(merger, &latest)?);
+    let latest = Arc::new(latest);
+    // Changes no newer than their key's row in the table: not applied.
+    let mut stale: Vec<Vec<bool>> = latest.iter().map(|b| vec![false; b.num_rows()]).collect();
+    let mut marked = Vec::new();
+    if !latest.is_empty() {
+        let snapshot = table
+            .snapshot()
+            .map_err(|e| fail("reading the snapshot", e))?;
+        let engine = table.log_store().engine(None);
+        let root = table.log_store().root_url().clone();
+        for file in snapshot.log_data().iter() {
+            let before = match file.deletion_vector_descriptor() {
+                None => roaring::RoaringTreemap::new(),
+                Some(dv) => read_deletion_vector(dv, engine.clone(), root.clone())
+                    .await
+                    .map_err(|e| fail("reading a deletion vector", e))?,
+            };
+            let path = dir.join(file.object_store_path().as_ref());
+            let (lookup, latest, merger) = (lookup.clone(), latest.clone(), merger.clone());
+            // Parquet is read synchronously: off the async workers.
+            let (scan, before) = tokio::task::spawn_blocking(move || {
+                let scan = replaced_rows(&path, &lookup, &latest, &merger, compare_seq, &before);
+                (scan, before)
+            })
+            .await
+            .map_err(|e| {
+                fail(
+                    "reading the key columns",
+                    DeltaTableError::Generic(e.to_string()),
+                )
+            })?;
+            let (replaced, older) = scan.map_err(|e| fail("reading the key columns", e))?;
+            for (b, r) in older {
+                stale[b as usize][r as usize] = true;
+            }
+            if replaced.is_empty() {
+                continue;
+            }
+            let mut deleted = KernelDeletionVector::new();
+            deleted.add_deleted_row_indexes(before.iter());
+            deleted.add_deleted_row_indexes(replaced);
+            let remove = file.remove_action(true);
+            marked.push(Marked {
+                add: add_of(&file, &remove),
+                remove,
+                deleted,
+            });
+        }
+    }
+    let mut actions = write_deletion_vectors(&table, marked)
+        .await
+        .map_err(|e| fail("writing deletion vectors", e))?;
+    // The changes to append: all but the stale ones, as current-state rows.
+    let fresh = latest
+        .iter()
+        .zip(stale)
+        .map(|(batch, stale)| {
+            let keep = BooleanArray::from(stale.into_iter().map(|s| !s).collect::<Vec<_>>());
+            arrow::compute::filter_record_batch(batch, &keep)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::query("filtering the latest changes", e.into()))?;
+    if let Some(first) = fresh.first() {
+        let fresh = datafusion::datasource::MemTable::try_new(first.schema(), vec![fresh])
+            .map_err(|e| Error::query("registering the latest changes", e))?;
+        ctx.deregister_table(LATEST)
+            .map_err(|e| Error::query("registering the latest changes", e))?;
+        ctx.register_table(LATEST, Arc::new(fresh))
+            .map_err(|e| Error::query("registering the latest changes", e))?;
+        let mut rows = merger
+            .current_state(ctx, LATEST)
+            .await?
+            .select(cast_to(&merger.current_schema()))
+            .map_err(|e| Error::query("current_rebuild.sql", e))?
+            .execute_stream()
+            .await
+            .map_err(|e| Error::query("current_rebuild.sql", e))?;
+        let mut writer = RecordBatchWriter::for_table(&table)
+            .map_err(|e| fail("writing new rows", e))?
+            .with_writer_properties(writer_properties(
+                &merger.current_schema(),
+                &merger.meta.change_seq,
+            ));
+        while let Some(chunk) = rows.next().await {
+            let chunk = chunk.map_err(|e| Error::query("current_rebuild.sql", e))?;
+            writer
+                .write(chunk)
+                .await
+                .map_err(|e| fail("writing new rows", e))?;
+        }
+        let adds = writer
+            .flush()
+            .await
+            .map_err(|e| fail("writing new rows", e))?;
+        actions.extend(adds.into_iter().map(Action::Add));
+    }
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| fail("reading the snapshot", e))?;
+    CommitBuilder::from(DeltaWarehouse::commit(app, req.batch.number))
+        .with_actions(actions)
+        .build(
+            Some(snapshot),
+            table.log_store(),
+            DeltaOperation::Merge {
+                predicate: None,
+                merge_predicate: None,
+                matched_predicates: Vec::new(),
+                not_matched_predicates: Vec::new(),
+                not_matched_by_source_predicates: Vec::new(),
+            },
+        )
+        .await
+        .map_err(|e| fail("committing the batch", e))?;
+    Ok(())
+}
+
+/// The rows of a file already marked deleted, read by Delta's kernel
+/// (whichever way the descriptor stores them).
+async fn read_deletion_vector(
+    dv: DeletionVectorDescriptor,
+    engine: Arc<dyn delta_kernel::Engine>,
+    root: url::Url,
+) -> std::result::Result<roaring::RoaringTreemap, DeltaTableError> {
+    let dv: delta_kernel::actions::deletion_vector::DeletionVectorDescriptor = dv.try_into()?;
+    // The kernel reads synchronously: off the async workers.
+    tokio::task::spawn_blocking(move || dv.read(engine.storage_handler(), &root))
+        .await
+        .map_err(|e| DeltaTableError::Generic(e.to_string()))?
+        .map_err(DeltaTableError::from)
+}
+
+/// Scans the key columns of the data file at `path` (and `change_seq` when
+/// `compare_seq`): returns the positions of its live rows (not in `before`)
+/// that a change in `latest` replaces, and the changes found no newer than
+/// their key's row here.
+fn replaced_rows(
+    path: &std::path::Path,
+    lookup: &KeyLookup,
+    latest: &[RecordBatch],
+    merger: &Merger,
+    compare_seq: bool,
+    before: &roaring::RoaringTreemap,
+) -> std::result::Result<(Vec<u64>, Vec<Loc>), DeltaTableError> {
+    let file = std::fs::File::open(path)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let mut names: Vec<&str> = merger.key.iter().map(String::as_str).collect();
+    if compare_seq {
+        names.push(&merger.meta.change_seq);
+    }
+    let missing =
+        |name: &str| DeltaTableError::Generic(format!("{} has no column {name:?}", path.display()));
+    let columns = names
+        .iter()
+        .map(|n| builder.schema().index_of(n).map_err(|_| missing(n)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    // The file's column order is kept: columns are picked by name below.
+    let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(65_536)
+        .build()?;
+    let seq_at = match latest.first() {
+        Some(batch) => batch.schema().index_of(&merger.meta.change_seq)?,
+        None => return Ok((Vec::new(), Vec::new())),
+    };
+    let seq_of = |(b, r): Loc| {
+        latest[b as usize]
+            .column(seq_at)
+            .as_string::<i32>()
+            .value(r as usize)
+    };
+    let (mut replaced, mut stale) = (Vec::new(), Vec::new());
+    let mut position = 0u64;
+    for chunk in reader {
+        let chunk = chunk?;
+        let column = |name: &str| {
+            chunk
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| missing(name))
+        };
+        let keys = merger
+            .key
+            .iter()
+            .map(|k| column(k))
+            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+        let seqs = compare_seq
+            .then(|| column(&merger.meta.change_seq))
+            .transpose()?;
+        let seqs = seqs.as_ref().map(|s| s.as_string::<i32>());
+        let found = lookup
+            .find(&keys)
+            .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+        for (i, loc) in found.into_iter().enumerate() {
+            let row = position + i as u64;
+            let Some(loc) = loc else { continue };
+            if before.contains(row) {
+                continue;
+            }
+            match seqs {
+                Some(seqs) if seq_of(loc) <= seqs.value(i) => stale.push(loc),
+                _ => replaced.push(row),
+            }
+        }
+        position += chunk.num_rows() as u64;
+    }
+    Ok((replaced, stale))
+}
+
+/// Writes the grown deletion vectors into one new file; returns the actions
+/// that swap each data file's old descriptor for its new one.
+async fn write_deletion_vectors(
+    table: &DeltaTable,
+    marked: Vec<Marked>,
+) -> std::result::Result<Vec<Action>, DeltaTableError> {
+    if marked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let id = uuid::Uuid::new_v4();
+    let mut bytes = Vec::new();
+    let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
+    let mut written = Vec::with_capacity(marked.len());
+    for m in marked {
+        let result = writer.write_deletion_vector(m.deleted)?;
+        written.push((m.add, m.remove, result));
+    }
+    writer.finalize()?;
+    let path = object_store::path::Path::from(format!("deletion_vector_{id}.bin"));
+    table.object_store().put(&path, bytes.into()).await?;
+    let mut actions = Vec::with_capacity(2 * written.len());
+    for (mut add, remove, result) in written {
+        add.deletion_vector = Some(DeletionVectorDescriptor {
+            storage_type: StorageType::UuidRelativePath,
+            path_or_inline_dv: z85::encode(id.as_bytes()),
+            offset: Some(result.offset),
+            size_in_bytes: result.size_in_bytes,
+            cardinality: result.cardinality,
+        });
+        actions.push(Action::Remove(remove));
+        actions.push(Action::Add(add));
+    }
+    Ok(actions)
+}
+
+/// The add action of `file` as it is (its deletion vector is replaced by
+/// the caller). Its statistics stay those of all its physical rows, which
+/// the protocol allows once they are flagged as not tight.
+fn add_of(file: &deltalake::kernel::LogicalFileView, remove: &Remove) -> Add {
+    let stats = file.stats().map(
+        |stats| match serde_json::from_str::<serde_json::Value>(&stats) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.insert("tightBounds".into(), false.into());
+                serde_json::Value::Object(fields).to_string()
+            }
+            _ => stats,
+        },
+    );
+    Add {
+        path: remove.path.clone(),
+        partition_values: remove.partition_values.clone().unwrap_or_default(),
+        size: file.size(),
+        modification_time: file.modification_time(),
+        data_change: true,
+        stats,
+        tags: remove.tags.clone(),
+        deletion_vector: None,
+        base_row_id: remove.base_row_id,
+        default_row_commit_version: remove.default_row_commit_version,
+        clustering_provider: None,
+    }
+}
