@@ -128,6 +128,15 @@ for fmt in $FORMATS; do
   # One more CDC object into the full warehouse: its cost must track the new data.
   n=$(add_cdc "$OUT/data-$fmt" ".$fmt")
   measure "cdcflow +1 object" "$fmt" "$n" "$OUT/cdcflow-$fmt.toml" "$BIN" run --now -p "$OUT/cdcflow-$fmt.toml"
+  # Ten more, a run each: deletion vectors accumulate until a rewrite drops their rows.
+  measure "cdcflow +10 objects, a run each" "$fmt" $((n * 10)) "$OUT/cdcflow-$fmt.toml" bash -c '
+    object=$1; shift
+    for day in 02 03 04 05 06 07 08 09 10 11; do
+      mkdir -p "${object%/01/01/*}/01/$day"
+      cp "$object" "${object%/01/01/*}/01/$day/209901$day-000000000.${object##*.}"
+      "$@" || exit 1
+    done' _ "$OUT/data-$fmt/public/orders/2099/01/01/20990101-000000000.$fmt" \
+    "$BIN" run --now -p "$OUT/cdcflow-$fmt.toml"
   # The same at a tenth of the size: memory, and the incremental cost on a smaller table.
   small="$OUT/small-$fmt"
   rm -rf "$small"

@@ -295,11 +295,7 @@ impl DeltaWarehouse {
             }
             // The usual batch: its cost is its own rows (and a scan of the
             // table's keys), not a rewrite of the files its keys are in.
-            Apply::InOrder
-                if self.deletion_vectors
-                    && truncated.is_none()
-                    && !deletion_vectors::rewrite_due(&table, &name)? =>
-            {
+            Apply::InOrder if self.deletion_vectors && truncated.is_none() => {
                 // A batch starting at the loaded maximum (the same change in
                 // two objects) may hold changes no newer than the table's.
                 let compare_seq = matches!(
@@ -315,7 +311,12 @@ impl DeltaWarehouse {
                     ctx,
                     compare_seq,
                 )
-                .await
+                .await?;
+                let table = self.open(&name).await?;
+                if deletion_vectors::rewrite_due(&table, &name)? {
+                    self.compact(table, &name, req.merger).await?;
+                }
+                Ok(())
             }
             Apply::InOrder | Apply::Late => {
                 let latest = ctx
@@ -406,6 +407,35 @@ impl DeltaWarehouse {
                     e,
                 )
             })?;
+        Ok(())
+    }
+
+    /// Rewrites the current table `name` as it reads (deletion vectors
+    /// applied) into new files: readers no longer skip marked rows, and the
+    /// small files of many batches become a few. It changes no row and
+    /// records no batch: after a crash before its commit, the next batch
+    /// finds it due again.
+    async fn compact(&self, table: DeltaTable, name: &str, merger: &Merger) -> Result<()> {
+        let read = |e| Error::query(format!("reading {name}"), e);
+        let provider = table.table_provider().await.map_err(read)?;
+        let plan = session(self.memory_limit)
+            .read_table(provider)
+            .map_err(read)?
+            .into_unoptimized_plan();
+        tracing::info!(
+            table = name,
+            "rewriting the current table without its deleted rows"
+        );
+        table
+            .write(Vec::new())
+            .with_input_plan(plan)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_writer_properties(writer_properties(
+                &merger.current_schema(),
+                &merger.meta.change_seq,
+            ))
+            .await
+            .map_err(|e| Error::warehouse(name, "compacting", e))?;
         Ok(())
     }
 
