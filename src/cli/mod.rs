@@ -95,6 +95,20 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Delete the warehouse files no table version younger than `--retain-hours` reads: the
+    /// files that rewrites and merges replaced (local Delta warehouse; BigQuery manages its own
+    /// storage). Readers of older versions (time travel) lose them.
+    Vacuum {
+        /// Pipeline file.
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// Keep the files versions of the last this many hours read.
+        #[arg(long, default_value_t = 168)]
+        retain_hours: u64,
+        /// List the files, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Recent runs as a grid of tables × runs (like Airflow's grid view).
     Runs {
         /// Pipeline file.
@@ -347,6 +361,26 @@ async fn execute(command: Command) -> Result<ExitCode> {
             })
         }
         Command::Status { pipeline } => status(config::load(&pipeline)?).await,
+        Command::Vacuum {
+            pipeline,
+            retain_hours,
+            dry_run,
+        } => {
+            let runner = Runner::open(config::load(&pipeline)?)?;
+            let retain = std::time::Duration::from_secs(retain_hours * 3600);
+            for table in &runner.pipeline().tables {
+                let Some(files) = runner.warehouse().vacuum(table, retain, dry_run).await? else {
+                    println!("the warehouse manages its own storage: nothing to vacuum");
+                    break;
+                };
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!("{}: {verb} {} files", table.qualified(), files.len());
+                for file in files {
+                    println!("  {file}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Query {
             pipeline,
             sql,

@@ -96,6 +96,19 @@ pub trait Warehouse: Send + Sync {
     /// for queries; returns false when the table has not been loaded yet.
     async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool>;
 
+    /// Deletes the files of `table`'s tables that no version younger than
+    /// `retain` reads any more (files a rewrite replaced), or with `dry_run`
+    /// only lists them; returns their paths. `None`: the warehouse manages
+    /// its own storage.
+    async fn vacuum(
+        &self,
+        _table: &Table,
+        _retain: std::time::Duration,
+        _dry_run: bool,
+    ) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
+
     /// Runs `sql` in the warehouse's own engine when it has one (BigQuery:
     /// unqualified names resolve in the dataset). `None`: it has none, and
     /// the caller runs the SQL in DataFusion over the tables `register` gives.

@@ -592,6 +592,41 @@ impl Warehouse for DeltaWarehouse {
         Ok(false)
     }
 
+    async fn vacuum(
+        &self,
+        table: &Table,
+        retain: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<Option<Vec<String>>> {
+        let retain = chrono::Duration::from_std(retain)
+            .map_err(|_| Error::Usage(format!("retention {retain:?} is too long")))?;
+        let mut deleted = Vec::new();
+        for name in [table.target.clone(), table.history_name()] {
+            let delta = self.open(&name).await?;
+            if delta.version().is_none() {
+                continue;
+            }
+            let (_, metrics) = delta
+                .vacuum()
+                .with_retention_period(retain)
+                // The retention asked for is the operator's call (the table's
+                // own default is a week).
+                .with_enforce_retention_duration(false)
+                // Every file in the directory, not only those the log still names.
+                .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+                .with_dry_run(dry_run)
+                .await
+                .map_err(|e| Error::warehouse(&name, "vacuuming", e))?;
+            deleted.extend(
+                metrics
+                    .files_deleted
+                    .into_iter()
+                    .map(|f| format!("{name}/{f}")),
+            );
+        }
+        Ok(Some(deleted))
+    }
+
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>> {
         let Some(provider) = self.provider(&table.history_name()).await? else {
             return Ok(None);
