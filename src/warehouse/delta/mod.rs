@@ -606,23 +606,44 @@ impl Warehouse for DeltaWarehouse {
             if delta.version().is_none() {
                 continue;
             }
-            let (_, metrics) = delta
-                .vacuum()
-                .with_retention_period(retain)
-                // The retention asked for is the operator's call (the table's
-                // own default is a week).
-                .with_enforce_retention_duration(false)
-                // Every file in the directory, not only those the log still names.
-                .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
-                .with_dry_run(dry_run)
+            let dir = self.root.join(&name);
+            let vacuum = |dry_run| {
+                delta
+                    .clone()
+                    .vacuum()
+                    .with_retention_period(retain)
+                    // The retention asked for is the operator's call (the
+                    // table's own default is a week).
+                    .with_enforce_retention_duration(false)
+                    // Every file in the directory, not only those the log names.
+                    .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+                    .with_dry_run(dry_run)
+            };
+            let (_, candidates) = vacuum(true)
                 .await
                 .map_err(|e| Error::warehouse(&name, "vacuuming", e))?;
-            deleted.extend(
-                metrics
-                    .files_deleted
-                    .into_iter()
-                    .map(|f| format!("{name}/{f}")),
-            );
+            // delta-rs names a file once per remove action (a file whose
+            // deletion vector grew, once per growth), relative or absolute,
+            // and files deleted already: keep the ones on disk.
+            let mut files: Vec<PathBuf> = candidates
+                .files_deleted
+                .iter()
+                .map(|f| dir.join(f))
+                .filter(|f| f.is_file())
+                .collect();
+            files.sort();
+            files.dedup();
+            if !dry_run && !files.is_empty() {
+                vacuum(false)
+                    .await
+                    .map_err(|e| Error::warehouse(&name, "vacuuming", e))?;
+            }
+            deleted.extend(files.iter().map(|f| {
+                f.strip_prefix(&self.root)
+                    .unwrap_or(f)
+                    .display()
+                    .to_string()
+            }));
         }
         Ok(Some(deleted))
     }
