@@ -611,4 +611,48 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn key_lookup_finds_each_key_of_another_table() {
+        let merger = merger();
+        let all = changes(2000, 7, true);
+        let mut latest = LatestChanges::new(&merger).unwrap();
+        for chunk in all.chunks(101) {
+            latest.push(&history(&merger, chunk)).unwrap();
+        }
+        let (rows, ..) = latest.finish().unwrap();
+        let lookup = KeyLookup::new(&merger, &rows).unwrap();
+        // Where each key is, independently: a scan of the rows.
+        let mut at: BTreeMap<Key, Loc> = BTreeMap::new();
+        for (b, batch) in rows.iter().enumerate() {
+            let a = batch
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            let k = batch.column(1).as_string::<i32>();
+            for r in 0..batch.num_rows() {
+                let key = (
+                    a.is_valid(r).then(|| a.value(r)),
+                    k.is_valid(r).then(|| k.value(r).to_string()),
+                );
+                at.insert(key, (b as u32, r as u32));
+            }
+        }
+        // A target table's keys: every key seen, and keys never seen, with
+        // the integer part as Int32 (cast to the history's Int64).
+        let mut keys: Vec<Key> = at.keys().cloned().collect();
+        keys.extend([
+            (Some(1000), Some("k0".into())),
+            (Some(1), Some("zz".into())),
+        ]);
+        let a: ArrayRef = Arc::new(
+            keys.iter()
+                .map(|k| k.0.map(|v| v as i32))
+                .collect::<arrow::array::Int32Array>(),
+        );
+        let b: ArrayRef = Arc::new(keys.iter().map(|k| k.1.clone()).collect::<StringArray>());
+        let found = lookup.find(&[a, b]).unwrap();
+        for (key, found) in keys.iter().zip(found) {
+            assert_eq!(found, at.get(key).copied(), "key {key:?}");
+        }
+    }
 }
