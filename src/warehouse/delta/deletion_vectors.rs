@@ -6,10 +6,10 @@
 //! are marked deleted in their files instead (Delta deletion vectors: a
 //! bitmap of row positions per file, in one small file per commit), and the
 //! batch's new rows are appended as a new file. The cost is the batch plus
-//! one scan of the table's key columns, and every reader of Delta with
-//! deletion vectors (delta-rs, DuckDB, Spark, Polars) sees the same rows.
+//! one scan of the table's key columns. Readers must apply deletion vectors
+//! (`make bench` checks the tables with Polars over Python `deltalake`).
 //!
-//! The marked rows stay on disk until the table is rewritten: [`rewrite_due`]
+//! Readers skip the marked rows until the table is rewritten: [`rewrite_due`]
 //! asks for that once they are a quarter of the table's rows (or the table
 //! has many files), so the rewritten rows per changed row stay bounded and
 //! the table does not grow without end.
@@ -49,8 +49,8 @@ const ENABLE: &str = "delta.enableDeletionVectors";
 
 /// A table with more files than this is due for a rewrite. Each file costs
 /// a batch a few milliseconds (its deletion vector and footer are read); a
-/// rewrite of a 2M-row table about 0.6 s (`make bench`): every 16 batches
-/// keeps both small.
+/// rewrite of a 2M-row table under a second (`make bench`): every 16
+/// batches keeps both small.
 const MAX_FILES: usize = 16;
 
 /// Turns deletion vectors on for `table` unless they are on already.
