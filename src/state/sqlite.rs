@@ -15,6 +15,11 @@ use crate::error::{Error, Result};
 
 const SCHEMA: &str = include_str!("../../sql/state.sql");
 
+/// The version of `sql/state.sql` this build writes (`PRAGMA user_version`).
+/// A store of a later version is refused: an older build must not write it.
+/// A change to the schema raises it and migrates older stores on open.
+const SCHEMA_VERSION: i64 = 1;
+
 /// SQLite state of one pipeline.
 pub struct SqliteStore {
     pipeline: String,
@@ -59,7 +64,55 @@ impl SqliteStore {
             },
             "creating the schema",
         )?;
+        store.check_schema()?;
         Ok(store)
+    }
+
+    /// Refuses a store of a newer schema, or one lacking columns this build
+    /// uses (made by a build from before the versions were numbered), and
+    /// records the version otherwise.
+    fn check_schema(&self) -> Result<()> {
+        let (version, missing) = self.with(
+            |c| {
+                let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                let fresh = Connection::open_in_memory()?;
+                fresh.execute_batch(SCHEMA)?;
+                let mut missing = Vec::new();
+                for table in table_names(&fresh)? {
+                    let have = column_names(c, &table)?;
+                    missing.extend(
+                        column_names(&fresh, &table)?
+                            .into_iter()
+                            .filter(|column| !have.contains(column))
+                            .map(|column| format!("{table}.{column}")),
+                    );
+                }
+                Ok((version, missing))
+            },
+            "checking the schema",
+        )?;
+        let path = self.path.display();
+        if version > SCHEMA_VERSION {
+            return Err(Error::Usage(format!(
+                "state store {path} has schema version {version}, written by a newer cdcflow \
+                 (this one knows {SCHEMA_VERSION}): run that version or a later one"
+            )));
+        }
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "state store {path} was made by an early cdcflow build and lacks {}; no migration \
+                 exists from it: keep that build, or start the pipeline afresh with a new state \
+                 store and a new warehouse",
+                missing.join(", ")
+            )));
+        }
+        if version < SCHEMA_VERSION {
+            self.with(
+                |c| c.pragma_update(None, "user_version", SCHEMA_VERSION),
+                "recording the schema version",
+            )?;
+        }
+        Ok(())
     }
 
     fn with<T>(
@@ -568,9 +621,65 @@ impl SqliteStore {
     }
 }
 
+/// The tables of a store's schema.
+fn table_names(c: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = c.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    )?;
+    statement
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()
+}
+
+/// The columns of `table` (none when it does not exist).
+fn column_names(c: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut statement = c.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    statement
+        .query_map([table], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stores_of_another_schema_are_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, "p").unwrap());
+        let version = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(version(&path), SCHEMA_VERSION);
+        // Opened again: the same store, accepted.
+        drop(SqliteStore::open(&path, "p").unwrap());
+
+        let newer = dir.path().join("newer.db");
+        drop(SqliteStore::open(&newer, "p").unwrap());
+        Connection::open(&newer)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let error = SqliteStore::open(&newer, "p").err().unwrap().to_string();
+        assert!(error.contains("newer cdcflow"), "{error}");
+
+        // A store from before the numbering, whose runs table lacked `trigger`.
+        let early = dir.path().join("early.db");
+        Connection::open(&early)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE runs (run_id INTEGER PRIMARY KEY, pipeline TEXT NOT NULL, \
+                 started_at TEXT NOT NULL, finished_at TEXT, status TEXT NOT NULL, summary TEXT)",
+            )
+            .unwrap();
+        let error = SqliteStore::open(&early, "p").err().unwrap().to_string();
+        assert!(error.contains("lacks runs.trigger"), "{error}");
+        assert_eq!(version(&early), 0, "a refused store gets no version");
+    }
 
     fn obj(key: &str) -> ObjectRef {
         ObjectRef {
