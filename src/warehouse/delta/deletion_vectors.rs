@@ -38,7 +38,7 @@ use object_store::ObjectStoreExt;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::{DeltaWarehouse, LATEST, cast_to, writer_properties};
+use super::{DeltaWarehouse, LATEST, cast_to, register_latest, writer_properties};
 use crate::error::{Error, Result};
 use crate::merge::{KeyLookup, Loc, Merger};
 use crate::warehouse::LoadRequest;
@@ -133,29 +133,34 @@ pub(super) async fn apply(
         let engine = table.log_store().engine(None);
         let root = table.log_store().root_url().clone();
         for file in snapshot.log_data().iter() {
+            let path = dir.join(file.object_store_path().as_ref());
+            let (lookup, latest, merger) = (lookup.clone(), latest.clone(), merger.clone());
+            // Parquet is read synchronously: off the async workers.
+            let found = tokio::task::spawn_blocking(move || {
+                key_matches(&path, &lookup, &latest, &merger, compare_seq)
+            })
+            .await
+            .map_err(|e| DeltaTableError::Generic(e.to_string()))
+            .and_then(|found| found)
+            .map_err(|e| fail("reading the key columns", e))?;
+            if found.is_empty() {
+                continue;
+            }
+            // Only a file holding changed keys has its deletion vector read.
             let before = match file.deletion_vector_descriptor() {
                 None => roaring::RoaringTreemap::new(),
                 Some(dv) => read_deletion_vector(dv, engine.clone(), root.clone())
                     .await
                     .map_err(|e| fail("reading a deletion vector", e))?,
             };
-            let path = dir.join(file.object_store_path().as_ref());
-            let (lookup, latest, merger) = (lookup.clone(), latest.clone(), merger.clone());
-            // Parquet is read synchronously: off the async workers.
-            let (scan, before) = tokio::task::spawn_blocking(move || {
-                let scan = replaced_rows(&path, &lookup, &latest, &merger, compare_seq, &before);
-                (scan, before)
-            })
-            .await
-            .map_err(|e| {
-                fail(
-                    "reading the key columns",
-                    DeltaTableError::Generic(e.to_string()),
-                )
-            })?;
-            let (replaced, older) = scan.map_err(|e| fail("reading the key columns", e))?;
-            for (b, r) in older {
-                stale[b as usize][r as usize] = true;
+            let mut replaced = Vec::new();
+            // A row marked already is no key's row any more.
+            for (row, (b, r), newer) in found.into_iter().filter(|m| !before.contains(m.0)) {
+                if newer {
+                    replaced.push(row);
+                } else {
+                    stale[b as usize][r as usize] = true;
+                }
             }
             if replaced.is_empty() {
                 continue;
@@ -185,12 +190,7 @@ pub(super) async fn apply(
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::query("filtering the latest changes", e.into()))?;
     if let Some(first) = fresh.first() {
-        let fresh = datafusion::datasource::MemTable::try_new(first.schema(), vec![fresh])
-            .map_err(|e| Error::query("registering the latest changes", e))?;
-        ctx.deregister_table(LATEST)
-            .map_err(|e| Error::query("registering the latest changes", e))?;
-        ctx.register_table(LATEST, Arc::new(fresh))
-            .map_err(|e| Error::query("registering the latest changes", e))?;
+        register_latest(ctx, first.schema(), fresh)?;
         let mut rows = merger
             .current_state(ctx, LATEST)
             .await?
@@ -255,17 +255,15 @@ async fn read_deletion_vector(
 }
 
 /// Scans the key columns of the data file at `path` (and `change_seq` when
-/// `compare_seq`): returns the positions of its live rows (not in `before`)
-/// that a change in `latest` replaces, and the changes found no newer than
-/// their key's row here.
-fn replaced_rows(
+/// `compare_seq`): for each of its rows whose key has a change in `latest`,
+/// the row's position, the change, and whether the change is newer.
+fn key_matches(
     path: &std::path::Path,
     lookup: &KeyLookup,
     latest: &[RecordBatch],
     merger: &Merger,
     compare_seq: bool,
-    before: &roaring::RoaringTreemap,
-) -> std::result::Result<(Vec<u64>, Vec<Loc>), DeltaTableError> {
+) -> std::result::Result<Vec<(u64, Loc, bool)>, DeltaTableError> {
     let file = std::fs::File::open(path)?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let mut names: Vec<&str> = merger.key.iter().map(String::as_str).collect();
@@ -286,7 +284,7 @@ fn replaced_rows(
         .build()?;
     let seq_at = match latest.first() {
         Some(batch) => batch.schema().index_of(&merger.meta.change_seq)?,
-        None => return Ok((Vec::new(), Vec::new())),
+        None => return Ok(Vec::new()),
     };
     let seq_of = |(b, r): Loc| {
         latest[b as usize]
@@ -294,7 +292,7 @@ fn replaced_rows(
             .as_string::<i32>()
             .value(r as usize)
     };
-    let (mut replaced, mut stale) = (Vec::new(), Vec::new());
+    let mut matches = Vec::new();
     let mut position = 0u64;
     for chunk in reader {
         let chunk = chunk?;
@@ -317,19 +315,13 @@ fn replaced_rows(
             .find(&keys)
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
         for (i, loc) in found.into_iter().enumerate() {
-            let row = position + i as u64;
             let Some(loc) = loc else { continue };
-            if before.contains(row) {
-                continue;
-            }
-            match seqs {
-                Some(seqs) if seq_of(loc) <= seqs.value(i) => stale.push(loc),
-                _ => replaced.push(row),
-            }
+            let newer = seqs.is_none_or(|seqs| seq_of(loc) > seqs.value(i));
+            matches.push((position + i as u64, loc, newer));
         }
         position += chunk.num_rows() as u64;
     }
-    Ok((replaced, stale))
+    Ok(matches)
 }
 
 /// Writes the grown deletion vectors into one new file; returns the actions

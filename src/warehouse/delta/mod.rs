@@ -390,14 +390,7 @@ impl DeltaWarehouse {
             .select(cast_to(&req.merger.current_schema()))
             .map_err(|e| Error::query("current_rebuild.sql", e))?
             .into_unoptimized_plan();
-        table
-            .write(Vec::new())
-            .with_input_plan(plan)
-            .with_save_mode(SaveMode::Overwrite)
-            .with_writer_properties(writer_properties(
-                &req.merger.current_schema(),
-                &req.merger.meta.change_seq,
-            ))
+        overwrite_current(table, plan, req.merger)
             .with_commit_properties(Self::commit(app, req.batch.number))
             .await
             .map_err(|e| {
@@ -426,14 +419,7 @@ impl DeltaWarehouse {
             table = name,
             "rewriting the current table without its deleted rows"
         );
-        table
-            .write(Vec::new())
-            .with_input_plan(plan)
-            .with_save_mode(SaveMode::Overwrite)
-            .with_writer_properties(writer_properties(
-                &merger.current_schema(),
-                &merger.meta.change_seq,
-            ))
+        overwrite_current(table, plan, merger)
             .await
             .map_err(|e| Error::warehouse(name, "compacting", e))?;
         Ok(())
@@ -573,10 +559,7 @@ impl Warehouse for DeltaWarehouse {
                 latest_of(&ctx, "history", req.merger).await?.finish()?.0
             }
         };
-        let latest = datafusion::datasource::MemTable::try_new(schema, vec![latest])
-            .map_err(|e| Error::query("registering the latest changes", e))?;
-        ctx.register_table(LATEST, Arc::new(latest))
-            .map_err(|e| Error::query("registering the latest changes", e))?;
+        register_latest(&ctx, schema, latest)?;
         self.load_current(&req, &app, &ctx, apply, &order).await?;
         Ok(stats)
     }
@@ -685,6 +668,36 @@ impl Warehouse for DeltaWarehouse {
             .map_err(|e| Error::query("versions.sql", e))?;
         Ok(true)
     }
+}
+
+/// An overwrite of the current-state table `table` with the rows of `plan`.
+fn overwrite_current(
+    table: DeltaTable,
+    plan: datafusion::logical_expr::LogicalPlan,
+    merger: &Merger,
+) -> deltalake::operations::write::WriteBuilder {
+    table
+        .write(Vec::new())
+        .with_input_plan(plan)
+        .with_save_mode(SaveMode::Overwrite)
+        .with_writer_properties(writer_properties(
+            &merger.current_schema(),
+            &merger.meta.change_seq,
+        ))
+}
+
+/// Registers `rows` (of `schema`) as [`LATEST`] in `ctx`, in place of what
+/// it held.
+fn register_latest(
+    ctx: &SessionContext,
+    schema: arrow::datatypes::SchemaRef,
+    rows: Vec<arrow::array::RecordBatch>,
+) -> Result<()> {
+    let fail = |e| Error::query("registering the latest changes", e);
+    let rows = datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(fail)?;
+    ctx.deregister_table(LATEST).map_err(fail)?;
+    ctx.register_table(LATEST, Arc::new(rows)).map_err(fail)?;
+    Ok(())
 }
 
 /// Every column of `schema`, cast to its type there (query output may use
