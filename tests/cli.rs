@@ -209,3 +209,33 @@ fn a_missing_source_folder_says_what_to_check() {
         output(&out)
     );
 }
+
+#[test]
+fn a_state_store_of_a_newer_cdcflow_is_refused() {
+    let ws = Workspace::new();
+    ws.synth(200, 5);
+    ws.publish_all();
+    ws.write_pipeline(10, false);
+    assert!(
+        ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[])
+            .status
+            .success()
+    );
+    // A later cdcflow raised the schema version of the store.
+    let store = ws.path("state/pipeline.toml.db");
+    let conn = rusqlite::Connection::open(&store).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert!(version >= 1, "the store records its schema version");
+    conn.pragma_update(None, "user_version", version + 1)
+        .unwrap();
+    drop(conn);
+    let out = ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", output(&out));
+    assert!(
+        output(&out).contains("written by a newer cdcflow"),
+        "{}",
+        output(&out)
+    );
+}
