@@ -5,7 +5,7 @@ CARGO ?= cargo
 BIN    = $(or $(CARGO_TARGET_DIR),target)/debug/cdcflow
 EXAMPLE = pipelines/example.toml
 
-.PHONY: help build run test bench peers-up peers-down lint fmt testdata clean
+.PHONY: help build run test chaos fuzz bench peers-up peers-down lint fmt testdata clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,15 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
 	$(BIN) status --pipeline $(EXAMPLE)
 
-test: peers-up ## Run every test (unit and integration); starts the peers first (moto S3, bqemulator, PostgreSQL, MariaDB)
+test: peers-up ## Run every test (unit and integration, with a short chaos and fuzz pass); starts the peers first (moto S3, bqemulator, PostgreSQL, MariaDB)
 	eval "$$(scripts/peers.sh all env)" && $(CARGO) test
+
+chaos: peers-up ## Long fault suite: runs and backfills SIGKILLed at random (CDCFLOW_CHAOS_ROUNDS, default 40), S3 faults, 8 runs at once
+	eval "$$(scripts/peers.sh all env)" && CDCFLOW_CHAOS_ROUNDS=$${CDCFLOW_CHAOS_ROUNDS:-40} \
+	  $(CARGO) test --test main -- chaos s3_faults --nocapture --test-threads 1
+
+fuzz: ## Mutate the DMS samples and testdata through the decoders for CDCFLOW_FUZZ_SECS (default 600) seconds
+	CDCFLOW_FUZZ_SECS=$${CDCFLOW_FUZZ_SECS:-600} $(CARGO) test --test main -- fuzz:: --nocapture
 
 bench: ## Benchmark vs DuckDB, Polars, pg_recvlogical, mariadb-binlog (release; BENCH_ROWS=1000000 quick); writes BENCH.md
 	scripts/bench.sh

@@ -3,6 +3,15 @@
 
 PRAGMA journal_mode = WAL;
 
+-- Who this store is: a random id made when the store was created. Every
+-- warehouse commit names it, so a warehouse can tell this store's batches
+-- from those of a lost, replaced or second store.
+CREATE TABLE IF NOT EXISTS store (
+    pipeline     TEXT PRIMARY KEY,
+    store_id     TEXT NOT NULL,
+    created_at   TEXT NOT NULL
+);
+
 -- Every object cdcflow has decided about. An object absent here is new.
 CREATE TABLE IF NOT EXISTS objects (
     pipeline     TEXT    NOT NULL,

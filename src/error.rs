@@ -166,6 +166,17 @@ pub enum Error {
         pipeline: String,
     },
 
+    /// The state store and the warehouse disagree on a table's batches (a
+    /// lost, restored or second state store; a restored warehouse): nothing
+    /// is loaded, since either would skip or double changes.
+    #[error("table {table}: {message}")]
+    Ledger {
+        /// `schema.table`.
+        table: String,
+        /// What disagrees and what to do.
+        message: String,
+    },
+
     /// An error injected by `CDCFLOW_FAULT` (fault-injection tests).
     #[error("injected {} fault at {step}", if *transient { "transient" } else { "permanent" })]
     Injected {
@@ -387,6 +398,7 @@ impl Error {
             | Error::Usage(_)
             | Error::LeaseHeld { .. }
             | Error::ObjectChanged { .. }
+            | Error::Ledger { .. }
             | Error::NewColumns { .. }
             | Error::Capture { .. } => false,
         }

@@ -20,7 +20,11 @@ const PROJECT: &str = "test-proj";
 
 /// A fresh dataset named after the workspace.
 async fn dataset(endpoint: &str, ws: &Workspace) -> String {
-    let name = ws.unique_name("t", '_');
+    create_dataset(endpoint, ws.unique_name("t", '_')).await
+}
+
+/// Creates dataset `name`; returns its name.
+async fn create_dataset(endpoint: &str, name: String) -> String {
     let response = reqwest::Client::new()
         .post(format!(
             "{endpoint}/bigquery/v2/projects/{PROJECT}/datasets"
@@ -412,8 +416,11 @@ async fn a_backfill_replaces_its_days_and_a_crash_in_it_is_finished_later() {
     assert_warehouse_matches(&ws, &data, true).await;
 }
 
-/// The id of the history MERGE job of `table`'s first batch, from the state store.
+/// The id of the history MERGE job of `table`'s first batch, from the state
+/// store: the batch, and a scope of the destination dataset and the store
+/// (sha256 of `project \0 dataset \0 store id`, 6 bytes in hex).
 fn first_history_job(ws: &Workspace, table: &str) -> String {
+    use sha2::{Digest, Sha256};
     let db = rusqlite::Connection::open(ws.path("state/pipeline.toml.db")).unwrap();
     let batch_id: String = db
         .query_row(
@@ -422,7 +429,20 @@ fn first_history_job(ws: &Workspace, table: &str) -> String {
             |row| row.get(0),
         )
         .unwrap();
-    format!("cdcflow_test_{table}_1_{batch_id}_history")
+    let store: String = db
+        .query_row("SELECT store_id FROM store", [], |row| row.get(0))
+        .unwrap();
+    let pipeline = std::fs::read_to_string(ws.path("pipeline.toml")).unwrap();
+    let dataset = pipeline
+        .lines()
+        .find_map(|l| l.strip_prefix("dataset = \""))
+        .unwrap()
+        .trim_end_matches('"');
+    let scope = Sha256::digest(format!("{PROJECT}\0{dataset}\0{store}").as_bytes());
+    format!(
+        "cdcflow_test_{table}_1_{batch_id}_{}_history",
+        hex::encode(&scope[..6])
+    )
 }
 
 async fn job_exists(endpoint: &str, id: &str) -> bool {
@@ -624,4 +644,105 @@ async fn a_truncate_in_the_local_warehouse() {
         ws.dir.path().display()
     );
     a_truncate_removes_every_older_row(&ws, &local).await;
+}
+
+/// BigQuery job ids are project-wide and kept for months: the same pipeline
+/// loading a second dataset of the project (dev, then prod) must not take
+/// the first dataset's jobs for its own and skip its loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_pipeline_into_two_datasets_of_a_project_loads_both() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let (ws, data) = bigquery_workspace(&endpoint, 800, 41, 4).await;
+    let dev = create_dataset(&endpoint, ws.unique_name("dev", '_')).await;
+    ws.write_pipeline_into("dev.toml", 4, true, "", &bigquery(&endpoint, &dev));
+    let first = ws.cdcflow(&["run", "--now", "-p", "dev.toml"], &[]);
+    assert!(first.status.success(), "{}", output(&first));
+    let second = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(second.status.success(), "{}", output(&second));
+    assert_warehouse_matches(&ws, &data, true).await;
+}
+
+/// Object keys may hold any character: a backfill names its objects to
+/// BigQuery as query parameters, so a key with `'` replaces exactly its own
+/// rows (before, the MERGE's SQL broke on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_of_keys_with_quotes_replaces_exactly_their_rows() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(600, 42);
+    let dataset = dataset(&endpoint, &ws).await;
+    for table in ["orders", "order_items"] {
+        for rel in staged_objects(&ws.path("staging"), table) {
+            let name = rel.file_name().unwrap();
+            let to = ws
+                .source()
+                .join("public")
+                .join(table)
+                .join("it's odd")
+                .join(name);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(ws.path("staging").join(&rel), to).unwrap();
+        }
+    }
+    ws.write_pipeline_into("pipeline.toml", 4, true, "", &bigquery(&endpoint, &dataset));
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    let backfill = ws.cdcflow(&crate::support::BACKFILL_ALL, &[]);
+    assert!(backfill.status.success(), "{}", output(&backfill));
+    assert_warehouse_matches(&ws, &data, true).await;
+}
+
+/// A job insert that reached BigQuery but whose answer was lost is retried,
+/// and BigQuery answers the retry 409 "duplicate": the job is ours and
+/// running, so cdcflow waits for it instead of stopping the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_job_insert_answered_duplicate_waits_for_the_job() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let (ws, data) = bigquery_workspace(&endpoint, 400, 44, 100).await;
+    // The first query-job insert reaches the emulator, its answer is lost;
+    // the retry of that job is answered as BigQuery answers it (the emulator
+    // would run it again).
+    let lost = std::sync::Mutex::new(None::<String>);
+    let (proxy, injected) = crate::support::http_fault_proxy(endpoint.clone(), move |request| {
+        // A job insert under cdcflow's own id (an insert without one is never a duplicate).
+        if !request.starts_with("POST /bigquery/v2/projects/") || !request.contains("/jobs ") {
+            return None;
+        }
+        let id = request
+            .split(r#""jobId":""#)
+            .nth(1)?
+            .split('"')
+            .next()?
+            .to_string();
+        if !id.starts_with("cdcflow_") {
+            return None;
+        }
+        let mut lost = lost.lock().unwrap();
+        match lost.as_deref() {
+            None => {
+                *lost = Some(id);
+                Some("lost")
+            }
+            Some(first) if first == id => Some("duplicate"),
+            Some(_) => None,
+        }
+    })
+    .await;
+    let path = ws.path("pipeline.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace(&endpoint, &proxy)).unwrap();
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    assert_eq!(
+        injected.load(Ordering::SeqCst),
+        2,
+        "a lost answer, then a duplicate"
+    );
+    assert_warehouse_matches(&ws, &data, true).await;
 }

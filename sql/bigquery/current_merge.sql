@@ -30,7 +30,7 @@ WHEN NOT MATCHED AND {insert_when} THEN INSERT ({columns}) VALUES ({values})
 WHEN NOT MATCHED BY SOURCE THEN DELETE
 
 -- name: truncate
-WHEN NOT MATCHED BY SOURCE AND t.{change_seq} < {truncated} THEN {action}
+WHEN NOT MATCHED BY SOURCE AND t.{change_seq} < @truncated THEN {action}
 
 -- name: late_changes
 (SELECT h.* FROM {history} h JOIN (SELECT DISTINCT {key} FROM {stage}) b ON {key_equal})

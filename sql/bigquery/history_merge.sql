@@ -12,8 +12,9 @@ WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({values})
 -- name: replace
 -- Backfill: the staged rows replace every row of the batch's objects (their
 -- old rows may lie in any partition), atomically; a replay gives the same.
+-- @objects: the object keys, a query parameter (keys may hold any character).
 MERGE {history} h
 USING {stage} s
 ON FALSE
-WHEN NOT MATCHED BY SOURCE AND h.{source_file} IN ({objects}) THEN DELETE
+WHEN NOT MATCHED BY SOURCE AND h.{source_file} IN UNNEST(@objects) THEN DELETE
 WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({values})

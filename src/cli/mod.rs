@@ -94,6 +94,10 @@ enum Command {
         /// List what would be reprocessed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also reprocess objects an operator skipped (or that wait quarantined) in the range;
+        /// without it their skip stands and the backfill leaves them out.
+        #[arg(long)]
+        include_skipped: bool,
     },
     /// Delete the warehouse files no table version younger than `--retain-hours` reads: the
     /// files that rewrites and merges replaced (local Delta warehouse; BigQuery manages its own
@@ -108,6 +112,26 @@ enum Command {
         /// List the files, delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Allow a retention under one hour: a reader (or another writer of the same
+        /// directory) still using a newer version loses its files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rebuild the state store from what the warehouse recorded, after the state store was lost,
+    /// restored from an older backup or replaced (a run refuses such a table and says so).
+    ///
+    /// Each Delta commit of cdcflow names its batch, the batch's objects and the state store that
+    /// planned it. For every table whose state store disagrees with the warehouse, the objects the
+    /// warehouse loaded are recorded as processed, the watermark is taken from history, and a batch
+    /// the warehouse applied in part is left pending; the next run finishes it and loads exactly
+    /// what is missing. Tables that agree are left as they are. Skips stay.
+    Repair {
+        /// Pipeline file.
+        #[arg(long, short)]
+        pipeline: PathBuf,
+        /// Take the warehouse's account (the only source of repair so far).
+        #[arg(long, required = true)]
+        from_warehouse: bool,
     },
     /// Recent runs as a grid of tables × runs (like Airflow's grid view).
     Runs {
@@ -314,12 +338,15 @@ async fn execute(command: Command) -> Result<ExitCode> {
             to,
             tables,
             dry_run,
+            include_skipped,
         } => {
             if from > to {
                 return Err(Error::Usage(format!("--from {from} is after --to {to}")));
             }
             let runner = Runner::open(config::load(&pipeline)?)?;
-            let plan = runner.backfill_plan(from, to, &tables).await?;
+            let plan = runner
+                .backfill_plan(from, to, &tables, include_skipped)
+                .await?;
             print_backfill_plan(from, to, &plan, dry_run);
             if dry_run {
                 return Ok(ExitCode::SUCCESS);
@@ -365,8 +392,19 @@ async fn execute(command: Command) -> Result<ExitCode> {
             pipeline,
             retain_hours,
             dry_run,
+            force,
         } => {
+            if retain_hours < 1 && !force {
+                return Err(Error::Usage(
+                    "--retain-hours 0 deletes files a reader of a recent version may still read; \
+                     give at least 1, or add --force"
+                        .into(),
+                ));
+            }
             let runner = Runner::open(config::load(&pipeline)?)?;
+            // Files a run wrote and has not committed yet are in no version:
+            // only one process at a time, so none is in flight.
+            let lease = crate::pipeline::Lease::acquire(runner.state_handle(), runner.pipeline())?;
             let retain = std::time::Duration::from_secs(retain_hours * 3600);
             for table in &runner.pipeline().tables {
                 let Some(files) = runner.warehouse().vacuum(table, retain, dry_run).await? else {
@@ -379,6 +417,39 @@ async fn execute(command: Command) -> Result<ExitCode> {
                     println!("  {file}");
                 }
             }
+            lease.release();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Repair {
+            pipeline,
+            from_warehouse: _,
+        } => {
+            let runner = Runner::open(config::load(&pipeline)?)?;
+            for (table, restored) in runner.repair_from_warehouse().await? {
+                match restored {
+                    None => {
+                        println!("{table}: the state store agrees with the warehouse; unchanged")
+                    }
+                    Some(r) => {
+                        println!(
+                            "{table}: restored batch {} with {} objects, {} changes, watermark {}",
+                            r.number,
+                            r.objects.len(),
+                            r.stats.rows,
+                            r.stats.max_seq.as_deref().unwrap_or("none")
+                        );
+                        if let Some(p) = r.pending {
+                            println!(
+                                "{table}: batch {} ({} objects) is in history but not in current state: \
+                                 pending, the next run finishes it",
+                                p.number,
+                                p.objects.len()
+                            );
+                        }
+                    }
+                }
+            }
+            println!("repaired; `cdcflow run` now loads what is missing");
             Ok(ExitCode::SUCCESS)
         }
         Command::Query {
@@ -415,7 +486,13 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let key_match = key
                 .iter()
                 .zip(&values)
-                .map(|(k, v)| format!("CAST({} AS STRING) = {}", dialect.ident(k), sql::literal(v)))
+                .map(|(k, v)| {
+                    format!(
+                        "CAST({} AS STRING) = {}",
+                        dialect.ident(k),
+                        dialect.literal(v)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" AND ");
             let query = sql::render(

@@ -33,6 +33,7 @@ enum Next {
 }
 
 /// Reads records from a buffer, counting physical lines.
+#[derive(Clone)]
 struct Records<'a> {
     data: &'a [u8],
     pos: usize,
@@ -321,7 +322,26 @@ impl CsvDecoder<'_> {
                     Next::Record(line) => header_slots(key, line, text, &fields, spec)?,
                 }
             } else {
-                positional_slots(self.cdc || spec.include_op_for_full_load, spec)
+                // DMS sets includeOpForFullLoad per task, so one bucket can hold
+                // full-load files with and without `Op`: each file says by its
+                // first record (one field more than declared, and that field an op).
+                let declared = self.cdc || spec.include_op_for_full_load;
+                let mut peek = records.clone();
+                let has_op = match peek.next(&mut fields) {
+                    Ok(Next::Record(_)) if !self.cdc => {
+                        let first = fields.first().map(|f| &text[f.start..f.end]);
+                        let without = positional_slots(false, spec).len();
+                        match fields.len() {
+                            n if n == without + 1 => first.is_some_and(|v| Op::parse(v).is_ok()),
+                            n if n == without => false,
+                            _ => declared,
+                        }
+                    }
+                    // Not a whole record yet: decide once one is.
+                    Ok(Next::Incomplete) if !last => return Ok(empty()),
+                    _ => declared,
+                };
+                positional_slots(has_op, spec)
             });
         }
         let slots = self.slots.as_ref().expect("set above");
@@ -359,10 +379,17 @@ impl CsvDecoder<'_> {
                     key,
                     at_line(line, Some(row), None),
                     format!(
-                        "expected {} fields ({}), found {}",
+                        "expected {} fields ({}), found {}{}",
                         slots.len(),
                         describe_slots(slots, spec),
-                        fields.len()
+                        fields.len(),
+                        if self.cdc || csv.header {
+                            ""
+                        } else {
+                            "; a full-load file may or may not start with `Op` \
+                             (DMS includeOpForFullLoad, `source.include_op_for_full_load`): \
+                             neither form fits this row"
+                        }
                     ),
                 ));
             }

@@ -148,7 +148,32 @@ pub fn decode_stream(
     spec: &DecodeSpec,
     emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
 ) -> Result<()> {
-    decode_stream_chunked(object, reader, spec, csv::CHUNK_BYTES, emit)
+    guard(&object.key, || {
+        decode_stream_chunked(object, reader, spec, csv::CHUNK_BYTES, emit)
+    })
+}
+
+/// Runs a decoder over object `key`, turning a panic into a decode error of
+/// the object. arrow and parquet panic on some malformed files (a corrupt
+/// type in a Parquet footer, seen in fuzzing); that is a bad object, which
+/// must stop its table, never end the batch's rows early.
+fn guard<T>(key: &str, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
+        .unwrap_or_else(|payload| Err(panicked(key, payload.as_ref())))
+}
+
+/// The decode error of object `key` whose decoder panicked with `payload`.
+pub fn panicked(key: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    Error::decode(
+        key,
+        Location::default(),
+        format!("the decoder panicked ({message}): the object is malformed; replace it or skip it"),
+    )
 }
 
 fn decode_stream_chunked(
@@ -199,7 +224,9 @@ fn decode_stream_chunked(
 
 /// Decodes one object's bytes into one batch (see the module contract).
 pub fn decode(object: &SourceObject, bytes: Bytes, spec: &DecodeSpec) -> Result<RecordBatch> {
-    decode_chunked(object, bytes, spec, csv::CHUNK_BYTES)
+    guard(&object.key, || {
+        decode_chunked(object, bytes, spec, csv::CHUNK_BYTES)
+    })
 }
 
 fn decode_chunked(
@@ -237,8 +264,10 @@ pub fn parquet_columns(
     bytes: Bytes,
     spec: &DecodeSpec,
 ) -> Result<Vec<Column>> {
-    let bytes = uncompress(object, bytes)?;
-    parquet::columns(&object.key, bytes, spec)
+    guard(&object.key, || {
+        let bytes = uncompress(object, bytes)?;
+        parquet::columns(&object.key, bytes, spec)
+    })
 }
 
 #[cfg(test)]

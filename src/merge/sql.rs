@@ -36,7 +36,32 @@ impl Dialect {
     pub fn ident(self, name: &str) -> String {
         match self {
             Dialect::DataFusion => format!("\"{}\"", name.replace('"', "\"\"")),
-            Dialect::BigQuery => format!("`{}`", name.replace('`', "\\`")),
+            Dialect::BigQuery => format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`")),
+        }
+    }
+
+    /// Quotes a string literal: DataFusion doubles `'`; GoogleSQL escapes
+    /// with a backslash (where `''` is an error and `\` starts an escape).
+    pub fn literal(self, value: &str) -> String {
+        match self {
+            Dialect::DataFusion => literal(value),
+            Dialect::BigQuery => {
+                let mut out = String::with_capacity(value.len() + 2);
+                out.push('\'');
+                for c in value.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\'' => out.push_str("\\'"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        '\t' => out.push_str("\\t"),
+                        c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                        c => out.push(c),
+                    }
+                }
+                out.push('\'');
+                out
+            }
         }
     }
 
@@ -123,5 +148,11 @@ mod tests {
         assert_eq!(section(CURRENT_MERGE, "insert_when"), "s.{op} <> 'D'");
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(Dialect::BigQuery.ident("a`b"), "`a\\`b`");
+        assert_eq!(
+            Dialect::BigQuery.literal("it's a\\b\n"),
+            "'it\\'s a\\\\b\\n'"
+        );
+        assert_eq!(Dialect::BigQuery.ident("a\\`b"), "`a\\\\\\`b`");
+        assert_eq!(Dialect::DataFusion.literal("it's"), "'it''s'");
     }
 }

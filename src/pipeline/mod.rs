@@ -12,6 +12,7 @@
 //! pipeline together.
 
 mod lease;
+mod ledger;
 mod table;
 
 use std::collections::BTreeMap;
@@ -32,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::schedule::Interval;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
-use crate::state::{SqliteStore, StateStore, Trigger};
+use crate::state::{ObjectStatus, Restored, SqliteStore, StateStore, Trigger};
 use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Warehouse};
 
 /// What one run did, per table.
@@ -159,6 +160,11 @@ impl Runner {
         self.state.as_ref()
     }
 
+    /// The state store, shared (for a [`Lease`]).
+    pub fn state_handle(&self) -> Arc<dyn StateStore> {
+        self.state.clone()
+    }
+
     /// The object source.
     pub fn source(&self) -> &dyn ObjectSource {
         self.source.as_ref()
@@ -169,6 +175,19 @@ impl Runner {
         self.warehouse.as_ref()
     }
 
+    /// The merger of `table` with the columns its warehouse tables hold
+    /// (none when not loaded yet).
+    async fn loaded_merger(&self, table: &Table) -> Result<Merger> {
+        let p = &self.pipeline;
+        let template = Merger::new(table, Vec::new(), &p.source, &p.meta);
+        let columns = self
+            .warehouse
+            .columns(table, &template)
+            .await?
+            .unwrap_or_default();
+        Ok(Merger::new(table, columns, &p.source, &p.meta))
+    }
+
     /// A DataFusion session with every loaded table registered by name:
     /// `<t>`, `<t>_history` and the `<t>_versions` view. Tables not loaded
     /// yet are left out and named in the returned list.
@@ -176,14 +195,7 @@ impl Runner {
         let ctx = SessionContext::new();
         let mut missing = Vec::new();
         for table in &self.pipeline.tables {
-            let p = &self.pipeline;
-            let template = Merger::new(table, Vec::new(), &p.source, &p.meta);
-            let columns = self
-                .warehouse
-                .columns(table, &template)
-                .await?
-                .unwrap_or_default();
-            let merger = Merger::new(table, columns, &p.source, &p.meta);
+            let merger = self.loaded_merger(table).await?;
             if !self.warehouse.register(&ctx, table, &merger).await? {
                 missing.push(table.target.clone());
             }
@@ -240,12 +252,45 @@ impl Runner {
         report
     }
 
+    /// Rebuilds the state of every table whose state store disagrees with
+    /// the warehouse (see the `ledger` module) from what the warehouse
+    /// recorded. Returns per table what was restored, `None` where the state
+    /// store already agreed. Takes the pipeline's lease.
+    pub async fn repair_from_warehouse(&self) -> Result<Vec<(String, Option<Restored>)>> {
+        let lease = Lease::acquire(self.state.clone(), &self.pipeline)?;
+        let mut repaired = Vec::new();
+        for table in &self.pipeline.tables {
+            let key = table.qualified();
+            let recorded = self.warehouse.last_recorded(table).await?;
+            if ledger::check(&key, self.state.as_ref(), &recorded).is_ok() {
+                repaired.push((key, None));
+                continue;
+            }
+            let merger = self.loaded_merger(table).await?;
+            let restored = self
+                .warehouse
+                .ledger(table, &merger)
+                .await?
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "table {key}: the warehouse keeps no batch ledger to repair from"
+                    ))
+                })?;
+            self.state.restore(&key, &restored)?;
+            ledger::check(&key, self.state.as_ref(), &recorded)?;
+            repaired.push((key, Some(restored)));
+        }
+        lease.release();
+        Ok(repaired)
+    }
+
     /// The objects of `tables` (all when empty) whose CDC file-name date is in `[from, to]` (UTC).
     pub async fn backfill_plan(
         &self,
         from: NaiveDate,
         to: NaiveDate,
         tables: &[String],
+        include_skipped: bool,
     ) -> Result<BackfillPlan> {
         let mut plan = BackfillPlan::new();
         for table in self.select_tables(tables)? {
@@ -253,9 +298,22 @@ impl Runner {
                 .source
                 .list_table(&table.schema, &table.name, None)
                 .await?;
+            let recorded = self.state.objects(&table.qualified())?;
+            // What an operator skipped (or what waits quarantined) stays out
+            // unless asked for: a backfill redoes loads, not decisions.
+            let decided = |key: &str| {
+                !include_skipped
+                    && recorded.get(key).is_some_and(|r| {
+                        matches!(
+                            r.status,
+                            ObjectStatus::Skipped { .. } | ObjectStatus::Quarantined { .. }
+                        )
+                    })
+            };
             let in_range = listing
                 .objects
                 .into_iter()
+                .filter(|o| !decided(&o.key))
                 .filter(|o| match o.name.order {
                     ObjectOrder::Cdc(_) => o
                         .name

@@ -149,6 +149,8 @@ impl<'a> TableRun<'a> {
 
     async fn run_batches(&mut self) -> Result<()> {
         let state = self.runner.state.clone();
+        let recorded = self.runner.warehouse.last_recorded(self.table).await?;
+        super::ledger::check(&self.key, state.as_ref(), &recorded)?;
         // Whether the last listing found more new objects than one batch holds.
         let mut more = true;
         loop {
@@ -304,6 +306,7 @@ impl<'a> TableRun<'a> {
                 }
             },
         };
+        self.check_columns(&columns)?;
         for key in &self.table.primary_key {
             if !columns.iter().any(|c| &c.name == key) {
                 return Err(Error::Usage(format!(
@@ -316,6 +319,20 @@ impl<'a> TableRun<'a> {
         let merger = Merger::new(self.table, columns, &pipeline.source, &pipeline.meta);
         self.merger = Some(merger.clone());
         Ok(merger)
+    }
+
+    /// Refuses a column the warehouse cannot hold, before anything is loaded.
+    fn check_columns(&self, columns: &[Column]) -> Result<()> {
+        for column in columns {
+            if let Some(why) = self.runner.warehouse.refuses_column(&column.name) {
+                return Err(Error::Usage(format!(
+                    "table {}: column {:?} cannot be loaded: {why}. Rename the column in the source \
+                     (or in the DMS task's table mapping)",
+                    self.key, column.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn process(&mut self, batch: Batch) -> Result<()> {
@@ -351,6 +368,7 @@ impl<'a> TableRun<'a> {
                 merger: &merger,
                 rows: HistoryRows::new(rows),
                 loaded_max: runner.state.max_seq(&self.key)?,
+                store: runner.state.store_id(),
             })
             .await;
         let stats = match loaded {
@@ -400,6 +418,7 @@ impl<'a> TableRun<'a> {
                 Ok(())
             }
             Some((_, Error::NewColumns { object, columns })) => {
+                self.check_columns(&columns)?;
                 let mut merger = self.merger.clone().expect("a batch ran with a merger");
                 tracing::info!(table = %self.key, object = %object, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "new columns; the tables grow them and the batch runs again");
                 merger.columns.extend(columns);
@@ -407,7 +426,10 @@ impl<'a> TableRun<'a> {
                 Ok(())
             }
             Some((_, Error::ObjectChanged { object, .. }))
-                if !runner.warehouse.batch_started(self.table, batch).await? =>
+                if !runner
+                    .warehouse
+                    .batch_started(self.table, batch, runner.state.store_id())
+                    .await? =>
             {
                 tracing::warn!(table = %self.key, object = %object, batch = batch.number, "an object changed before its batch was loaded; re-planning the batch with the current versions");
                 self.replan_with_current_versions(batch).await
@@ -442,6 +464,15 @@ fn produce_history(
     let schema = merger.history_schema();
     let (tx, rx) = tokio::sync::mpsc::channel::<datafusion::error::Result<RecordBatch>>(2);
     let source = runner.source.clone();
+    // The end-of-batch account: the stream ends well only once every planned
+    // object was decoded to its end. A producer that stopped any other way
+    // (a panic, a bug) must fail the load, not commit a truncated batch.
+    let planned = objects.len();
+    let decoded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = decoded.clone();
+    let done = move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
     let job = Decoding {
         source,
         merger,
@@ -457,6 +488,7 @@ fn produce_history(
                 if let Err(err) = job.stream(first.clone(), &tx).await {
                     return report_failure(&tx, &failure, *i, err).await;
                 }
+                done();
                 rest = &rest[1..];
                 continue;
             }
@@ -478,6 +510,7 @@ fn produce_history(
                                 return;
                             }
                         }
+                        done();
                     }
                     Err(err) => return report_failure(&tx, &failure, i, err).await,
                 }
@@ -485,10 +518,49 @@ fn produce_history(
             rest = &rest[small..];
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        accounted(rx, decoded, planned, batch_number),
+    ))
+}
+
+/// The rows received on `rx`, ending with an error unless `decoded` counts
+/// all `planned` objects when the producer hangs up: a producer that stopped
+/// early without saying why must fail the load, not end the batch.
+fn accounted(
+    rx: tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>,
+    decoded: Arc<std::sync::atomic::AtomicUsize>,
+    planned: usize,
+    batch_number: i64,
+) -> impl futures::Stream<Item = datafusion::error::Result<RecordBatch>> {
+    futures::stream::unfold(Some(rx), move |rx| {
+        let decoded = decoded.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some(rx))),
+                None => {
+                    let decoded = decoded.load(std::sync::atomic::Ordering::SeqCst);
+                    (decoded != planned).then(|| {
+                        let message = format!(
+                            "batch {batch_number}: the decoder stopped after {decoded} of {planned} \
+                             objects without an error; nothing of the batch is committed"
+                        );
+                        (Err(datafusion::error::DataFusionError::Execution(message)), None)
+                    })
+                }
+            }
+        }
+    })
+}
+
+/// A decode task that panicked (or was cancelled), as a decode error of its object.
+fn panicked(key: &str, join: tokio::task::JoinError) -> Error {
+    if join.is_panic() {
+        decode::panicked(key, join.into_panic().as_ref())
+    } else {
+        Error::decode(key, Default::default(), "the decoder was cancelled")
+    }
 }
 
 /// Leaves the first failure (and its object's index) for the task and ends the stream.
@@ -539,7 +611,8 @@ impl Decoding {
         mut emit: impl FnMut(RecordBatch) -> Result<()> + Send + 'static,
     ) -> Result<()> {
         let job = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let key = object.key.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
             let mut first_row = 0;
             decode::decode_stream(&object, reader, &job.spec, &mut |chunk| {
                 let rows = chunk.num_rows();
@@ -550,8 +623,10 @@ impl Decoding {
                 emit(history)
             })
         })
-        .await
-        .expect("the decoder does not panic")
+        .await;
+        // A decoder (arrow, parquet) that panics on a malformed object is a
+        // bad object, not the end of the batch's rows.
+        decoded.unwrap_or_else(|join| Err(panicked(&key, join)))
     }
 
     /// A small object: read whole, its history rows returned.
@@ -693,6 +768,38 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn rows_end_in_an_error_unless_every_planned_object_was_decoded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("v", arrow::datatypes::DataType::Int64, false),
+        ]));
+        let rows = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(arrow::array::Int64Array::from(vec![1, 2]))],
+        )
+        .unwrap();
+        for (decoded, planned) in [(2, 2), (1, 2), (0, 3)] {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(Ok(rows.clone())).await.unwrap();
+            drop(tx); // the producer is gone
+            let count = Arc::new(AtomicUsize::new(0));
+            count.store(decoded, Ordering::SeqCst);
+            let items: Vec<_> = accounted(rx, count, planned, 7).collect().await;
+            assert!(items[0].is_ok());
+            if decoded == planned {
+                assert_eq!(items.len(), 1, "a complete batch ends cleanly");
+            } else {
+                assert_eq!(items.len(), 2);
+                let err = items[1].as_ref().unwrap_err().to_string();
+                assert!(
+                    err.contains(&format!("after {decoded} of {planned} objects")),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -78,14 +78,16 @@ pub enum BatchMode {
 }
 
 impl BatchMode {
-    fn as_str(self) -> &'static str {
+    /// Name stored and written in warehouse commits.
+    pub fn as_str(self) -> &'static str {
         match self {
             BatchMode::Append => "append",
             BatchMode::Replace => "replace",
         }
     }
 
-    fn parse(s: &str) -> Self {
+    /// The mode named `s` (append unless `replace`).
+    pub fn parse(s: &str) -> Self {
         if s == "replace" {
             BatchMode::Replace
         } else {
@@ -271,6 +273,8 @@ pub enum LeaseOutcome {
 pub struct CommittedBatch {
     /// Batch number.
     pub number: i64,
+    /// Its id (see [`Batch::id`]).
+    pub id: String,
     /// Objects in it.
     pub objects: usize,
     /// Its figures.
@@ -279,8 +283,31 @@ pub struct CommittedBatch {
     pub committed_at: DateTime<Utc>,
 }
 
+/// A table's state as a warehouse recorded it (`cdcflow repair --from-warehouse`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The last batch the warehouse committed in full (0: none).
+    pub number: i64,
+    /// Its id.
+    pub id: String,
+    /// Every object loaded up to it.
+    pub objects: Vec<ObjectRef>,
+    /// Their figures (the watermark among them).
+    pub stats: BatchStats,
+    /// A batch the warehouse applied in part (history, not current state).
+    pub pending: Option<Batch>,
+}
+
 /// Persistent state of one pipeline.
 pub trait StateStore: Send + Sync {
+    /// This store's id: random, made when the store was created, never
+    /// changed. Warehouse commits name it (see `warehouse::Recorded`).
+    fn store_id(&self) -> &str;
+    /// Replaces the batches and processed objects of `table` with what the
+    /// warehouse recorded, in one transaction: one committed batch
+    /// `restored.number` holding every loaded object, and the partly applied
+    /// batch as pending. Skips and quarantines of other objects stay.
+    fn restore(&self, table: &str, restored: &Restored) -> Result<()>;
     /// Every recorded object of `table`, by key.
     fn objects(&self, table: &str) -> Result<HashMap<String, ObjectRecord>>;
     /// The planned, not yet committed batch of `table`.

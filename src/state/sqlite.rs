@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Batch, BatchMode, BatchStats, CommittedBatch, LeaseOutcome, ObjectRecord, ObjectRef,
-    ObjectStatus, RunRecord, StateStore, TaskAttempt, TaskState, Trigger,
+    ObjectStatus, Restored, RunRecord, StateStore, TaskAttempt, TaskState, Trigger,
 };
 use crate::error::{Error, Result};
 
@@ -24,6 +24,7 @@ const SCHEMA_VERSION: i64 = 1;
 pub struct SqliteStore {
     pipeline: String,
     path: PathBuf,
+    id: String,
     conn: Mutex<Connection>,
 }
 
@@ -48,9 +49,10 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io("cannot create the state directory", dir.display(), e))?;
         }
-        let store = SqliteStore {
+        let mut store = SqliteStore {
             pipeline: pipeline.to_string(),
             path: path.to_path_buf(),
+            id: String::new(),
             conn: Mutex::new(Connection::open(path).map_err(|e| Error::State {
                 path: path.display().to_string(),
                 context: "opening".into(),
@@ -65,6 +67,20 @@ impl SqliteStore {
             "creating the schema",
         )?;
         store.check_schema()?;
+        store.id = store.with(
+            |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO store (pipeline, store_id, created_at) VALUES (?1, ?2, ?3)",
+                    params![pipeline, uuid::Uuid::new_v4().simple().to_string(), now()],
+                )?;
+                c.query_row(
+                    "SELECT store_id FROM store WHERE pipeline = ?1",
+                    params![pipeline],
+                    |r| r.get(0),
+                )
+            },
+            "reading the store id",
+        )?;
         Ok(store)
     }
 
@@ -139,6 +155,71 @@ fn parse_objects(json: &str) -> rusqlite::Result<Vec<ObjectRef>> {
 }
 
 impl StateStore for SqliteStore {
+    fn store_id(&self) -> &str {
+        &self.id
+    }
+
+    fn restore(&self, table: &str, restored: &Restored) -> Result<()> {
+        let json = serde_json::to_string(&restored.objects).expect("objects serialize");
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let at = now();
+                tx.execute(
+                    "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                )?;
+                tx.execute(
+                    "DELETE FROM objects WHERE pipeline = ?1 AND tbl = ?2 AND status = 'processed'",
+                    params![self.pipeline, table],
+                )?;
+                if restored.number > 0 {
+                    let s = &restored.stats;
+                    tx.execute(
+                        "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, rows,
+                           inserts, updates, deletes, max_seq, max_commit_ts, planned_at, committed_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'committed', 'append', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                        params![
+                            self.pipeline, table, restored.number, restored.id, json, s.rows as i64,
+                            s.inserts as i64, s.updates as i64, s.deletes as i64, s.max_seq,
+                            s.max_commit_ts.map(stamp), at
+                        ],
+                    )?;
+                }
+                for object in &restored.objects {
+                    tx.execute(
+                        "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
+                         ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                           etag = excluded.etag, size = excluded.size, status = 'processed',
+                           batch_no = excluded.batch_no, error = NULL, reason = NULL,
+                           updated_at = excluded.updated_at",
+                        params![self.pipeline, table, object.key, object.etag, object.size as i64, restored.number, at],
+                    )?;
+                }
+                if let Some(p) = &restored.pending {
+                    for object in &p.objects {
+                        tx.execute(
+                            "DELETE FROM objects WHERE pipeline = ?1 AND tbl = ?2 AND key = ?3",
+                            params![self.pipeline, table, object.key],
+                        )?;
+                    }
+                    tx.execute(
+                        "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
+                        params![
+                            self.pipeline, table, p.number, p.id,
+                            serde_json::to_string(&p.objects).expect("objects serialize"),
+                            p.mode.as_str(), at
+                        ],
+                    )?;
+                }
+                tx.commit()
+            },
+            "restoring a table's state from the warehouse",
+        )
+    }
+
     fn objects(&self, table: &str) -> Result<HashMap<String, ObjectRecord>> {
         self.with(
             |c| {
@@ -291,13 +372,14 @@ impl StateStore for SqliteStore {
         self.with(
             |c| {
                 c.query_row(
-                    "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at FROM batches
+                    "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at, batch_id FROM batches
                      WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed' ORDER BY batch_no DESC LIMIT 1",
                     params![self.pipeline, table],
                     |r| {
                         let committed_at: String = r.get(7)?;
                         Ok(CommittedBatch {
                             number: r.get(0)?,
+                            id: r.get(8)?,
                             objects: parse_objects(&r.get::<_, String>(1)?)?.len(),
                             stats: BatchStats {
                                 rows: r.get::<_, i64>(2)? as u64,

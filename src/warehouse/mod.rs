@@ -7,6 +7,13 @@
 //! the current-state changes of a batch may become visible in two steps, but
 //! each step is atomic and recorded, so a retry after a crash between them
 //! finishes the second step without repeating the first.
+//!
+//! A warehouse that keeps a batch ledger (Delta) names, in each commit, the
+//! state store and the batch id the commit belongs to, and answers
+//! [`Warehouse::last_recorded`] with them: the pipeline compares that with
+//! its state store before loading anything, so a lost, restored or second
+//! state store is refused instead of skipping or doubling batches, and
+//! [`Warehouse::ledger`] lets `cdcflow repair --from-warehouse` rebuild it.
 
 mod bigquery;
 mod delta;
@@ -22,7 +29,7 @@ use crate::config::{Column, Table};
 use crate::error::Result;
 use crate::merge::Merger;
 use crate::merge::sql::Dialect;
-use crate::state::{Batch, BatchMode, BatchStats};
+use crate::state::{Batch, BatchMode, BatchStats, Restored};
 
 /// One batch to load.
 pub struct LoadRequest<'a> {
@@ -36,6 +43,27 @@ pub struct LoadRequest<'a> {
     pub rows: HistoryRows,
     /// The largest `change_seq` loaded before this batch.
     pub loaded_max: Option<String>,
+    /// The id of the state store that planned the batch.
+    pub store: &'a str,
+}
+
+/// The last batch a warehouse recorded for a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// The warehouse keeps no ledger: its loads are idempotent by content
+    /// (BigQuery: history merges on `(change_seq, source_file)` and current
+    /// state applies only newer changes, so a replay adds nothing).
+    Untracked,
+    /// The last batch number recorded (0: none) and, when the commit names
+    /// them, its batch id and the state store that planned it.
+    Batch {
+        /// Batch number.
+        number: i64,
+        /// Batch id ([`Batch::id`]).
+        id: Option<String>,
+        /// State store id.
+        store: Option<String>,
+    },
 }
 
 /// The history rows of a batch as a one-shot stream, produced while they are read.
@@ -85,9 +113,23 @@ pub trait Warehouse: Send + Sync {
     /// Returns the batch's figures as the warehouse holds them.
     async fn load(&self, request: LoadRequest<'_>) -> Result<BatchStats>;
 
+    /// The last batch recorded for `table` (in its history table, the first
+    /// step of a load). Default: [`Recorded::Untracked`].
+    async fn last_recorded(&self, _table: &Table) -> Result<Recorded> {
+        Ok(Recorded::Untracked)
+    }
+
+    /// What the warehouse recorded of `table`, as a state store would hold
+    /// it: the last batch applied in full with every object loaded up to it
+    /// and their figures, and a batch applied in part. `None`: no ledger
+    /// (see [`Recorded::Untracked`]).
+    async fn ledger(&self, _table: &Table, _merger: &Merger) -> Result<Option<Restored>> {
+        Ok(None)
+    }
+
     /// Whether any step of `batch` has been applied to `table`'s tables:
     /// `false` means the batch left no trace and may still be re-planned.
-    async fn batch_started(&self, table: &Table, batch: &Batch) -> Result<bool>;
+    async fn batch_started(&self, table: &Table, batch: &Batch, store: &str) -> Result<bool>;
 
     /// The data columns of `table` if the warehouse holds it already.
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>>;
@@ -114,6 +156,12 @@ pub trait Warehouse: Send + Sync {
     /// the caller runs the SQL in DataFusion over the tables `register` gives.
     async fn query(&self, _sql: &str) -> Result<Option<Vec<RecordBatch>>> {
         Ok(None)
+    }
+
+    /// Why column `name` cannot be a column of this warehouse's tables, if
+    /// it cannot; checked before anything of a table is loaded.
+    fn refuses_column(&self, _name: &str) -> Option<String> {
+        None
     }
 
     /// The dialect of SQL run by [`Warehouse::query`] (or DataFusion's).

@@ -202,6 +202,31 @@ soft_delete = {items_soft_delete}
     }
 }
 
+/// The seed in environment variable `var`, else one from the clock (never 0).
+pub(crate) fn seed_from(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}
+
+/// `cdcflow backfill` of every date, with `pipeline.toml`.
+pub(crate) const BACKFILL_ALL: [&str; 7] = [
+    "backfill",
+    "-p",
+    "pipeline.toml",
+    "--from",
+    "2000-01-01",
+    "--to",
+    "2100-01-01",
+];
+
 /// Everything a finished process printed, stdout then stderr.
 pub(crate) fn output(o: &Output) -> String {
     format!(
@@ -509,4 +534,161 @@ impl Workspace {
         out.sort();
         out
     }
+}
+
+/// Faults [`every_nth`] injects, in turn.
+pub(crate) const FAULTS: [&str; 6] = ["503", "slowdown", "429", "reset", "truncated", "stall"];
+
+/// A fault picker for [`http_fault_proxy`]: every `every`th request gets the
+/// next fault of [`FAULTS`].
+pub(crate) fn every_nth(every: usize) -> impl Fn(&str) -> Option<&'static str> + Send + Sync {
+    let requests = AtomicUsize::new(0);
+    move |_| {
+        let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+        n.is_multiple_of(every)
+            .then(|| FAULTS[(n / every) % FAULTS.len()])
+    }
+}
+
+/// An HTTP proxy to `upstream` that serves one request per connection and
+/// answers those `pick` names (by the whole request) with a fault: `503`,
+/// `slowdown` (S3's 503 SlowDown), `429`, `reset` (the connection reset),
+/// `truncated` (the real answer with its body cut in half), `stall` (the real
+/// answer after 1.5 s), `lost` (the request reaches the server, its answer
+/// never comes back) or `duplicate` (BigQuery's 409 for a job id inserted
+/// before). Returns its URL and the number of faults injected.
+pub(crate) async fn http_fault_proxy(
+    upstream: String,
+    pick: impl Fn(&str) -> Option<&'static str> + Send + Sync + 'static,
+) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let injected = Arc::new(AtomicUsize::new(0));
+    let counted = injected.clone();
+    let pick = Arc::new(pick);
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let (upstream, counted, pick) = (upstream.clone(), counted.clone(), pick.clone());
+            tokio::spawn(async move {
+                if serve_with_fault(client, &upstream, pick.as_ref()).await == Some(true) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), injected)
+}
+
+/// Serves one request of `client`; `Some(true)` when a fault was injected.
+async fn serve_with_fault(
+    mut client: tokio::net::TcpStream,
+    upstream: &str,
+    pick: &(dyn Fn(&str) -> Option<&'static str> + Send + Sync),
+) -> Option<bool> {
+    let mut request = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        let n = client.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+        if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while request.len() < head_end + length {
+        let n = client.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let fault = pick(&String::from_utf8_lossy(&request));
+    let status = |line: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {line}\r\nContent-Length: {}\r\nContent-Type: application/xml\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    match fault {
+        Some("503") => {
+            let _ = client
+                .write_all(status("503 Service Unavailable", "").as_bytes())
+                .await;
+            return Some(true);
+        }
+        Some("slowdown") => {
+            let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+            let _ = client
+                .write_all(status("503 Slow Down", body).as_bytes())
+                .await;
+            return Some(true);
+        }
+        Some("429") => {
+            let _ = client
+                .write_all(status(TOO_MANY_REQUESTS, "").as_bytes())
+                .await;
+            return Some(true);
+        }
+        Some("reset") => {
+            // A zero linger makes the close a reset (RST); nothing blocks on it.
+            #[allow(deprecated)]
+            let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            drop(client);
+            return Some(true);
+        }
+        Some("duplicate") => {
+            let body = r#"{"error":{"code":409,"message":"Already Exists: Job","errors":[{"reason":"duplicate","message":"Already Exists: Job"}],"status":"ALREADY_EXISTS"}}"#;
+            let reply = format!(
+                "HTTP/1.1 409 Conflict\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(reply.as_bytes()).await;
+            return Some(true);
+        }
+        Some("stall") => tokio::time::sleep(std::time::Duration::from_millis(1500)).await,
+        _ => {}
+    }
+    // One request per upstream connection: the answer ends at EOF.
+    let forwarded = head.replacen("\r\n\r\n", "", 1);
+    let forwarded: String = forwarded
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    let mut server = tokio::net::TcpStream::connect(upstream.trim_start_matches("http://"))
+        .await
+        .ok()?;
+    server
+        .write_all(format!("{forwarded}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    server.write_all(&request[head_end..]).await.ok()?;
+    let mut response = Vec::new();
+    server.read_to_end(&mut response).await.ok()?;
+    if fault == Some("lost") {
+        drop(client); // the server did it; the client never hears
+        return Some(true);
+    }
+    let body_at = response.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    if fault == Some("truncated") && response.len() - body_at >= 64 {
+        let cut = body_at + (response.len() - body_at) / 2;
+        let _ = client.write_all(&response[..cut]).await;
+        let _ = client.shutdown().await;
+        return Some(true);
+    }
+    let _ = client.write_all(&response).await;
+    let _ = client.shutdown().await;
+    Some(fault == Some("stall"))
 }

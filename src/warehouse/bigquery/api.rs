@@ -24,6 +24,9 @@ use gcp_bigquery_client::model::job_configuration::JobConfiguration;
 use gcp_bigquery_client::model::job_configuration_load::JobConfigurationLoad;
 use gcp_bigquery_client::model::job_configuration_query::JobConfigurationQuery;
 use gcp_bigquery_client::model::job_reference::JobReference;
+use gcp_bigquery_client::model::query_parameter::QueryParameter;
+use gcp_bigquery_client::model::query_parameter_type::QueryParameterType;
+use gcp_bigquery_client::model::query_parameter_value::QueryParameterValue;
 use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::table_reference::TableReference;
 use gcp_bigquery_client::model::table_row::TableRow;
@@ -476,9 +479,19 @@ impl Api {
             let job_id = attempt_id(id, attempt);
             let context = format!("job {job_id}");
             let Some(job) = self.job(&job_id).await? else {
-                let started = submit(job_id.clone()).await?;
-                // An emulator may assign its own id: wait for the job it names.
-                let named = started.job_reference.and_then(|r| r.job_id);
+                let named = match submit(job_id.clone()).await {
+                    // An emulator may assign its own id: wait for the job it names.
+                    Ok(started) => started.job_reference.and_then(|r| r.job_id),
+                    // A retried insert whose first try reached BigQuery (its answer
+                    // was lost) is answered "duplicate": the job is ours, running.
+                    Err(Error::BigQuery {
+                        status: Some(409), ..
+                    }) => {
+                        tracing::info!(job = %job_id, "job already inserted by an earlier try; waiting for it");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                };
                 self.wait(named.as_deref().unwrap_or(&job_id), &context)
                     .await?;
                 return Ok(());
@@ -508,8 +521,15 @@ impl Api {
         })
     }
 
-    /// Runs DML/DDL `sql` as the query job `id` (see [`Api::run_once`]).
-    pub(super) async fn run_job(&self, id: &str, sql: &str) -> Result<()> {
+    /// Runs DML/DDL `sql` with its named query `params` as the query job
+    /// `id` (see [`Api::run_once`]). Values reach BigQuery as parameters,
+    /// never spliced into the SQL: an object key may hold any character.
+    pub(super) async fn run_job(
+        &self,
+        id: &str,
+        sql: &str,
+        params: &[QueryParameter],
+    ) -> Result<()> {
         self.run_once(id, true, |job_id| async move {
             let context = format!("job {job_id}");
             let job = Job {
@@ -518,6 +538,8 @@ impl Api {
                     query: Some(JobConfigurationQuery {
                         query: sql.to_string(),
                         use_legacy_sql: Some(false),
+                        parameter_mode: (!params.is_empty()).then(|| "NAMED".to_string()),
+                        query_parameters: (!params.is_empty()).then(|| params.to_vec()),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -666,5 +688,49 @@ impl Api {
                 return Ok((schema.unwrap_or_default(), rows));
             }
         }
+    }
+}
+
+/// A named query parameter of `kind` (`STRING`, `DATE`…) holding `value`.
+pub(super) fn param(name: &str, kind: &str, value: &str) -> QueryParameter {
+    QueryParameter {
+        name: Some(name.to_string()),
+        parameter_type: Some(QueryParameterType {
+            r#type: kind.to_string(),
+            ..Default::default()
+        }),
+        parameter_value: Some(QueryParameterValue {
+            value: Some(value.to_string()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A named `ARRAY<STRING>` query parameter.
+pub(super) fn strings_param<'a>(
+    name: &str,
+    values: impl Iterator<Item = &'a str>,
+) -> QueryParameter {
+    QueryParameter {
+        name: Some(name.to_string()),
+        parameter_type: Some(QueryParameterType {
+            r#type: "ARRAY".to_string(),
+            array_type: Some(Box::new(QueryParameterType {
+                r#type: "STRING".to_string(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        parameter_value: Some(QueryParameterValue {
+            array_values: Some(
+                values
+                    .map(|v| QueryParameterValue {
+                        value: Some(v.to_string()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
     }
 }

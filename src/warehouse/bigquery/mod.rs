@@ -20,6 +20,7 @@ use arrow::array::RecordBatch;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::StreamExt;
 use gcp_bigquery_client::model::clustering::Clustering;
+use gcp_bigquery_client::model::query_parameter::QueryParameter;
 use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
 use gcp_bigquery_client::model::table_schema::TableSchema;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
@@ -74,11 +75,23 @@ impl BigQueryWarehouse {
             .await
     }
 
-    /// The id of a step's job for a batch: deterministic, so a retried step is recognized.
-    fn job_id(&self, table: &Table, batch: &Batch, step: &str) -> String {
+    /// The id of a step's job for a batch: deterministic, so a retried step
+    /// is recognized. Job ids are project-wide and kept six months, so the
+    /// id names the destination dataset and the state store too: the same
+    /// pipeline loading another dataset of the project (dev and prod), or a
+    /// new state store, never takes another's job for its own.
+    fn job_id(&self, table: &Table, batch: &Batch, store: &str, step: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let scope = Sha256::digest(
+            format!("{}\0{}\0{store}", self.config.project, self.config.dataset).as_bytes(),
+        );
         let raw = format!(
-            "cdcflow_{}_{}_{}_{}_{step}",
-            self.pipeline, table.target, batch.number, batch.id
+            "cdcflow_{}_{}_{}_{}_{}_{step}",
+            self.pipeline,
+            table.target,
+            batch.number,
+            batch.id,
+            hex::encode(&scope[..6])
         );
         raw.chars()
             .map(|c| {
@@ -275,7 +288,13 @@ impl BigQueryWarehouse {
         }
     }
 
-    fn history_merge_sql(api: &Api, req: &LoadRequest<'_>, stage: &str, staged: &Staged) -> String {
+    /// The history MERGE of the batch and its query parameters.
+    fn history_merge_sql(
+        api: &Api,
+        req: &LoadRequest<'_>,
+        stage: &str,
+        staged: &Staged,
+    ) -> (String, Vec<QueryParameter>) {
         let m = &req.merger.meta;
         let names: Vec<String> = req
             .merger
@@ -320,27 +339,27 @@ impl BigQueryWarehouse {
             BatchMode::Replace => "replace",
         };
         // Only a backfill names its objects (their old rows are replaced).
-        let objects;
-        if req.batch.mode == BatchMode::Replace {
-            objects = req
-                .batch
-                .objects
-                .iter()
-                .map(|o| sql::literal(&o.key))
-                .collect::<Vec<_>>()
-                .join(", ");
-            params.push(("objects", objects.as_str()));
-        }
-        sql::render(sql::section(sql::BQ_HISTORY_MERGE, section), &params)
+        let values = match req.batch.mode {
+            BatchMode::Replace => vec![api::strings_param(
+                "objects",
+                req.batch.objects.iter().map(|o| o.key.as_str()),
+            )],
+            BatchMode::Append => Vec::new(),
+        };
+        (
+            sql::render(sql::section(sql::BQ_HISTORY_MERGE, section), &params),
+            values,
+        )
     }
 
+    /// The current-state MERGE of the batch and its query parameters.
     fn current_merge_sql(
         api: &Api,
         req: &LoadRequest<'_>,
         stage: &str,
         apply: Apply,
         truncated: Option<&str>,
-    ) -> String {
+    ) -> (String, Vec<QueryParameter>) {
         let merger = req.merger;
         let m = &merger.meta;
         let stage_source = Self::stage_source(api, stage, merger);
@@ -410,9 +429,11 @@ impl BigQueryWarehouse {
                 ("values", &values),
             ],
         ));
+        let mut values = Vec::new();
         if apply == Apply::Replace {
             clauses.push(section("drop_missing").to_string());
         } else if let Some(seq) = truncated {
+            values.push(api::param("truncated", "STRING", seq));
             // A truncate removes the rows the batch does not touch too.
             let action = if merger.soft_delete {
                 format!("UPDATE SET {} = TRUE", BQ.ident(&m.deleted))
@@ -423,12 +444,11 @@ impl BigQueryWarehouse {
                 section("truncate"),
                 &[
                     ("change_seq", &BQ.ident(&m.change_seq)),
-                    ("truncated", &sql::literal(seq)),
                     ("action", &action),
                 ],
             ));
         }
-        sql::render(
+        let sql = sql::render(
             section("merge"),
             &[
                 ("current", &api.path(&req.table.target)),
@@ -439,7 +459,8 @@ impl BigQueryWarehouse {
                 ("key_equal", &BQ.key_equal("t", "s", &merger.key)),
                 ("clauses", &clauses.join("\n")),
             ],
-        )
+        );
+        (sql, values)
     }
 }
 
@@ -487,22 +508,19 @@ impl Warehouse for BigQueryWarehouse {
         self.prepare_tables(api, req.table, req.merger).await?;
         let staged = self.stage_locally(&req).await?;
         let stage = Self::stage_name(req.table, req.batch);
-        let history_job = self.job_id(req.table, req.batch, "history");
-        let current_job = self.job_id(req.table, req.batch, "current");
+        let history_job = self.job_id(req.table, req.batch, req.store, "history");
+        let current_job = self.job_id(req.table, req.batch, req.store, "current");
         let history_done = api.job_succeeded(&history_job).await?;
         let current_done = api.job_succeeded(&current_job).await?;
         if !current_done && (!history_done || api.table(&stage).await?.is_none()) {
             let schema =
                 types::table_schema(&req.merger.history_schema(), &req.merger.columns, true);
-            let load_job = self.job_id(req.table, req.batch, "load");
+            let load_job = self.job_id(req.table, req.batch, req.store, "load");
             api.load_parquet(&load_job, &stage, schema, staged.file.path())
                 .await?;
         }
-        api.run_job(
-            &history_job,
-            &Self::history_merge_sql(api, &req, &stage, &staged),
-        )
-        .await?;
+        let (history_merge, values) = Self::history_merge_sql(api, &req, &stage, &staged);
+        api.run_job(&history_job, &history_merge, &values).await?;
         failpoint::hit("load.between_history_and_current");
         let apply = Apply::choose(
             req.batch.mode,
@@ -512,18 +530,16 @@ impl Warehouse for BigQueryWarehouse {
         if apply == Apply::Late {
             tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
         }
-        api.run_job(
-            &current_job,
-            &Self::current_merge_sql(api, &req, &stage, apply, staged.order.truncated.as_deref()),
-        )
-        .await?;
+        let (current_merge, values) =
+            Self::current_merge_sql(api, &req, &stage, apply, staged.order.truncated.as_deref());
+        api.run_job(&current_job, &current_merge, &values).await?;
         api.drop_table(&stage).await?;
         Ok(staged.stats)
     }
 
-    async fn batch_started(&self, table: &Table, batch: &Batch) -> Result<bool> {
+    async fn batch_started(&self, table: &Table, batch: &Batch, store: &str) -> Result<bool> {
         let api = self.api().await?;
-        api.job_succeeded(&self.job_id(table, batch, "history"))
+        api.job_succeeded(&self.job_id(table, batch, store, "history"))
             .await
     }
 
@@ -565,6 +581,31 @@ impl Warehouse for BigQueryWarehouse {
         let api = self.api().await?;
         let (schema, rows) = api.query(sql).await?;
         Ok(Some(vec![types::to_arrow(&schema, &rows)?]))
+    }
+
+    fn refuses_column(&self, name: &str) -> Option<String> {
+        let mut chars = name.chars();
+        let fits = name.len() <= 300
+            && chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let reserved = [
+            "_table_",
+            "_file_",
+            "_partition",
+            "_row_timestamp",
+            "__root__",
+            "_colidentifier",
+        ]
+        .iter()
+        .any(|p| name.to_ascii_lowercase().starts_with(p));
+        (!fits || reserved).then(|| {
+            "a BigQuery column name is letters, digits and underscores, starts with a letter or \
+             underscore, is at most 300 characters, and does not start with _TABLE_, _FILE_, \
+             _PARTITION, _ROW_TIMESTAMP, __ROOT__ or _COLIDENTIFIER"
+                .to_string()
+        })
     }
 
     fn dialect(&self) -> Dialect {

@@ -221,7 +221,7 @@ pub(super) async fn apply(
     let snapshot = table
         .snapshot()
         .map_err(|e| fail("reading the snapshot", e))?;
-    CommitBuilder::from(DeltaWarehouse::commit(app, req.batch.number))
+    CommitBuilder::from(DeltaWarehouse::commit(app, req))
         .with_actions(actions)
         .build(
             Some(snapshot),

@@ -7,6 +7,7 @@
 //! version is read; a step already recorded is not applied again.
 
 mod deletion_vectors;
+mod ledger;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -191,8 +192,12 @@ impl DeltaWarehouse {
             .unwrap_or(0))
     }
 
-    fn commit(app: &str, number: i64) -> CommitProperties {
-        CommitProperties::default().with_application_transaction(Transaction::new(app, number))
+    /// A batch's commit: the application transaction `app` = batch number,
+    /// and the batch's ledger entry (see the `ledger` module).
+    fn commit(app: &str, req: &LoadRequest<'_>) -> CommitProperties {
+        CommitProperties::default()
+            .with_application_transaction(Transaction::new(app, req.batch.number))
+            .with_metadata([ledger::entry(req)])
     }
 
     /// Writes the batch's history rows (streamed) unless history holds the
@@ -237,7 +242,7 @@ impl DeltaWarehouse {
                 &req.merger.history_schema(),
                 &req.merger.meta.change_seq,
             ))
-            .with_commit_properties(Self::commit(app, req.batch.number));
+            .with_commit_properties(Self::commit(app, req));
         if req.batch.mode == BatchMode::Replace && table_exists {
             let predicate = format!(
                 "{} IN ({})",
@@ -391,7 +396,7 @@ impl DeltaWarehouse {
             .map_err(|e| Error::query("current_rebuild.sql", e))?
             .into_unoptimized_plan();
         overwrite_current(table, plan, req.merger)
-            .with_commit_properties(Self::commit(app, req.batch.number))
+            .with_commit_properties(Self::commit(app, req))
             .await
             .map_err(|e| {
                 Error::warehouse(
@@ -471,7 +476,7 @@ impl DeltaWarehouse {
                 &req.merger.current_schema(),
                 &req.merger.meta.change_seq,
             ))
-            .with_commit_properties(Self::commit(app, req.batch.number));
+            .with_commit_properties(Self::commit(app, req));
         if !req.merger.soft_delete {
             builder = builder
                 .when_matched_delete(|d| d.predicate(clause("delete_when")))
@@ -564,7 +569,38 @@ impl Warehouse for DeltaWarehouse {
         Ok(stats)
     }
 
-    async fn batch_started(&self, table: &Table, batch: &Batch) -> Result<bool> {
+    async fn last_recorded(&self, table: &Table) -> Result<super::Recorded> {
+        let name = table.history_name();
+        let history = self.open(&name).await?;
+        let number = self.recorded(&history, &name, &self.app_id(table)).await?;
+        let entry = ledger::find(&history, &name, number).await?;
+        Ok(super::Recorded::Batch {
+            number,
+            id: entry.as_ref().map(|e| e.batch_id.clone()),
+            store: entry.map(|e| e.store),
+        })
+    }
+
+    async fn ledger(
+        &self,
+        table: &Table,
+        merger: &Merger,
+    ) -> Result<Option<crate::state::Restored>> {
+        let app = self.app_id(table);
+        let history_name = table.history_name();
+        let history = self.open(&history_name).await?;
+        let current = self.open(&table.target).await?;
+        let loaded = self.recorded(&history, &history_name, &app).await?;
+        let applied = self.recorded(&current, &table.target, &app).await?;
+        let Some(provider) = self.provider(&history_name).await? else {
+            return Ok(Some(ledger::empty()));
+        };
+        ledger::restore(&history, provider, merger, (loaded, applied))
+            .await
+            .map(Some)
+    }
+
+    async fn batch_started(&self, table: &Table, batch: &Batch, _store: &str) -> Result<bool> {
         let app = self.app_id(table);
         for name in [table.history_name(), table.target.clone()] {
             let delta = self.open(&name).await?;
@@ -629,6 +665,17 @@ impl Warehouse for DeltaWarehouse {
             }));
         }
         Ok(Some(deleted))
+    }
+
+    fn refuses_column(&self, name: &str) -> Option<String> {
+        // Parquet (without Delta column mapping) refuses these characters, and
+        // delta-rs reads `a.b` in a MERGE or predicate as column b of table a.
+        const INVALID: &[char] = &[' ', ',', ';', '{', '}', '(', ')', '\n', '\t', '=', '.'];
+        name.contains(INVALID).then(|| {
+            "a Delta table column (without column mapping) cannot hold a space or any of , ; { } ( ) = . \
+             or a tab or newline"
+                .to_string()
+        })
     }
 
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>> {

@@ -1,0 +1,158 @@
+//! Faults at random moments, not only at step boundaries: `cdcflow run` and
+//! `cdcflow backfill` are SIGKILLed after a random time, many times over a
+//! load of one object per batch; eight runs start at once; and after a final
+//! clean run the tables equal the independent replay: no change lost, none
+//! doubled.
+//!
+//! `CDCFLOW_CHAOS_ROUNDS` kills per test (default 4 in `make test`; `make
+//! chaos` runs 40) and `CDCFLOW_CHAOS_SEED` the seed of the delays (default:
+//! the clock, printed with the figures).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Workspace, assert_warehouse_matches, output};
+
+fn rounds() -> u32 {
+    std::env::var("CDCFLOW_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4)
+}
+
+/// A small deterministic generator of kill delays.
+pub(crate) struct Delays(u64);
+
+impl Delays {
+    pub(crate) fn new() -> Self {
+        let seed = crate::support::seed_from("CDCFLOW_CHAOS_SEED");
+        eprintln!("chaos seed {seed}");
+        Delays(seed)
+    }
+
+    /// A delay in `[min, max)` milliseconds.
+    fn next(&mut self, min: u64, max: u64) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(min + self.0 % (max - min))
+    }
+}
+
+fn spawn(ws: &Workspace, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+        .current_dir(ws.dir.path())
+        .args(args)
+        .env_remove("CDCFLOW_FAILPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cdcflow")
+}
+
+/// Starts `args` `rounds` times, each SIGKILLed after a random delay of up
+/// to `max_ms` (if still running). Returns (kills, runs that finished first).
+pub(crate) fn kill_at_random(
+    ws: &Workspace,
+    args: &[&str],
+    rounds: u32,
+    max_ms: u64,
+    delays: &mut Delays,
+) -> (u32, u32) {
+    let (mut killed, mut finished) = (0, 0);
+    for _ in 0..rounds {
+        let mut child = spawn(ws, args);
+        let deadline = Instant::now() + delays.next(20, max_ms);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                finished += 1;
+                break;
+            }
+            if Instant::now() >= deadline {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                killed += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    (killed, finished)
+}
+
+/// Runs `args` until it succeeds (a killed run may leave a lease that a
+/// later run takes over: a dead process of this host, at once).
+pub(crate) fn run_clean(ws: &Workspace, args: &[&str]) {
+    let out = ws.cdcflow(args, &[]);
+    assert!(out.status.success(), "clean run: {}", output(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_and_backfills_killed_at_random_moments_lose_and_double_nothing() {
+    let ws = Workspace::new();
+    let data = ws.synth(2500, 51);
+    ws.publish_all();
+    ws.write_pipeline(1, true);
+    let mut delays = Delays::new();
+    let run = ["run", "--now", "-p", "pipeline.toml"];
+    let (killed, finished) = kill_at_random(&ws, &run, rounds(), 4000, &mut delays);
+    run_clean(&ws, &run);
+    assert_warehouse_matches(&ws, &data, true).await;
+
+    let backfill = crate::support::BACKFILL_ALL;
+    let (b_killed, b_finished) = kill_at_random(&ws, &backfill, rounds(), 4000, &mut delays);
+    run_clean(&ws, &run);
+    run_clean(&ws, &backfill);
+    assert_warehouse_matches(&ws, &data, true).await;
+    let changes: usize = data.tables.iter().map(|t| t.changes.len()).sum();
+    println!(
+        "chaos (local warehouse): {} kills ({killed} of runs, {b_killed} of backfills), {} runs finished \
+         before their kill, {changes} changes compared with the replay: 0 lost, 0 doubled",
+        killed + b_killed,
+        finished + b_finished
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_runs_at_once_one_works_the_rest_are_refused() {
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 52);
+    ws.publish_all();
+    ws.write_pipeline(2, false);
+    let children: Vec<Child> = (0..8)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+                .current_dir(ws.dir.path())
+                .args(["run", "--now", "-p", "pipeline.toml"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    for out in &outs {
+        assert!(
+            matches!(out.status.code(), Some(0 | 4)),
+            "each run works or is refused (exit 4): {}",
+            output(out)
+        );
+    }
+    // The first to take the lease loads everything: a run after it finds nothing new.
+    let loaded = outs
+        .iter()
+        .filter(|o| o.status.code() == Some(0))
+        .filter(|o| !String::from_utf8_lossy(&o.stdout).contains("): 0 changes"))
+        .count();
+    assert_eq!(loaded, 1, "exactly one run loaded changes: {codes:?}");
+    assert_warehouse_matches(&ws, &data, false).await;
+    println!(
+        "chaos: 8 runs at once: {} refused, {} ran: exit codes {codes:?}",
+        codes.iter().filter(|c| **c == Some(4)).count(),
+        codes.iter().filter(|c| **c == Some(0)).count()
+    );
+}
