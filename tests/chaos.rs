@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Workspace, assert_warehouse_matches, output};
 
-fn rounds() -> u32 {
+pub(crate) fn rounds() -> u32 {
     std::env::var("CDCFLOW_CHAOS_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -155,4 +155,67 @@ async fn eight_runs_at_once_one_works_the_rest_are_refused() {
         codes.iter().filter(|c| **c == Some(4)).count(),
         codes.iter().filter(|c| **c == Some(0)).count()
     );
+}
+
+/// A tmpfs mounted at a workspace folder, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `300k`) at `dir`; `None` where this
+    /// machine does not let the test mount (not root, or no CAP_SYS_ADMIN).
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The local warehouse's disk fills up in the middle of a load: the run
+/// fails with an error that says so, nothing half-written is committed, and
+/// once there is room the next run completes with the tables the replay
+/// expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_warehouse_disk_is_a_clear_error_and_the_next_run_completes() {
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 53);
+    ws.publish_all();
+    let path = ws.write_pipeline(2, true);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{text}\n[retries]\ncount = 1\ndelay = \"100ms\"\n"),
+    )
+    .unwrap();
+    let Some(disk) = Tmpfs::mount(&ws.path("warehouse"), "400k") else {
+        eprintln!("SKIPPED: this machine does not let the test mount a tmpfs (needs root)");
+        return;
+    };
+    let full = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    let text = output(&full);
+    assert_eq!(full.status.code(), Some(3), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    disk.resize("64m");
+    run_clean(&ws, &["run", "--now", "-p", "pipeline.toml"]);
+    assert_warehouse_matches(&ws, &data, true).await;
+    drop(disk);
 }
