@@ -747,23 +747,27 @@ async fn a_retried_job_insert_answered_duplicate_waits_for_the_job() {
     assert_warehouse_matches(&ws, &data, true).await;
 }
 
-/// `run` SIGKILLed at random moments over a load of one object per batch
-/// into BigQuery, then a clean run: the tables equal the replay.
+/// `run` and `backfill` SIGKILLed at random moments over a load of one
+/// object per batch into BigQuery, then a clean run: the tables equal the
+/// replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_killed_at_random_moments_lose_and_double_nothing_in_bigquery() {
     let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
         return;
     };
-    let (ws, data) = bigquery_workspace(&endpoint, 800, 45, 1).await;
-    let mut delays = crate::chaos::Delays::new();
-    let run = ["run", "--now", "-p", "pipeline.toml"];
+    let ws = Workspace::new();
+    let data = ws.synth(800, 45);
+    let dataset = dataset(&endpoint, &ws).await;
+    ws.write_pipeline_into("pipeline.toml", 1, true, "", &bigquery(&endpoint, &dataset));
     let rounds = crate::chaos::rounds();
-    let (killed, finished) = crate::chaos::kill_at_random(&ws, &run, rounds, 3000, &mut delays);
-    crate::chaos::run_clean(&ws, &run);
+    let figures =
+        crate::chaos::kill_runs_and_backfills(&ws, rounds, &mut crate::chaos::Delays::new());
     assert_warehouse_matches(&ws, &data, true).await;
     println!(
-        "chaos (BigQuery): {killed} kills, {finished} runs finished before their kill, {} changes \
+        "chaos (BigQuery): {} runs and backfills SIGKILLed, {} ended before their kill; {} changes \
          compared with the replay: 0 lost, 0 doubled",
+        figures.killed,
+        figures.finished,
         data.tables.iter().map(|t| t.changes.len()).sum::<usize>()
     );
 }

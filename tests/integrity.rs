@@ -414,3 +414,91 @@ async fn a_second_state_store_at_the_same_batch_number_is_refused() {
         "A's tables untouched"
     );
 }
+
+/// The name of `rel` with its CDC time's millisecond digits followed by `extra`.
+fn renamed(rel: &std::path::Path, stem: &str, extra: &str) -> std::path::PathBuf {
+    let name = rel.file_name().unwrap().to_string_lossy().to_string();
+    let ext = &name[name.find('.').unwrap()..];
+    rel.with_file_name(format!("{stem}{extra}{ext}"))
+}
+
+/// DMS names CDC files `yyyyMMdd-HHmmssSSSS`: two objects of one
+/// millisecond are ordered by the fourth digit, one batch each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_one_millisecond_are_ordered_by_their_fourth_fraction_digit() {
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 39);
+    ws.publish_all();
+    ws.write_pipeline(1, false);
+    let objects = staged_objects(&ws.path("staging"), "orders");
+    let first = objects
+        .iter()
+        .position(|p| !p.to_string_lossy().contains("LOAD"))
+        .unwrap()
+        + 2;
+    let (a, b) = (&objects[first], &objects[first + 1]);
+    let name = a.file_name().unwrap().to_string_lossy().to_string();
+    let stem = &name[..name.find('.').unwrap()];
+    for (rel, digit) in [(a, "0"), (b, "1")] {
+        std::fs::rename(
+            ws.source().join(rel),
+            ws.source().join(renamed(rel, stem, digit)),
+        )
+        .unwrap();
+    }
+    assert_ok(&run(&ws), "run");
+    assert_warehouse_matches(&ws, &data, false).await;
+}
+
+/// Two objects whose names give the same place in the change order cannot
+/// be ordered: the table waits at them with both named; once the operator
+/// skips the copy, the table goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_objects_with_the_same_name_time_stop_their_table() {
+    let ws = Workspace::new();
+    let data = ws.synth(900, 40);
+    ws.publish_all();
+    ws.write_pipeline(100, false);
+    let cdc = staged_objects(&ws.path("staging"), "orders")
+        .into_iter()
+        .find(|p| !p.to_string_lossy().contains("LOAD"))
+        .unwrap();
+    let copy = std::path::Path::new("public/orders/redelivered").join(cdc.file_name().unwrap());
+    std::fs::create_dir_all(ws.source().join(copy.parent().unwrap())).unwrap();
+    std::fs::copy(ws.source().join(&cdc), ws.source().join(&copy)).unwrap();
+    let (original, copy_key) = (
+        cdc.to_string_lossy().to_string(),
+        copy.to_string_lossy().to_string(),
+    );
+    assert!(
+        original < copy_key,
+        "the copy sorts second: it is the one that waits"
+    );
+    let out = run(&ws);
+    let text = output(&out);
+    assert_eq!(out.status.code(), Some(EXIT_TABLES_FAILED), "{text}");
+    assert!(
+        text.contains(&copy_key) && text.contains(&original),
+        "{text}"
+    );
+    assert!(text.contains("cannot be ordered"), "{text}");
+    assert_ok(
+        &ws.cdcflow(
+            &[
+                "skip",
+                "-p",
+                "pipeline.toml",
+                "-t",
+                "orders",
+                "-o",
+                &copy_key,
+                "-r",
+                "a copy",
+            ],
+            &[],
+        ),
+        "skip",
+    );
+    assert_ok(&run(&ws), "after the skip");
+    assert_warehouse_matches(&ws, &data, false).await;
+}

@@ -667,7 +667,15 @@ impl MySource {
             };
             match data {
                 EventData::RotateEvent(r) => {
-                    at.file = binlog_name(&r.name());
+                    at.file = binlog_name(r.name_raw()).ok_or_else(|| {
+                        Error::capture(
+                            "reading the binlog",
+                            format!(
+                                "a rotate event names {:?}, not a binlog file (<base>.<6 or 7 digits>)",
+                                r.name()
+                            ),
+                        )
+                    })?;
                     at.pos = r.position();
                     continue;
                 }
@@ -904,18 +912,30 @@ fn column_names(tme: &mysql_async::binlog::events::TableMapEvent<'_>) -> Option<
     (!names.is_empty()).then_some(names)
 }
 
-/// The binlog file name of a rotate event: `<base>.<6 digits>` (the event
-/// body may carry trailing checksum bytes).
-fn binlog_name(name: &str) -> String {
-    match name.rfind('.') {
-        Some(dot)
-            if name.len() >= dot + 7
-                && name[dot + 1..dot + 7].bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            name[..dot + 7].to_string()
-        }
-        _ => name.to_string(),
+/// The binlog file name in a rotate event's name bytes, `None` when they
+/// hold none.
+///
+/// MariaDB's first (fake) rotate event comes before the format description,
+/// so mysql_common leaves its four checksum bytes at the end of the name
+/// (blackbeam/mysql_async#189). Those bytes are random: they may hold a `.`,
+/// digits, or half of a UTF-8 character, so the name cannot be found by its
+/// last `.` in the lossy text. A binlog name is `<base>.<6 or 7 digits>`
+/// (the index is zero-padded to six digits): the name without the last four
+/// bytes is taken when it is one (the checksum was there), else the whole
+/// name. Both cannot be names: that would need an index of ten digits.
+fn binlog_name(raw: &[u8]) -> Option<String> {
+    fn name(bytes: &[u8]) -> Option<String> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (base, index) = text.rsplit_once('.')?;
+        (!base.is_empty()
+            && (6..=7).contains(&index.len())
+            && index.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.to_string())
     }
+    raw.len()
+        .checked_sub(4)
+        .and_then(|n| name(&raw[..n]))
+        .or_else(|| name(raw))
 }
 
 /// `binlog.000003` → 3.
@@ -963,10 +983,34 @@ mod tests {
             vec!["new", "it's", "x,y"]
         );
         assert_eq!(file_index("binlog.000012"), 12);
+        // The name of MariaDB's fake rotate event, with checksum bytes that
+        // hold a `.` (binlog.000124 for server-id 1), digits, or half of a
+        // UTF-8 character: the lossy text's last `.` gave junk, or a panic.
+        for crc in [
+            [0xe3, 0x2e, 0x54, 0x2d],
+            [0x2e, 0x31, 0x32, 0x33],
+            [0x2e, 0xc3, 0xa9, 0x2e],
+            [0x31, 0x32, 0x33, 0x34],
+            [0xff, 0xfe, 0xe2, 0x82],
+        ] {
+            let raw = [b"binlog.000124".as_slice(), &crc].concat();
+            assert_eq!(
+                binlog_name(&raw).as_deref(),
+                Some("binlog.000124"),
+                "{crc:x?}"
+            );
+        }
+        // A rotate event read after the format description: no checksum bytes.
         assert_eq!(
-            binlog_name("binlog.000001\u{fffd}\u{fffd}n"),
-            "binlog.000001"
+            binlog_name(b"binlog.000124").as_deref(),
+            Some("binlog.000124")
         );
+        assert_eq!(
+            binlog_name(b"my.bin.log.1000000").as_deref(),
+            Some("my.bin.log.1000000")
+        );
+        assert_eq!(binlog_name(b"binlog"), None);
+        assert_eq!(binlog_name(b"\xff\x2e"), None);
         assert_eq!(
             truncate_target("TRUNCATE TABLE `shop`.`items`"),
             Some("shop.items".into())

@@ -4,9 +4,15 @@
 //! `change_seq` is text that sorts in change order and depends only on the
 //! objects' names and row positions (or the configured sequence column), so
 //! re-running or backfilling the same objects yields the same values:
-//! `0` + LOAD number (17 digits) + row (12 digits) for full-load rows,
-//! `1` + CDC file time in ms (17 digits) + row (12 digits) for CDC rows, or
-//! `1` + the sequence column's value when one is configured.
+//! - full-load rows: `0`, the LOAD number (17 digits), the row (12 digits);
+//! - CDC rows: `1`, the CDC file time in ms (17 digits), its µs within the
+//!   ms (3 digits), the row (12 digits);
+//! - CDC rows with a sequence column: `1` and the column's value.
+//!
+//! Before the µs digits, two objects of one millisecond tied. A value of
+//! the new form still sorts after an old one of an earlier millisecond;
+//! values of one millisecond compare only between objects of the same
+//! millisecond, which the old form could not order either.
 
 mod latest;
 pub mod sql;

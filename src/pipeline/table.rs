@@ -231,7 +231,33 @@ impl<'a> TableRun<'a> {
         let mut new = Vec::new();
         let mut blocked_at: Option<ObjectOrder> = None;
         self.report.quarantined.clear();
+        // The listing is sorted by change order, then key: objects whose
+        // names give the same place in the order are neighbours.
+        let mut previous: Option<(ObjectOrder, String)> = None;
         for object in listing.objects {
+            let tie = previous
+                .take()
+                .filter(|(order, _)| *order == object.name.order)
+                .map(|(_, key)| key);
+            previous = Some((object.name.order, object.key.clone()));
+            if let Some(other) = tie
+                && !recorded.contains_key(&object.key)
+            {
+                // Their rows would get the same change_seq values: which change
+                // came first cannot be told, so neither is guessed.
+                let error = format!(
+                    "{}: its name gives the same place in the change order as {other} (the time \
+                     or LOAD number in a name is its order), so their changes cannot be ordered. \
+                     Rename one of them, or skip one",
+                    object.key
+                );
+                tracing::error!(table = %self.key, object = %object.key, other = %other, "two objects with the same place in the change order");
+                state.quarantine(&self.key, &object_ref(object.clone()), &error)?;
+                blocked_at =
+                    Some(blocked_at.map_or(object.name.order, |b| b.min(object.name.order)));
+                self.report.quarantined.push((object.key, error));
+                continue;
+            }
             if let (Some(end), Some(written)) = (before, object.name.order.cdc_time())
                 && written >= end
             {
@@ -683,7 +709,7 @@ fn incremental_start(
     let mut cdc: Vec<(i64, &str)> = recorded
         .keys()
         .filter_map(|key| match ObjectName::parse(key)?.order {
-            ObjectOrder::Cdc(ms) => Some((ms, key.as_str())),
+            ObjectOrder::Cdc(us) => Some((us, key.as_str())),
             ObjectOrder::Load(_) => None,
         })
         .collect();
@@ -691,10 +717,10 @@ fn incremental_start(
     if cdc.windows(2).any(|w| w[1].1 < w[0].1) {
         return None;
     }
-    let cutoff = cdc.last()?.0 - i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = cdc.last()?.0 - i64::try_from(lateness.as_micros()).unwrap_or(i64::MAX);
     cdc.iter()
         .rev()
-        .find(|(ms, _)| *ms <= cutoff)
+        .find(|(us, _)| *us <= cutoff)
         .map(|(_, key)| key.to_string())
 }
 

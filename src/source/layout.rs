@@ -15,7 +15,8 @@ use crate::config::Format;
 pub enum ObjectOrder {
     /// `LOADnnnnnnnn`: full load, by file number.
     Load(u64),
-    /// `yyyyMMdd-HHmmssSSS`: CDC, by the time in the name (milliseconds since the epoch).
+    /// `yyyyMMdd-HHmmssSSS[SSS]`: CDC, by the time in the name
+    /// (microseconds since the epoch; DMS writes four fraction digits).
     Cdc(i64),
 }
 
@@ -24,7 +25,11 @@ impl ObjectOrder {
     pub fn sort_key(self) -> String {
         match self {
             ObjectOrder::Load(n) => format!("0{n:017}"),
-            ObjectOrder::Cdc(ms) => format!("1{ms:017}"),
+            // Milliseconds as before, then the microseconds within them: the
+            // sub-millisecond digits of a name order objects of one millisecond.
+            ObjectOrder::Cdc(us) => {
+                format!("1{:017}{:03}", us.div_euclid(1000), us.rem_euclid(1000))
+            }
         }
     }
 
@@ -32,7 +37,7 @@ impl ObjectOrder {
     pub fn cdc_time(self) -> Option<DateTime<Utc>> {
         match self {
             ObjectOrder::Load(_) => None,
-            ObjectOrder::Cdc(ms) => DateTime::from_timestamp_millis(ms),
+            ObjectOrder::Cdc(us) => DateTime::from_timestamp_micros(us),
         }
     }
 }
@@ -89,7 +94,9 @@ impl ObjectName {
     }
 }
 
-/// `yyyyMMdd-HHmmssSSS` (milliseconds; more fraction digits are accepted and truncated).
+/// `yyyyMMdd-HHmmss` and a fraction of the second, to microseconds (DMS
+/// writes `SSSS`; digits past the sixth are dropped, and objects whose names
+/// then tie are refused by the run, see `pipeline::table`).
 fn parse_cdc_stem(stem: &str) -> Option<i64> {
     let (date, time) = stem.split_once('-')?;
     if date.len() != 8 || time.len() < 6 || !time.bytes().all(|b| b.is_ascii_digit()) {
@@ -97,14 +104,14 @@ fn parse_cdc_stem(stem: &str) -> Option<i64> {
     }
     let (hms, frac) = time.split_at(6);
     let base = NaiveDateTime::parse_from_str(&format!("{date}{hms}"), "%Y%m%d%H%M%S").ok()?;
-    let millis: i64 = match frac.len() {
+    let micros: i64 = match frac.len() {
         0 => 0,
         n => {
-            let digits = &frac[..n.min(3)];
-            digits.parse::<i64>().ok()? * 10_i64.pow(3 - digits.len() as u32)
+            let digits = &frac[..n.min(6)];
+            digits.parse::<i64>().ok()? * 10_i64.pow(6 - digits.len() as u32)
         }
     };
-    Some(base.and_utc().timestamp_millis() + millis)
+    Some(base.and_utc().timestamp_micros() + micros)
 }
 
 #[cfg(test)]
@@ -127,6 +134,27 @@ mod tests {
         assert_eq!(
             b.cdc_time().unwrap().to_rfc3339(),
             "2024-08-09T19:27:17.787+00:00"
+        );
+    }
+
+    #[test]
+    fn fraction_digits_past_the_millisecond_order_objects() {
+        let order = |name: &str| ObjectName::parse(name).unwrap().order;
+        // DMS's documented form has four fraction digits.
+        let (a, b) = (
+            order("t/20141029-1134010000.csv"),
+            order("t/20141029-1134010001.csv"),
+        );
+        assert!(a < b && a.sort_key() < b.sort_key());
+        assert_eq!(
+            order("t/20141029-113401123.csv"),
+            order("t/20141029-113401123000.csv")
+        );
+        assert!(order("t/20141029-113401123.csv") < order("t/20141029-1134011231.csv"));
+        assert_eq!(b.sort_key(), "100001414582441000100");
+        assert_eq!(
+            b.cdc_time().unwrap().to_rfc3339(),
+            "2014-10-29T11:34:01.000100+00:00"
         );
     }
 
