@@ -6,6 +6,7 @@
 #   moto-auth  S3 API on 127.0.0.1:19001 that enforces credentials (for "wrong credentials" tests)
 #   bq         BigQuery REST API (bqemulator, DuckDB inside) on 127.0.0.1:19050, project test-proj
 #   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth)
+#   pgwrap     PostgreSQL 15 on 127.0.0.1:15433, its xids 496 short of the 32-bit wrap (fresh at every start)
 #   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,6 +125,38 @@ pg_env() {
   echo "export CDCFLOW_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 }
 
+# A second PostgreSQL 15 whose transaction ids are a few hundred short of the 32-bit wrap
+# (pg_resetwal -x), made afresh at every start so that each test run crosses the wrap.
+PGW_PORT="${PGW_PORT:-15433}"
+PGW_DIR="$PEERS_DIR/pgwrap"
+pgwrap_install() { pg_install; }
+pgwrap_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PGW_PORT"; }
+pgwrap_ctl() { as_postgres "$PG_BIN/pg_ctl -D '$PGW_DIR/data' -l '$PGW_DIR/server.log' -w -t 30 $*" >/dev/null; }
+pgwrap_start() {
+  pgwrap_install
+  pgwrap_stop
+  rm -rf "$PGW_DIR" && mkdir -p "$PGW_DIR"
+  if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$PGW_DIR"; fi
+  as_postgres "$PG_BIN/initdb -D '$PGW_DIR/data' -U postgres -A trust -E UTF8 --no-locale" >"$PGW_DIR/initdb.log"
+  printf '%s\n' "listen_addresses = '127.0.0.1'" "port = $PGW_PORT" \
+    "unix_socket_directories = '$PGW_DIR'" "wal_level = logical" "max_replication_slots = 10" \
+    "max_wal_senders = 10" "fsync = off" "synchronous_commit = off" \
+    | as_postgres "cat >>'$PGW_DIR/data/postgresql.conf'"
+  pgwrap_ctl start
+  # Every row of the catalogs frozen, so that they stay visible after the reset.
+  "$PG_BIN/psql" -q -h 127.0.0.1 -p "$PGW_PORT" -U postgres -d postgres \
+    -c "UPDATE pg_database SET datallowconn = true WHERE datname = 'template0'" >/dev/null
+  "$PG_BIN/vacuumdb" -q -h 127.0.0.1 -p "$PGW_PORT" -U postgres --all --freeze
+  pgwrap_ctl stop
+  as_postgres "$PG_BIN/pg_resetwal -x 4294966800 -D '$PGW_DIR/data'" >/dev/null
+  as_postgres "dd if=/dev/zero of='$PGW_DIR/data/pg_xact/0FFF' bs=8192 count=32 status=none"
+  pgwrap_ctl start
+  wait_for "postgres near the xid wrap :$PGW_PORT" 30 pgwrap_ready
+}
+pgwrap_stop() { [ -f "$PGW_DIR/data/postmaster.pid" ] && pgwrap_ctl "-m fast stop" || true; }
+pgwrap_status() { pgwrap_ready && echo "pgwrap: up on 127.0.0.1:$PGW_PORT" || echo "pgwrap: down"; }
+pgwrap_env() { echo "export CDCFLOW_TEST_PGWRAP_URL=postgres://postgres@127.0.0.1:$PGW_PORT/postgres"; }
+
 # MariaDB with the row binlog capture needs (ROW, FULL image, full row metadata for column names).
 MY_BIN_DIR="$PEERS_DIR/mariadb"
 my_admin() { mariadb-admin --no-defaults -h127.0.0.1 -P"$MY_PORT" -uroot "$@"; }
@@ -153,7 +186,7 @@ mariadb_status() { my_admin ping >/dev/null 2>&1 && echo "mariadb: up on 127.0.0
 mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; }
 
 peer=${1:-}; action=${2:-}
-usage="usage: $0 {moto|bq|pg|mariadb|all} {install|start|stop|status|env}"
-case "$peer" in moto|bq|pg|mariadb) peers=$peer ;; all) peers="moto bq pg mariadb" ;; *) echo "$usage" >&2; exit 2 ;; esac
+usage="usage: $0 {moto|bq|pg|pgwrap|mariadb|all} {install|start|stop|status|env}"
+case "$peer" in moto|bq|pg|pgwrap|mariadb) peers=$peer ;; all) peers="moto bq pg pgwrap mariadb" ;; *) echo "$usage" >&2; exit 2 ;; esac
 case "$action" in install|start|stop|status|env) ;; *) echo "$usage" >&2; exit 2 ;; esac
 for p in $peers; do "${p}_${action}"; done

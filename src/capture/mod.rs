@@ -295,6 +295,7 @@ impl Capture {
             .full_load
             .as_ref()
             .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let mut passed = seen.as_ref().is_some_and(|s| s.passed);
         let mut loaded = 0;
         if pg.mode != Mode::Cdc && seen.is_none() {
             let (snapshot, rows) = source.full_load(sink).await?;
@@ -317,7 +318,7 @@ impl Capture {
         while !stop.requested() {
             let before = sink.rows();
             let position = source
-                .poll(sink, end, seen.as_ref(), &mut relations)
+                .poll(sink, end, seen.as_ref(), &mut relations, &mut passed)
                 .await?;
             let Some(lsn) = position else {
                 if once {
@@ -337,6 +338,12 @@ impl Capture {
             }
             crate::failpoint::hit("capture.before_confirm");
             source.confirm(lsn).await?;
+            if let Some(snapshot) = seen.as_mut().filter(|s| passed && !s.passed) {
+                // Saved with the position: a transaction after the snapshot is
+                // confirmed, so the snapshot filters nothing any more.
+                snapshot.passed = true;
+                sink.checkpoint.full_load = Some(serde_json::to_value(&*snapshot).expect("json"));
+            }
             sink.confirm(pgoutput::format_lsn(lsn)).await?;
         }
         tracing::info!(

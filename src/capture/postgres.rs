@@ -153,6 +153,10 @@ pub struct Snapshot {
     pub xmax: u64,
     /// Transactions running at the snapshot.
     pub running: Vec<u64>,
+    /// The stream has passed the snapshot: a transaction it did not see
+    /// was captured and confirmed, so no later one can have been seen.
+    #[serde(default)]
+    pub passed: bool,
 }
 
 impl Snapshot {
@@ -171,19 +175,40 @@ impl Snapshot {
             xmin,
             xmax,
             running,
+            passed: false,
         })
     }
 
     /// Whether the full load saw the effects of transaction `xid` (32 bits,
-    /// widened with the epoch of `xmax`).
+    /// widened to the 64-bit xid nearest `xmax`, so a transaction just after
+    /// the 32-bit wrap is after the snapshot, not 2^32 before it).
+    ///
+    /// Only meaningful for the first transactions the slot decodes: the
+    /// snapshot saw those that committed before it, and they come first in
+    /// commit order. Once one it did not see is captured, the stream has
+    /// passed it ([`Snapshot::passed`]) and nothing is filtered any more; a
+    /// 32-bit xid cannot be placed after 2^31 further transactions anyway.
     pub fn saw(&self, xid: u32) -> bool {
+        const HALF: u64 = 1 << 31;
         let epoch = self.xmax & !0xFFFF_FFFF;
         let mut full = epoch | u64::from(xid);
-        if full > self.xmax + (1 << 31) {
+        if full > self.xmax + HALF {
             full = full.saturating_sub(1 << 32);
+        } else if full + HALF < self.xmax {
+            full += 1 << 32;
         }
         full < self.xmin || (full < self.xmax && !self.running.contains(&full))
     }
+}
+
+/// Whether transaction `xid` (in commit order) was seen by the full load's
+/// snapshot `seen`, so that its changes are already loaded. The seen ones
+/// come first; the first one not seen sets `passed`, and after it nothing
+/// is (see [`Snapshot::saw`]).
+fn seen_by_full_load(seen: Option<&Snapshot>, passed: &mut bool, xid: u32) -> bool {
+    let skip = !*passed && seen.is_some_and(|snap| snap.saw(xid));
+    *passed |= !skip;
+    skip
 }
 
 /// A connected PostgreSQL source.
@@ -503,6 +528,7 @@ impl PgSource {
         end: Option<u64>,
         seen: Option<&Snapshot>,
         relations: &mut Relations,
+        passed: &mut bool,
     ) -> Result<Option<u64>> {
         let s = &self.settings;
         let end_text = end.map(format_lsn);
@@ -557,7 +583,7 @@ impl PgSource {
                     lsn = final_lsn;
                     index = 0;
                     commit_micros = commit_time + PG_EPOCH_MICROS;
-                    skip = seen.is_some_and(|snap| snap.saw(xid));
+                    skip = seen_by_full_load(seen, passed, xid);
                 }
                 Message::Commit { end_lsn } => last_end = Some(end_lsn),
                 Message::Relation(mut rel) => {
@@ -800,6 +826,31 @@ mod tests {
         let wrapped = Snapshot::parse("4294967290:4294967300:").unwrap();
         assert!(wrapped.saw(4294967295));
         assert!(!wrapped.saw(5));
+        // A snapshot just before the wrap (xmax in epoch 0): xids after the
+        // wrap are newer, not 2^32 older (../shared/repro/pg-xid-wraparound).
+        let before_wrap = Snapshot::parse("4294966800:4294966810:").unwrap();
+        assert!(before_wrap.saw(4294966799));
+        assert!(!before_wrap.saw(4294966810) && !before_wrap.saw(4294967295));
+        assert!(!before_wrap.saw(3) && !before_wrap.saw(493));
+    }
+
+    #[test]
+    fn after_one_transaction_the_snapshot_did_not_see_none_is_skipped() {
+        let s = Snapshot::parse("100:105:101,103").unwrap();
+        let mut passed = false;
+        let skipped: Vec<bool> = [99, 102, 101, 104, 50, 3]
+            .into_iter()
+            .map(|xid| seen_by_full_load(Some(&s), &mut passed, xid))
+            .collect();
+        // 99 and 102 committed before the snapshot; 101 was running. After
+        // it, 104 and xids that look old (2^31 later, or after a wrap) are new.
+        assert_eq!(skipped, [true, true, false, false, false, false]);
+        assert!(passed);
+        let mut passed = true;
+        assert!(
+            !seen_by_full_load(Some(&s), &mut passed, 99),
+            "passed is kept"
+        );
     }
 
     #[test]
