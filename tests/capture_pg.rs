@@ -621,3 +621,49 @@ async fn changes_across_the_transaction_id_wrap_are_all_captured() {
     assert_eq!(count(&ws, "SELECT count(*) FROM t_history").await, 800);
     db.drop().await;
 }
+
+/// A source that goes backwards (here: a checkpoint ahead of the server, as
+/// after restoring the server from a backup) is refused loudly: no change
+/// whose sequence is not above the last confirmed one is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_went_backwards_is_refused() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
+        .await;
+    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g")
+        .await;
+    write_configs(&ws, &db, "", &[("t", "\"id\"")]);
+    ws.capture_once(&[]);
+    db.exec("UPDATE t SET v = 1").await;
+    ws.capture_once(&[]);
+    // The last confirmed change, as a server restored from an older backup sees it: ahead.
+    let path = ws.path("objects/_cdcflow/capture-test.json");
+    let mut checkpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let table = &mut checkpoint["tables"]["public.t"];
+    assert!(table["confirmed_seq"].is_string(), "{checkpoint}");
+    table["confirmed_seq"] = serde_json::json!("9".repeat(35));
+    std::fs::write(&path, serde_json::to_vec(&checkpoint).unwrap()).unwrap();
+    let objects_before = data_files(&ws.path("objects/public"));
+    db.exec("UPDATE t SET v = 2").await;
+    let out = ws.cdcflow(&["capture", "--config", "capture.toml", "--once"], &[]);
+    let text = output(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("went backwards"), "{text}");
+    assert_eq!(
+        data_files(&ws.path("objects/public")),
+        objects_before,
+        "nothing written"
+    );
+    db.drop().await;
+}
+
+/// The files below `dir`.
+fn data_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| if p.is_dir() { data_files(&p) } else { 1 })
+        .sum()
+}

@@ -211,6 +211,79 @@ fn seen_by_full_load(seen: Option<&Snapshot>, passed: &mut bool, xid: u32) -> bo
     skip
 }
 
+/// An error unless `values` has one value per column of `relation` (the
+/// server sends them so; anything else is a malformed message, which must
+/// not be indexed past its end).
+fn check_width(relation: &Relation, values: &[Value<'_>], at: &str) -> Result<()> {
+    if values.len() == relation.columns.len() {
+        return Ok(());
+    }
+    Err(Error::capture(
+        at,
+        format!(
+            "a row of {} values for a table of {} columns ({}): the Relation message and the \
+             change disagree; recreate the slot with a full load if this repeats",
+            values.len(),
+            relation.columns.len(),
+            relation
+                .columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// The rows an UPDATE becomes: one update, or a delete of the old key and
+/// an insert of the new one when the key changed; unchanged TOAST values
+/// are taken from the old row (REPLICA IDENTITY FULL), never written as NULL.
+fn update_rows<'a>(
+    relation: &Relation,
+    at: &str,
+    old: Option<Vec<Value<'a>>>,
+    mut new: Vec<Value<'a>>,
+) -> Result<Vec<(Op, Vec<Value<'a>>)>> {
+    check_width(relation, &new, at)?;
+    if let Some(old) = &old {
+        check_width(relation, old, at)?;
+    }
+    let key_changed = match (&old, relation.replica_identity) {
+        (None, _) => false,
+        (Some(_), b'd' | b'i') => true,
+        (Some(old), _) => relation
+            .columns
+            .iter()
+            .enumerate()
+            .any(|(i, c)| c.key && old[i] != new[i]),
+    };
+    for (i, v) in new.iter_mut().enumerate() {
+        if *v == Value::Unchanged {
+            match old.as_ref().map(|o| o[i]) {
+                Some(Value::Text(t)) => *v = Value::Text(t),
+                Some(Value::Null) => *v = Value::Null,
+                _ => {
+                    let id = format!("{}.{}", relation.schema, relation.name);
+                    return Err(Error::capture(
+                        at,
+                        format!(
+                            "the server did not send the unchanged TOAST value of column {:?} \
+                             (REPLICA IDENTITY DEFAULT) and cdcflow never writes it as NULL; \
+                             run `ALTER TABLE {id} REPLICA IDENTITY FULL` so later changes \
+                             carry it, and recreate the slot with a full load",
+                            relation.columns[i].name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(match old {
+        Some(old) if key_changed => vec![(Op::Delete, old), (Op::Insert, new)],
+        _ => vec![(Op::Update, new)],
+    })
+}
+
 /// A connected PostgreSQL source.
 pub struct PgSource {
     settings: PgSettings,
@@ -567,7 +640,14 @@ impl PgSource {
                         format!("a change of relation {rel} came before its Relation message"),
                     ));
                 };
-                let Some((id, _)) = entry else { return Ok(()) };
+                let Some((id, relation)) = entry else {
+                    return Ok(());
+                };
+                check_width(
+                    relation,
+                    values,
+                    &format!("{id}, change at LSN {}", format_lsn(lsn)),
+                )?;
                 index += 1;
                 seq.clear();
                 use std::fmt::Write;
@@ -605,46 +685,14 @@ impl PgSource {
                 }
                 _ if skip => {}
                 Message::Insert { rel, new } => emit(sink, rel, Op::Insert, &new, relations)?,
-                Message::Update { rel, old, mut new } => {
+                Message::Update { rel, old, new } => {
                     let Some(Some((id, relation))) = relations.get(&rel) else {
                         emit(sink, rel, Op::Update, &new, relations)?;
                         continue;
                     };
-                    let key_changed = match (&old, relation.replica_identity) {
-                        (None, _) => false,
-                        (Some(_), b'd' | b'i') => true,
-                        (Some(old), _) => relation
-                            .columns
-                            .iter()
-                            .enumerate()
-                            .any(|(i, c)| c.key && old[i] != new[i]),
-                    };
-                    for (i, v) in new.iter_mut().enumerate() {
-                        if *v == Value::Unchanged {
-                            match old.as_ref().map(|o| o[i]) {
-                                Some(Value::Text(t)) => *v = Value::Text(t),
-                                Some(Value::Null) => *v = Value::Null,
-                                _ => {
-                                    return Err(Error::capture(
-                                        format!("{id}, change at LSN {}", format_lsn(lsn)),
-                                        format!(
-                                            "the server did not send the unchanged TOAST value of column {:?} \
-                                             (REPLICA IDENTITY DEFAULT) and cdcflow never writes it as NULL; \
-                                             run `ALTER TABLE {id} REPLICA IDENTITY FULL` so later changes \
-                                             carry it, and recreate the slot with a full load",
-                                            relation.columns[i].name
-                                        ),
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                    if key_changed {
-                        let old = old.expect("key change has the old key");
-                        emit(sink, rel, Op::Delete, &old, relations)?;
-                        emit(sink, rel, Op::Insert, &new, relations)?;
-                    } else {
-                        emit(sink, rel, Op::Update, &new, relations)?;
+                    let at = format!("{id}, change at LSN {}", format_lsn(lsn));
+                    for (op, values) in update_rows(relation, &at, old, new)? {
+                        emit(sink, rel, op, &values, relations)?;
                     }
                 }
                 Message::Delete { rel, old } => emit(sink, rel, Op::Delete, &old, relations)?,
@@ -851,6 +899,55 @@ mod tests {
             !seen_by_full_load(Some(&s), &mut passed, 99),
             "passed is kept"
         );
+    }
+
+    fn relation(columns: &[(&str, bool)], identity: u8) -> Relation {
+        Relation {
+            id: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: identity,
+            columns: columns
+                .iter()
+                .map(|(name, key)| pgoutput::RelationColumn {
+                    key: *key,
+                    name: name.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rows_of_the_wrong_width_are_errors_not_panics() {
+        let rel = relation(&[("id", true), ("a", false), ("b", false)], b'f');
+        let (one, two) = (Value::Text("1"), Value::Text("2"));
+        // Fewer values than columns, in the new row, the old row, or both.
+        for (old, new) in [
+            (None, vec![one]),
+            (Some(vec![one]), vec![one, two, two]),
+            (Some(vec![one, two, two]), vec![one, Value::Unchanged]),
+            (Some(vec![one, two]), vec![two, two]),
+        ] {
+            let err = update_rows(&rel, "public.t, change at LSN 0/1", old, new).unwrap_err();
+            assert!(err.to_string().contains("a row of"), "{err}");
+        }
+        let ok = update_rows(
+            &rel,
+            "x",
+            Some(vec![one, two, two]),
+            vec![two, two, Value::Unchanged],
+        );
+        assert_eq!(
+            ok.unwrap(),
+            vec![
+                (Op::Delete, vec![one, two, two]),
+                (Op::Insert, vec![two, two, two])
+            ]
+        );
+        assert!(check_width(&rel, &[one, two], "x").is_err());
+        assert!(check_width(&rel, &[one, two, Value::Null], "x").is_ok());
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct TableCheckpoint {
     pub columns: Vec<String>,
     /// Key of the last object written.
     pub last_object: Option<String>,
+    /// Sequence of the last change confirmed: every later change must sort
+    /// after it (a source that went backwards is refused).
+    #[serde(default)]
+    pub confirmed_seq: Option<String>,
 }
 
 /// An object a chunk writes.
@@ -100,6 +104,8 @@ pub struct Sink {
     tables: HashMap<String, TableState>,
     /// Per table: rows up to this sequence are already in an object (crash recovery).
     skips: HashMap<String, String>,
+    /// Per table: the sequence of its last change, confirmed or taken since.
+    last_seq: HashMap<String, String>,
     ready: Vec<(String, Buffer)>,
     schema_files: Vec<SchemaFile>,
     rows: u64,
@@ -129,6 +135,7 @@ impl Sink {
             checkpoint,
             tables: HashMap::new(),
             skips: HashMap::new(),
+            last_seq: HashMap::new(),
             ready: Vec::new(),
             schema_files: Vec::new(),
             rows: 0,
@@ -155,6 +162,12 @@ impl Sink {
             }
         }
         self.skips = skips;
+        self.last_seq = self
+            .checkpoint
+            .tables
+            .iter()
+            .filter_map(|(id, t)| Some((id.clone(), t.confirmed_seq.clone()?)))
+            .collect();
         Ok(())
     }
 
@@ -200,6 +213,7 @@ impl Sink {
                         version,
                         columns,
                         last_object,
+                        confirmed_seq: found.and_then(|t| t.confirmed_seq.clone()),
                     },
                 );
                 version
@@ -273,6 +287,24 @@ impl Sink {
         if self.skips.get(table).is_some_and(|s| seq <= s.as_str()) {
             return Ok(());
         }
+        // Changes come in source order: a sequence not above the last one
+        // means the source went backwards (a server restored from a backup,
+        // a failover to a replica behind, a slot or binlog reset). Writing it
+        // would order it before changes already loaded.
+        if let Some(last) = self.last_seq.get(table)
+            && seq <= last.as_str()
+        {
+            return Err(Error::capture(
+                format!("{table}, change {seq}"),
+                format!(
+                    "its sequence is not above the last one taken, {last}: the source went \
+                     backwards (restored from a backup, failed over to a replica behind, or its \
+                     slot or binlog was reset). Nothing of it is written. Start the capture afresh \
+                     (a new target prefix and a full load), or restore the source"
+                ),
+            ));
+        }
+        self.last_seq.insert(table.to_string(), seq.to_string());
         let state = self
             .tables
             .get_mut(table)
@@ -341,6 +373,11 @@ impl Sink {
     pub async fn confirm(&mut self, position: String) -> Result<()> {
         self.checkpoint.position = Some(position);
         self.checkpoint.pending.clear();
+        for (id, seq) in &self.last_seq {
+            if let Some(t) = self.checkpoint.tables.get_mut(id) {
+                t.confirmed_seq = Some(seq.clone());
+            }
+        }
         self.save().await
     }
 
