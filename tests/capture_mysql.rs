@@ -371,3 +371,69 @@ async fn a_binlog_file_whose_rotate_checksum_holds_a_dot_keeps_the_change_order(
     );
     db.drop().await;
 }
+
+/// Changes in two GTID domains (multi-source replication, a former primary)
+/// interleave in the binlog: a restart resumes each domain from its own
+/// last transaction, so nothing is sent again or skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_in_two_gtid_domains_resume_each_where_it_stopped() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    db.exec("INSERT INTO t VALUES (1, 0), (2, 0)").await;
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            "name = \"dom\"\n[source]\nurl = \"{}\"\nserver_id = {}\n[target]\nurl = \"file://{}\"\n",
+            db.url,
+            7000 + (db.name.bytes().map(u32::from).sum::<u32>() % 1000),
+            ws.path("objects").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"dom\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
+             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
+             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
+             [[tables]]\nschema = \"{}\"\nname = \"t\"\nprimary_key = [\"id\"]\n",
+            ws.path("objects").display(),
+            ws.path("state.db").display(),
+            ws.path("warehouse").display(),
+            db.name
+        ),
+    )
+    .unwrap();
+    ws.capture_once(&[]);
+    let mut changes = 2;
+    for round in 1..=3 {
+        db.exec("SET SESSION gtid_domain_id = 7").await;
+        changes += db
+            .exec(&format!("UPDATE t SET v = {round} WHERE id = 1"))
+            .await;
+        db.exec("SET SESSION gtid_domain_id = 0").await;
+        changes += db
+            .exec(&format!("UPDATE t SET v = {round} WHERE id = 2"))
+            .await;
+        ws.capture_once(&[]);
+    }
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        ws.text_rows("SELECT CAST(id AS VARCHAR), CAST(v AS VARCHAR) FROM t")
+            .await,
+        db.rows("SELECT CAST(id AS CHAR), CAST(v AS CHAR) FROM t")
+            .await
+    );
+    assert_eq!(
+        ws.text_rows("SELECT CAST(count(*) AS VARCHAR) FROM t_history")
+            .await,
+        vec![vec![Some(changes.to_string())]],
+        "every change once"
+    );
+    db.drop().await;
+}

@@ -59,20 +59,42 @@ pub struct Position {
     pub file: String,
     /// Position in it (the end of the last event read).
     pub pos: u64,
-    /// MariaDB GTID of the last transaction read (`domain-server-seq`).
+    /// MariaDB GTID position: the last transaction read in each replication
+    /// domain (`domain-server-seq`, comma separated, as `@@gtid_binlog_pos`).
     #[serde(default)]
     pub gtid: Option<String>,
 }
 
 impl Position {
     /// Moves past the event ending at `log_pos`; a transaction's end takes
-    /// the GTID its start announced.
+    /// the GTID its start announced, in its domain.
     fn advance(&mut self, log_pos: u64, gtid: &mut Option<String>) {
         self.pos = log_pos;
         if let Some(gtid) = gtid.take() {
-            self.gtid = Some(gtid);
+            self.gtid = Some(with_gtid(self.gtid.as_deref(), &gtid));
         }
     }
+}
+
+/// The GTID position `set` with `gtid` as its domain's last transaction.
+/// A server with several domains (multi-source replication, a former
+/// primary) interleaves them; resuming from one domain's GTID alone would
+/// send the other domains again from the start.
+fn with_gtid(set: Option<&str>, gtid: &str) -> String {
+    let domain = |g: &str| {
+        g.split('-')
+            .next()
+            .and_then(|d| d.trim().parse::<u32>().ok())
+    };
+    let mut entries: Vec<&str> = set
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty() && domain(g) != domain(gtid))
+        .collect();
+    entries.push(gtid);
+    entries.sort_by_key(|g| domain(g));
+    entries.join(",")
 }
 
 fn my(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
@@ -983,6 +1005,13 @@ mod tests {
             vec!["new", "it's", "x,y"]
         );
         assert_eq!(file_index("binlog.000012"), 12);
+        assert_eq!(with_gtid(None, "0-1-5"), "0-1-5");
+        assert_eq!(with_gtid(Some("0-1-5,7-1-2"), "0-1-6"), "0-1-6,7-1-2");
+        assert_eq!(with_gtid(Some("0-1-5"), "7-2-1"), "0-1-5,7-2-1");
+        assert_eq!(
+            with_gtid(Some("7-1-2, 10-1-1"), "3-1-9"),
+            "3-1-9,7-1-2,10-1-1"
+        );
         // The name of MariaDB's fake rotate event, with checksum bytes that
         // hold a `.` (binlog.000124 for server-id 1), digits, or half of a
         // UTF-8 character: the lossy text's last `.` gave junk, or a panic.
