@@ -6,6 +6,9 @@
 //! The names are listed in [`NAMES`]; unset, this costs one env lookup per
 //! boundary per batch.
 //!
+//! `CDCFLOW_PAUSE=<name>:<file>` holds the process at a [`pause`] point
+//! until the test deletes `file`.
+//!
 //! `CDCFLOW_FAULT=<step>:<transient|permanent>[:<n>]` makes [`fault`] return
 //! an error of that class at `step` the first `n` times (always without `n`),
 //! to test retries against the real error classification.
@@ -45,6 +48,30 @@ pub fn hit(name: &str) {
     if target == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
         eprintln!("cdcflow: failpoint {name} hit, aborting");
         std::process::abort();
+    }
+}
+
+/// Where a test can hold capture while it changes the source
+/// (`CDCFLOW_PAUSE=<name>:<file>`, see [`pause`]).
+pub const PAUSE_NAMES: &[&str] = &["capture.snapshot_started"];
+
+/// If `CDCFLOW_PAUSE=<name>:<file>` names this point: creates `file` and
+/// waits (60 s at most) until the test deletes it, so that the test can act
+/// at exactly this moment (e.g. commit a change while a snapshot is open).
+pub async fn pause(name: &str) {
+    debug_assert!(PAUSE_NAMES.contains(&name), "unknown pause point {name}");
+    let Some(file) = std::env::var("CDCFLOW_PAUSE")
+        .ok()
+        .and_then(|s| Some(s.split_once(':')?.1.to_string()).filter(|_| s.starts_with(name)))
+    else {
+        return;
+    };
+    if std::fs::write(&file, name).is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::path::Path::new(&file).exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 

@@ -330,45 +330,15 @@ async fn a_binlog_file_whose_rotate_checksum_holds_a_dot_keeps_the_change_order(
     let values: Vec<String> = (1..=100).map(|i| format!("({i}, 0)")).collect();
     db.exec(&format!("INSERT INTO t VALUES {}", values.join(", ")))
         .await;
-    std::fs::write(
-        ws.path("capture.toml"),
-        format!(
-            "name = \"rot\"\n[source]\nurl = \"{}\"\nserver_id = {}\n[target]\nurl = \"file://{}\"\n",
-            db.url,
-            6000 + (db.name.bytes().map(u32::from).sum::<u32>() % 1000),
-            ws.path("objects").display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"rot\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
-             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
-             [[tables]]\nschema = \"{}\"\nname = \"t\"\nprimary_key = [\"id\"]\n",
-            ws.path("objects").display(),
-            ws.path("state.db").display(),
-            ws.path("warehouse").display(),
-            db.name
-        ),
-    )
-    .unwrap();
+    write_t_configs(&ws, &db, "rot", 6000);
     ws.capture_once(&[]);
     db.exec("UPDATE t SET v = 1").await;
     ws.capture_once(&[]);
     db.exec("FLUSH BINARY LOGS").await;
     db.exec("UPDATE t SET v = 2").await;
     ws.capture_once(&[]);
-    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
-    assert!(out.status.success(), "{}", output(&out));
-    assert_eq!(
-        ws.text_rows("SELECT CAST(id AS VARCHAR), CAST(v AS VARCHAR) FROM t")
-            .await,
-        db.rows("SELECT CAST(id AS CHAR), CAST(v AS CHAR) FROM t")
-            .await,
-        "the warehouse equals the source (binlog.{target:06})"
-    );
+    eprintln!("rotated to binlog.{target:06}");
+    assert_t_matches(&ws, &mut db, 300).await;
     db.drop().await;
 }
 
@@ -384,30 +354,7 @@ async fn changes_in_two_gtid_domains_resume_each_where_it_stopped() {
     db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
         .await;
     db.exec("INSERT INTO t VALUES (1, 0), (2, 0)").await;
-    std::fs::write(
-        ws.path("capture.toml"),
-        format!(
-            "name = \"dom\"\n[source]\nurl = \"{}\"\nserver_id = {}\n[target]\nurl = \"file://{}\"\n",
-            db.url,
-            7000 + (db.name.bytes().map(u32::from).sum::<u32>() % 1000),
-            ws.path("objects").display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"dom\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
-             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
-             [[tables]]\nschema = \"{}\"\nname = \"t\"\nprimary_key = [\"id\"]\n",
-            ws.path("objects").display(),
-            ws.path("state.db").display(),
-            ws.path("warehouse").display(),
-            db.name
-        ),
-    )
-    .unwrap();
+    write_t_configs(&ws, &db, "dom", 7000);
     ws.capture_once(&[]);
     let mut changes = 2;
     for round in 1..=3 {
@@ -421,6 +368,41 @@ async fn changes_in_two_gtid_domains_resume_each_where_it_stopped() {
             .await;
         ws.capture_once(&[]);
     }
+    assert_t_matches(&ws, &mut db, changes).await;
+    db.drop().await;
+}
+
+/// `capture.toml` and `pipeline.toml` for table `t (id, v)` of `db`,
+/// capture `name`, with a replica id from `base` of its own.
+fn write_t_configs(ws: &Workspace, db: &Db, name: &str, base: u32) {
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            "name = \"{name}\"\n[source]\nurl = \"{}\"\nserver_id = {}\n[target]\nurl = \"file://{}\"\n",
+            db.url,
+            base + (db.name.bytes().map(u32::from).sum::<u32>() % 1000),
+            ws.path("objects").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"{name}\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
+             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
+             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
+             [[tables]]\nschema = \"{}\"\nname = \"t\"\nprimary_key = [\"id\"]\n",
+            ws.path("objects").display(),
+            ws.path("state.db").display(),
+            ws.path("warehouse").display(),
+            db.name
+        ),
+    )
+    .unwrap();
+}
+
+/// The warehouse's `t` equals the source's, and its history holds `changes` rows.
+async fn assert_t_matches(ws: &Workspace, db: &mut Db, changes: u64) {
     let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
     assert!(out.status.success(), "{}", output(&out));
     assert_eq!(
@@ -435,5 +417,43 @@ async fn changes_in_two_gtid_domains_resume_each_where_it_stopped() {
         vec![vec![Some(changes.to_string())]],
         "every change once"
     );
+}
+
+/// A commit between the full load's snapshot and the reading of its GTID
+/// position is in the stream (before, the position was read after it: the
+/// change was in neither the load nor the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_as_the_full_load_snapshot_opens_is_captured_once() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    db.exec("INSERT INTO t VALUES (1, 0), (2, 0)").await;
+    write_t_configs(&ws, &db, "snap", 8000);
+    let held = ws.path("held-at-snapshot");
+    let mut capture = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+        .current_dir(ws.dir.path())
+        .args(["capture", "--config", "capture.toml", "--once"])
+        .env(
+            "CDCFLOW_PAUSE",
+            format!("capture.snapshot_started:{}", held.display()),
+        )
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !held.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "capture never reached the snapshot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    db.exec("UPDATE t SET v = 1 WHERE id = 1").await;
+    std::fs::remove_file(&held).unwrap();
+    assert!(capture.wait().unwrap().success());
+    ws.capture_once(&[]);
+    assert_t_matches(&ws, &mut db, 3).await;
     db.drop().await;
 }

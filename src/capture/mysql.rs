@@ -502,13 +502,22 @@ impl MySource {
                     .map(|(_, v)| v.clone())
                     .unwrap_or_default()
             };
+            crate::failpoint::pause("capture.snapshot_started").await;
+            let (file, pos) = (
+                get("binlog_snapshot_file"),
+                get("binlog_snapshot_position").parse::<u64>().unwrap_or(4),
+            );
+            // The GTID position of the snapshot's own binlog position: a
+            // commit after the snapshot (not in the full load) is after it,
+            // so the stream sends it (@@gtid_binlog_pos, read now, would
+            // already count it: in neither the load nor the stream).
             let gtid: Option<String> = snap
-                .query_first("SELECT @@gtid_binlog_pos")
+                .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (&file, pos))
                 .await
-                .map_err(my("reading the GTID position"))?;
+                .map_err(my("reading the snapshot's GTID position"))?;
             Position {
-                file: get("binlog_snapshot_file"),
-                pos: get("binlog_snapshot_position").parse().unwrap_or(4),
+                file,
+                pos,
                 gtid: gtid.filter(|g| !g.is_empty()),
             }
         } else {
