@@ -348,13 +348,9 @@ async fn a_binlog_file_whose_rotate_checksum_holds_a_dot_keeps_the_change_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_in_two_gtid_domains_resume_each_where_it_stopped() {
     let ws = Workspace::new();
-    let Some(mut db) = Db::new(&ws).await else {
+    let Some(mut db) = two_row_table(&ws, "dom", 7000).await else {
         return;
     };
-    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
-        .await;
-    db.exec("INSERT INTO t VALUES (1, 0), (2, 0)").await;
-    write_t_configs(&ws, &db, "dom", 7000);
     ws.capture_once(&[]);
     let mut changes = 2;
     for round in 1..=3 {
@@ -370,6 +366,17 @@ async fn changes_in_two_gtid_domains_resume_each_where_it_stopped() {
     }
     assert_t_matches(&ws, &mut db, changes).await;
     db.drop().await;
+}
+
+/// A fresh database with table `t (id, v)` holding two rows, and the
+/// configs of [`write_t_configs`].
+async fn two_row_table(ws: &Workspace, name: &str, base: u32) -> Option<Db> {
+    let mut db = Db::new(ws).await?;
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    db.exec("INSERT INTO t VALUES (1, 0), (2, 0)").await;
+    write_t_configs(ws, &db, name, base);
+    Some(db)
 }
 
 /// `capture.toml` and `pipeline.toml` for table `t (id, v)` of `db`,
@@ -425,13 +432,9 @@ async fn assert_t_matches(ws: &Workspace, db: &mut Db, changes: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_as_the_full_load_snapshot_opens_is_captured_once() {
     let ws = Workspace::new();
-    let Some(mut db) = Db::new(&ws).await else {
+    let Some(mut db) = two_row_table(&ws, "snap", 8000).await else {
         return;
     };
-    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
-        .await;
-    db.exec("INSERT INTO t VALUES (1, 0), (2, 0)").await;
-    write_t_configs(&ws, &db, "snap", 8000);
     let held = ws.path("held-at-snapshot");
     let mut capture = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
         .current_dir(ws.dir.path())
