@@ -460,3 +460,40 @@ async fn a_commit_as_the_full_load_snapshot_opens_is_captured_once() {
     assert_t_matches(&ws, &mut db, 3).await;
     db.drop().await;
 }
+
+/// SIGTERM while a large transaction streams: capture stops at the
+/// transaction's end, never after part of it (before, it wrote the part
+/// read so far and confirmed the position before the transaction, so the
+/// next run wrote that part again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_large_transaction_waits_for_its_end() {
+    let ws = Workspace::new();
+    let Some(mut db) = two_row_table(&ws, "big", 9000).await else {
+        return;
+    };
+    ws.capture_once(&[]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+        .current_dir(ws.dir.path())
+        .args(["capture", "--config", "capture.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rows = db
+        .exec("INSERT INTO t SELECT seq + 10, 1 FROM seq_1_to_10000")
+        .await;
+    assert_eq!(rows, 10_000);
+    // The transaction streams for a while: stop in the middle of it.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = child.wait_with_output().unwrap();
+    assert!(stopped.status.success(), "SIGTERM: {}", output(&stopped));
+    ws.capture_once(&[]);
+    assert_t_matches(&ws, &mut db, 10_002).await;
+    db.drop().await;
+}

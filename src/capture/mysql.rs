@@ -648,10 +648,15 @@ impl MySource {
         let mut commit_micros = 0i64;
         let mut pending_gtid: Option<String> = None;
         let mut in_chunk = 0usize;
+        // Inside a transaction (its GTID or BEGIN read, its end not yet):
+        // nothing is written or confirmed, and a stop waits for its end, so
+        // an object never holds part of a transaction whose position is not
+        // confirmed (a restart would write that part again).
+        let mut in_txn = false;
         let mut texts: Vec<Option<String>> = Vec::new();
         let mut last_event = std::time::Instant::now();
         loop {
-            if stop.requested() {
+            if stop.requested() && !in_txn {
                 break;
             }
             let next = if once {
@@ -662,8 +667,8 @@ impl MySource {
                 {
                     Ok(next) => next,
                     Err(_) => {
-                        // Idle: write what is buffered (at a transaction boundary).
-                        if sink.has_rows() && last_event.elapsed().as_millis() >= 500 {
+                        // Idle: write what is buffered, at a transaction boundary.
+                        if !in_txn && sink.has_rows() && last_event.elapsed().as_millis() >= 500 {
                             commit(sink, &at).await?;
                             in_chunk = 0;
                         }
@@ -688,6 +693,7 @@ impl MySource {
                 txn_pos = log_pos;
                 index = 0;
                 commit_micros = i64::from(header.timestamp()) * 1_000_000;
+                in_txn = true;
                 continue;
             }
             let Some(data) = event
@@ -714,6 +720,7 @@ impl MySource {
                     let sql = q.query().to_string();
                     let upper = sql.trim_start().to_ascii_uppercase();
                     if upper.starts_with("BEGIN") {
+                        in_txn = true;
                         txn_pos = log_pos;
                         index = 0;
                         commit_micros = i64::from(header.timestamp()) * 1_000_000;
@@ -725,6 +732,7 @@ impl MySource {
                         // Columns are read again at the table's next row event.
                         self.tables.clear();
                         at.advance(log_pos, &mut pending_gtid);
+                        in_txn = false;
                     } else if upper.starts_with("TRUNCATE") {
                         let schema = q.schema().to_string();
                         let name = truncate_target(&sql);
@@ -756,13 +764,16 @@ impl MySource {
                             }
                         }
                         at.advance(log_pos, &mut pending_gtid);
+                        in_txn = false;
                     } else if upper.starts_with("COMMIT") {
                         at.advance(log_pos, &mut pending_gtid);
+                        in_txn = false;
                         in_chunk = self.maybe_commit(sink, &at, in_chunk).await?;
                     }
                 }
                 EventData::XidEvent(_) => {
                     at.advance(log_pos, &mut pending_gtid);
+                    in_txn = false;
                     in_chunk = self.maybe_commit(sink, &at, in_chunk).await?;
                 }
                 EventData::RowsEvent(rows) => {
@@ -868,6 +879,18 @@ impl MySource {
             {
                 break;
             }
+        }
+        if in_txn {
+            // The stream ended inside a transaction: its rows so far are not
+            // written; the next run reads it again from the confirmed position.
+            return Err(Error::capture(
+                "reading the binlog",
+                format!(
+                    "the stream ended inside the transaction at {}:{txn_pos}; nothing of it was \
+                     written, the next run reads it again",
+                    at.file
+                ),
+            ));
         }
         if sink.has_rows() {
             commit(sink, &at).await?;
