@@ -567,6 +567,15 @@ async fn csv_objects_on_s3_with_dms_rules_and_masks() {
     db.drop().await;
 }
 
+/// The server's next transaction id, as the 32-bit xid of the stream.
+async fn xid32(db: &Db) -> i64 {
+    db.client
+        .query_one("SELECT (txid_current() % 4294967296)::int8", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Changes whose transactions cross the 32-bit transaction-id wrap after
 /// the full load are all captured (`../shared/repro/pg-xid-wraparound`:
 /// before, every transaction after the wrap was taken as seen by the full
@@ -577,12 +586,7 @@ async fn changes_across_the_transaction_id_wrap_are_all_captured() {
     let Some(db) = Db::on("CDCFLOW_TEST_PGWRAP_URL", &ws).await else {
         return;
     };
-    let xid: i64 = db
-        .client
-        .query_one("SELECT (txid_current() % 4294967296)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let xid = xid32(&db).await;
     assert!(
         xid > 4_294_967_295 - 600,
         "this test must cross the wrap: restart the peer (scripts/peers.sh pgwrap start); xid is {xid}"
@@ -600,12 +604,7 @@ async fn changes_across_the_transaction_id_wrap_are_all_captured() {
         ))
         .await;
     }
-    let after: i64 = db
-        .client
-        .query_one("SELECT (txid_current() % 4294967296)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let after = xid32(&db).await;
     assert!(
         after < xid,
         "the updates crossed the wrap ({xid} -> {after})"

@@ -157,6 +157,14 @@ async fn a_state_store_restored_from_an_older_backup_is_refused_then_repaired() 
     assert_warehouse_matches(&ws, &data, false).await;
 }
 
+/// The index of the first CDC object (after the full-load files) of `objects`.
+fn first_cdc(objects: &[std::path::PathBuf]) -> usize {
+    objects
+        .iter()
+        .position(|p| !p.to_string_lossy().contains("LOAD"))
+        .unwrap()
+}
+
 /// `data` without the changes of orders' object `skipped`.
 fn without_object(data: &Dataset, skipped: usize) -> Dataset {
     let mut tables = data.tables.clone();
@@ -174,11 +182,7 @@ async fn a_backfill_keeps_what_the_operator_skipped_unless_asked() {
     ws.publish_all();
     ws.write_pipeline(100, false);
     let objects = staged_objects(&ws.path("staging"), "orders");
-    let skipped = objects
-        .iter()
-        .position(|p| !p.to_string_lossy().contains("LOAD"))
-        .unwrap()
-        + 1;
+    let skipped = first_cdc(&objects) + 1;
     let key = objects[skipped].to_string_lossy().to_string();
     assert_ok(
         &ws.cdcflow(
@@ -431,11 +435,7 @@ async fn objects_of_one_millisecond_are_ordered_by_their_fourth_fraction_digit()
     ws.publish_all();
     ws.write_pipeline(1, false);
     let objects = staged_objects(&ws.path("staging"), "orders");
-    let first = objects
-        .iter()
-        .position(|p| !p.to_string_lossy().contains("LOAD"))
-        .unwrap()
-        + 2;
+    let first = first_cdc(&objects) + 2;
     let (a, b) = (&objects[first], &objects[first + 1]);
     let name = a.file_name().unwrap().to_string_lossy().to_string();
     let stem = &name[..name.find('.').unwrap()];

@@ -82,7 +82,13 @@ pub(super) async fn find(table: &DeltaTable, name: &str, number: i64) -> Result<
     if number == 0 {
         return Ok(None);
     }
-    Ok(entries(table, name, Some(RECENT)).await?.remove(&number))
+    // Almost always the latest commit: read one, and more only when it is not.
+    for limit in [1, RECENT] {
+        if let Some(entry) = entries(table, name, Some(limit)).await?.remove(&number) {
+            return Ok(Some(entry));
+        }
+    }
+    Ok(None)
 }
 
 /// A table the warehouse holds nothing of.
@@ -102,16 +108,16 @@ pub(super) fn empty() -> Restored {
 /// pending, and its entry must say which objects it holds.
 pub(super) async fn restore(
     history: &DeltaTable,
+    name: &str,
     provider: Arc<dyn datafusion::catalog::TableProvider>,
     merger: &Merger,
     (loaded, applied): (i64, i64),
 ) -> Result<Restored> {
-    let name = "history";
     let entries = entries(history, name, None).await?;
     let pending = if loaded > applied {
         let entry = entries.get(&loaded).ok_or_else(|| {
             Error::Usage(format!(
-                "history holds batch {loaded} and current state batch {applied}, and the commit of \
+                "{name} holds batch {loaded} and current state batch {applied}, and the commit of \
                  batch {loaded} does not name its objects (written by a cdcflow before 0.2): run the \
                  pipeline with the state store it was loaded with, or reload the table"
             ))

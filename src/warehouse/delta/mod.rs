@@ -595,7 +595,7 @@ impl Warehouse for DeltaWarehouse {
         let Some(provider) = self.provider(&history_name).await? else {
             return Ok(Some(ledger::empty()));
         };
-        ledger::restore(&history, provider, merger, (loaded, applied))
+        ledger::restore(&history, &history_name, provider, merger, (loaded, applied))
             .await
             .map(Some)
     }
