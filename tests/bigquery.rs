@@ -46,6 +46,36 @@ fn bigquery(endpoint: &str, dataset: &str) -> String {
     )
 }
 
+/// The `[warehouse]` keys of a local warehouse in `ws`.
+fn local_warehouse(ws: &Workspace) -> String {
+    format!(
+        "kind = \"local\"\npath = \"{}/warehouse\"",
+        ws.dir.path().display()
+    )
+}
+
+/// Two tests of one scenario, `check(&ws, warehouse)` with `warehouse` the
+/// `[warehouse]` keys: into BigQuery (on the emulator) and into the local warehouse.
+macro_rules! in_both_warehouses {
+    ($bigquery:ident, $local:ident, $check:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $bigquery() {
+            let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+                return;
+            };
+            let ws = Workspace::new();
+            let dataset = dataset(&endpoint, &ws).await;
+            $check(&ws, &bigquery(&endpoint, &dataset)).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $local() {
+            let ws = Workspace::new();
+            $check(&ws, &local_warehouse(&ws)).await;
+        }
+    };
+}
+
 /// A workspace with a generated dataset published and `pipeline.toml` into BigQuery.
 async fn bigquery_workspace(
     endpoint: &str,
@@ -78,11 +108,7 @@ async fn bigquery_holds_what_the_local_warehouse_holds() {
     assert_warehouse_matches(&ws, &data, true).await;
 
     // The same files into the local warehouse: the same versions, row for row.
-    let local = format!(
-        "kind = \"local\"\npath = \"{}/warehouse\"",
-        ws.dir.path().display()
-    );
-    ws.write_pipeline_into("local.toml", 4, true, "", &local);
+    ws.write_pipeline_into("local.toml", 4, true, "", &local_warehouse(&ws));
     let run = ws.cdcflow(&["run", "--now", "-p", "local.toml"], &[]);
     assert!(run.status.success(), "{}", output(&run));
     for sql in [
@@ -589,6 +615,19 @@ async fn json_datetime_bytes_uuid_and_numeric_columns_keep_their_values() {
     }
 }
 
+/// `pipeline.toml`: table `public.<table>` (`id bigint` key, `v text`) from
+/// the workspace's source with the `[source]` keys `source`, into `warehouse`.
+fn write_id_v_pipeline(ws: &Workspace, table: &str, source: &str, warehouse: &str) {
+    let pipeline = format!(
+        "name = \"test\"\n[source]\nurl = \"file://{}\"\n{source}\n[state]\nurl = \"sqlite://{}/state.db\"\n\
+         [warehouse]\n{warehouse}\n[[tables]]\nschema = \"public\"\nname = \"{table}\"\nprimary_key = [\"id\"]\n\
+         columns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"v\", type = \"text\" }}]\n",
+        ws.source().display(),
+        ws.dir.path().display(),
+    );
+    std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+}
+
 /// A truncate (`Op` T, written by capture) in the second batch: the row
 /// changed before it in the batch and the row loaded before it that the batch
 /// does not touch are gone; rows changed after it stay.
@@ -596,14 +635,7 @@ async fn a_truncate_removes_every_older_row(ws: &Workspace, warehouse: &str) {
     let dir = ws.source().join("public/tt");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("LOAD00000001.csv"), "1,a\n2,b\n3,c\n").unwrap();
-    let pipeline = format!(
-        "name = \"test\"\n[source]\nurl = \"file://{}\"\n[state]\nurl = \"sqlite://{}/state.db\"\n\
-         [warehouse]\n{warehouse}\n[[tables]]\nschema = \"public\"\nname = \"tt\"\nprimary_key = [\"id\"]\n\
-         columns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"v\", type = \"text\" }}]\n",
-        ws.source().display(),
-        ws.dir.path().display(),
-    );
-    std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+    write_id_v_pipeline(ws, "tt", "", warehouse);
     let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
     assert!(run.status.success(), "{}", output(&run));
     std::fs::write(
@@ -626,25 +658,108 @@ async fn a_truncate_removes_every_older_row(ws: &Workspace, warehouse: &str) {
     assert_eq!(history, ops);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncate_in_bigquery() {
-    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
-        return;
-    };
-    let ws = Workspace::new();
-    let dataset = dataset(&endpoint, &ws).await;
-    a_truncate_removes_every_older_row(&ws, &bigquery(&endpoint, &dataset)).await;
+in_both_warehouses!(
+    a_truncate_in_bigquery,
+    a_truncate_in_the_local_warehouse,
+    a_truncate_removes_every_older_row
+);
+
+/// With a sequence column, a change delivered twice (DMS after a task
+/// restart, capture after a crash) carries the same sequence in two objects:
+/// history holds it once, whether its first copy was loaded by an earlier
+/// batch or is in the same batch. Another key's change that shares the
+/// sequence value is a different change and stays.
+async fn a_change_delivered_twice_lands_once(ws: &Workspace, warehouse: &str) {
+    let dir = ws.source().join("public/t");
+    std::fs::create_dir_all(&dir).unwrap();
+    let object = |name: &str, rows: &str| std::fs::write(dir.join(name), rows).unwrap();
+    object(
+        "20240501-100000000.csv",
+        "I,2024-05-01 10:00:00,0010,1,first\nI,2024-05-01 10:00:01,0020,2,first\n",
+    );
+    let source = "timestamp_column = \"ts\"\nextra_columns = [\"seq\"]\nsequence_column = \"seq\"";
+    write_id_v_pipeline(ws, "t", source, warehouse);
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    // One batch of two objects: key 2's loaded change again (other values:
+    // the first copy is the change, whatever a copy says), key 5's late
+    // change (below the loaded maximum, but new), then key 1's new change,
+    // which the next object repeats; key 3 is new, and key 4's change shares
+    // key 3's sequence value.
+    object(
+        "20240501-110000000.csv",
+        "I,2024-05-01 10:00:01,0020,2,again\nI,2024-05-01 10:00:00,0015,5,late\n\
+         U,2024-05-01 11:00:00,0030,1,second\n",
+    );
+    object(
+        "20240501-120000000.csv",
+        "U,2024-05-01 11:00:00,0030,1,second\nI,2024-05-01 12:00:00,0040,3,new\n\
+         I,2024-05-01 12:00:00,0040,4,new\n",
+    );
+    // A crash after history took the batch: the run that finishes it must
+    // not take the batch's own rows for copies of loaded ones.
+    let crashed = ws.cdcflow(
+        &["run", "--now", "-p", "pipeline.toml"],
+        &[("CDCFLOW_FAILPOINT", "load.between_history_and_current")],
+    );
+    assert!(!crashed.status.success(), "{}", output(&crashed));
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    let row = |cells: &[&str]| cells.iter().map(|c| Some(c.to_string())).collect();
+    let expected: Vec<Vec<Option<String>>> = [
+        ["0010", "1", "I", "first"],
+        ["0015", "5", "I", "late"],
+        ["0020", "2", "I", "first"],
+        ["0030", "1", "U", "second"],
+        ["0040", "3", "I", "new"],
+        ["0040", "4", "I", "new"],
+    ]
+    .iter()
+    .map(|r| row(r))
+    .collect();
+    let current: Vec<Vec<Option<String>>> = [
+        ["1", "second"],
+        ["2", "first"],
+        ["3", "new"],
+        ["4", "new"],
+        ["5", "late"],
+    ]
+    .iter()
+    .map(|r| row(r))
+    .collect();
+    // A backfill of every object loads them again: the same tables.
+    for step in ["run", "backfill"] {
+        if step == "backfill" {
+            let args = [
+                "backfill",
+                "-p",
+                "pipeline.toml",
+                "--from",
+                "2024-05-01",
+                "--to",
+                "2024-05-01",
+            ];
+            let out = ws.cdcflow(&args, &[]);
+            assert!(out.status.success(), "{}", output(&out));
+        }
+        assert_eq!(
+            ws.text_rows("SELECT seq, id, op, v FROM t_history").await,
+            expected,
+            "after the {step}"
+        );
+        assert_eq!(
+            ws.text_rows("SELECT id, v FROM t").await,
+            current,
+            "after the {step}"
+        );
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncate_in_the_local_warehouse() {
-    let ws = Workspace::new();
-    let local = format!(
-        "kind = \"local\"\npath = \"{}/warehouse\"",
-        ws.dir.path().display()
-    );
-    a_truncate_removes_every_older_row(&ws, &local).await;
-}
+in_both_warehouses!(
+    a_change_delivered_twice_lands_once_in_bigquery,
+    a_change_delivered_twice_lands_once_in_the_local_warehouse,
+    a_change_delivered_twice_lands_once
+);
 
 /// BigQuery job ids are project-wide and kept for months: the same pipeline
 /// loading a second dataset of the project (dev, then prod) must not take

@@ -155,7 +155,8 @@ pub struct SourceFile {
     #[serde(default)]
     pub extra_columns: Vec<String>,
     /// One of `extra_columns` that totally orders changes (e.g. from `$AR_H_CHANGE_SEQ`).
-    /// When set, it orders CDC changes instead of file and row order.
+    /// When set, it orders CDC changes instead of file and row order, and
+    /// with the key names a change: a later row with both is a copy, kept once.
     #[serde(default)]
     pub sequence_column: Option<String>,
     /// DMS `includeOpForFullLoad`: full-load files carry an `Op` column too.

@@ -34,7 +34,11 @@ use crate::source::{ObjectOrder, SourceObject};
 use crate::state::BatchStats;
 
 /// Runs `query` and collects its rows; errors name `context`.
-async fn collect(ctx: &SessionContext, query: &str, context: &str) -> Result<Vec<RecordBatch>> {
+pub(crate) async fn collect(
+    ctx: &SessionContext,
+    query: &str,
+    context: &str,
+) -> Result<Vec<RecordBatch>> {
     let fail = |e| Error::query(context, e);
     ctx.sql(query)
         .await

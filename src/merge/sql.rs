@@ -9,6 +9,8 @@ pub const LATE_CHANGES: &str = include_str!("../../sql/late_changes.sql");
 pub const VERSIONS: &str = include_str!("../../sql/versions.sql");
 /// `sql/key_history.sql`.
 pub const KEY_HISTORY: &str = include_str!("../../sql/key_history.sql");
+/// `sql/history_between.sql`.
+pub const HISTORY_BETWEEN: &str = include_str!("../../sql/history_between.sql");
 /// `sql/batch_stats.sql`.
 pub const BATCH_STATS: &str = include_str!("../../sql/batch_stats.sql");
 /// `sql/current_rebuild.sql`.

@@ -13,6 +13,7 @@
 
 mod lease;
 mod ledger;
+mod redelivery;
 mod table;
 
 use std::collections::BTreeMap;
@@ -213,13 +214,8 @@ impl Runner {
         for table in missing {
             eprintln!("note: table {table} has not been loaded yet (run `cdcflow run` first)");
         }
-        let fail = |e| Error::query(sql.chars().take(200).collect::<String>(), e);
-        ctx.sql(sql)
-            .await
-            .map_err(fail)?
-            .collect()
-            .await
-            .map_err(fail)
+        let context = sql.chars().take(200).collect::<String>();
+        crate::merge::collect(&ctx, sql, &context).await
     }
 
     /// Loads everything new once (objects written before the interval's end

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use super::{Lease, Runner, Shutdown, Work};
+use super::{Lease, Runner, Shutdown, Work, redelivery};
 use crate::config::{Column, Table};
 use crate::decode::{self, DecodeSpec};
 use crate::error::{Error, Result};
@@ -376,8 +376,9 @@ impl<'a> TableRun<'a> {
             })
             .collect();
         let merger = self.merger(&objects[0]).await?;
+        let loaded_max = runner.state.max_seq(&self.key)?;
         let failure = Arc::new(std::sync::Mutex::new(None::<(usize, Error)>));
-        let rows = produce_history(
+        let mut rows = produce_history(
             runner,
             objects,
             merger.clone(),
@@ -385,6 +386,20 @@ impl<'a> TableRun<'a> {
             batch.number,
             failure.clone(),
         );
+        let keys = batch.objects.iter().map(|o| o.key.clone());
+        if let Some(sieve) = redelivery::Sieve::new(&merger, keys, loaded_max.clone()) {
+            let (warehouse, table, m) =
+                (runner.warehouse.clone(), self.table.clone(), merger.clone());
+            rows = redelivery::sifted(
+                rows,
+                sieve,
+                self.key.to_string(),
+                batch.number,
+                move |lo, hi| async move {
+                    redelivery::history_between(warehouse.as_ref(), &table, &m, &lo, &hi).await
+                },
+            );
+        }
         failpoint::fault("load")?;
         let loaded = runner
             .warehouse
@@ -393,7 +408,7 @@ impl<'a> TableRun<'a> {
                 batch: &batch,
                 merger: &merger,
                 rows: HistoryRows::new(rows),
-                loaded_max: runner.state.max_seq(&self.key)?,
+                loaded_max,
                 store: runner.state.store_id(),
             })
             .await;
