@@ -13,7 +13,7 @@ use cdcflow::failpoint::NAMES;
 
 use crate::support::{
     SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, Workspace, assert_warehouse_matches, faulty_proxy,
-    output, peer, rows, staged_objects,
+    http_fault_proxy, output, peer, rows, staged_objects,
 };
 
 const PROJECT: &str = "test-proj";
@@ -303,6 +303,70 @@ async fn server_errors_and_rate_limits_are_retried() {
         "the proxy refused 3 connections and then served"
     );
     assert_warehouse_matches(&ws, &data, true).await;
+}
+
+/// Every job cdcflow starts carries labels naming the pipeline and the
+/// destination dataset, and a batch's jobs the table, state store, batch and
+/// step too, so a project's job list tells whose batch a job was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_is_labelled_with_its_dataset_store_batch_and_step() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    ws.synth(300, 41);
+    ws.publish_all();
+    let dataset = dataset(&endpoint, &ws).await;
+    let inserts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = inserts.clone();
+    let (proxy, _) = http_fault_proxy(endpoint, move |request| {
+        let head = request.lines().next().unwrap_or_default();
+        if head.starts_with("POST") && head.contains("/jobs") {
+            seen.lock().unwrap().push(request.to_string());
+        }
+        None
+    })
+    .await;
+    ws.write_pipeline_into("pipeline.toml", 100, true, "", &bigquery(&proxy, &dataset));
+    let report = ws.run_now().await;
+    assert!(report.ok(), "{report:?}");
+    let store: String = rusqlite::Connection::open(ws.path("state/pipeline.toml.db"))
+        .unwrap()
+        .query_row("SELECT store_id FROM store", [], |r| r.get(0))
+        .unwrap();
+    let mut steps = Vec::new();
+    for request in inserts.lock().unwrap().iter() {
+        let at = request
+            .find("\"labels\":")
+            .unwrap_or_else(|| panic!("a job insert without labels: {request}"));
+        let labels: serde_json::Value =
+            serde_json::Deserializer::from_str(&request[at + "\"labels\":".len()..])
+                .into_iter()
+                .next()
+                .unwrap()
+                .unwrap();
+        assert_eq!(labels["cdcflow_pipeline"], "test", "{labels}");
+        assert_eq!(
+            labels["cdcflow_dataset"],
+            dataset.to_lowercase(),
+            "{labels}"
+        );
+        if labels.get("cdcflow_step").is_none() {
+            continue; // not a batch's job (DDL, a query)
+        }
+        assert_eq!(labels["cdcflow_store"], store.to_lowercase(), "{labels}");
+        assert_eq!(labels["cdcflow_batch"], "1", "{labels}");
+        steps.push(format!(
+            "{} {}",
+            labels["cdcflow_table"], labels["cdcflow_step"]
+        ));
+    }
+    steps.sort();
+    let expected: Vec<String> = ["order_items", "orders"]
+        .iter()
+        .flat_map(|t| ["current", "history", "load"].map(|s| format!("\"{t}\" \"{s}\"")))
+        .collect();
+    assert_eq!(steps, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

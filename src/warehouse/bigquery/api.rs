@@ -9,6 +9,7 @@
 //! answered with HTTP 200, and a call answered 5xx, 429 or a rate-limit
 //! reason is retried with backoff before its error is returned.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -136,6 +137,8 @@ pub(super) struct Api {
     /// Dataset of the tables.
     pub(super) dataset: String,
     location: String,
+    /// Labels of every job: the pipeline and the dataset.
+    labels: HashMap<String, String>,
 }
 
 /// The error of a failed call.
@@ -204,7 +207,7 @@ fn not_found(err: &Error) -> bool {
 
 impl Api {
     /// Connects with the configured credentials (none for an emulator).
-    pub(super) async fn connect(config: &BigQueryConfig) -> Result<Api> {
+    pub(super) async fn connect(config: &BigQueryConfig, pipeline: &str) -> Result<Api> {
         let tokens = Arc::new(Tokens::from_config(config).await?);
         let base = config
             .endpoint
@@ -224,7 +227,18 @@ impl Api {
             project: config.project.clone(),
             dataset: config.dataset.clone(),
             location: config.location.clone(),
+            labels: labels([
+                ("cdcflow_pipeline", pipeline),
+                ("cdcflow_dataset", &config.dataset),
+            ]),
         })
+    }
+
+    /// The labels of a job: every job's, and `extra`.
+    fn job_labels(&self, extra: &HashMap<String, String>) -> Option<HashMap<String, String>> {
+        let mut labels = self.labels.clone();
+        labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Some(labels)
     }
 
     /// The REST URL of table `name` (of the table collection for "").
@@ -526,11 +540,11 @@ impl Api {
     /// never spliced into the SQL: an object key may hold any character.
     pub(super) async fn run_job(
         &self,
-        id: &str,
+        job: &JobName,
         sql: &str,
         params: &[QueryParameter],
     ) -> Result<()> {
-        self.run_once(id, true, |job_id| async move {
+        self.run_once(&job.id, true, |job_id| async move {
             let context = format!("job {job_id}");
             let job = Job {
                 job_reference: self.reference_of(Some(job_id)),
@@ -542,6 +556,7 @@ impl Api {
                         query_parameters: (!params.is_empty()).then(|| params.to_vec()),
                         ..Default::default()
                     }),
+                    labels: self.job_labels(&job.labels),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -559,14 +574,14 @@ impl Api {
     /// the first free id of `id`'s attempts (see [`Api::run_once`]).
     pub(super) async fn load_parquet(
         &self,
-        id: &str,
+        job: &JobName,
         name: &str,
         schema: TableSchema,
         file: &Path,
     ) -> Result<()> {
         // A load into staging is idempotent (it truncates), so it is simply run
         // again under a fresh id: the staging table may have been dropped since.
-        self.run_once(id, false, |job_id| {
+        self.run_once(&job.id, false, |job_id| {
             let schema = schema.clone();
             async move {
                 let context = format!("loading {name} (job {job_id})");
@@ -582,6 +597,7 @@ impl Api {
                             decimal_target_types: Some(vec!["NUMERIC".into(), "BIGNUMERIC".into()]),
                             ..Default::default()
                         }),
+                        labels: self.job_labels(&job.labels),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -642,6 +658,7 @@ impl Api {
                     }),
                     ..Default::default()
                 }),
+                labels: self.job_labels(&HashMap::new()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -733,4 +750,38 @@ pub(super) fn strings_param<'a>(
             ..Default::default()
         }),
     }
+}
+
+/// A job's deterministic id and its own labels.
+pub(super) struct JobName {
+    /// The id: the first attempt's, see [`Api::run_job`].
+    pub id: String,
+    /// Labels beside every job's (see [`labels`]).
+    pub labels: HashMap<String, String>,
+}
+
+/// Labels from `(key, value)` pairs, each value made one BigQuery allows:
+/// lowercase letters, digits, `_` and `-` (any other character becomes
+/// `_`), at most 63 characters.
+pub(super) fn labels<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> HashMap<String, String> {
+    pairs
+        .into_iter()
+        .map(|(key, value)| {
+            let value = value
+                .chars()
+                .flat_map(char::to_lowercase)
+                .map(|c| {
+                    if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(63)
+                .collect();
+            (key.to_string(), value)
+        })
+        .collect()
 }

@@ -68,7 +68,7 @@ impl BigQueryWarehouse {
     async fn api(&self) -> Result<&Api> {
         self.api
             .get_or_try_init(|| async {
-                let api = Api::connect(&self.config).await?;
+                let api = Api::connect(&self.config, &self.pipeline).await?;
                 api.check_dataset().await?;
                 Ok(api)
             })
@@ -102,6 +102,22 @@ impl BigQueryWarehouse {
                 }
             })
             .collect()
+    }
+
+    /// A step's job: its id (see [`BigQueryWarehouse::job_id`]) and labels
+    /// naming the table, state store, batch and step (beside the pipeline
+    /// and dataset every job names), so `INFORMATION_SCHEMA.JOBS` and the
+    /// console find a batch's jobs by label.
+    fn job(&self, table: &Table, batch: &Batch, store: &str, step: &str) -> api::JobName {
+        api::JobName {
+            id: self.job_id(table, batch, store, step),
+            labels: api::labels([
+                ("cdcflow_table", table.target.as_str()),
+                ("cdcflow_store", store),
+                ("cdcflow_batch", &batch.number.to_string()),
+                ("cdcflow_step", step),
+            ]),
+        }
     }
 
     fn stage_name(table: &Table, batch: &Batch) -> String {
@@ -508,14 +524,14 @@ impl Warehouse for BigQueryWarehouse {
         self.prepare_tables(api, req.table, req.merger).await?;
         let staged = self.stage_locally(&req).await?;
         let stage = Self::stage_name(req.table, req.batch);
-        let history_job = self.job_id(req.table, req.batch, req.store, "history");
-        let current_job = self.job_id(req.table, req.batch, req.store, "current");
-        let history_done = api.job_succeeded(&history_job).await?;
-        let current_done = api.job_succeeded(&current_job).await?;
+        let history_job = self.job(req.table, req.batch, req.store, "history");
+        let current_job = self.job(req.table, req.batch, req.store, "current");
+        let history_done = api.job_succeeded(&history_job.id).await?;
+        let current_done = api.job_succeeded(&current_job.id).await?;
         if !current_done && (!history_done || api.table(&stage).await?.is_none()) {
             let schema =
                 types::table_schema(&req.merger.history_schema(), &req.merger.columns, true);
-            let load_job = self.job_id(req.table, req.batch, req.store, "load");
+            let load_job = self.job(req.table, req.batch, req.store, "load");
             api.load_parquet(&load_job, &stage, schema, staged.file.path())
                 .await?;
         }
