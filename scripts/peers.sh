@@ -5,9 +5,10 @@
 #   moto       S3 API on 127.0.0.1:19000 (any credentials accepted)
 #   moto-auth  S3 API on 127.0.0.1:19001 that enforces credentials (for "wrong credentials" tests)
 #   bq         BigQuery REST API (bqemulator, DuckDB inside) on 127.0.0.1:19050, project test-proj
-#   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth)
+#   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth), TLS on
 #   pgwrap     PostgreSQL 15 on 127.0.0.1:15433, its xids 496 short of the 32-bit wrap (fresh at every start)
-#   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password)
+#   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password), TLS on
+#   (TLS: a test CA in $PEERS_DIR/tls, see tls_certs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
@@ -92,6 +93,36 @@ bq_env() {
 }
 
 # PostgreSQL refuses to run as root: the cluster belongs to the `postgres` user the package creates.
+# A test certificate authority (made once with openssl): ca.pem signs server.pem, whose only
+# name is DNS:localhost (so 127.0.0.1 is a wrong host for verify-full); other-ca.pem signs
+# nothing of ours. PostgreSQL and MariaDB serve server.pem; each gets its own copy of the key,
+# owned by its user, as both servers insist.
+TLS_DIR="$PEERS_DIR/tls"
+tls_certs() {
+  [ -f "$TLS_DIR/server.pem" ] && return 0
+  command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+  mkdir -p "$TLS_DIR"
+  local ca_ext=(-addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign")
+  (cd "$TLS_DIR"
+   for ca in ca other-ca; do
+     openssl req -x509 -newkey rsa:2048 -nodes -keyout $ca.key -out $ca.pem -days 3650 \
+       -subj "/CN=cdcflow test $ca" "${ca_ext[@]}" 2>/dev/null
+   done
+   openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
+   printf '%s\n' "subjectAltName=DNS:localhost" "basicConstraints=critical,CA:FALSE" \
+     "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >server.ext
+   openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \
+     -days 3650 -extfile server.ext 2>/dev/null)
+}
+# Copies the server certificate and key into directory $1 for user $2.
+tls_install() {
+  tls_certs
+  cp "$TLS_DIR/server.pem" "$TLS_DIR/server.key" "$1/"
+  chmod 600 "$1/server.key"
+  if [ "$(id -u)" = 0 ]; then chown "$2:$2" "$1/server.pem" "$1/server.key"; fi
+}
+tls_env() { echo "export CDCFLOW_TEST_TLS_DIR=$TLS_DIR"; }
+
 # Durability settings are off: this server holds test data only.
 as_postgres() { if [ "$(id -u)" = 0 ]; then su postgres -c "$*"; else sh -c "$*"; fi; }
 pg_install() {
@@ -110,10 +141,17 @@ pg_install() {
     | as_postgres "cat >>'$PEERS_DIR/pg/data/postgresql.conf'"
 }
 pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+# TLS on (the test CA's certificate); the role `tlsonly` may connect only over TLS, so a
+# test that connects as it knows TLS was used.
 pg_start() {
   pg_install
   pg_ready && return 0
-  as_postgres "$PG_BIN/pg_ctl -D '$PEERS_DIR/pg/data' -l '$PEERS_DIR/pg/server.log' -w -t 30 start" >/dev/null
+  tls_install "$PEERS_DIR/pg" postgres
+  local hba="$PEERS_DIR/pg/data/pg_hba.conf"
+  grep -q tlsonly "$hba" || as_postgres "sed -i '1i hostnossl all tlsonly 0.0.0.0/0 reject' '$hba'"
+  as_postgres "$PG_BIN/pg_ctl -D '$PEERS_DIR/pg/data' -l '$PEERS_DIR/pg/server.log' -w -t 30 \
+    -o '-c ssl=on -c ssl_cert_file=$PEERS_DIR/pg/server.pem -c ssl_key_file=$PEERS_DIR/pg/server.key' \
+    start" >/dev/null
   wait_for "postgres :$PG_PORT" 30 pg_ready
 }
 pg_stop() {
@@ -123,6 +161,7 @@ pg_stop() {
 pg_status() { pg_ready && echo "pg: up on 127.0.0.1:$PG_PORT" || echo "pg: down"; }
 pg_env() {
   echo "export CDCFLOW_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+  tls_env
 }
 
 # A second PostgreSQL 15 whose transaction ids are a few hundred short of the 32-bit wrap
@@ -173,17 +212,19 @@ mariadb_install() {
 mariadb_start() {
   mariadb_install
   my_admin ping >/dev/null 2>&1 && return 0
+  tls_install "$MY_BIN_DIR" mysql
   nohup mariadbd --no-defaults --user=mysql --datadir="$MY_BIN_DIR/data" --port="$MY_PORT" \
     --bind-address=127.0.0.1 --socket="$MY_BIN_DIR/mysqld.sock" --pid-file="$MY_BIN_DIR/mysqld.pid" \
     --log-error="$MY_BIN_DIR/error.log" --log-bin="$MY_BIN_DIR/data/binlog" --binlog-format=ROW \
     --binlog-row-image=FULL --binlog-row-metadata=FULL --server-id=1 --max-connections=300 \
     --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
-    --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 >/dev/null 2>&1 &
+    --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 --ssl-ca="$TLS_DIR/ca.pem" \
+    --ssl-cert="$MY_BIN_DIR/server.pem" --ssl-key="$MY_BIN_DIR/server.key" >/dev/null 2>&1 &
   wait_for "mariadb :$MY_PORT" 30 my_admin ping
 }
 mariadb_stop() { my_admin shutdown >/dev/null 2>&1 || true; }
 mariadb_status() { my_admin ping >/dev/null 2>&1 && echo "mariadb: up on 127.0.0.1:$MY_PORT" || echo "mariadb: down"; }
-mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; }
+mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; tls_env; }
 
 peer=${1:-}; action=${2:-}
 usage="usage: $0 {moto|bq|pg|pgwrap|mariadb|all} {install|start|stop|status|env}"

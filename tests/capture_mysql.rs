@@ -5,7 +5,7 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 
-use crate::support::{Workspace, output, peer};
+use crate::support::{Workspace, output, peer, tls_url};
 
 /// A fresh database for one test, dropped at the end.
 struct Db {
@@ -495,5 +495,58 @@ async fn a_stop_during_a_large_transaction_waits_for_its_end() {
     assert!(stopped.status.success(), "SIGTERM: {}", output(&stopped));
     ws.capture_once(&[]);
     assert_t_matches(&ws, &mut db, 10_002).await;
+    db.drop().await;
+}
+
+/// TLS as MySQL users set it, in the URL: VERIFY_IDENTITY accepts the host
+/// the certificate names and refuses another (and a certificate of another
+/// CA); VERIFY_CA is refused with what to use (see `capture::tls`). The user connecting is
+/// `REQUIRE SSL`, so a full load that works went over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_identity_accepts_the_named_host_and_refuses_others() {
+    let ws = Workspace::new();
+    let (Some(mut db), Some((ca, other))) = (Db::new(&ws).await, crate::support::tls_cas()) else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id INT PRIMARY KEY, v TEXT)").await;
+    db.exec("INSERT INTO t VALUES (1, 'a'), (2, 'b')").await;
+    for host in ["%", "localhost"] {
+        db.exec(&format!(
+            "CREATE USER IF NOT EXISTS 'tlsonly'@'{host}' REQUIRE SSL"
+        ))
+        .await;
+        db.exec(&format!("GRANT ALL ON *.* TO 'tlsonly'@'{host}'"))
+            .await;
+    }
+    let url = |host: &str, params: &str| tls_url(&db.url, "tlsonly", host, params);
+    ws.capture_tls_cases(&[
+        (
+            url(
+                "localhost",
+                &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}"),
+            ),
+            Ok(()),
+        ),
+        (
+            url(
+                "127.0.0.1",
+                &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}"),
+            ),
+            Err("name the host"),
+        ),
+        (
+            url("127.0.0.1", &format!("ssl-mode=VERIFY_CA&ssl-ca={ca}")),
+            Err("not supported yet"),
+        ),
+        (
+            url(
+                "localhost",
+                &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={other}"),
+            ),
+            Err("UnknownIssuer"),
+        ),
+        (url("localhost", "ssl-mode=REQUIRED"), Ok(())),
+        (url("localhost", "ssl-mode=DISABLED"), Err("Access denied")),
+    ]);
     db.drop().await;
 }

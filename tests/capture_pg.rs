@@ -8,7 +8,7 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{Workspace, output, peer};
+use crate::support::{Workspace, output, peer, tls_url};
 
 /// A fresh database for one test; dropped (with its slot) at the end.
 struct Db {
@@ -665,4 +665,61 @@ fn data_files(dir: &std::path::Path) -> usize {
         .map(|e| e.unwrap().path())
         .map(|p| if p.is_dir() { data_files(&p) } else { 1 })
         .sum()
+}
+
+/// TLS as libpq users set it, in the URL: verify-full accepts the host the
+/// certificate names and refuses another (and a certificate of another CA);
+/// verify-ca accepts any name the CA signed; `require` refuses a server
+/// without TLS. The role connecting may only connect over TLS (pg_hba),
+/// so a full load that works went over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_full_accepts_the_named_host_and_refuses_others() {
+    let ws = Workspace::new();
+    let (Some(db), Some((ca, other))) = (Db::new(&ws).await, crate::support::tls_cas()) else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    db.exec("INSERT INTO t VALUES (1, 'a'), (2, 'b')").await;
+    db.admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE tlsonly LOGIN SUPERUSER; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await
+        .unwrap();
+    let url = |host: &str, params: &str| tls_url(&db.url, "tlsonly", host, params);
+    let mut cases = vec![
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            Ok(()),
+        ),
+        (
+            url(
+                "127.0.0.1",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            Err("name the host"),
+        ),
+        (
+            url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}")),
+            Ok(()),
+        ),
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={other}"),
+            ),
+            Err("UnknownIssuer"),
+        ),
+        (url("localhost", "sslmode=require"), Ok(())),
+        (url("localhost", "sslmode=disable"), Err("no encryption")),
+    ];
+    if let Some(plain) = peer("CDCFLOW_TEST_PGWRAP_URL") {
+        cases.push((format!("{plain}?sslmode=require"), Err("TLS")));
+    }
+    ws.capture_tls_cases(&cases);
+    db.drop().await;
 }

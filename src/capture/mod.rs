@@ -12,6 +12,7 @@ pub mod mysql;
 pub mod pgoutput;
 pub mod postgres;
 pub mod sink;
+pub mod tls;
 pub mod writer;
 
 use std::path::Path;
@@ -49,7 +50,9 @@ pub struct CaptureFile {
 #[serde(deny_unknown_fields)]
 pub struct CaptureSource {
     /// `postgres://user@host:port/database` or `mysql://user@host:port/database`
-    /// (no password: see `password_env`).
+    /// (no password: see `password_env`). TLS as the database's clients set it:
+    /// `?sslmode=verify-full&sslrootcert=ca.pem`, `?ssl-mode=VERIFY_IDENTITY&ssl-ca=ca.pem`
+    /// (see the `tls` module).
     pub url: String,
     /// Environment variable holding the password (default `PGPASSWORD`, or
     /// `MYSQL_PWD` for MySQL).
@@ -202,9 +205,15 @@ impl Capture {
             let _ = u.set_password(Some(&password));
             url = u.to_string();
         }
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let (url, tls) = tls::Tls::from_url(&url, mysql).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            problems: vec![format!("`source.url`: {e}")],
+        })?;
         let database = if mysql {
             Database::Mysql(MySettings {
-                url: url.replacen("mariadb://", "mysql://", 1),
+                url,
+                tls,
                 server_id: file.source.server_id,
                 full_load: file.source.mode != Mode::Cdc,
                 cdc: file.source.mode != Mode::FullLoad,
@@ -213,6 +222,7 @@ impl Capture {
         } else {
             Database::Postgres(PgSettings {
                 url,
+                tls,
                 publication: file.source.publication.clone(),
                 slot: file.source.slot.clone(),
                 mode: file.source.mode,

@@ -40,8 +40,11 @@ use crate::pipeline::Shutdown;
 /// Settings of a MySQL / MariaDB source.
 #[derive(Debug, Clone)]
 pub struct MySettings {
-    /// `mysql://user:password@host:port/database` (the database is the schema captured).
+    /// `mysql://user:password@host:port/database` (the database is the schema
+    /// captured), without its TLS parameters.
     pub url: String,
+    /// TLS (from the URL's `ssl-mode` and `ssl-ca`).
+    pub tls: super::tls::Tls,
     /// Server id this reader registers with (unique among the server's replicas).
     pub server_id: u32,
     /// Whether to write a full load first.
@@ -100,6 +103,48 @@ fn with_gtid(set: Option<&str>, gtid: &str) -> String {
 fn my(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
     let context = context.into();
     move |e| Error::capture(context, e)
+}
+
+/// The first connection, with TLS as `settings.tls` says, and the options
+/// that made it (used for every later connection). `prefer` falls back to
+/// a plain connection when the server offers no TLS.
+async fn connect_with_tls(opts: Opts, settings: &MySettings) -> Result<(Conn, Opts)> {
+    use super::tls::TlsMode;
+    let tls = &settings.tls;
+    let ssl = (tls.mode != TlsMode::Disable).then(|| {
+        let ssl = mysql_async::SslOpts::default()
+            .with_danger_accept_invalid_certs(matches!(
+                tls.mode,
+                TlsMode::Prefer | TlsMode::Require
+            ))
+            .with_danger_skip_domain_validation(tls.mode == TlsMode::VerifyCa);
+        match &tls.root_cert {
+            Some(ca) => ssl
+                .with_root_certs(vec![ca.clone().into()])
+                .with_disable_built_in_roots(true),
+            None => ssl,
+        }
+    });
+    let with = |ssl| -> Opts {
+        mysql_async::OptsBuilder::from_opts(opts.clone())
+            .ssl_opts(ssl)
+            .into()
+    };
+    let fail = |e: mysql_async::Error| {
+        let context = format!("connecting to {}", super::redact_url(&settings.url));
+        Error::capture(context, tls.explain(&e.to_string()))
+    };
+    let opts = with(ssl);
+    match Conn::new(opts.clone()).await {
+        Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer))
+            if tls.mode == TlsMode::Prefer =>
+        {
+            let plain = with(None);
+            let conn = Conn::new(plain.clone()).await.map_err(fail)?;
+            Ok((conn, plain))
+        }
+        connected => Ok((connected.map_err(fail)?, opts)),
+    }
 }
 
 /// A column as information_schema describes it.
@@ -278,10 +323,7 @@ impl MySource {
                 "name the database: mysql://user@host:port/<database>",
             )
         })?;
-        let mut conn = Conn::new(opts.clone()).await.map_err(my(format!(
-            "connecting to {}",
-            super::redact_url(&settings.url)
-        )))?;
+        let (mut conn, opts) = connect_with_tls(opts, &settings).await?;
         conn.query_drop("SET time_zone = '+00:00'")
             .await
             .map_err(my("setting the session time zone"))?;

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use futures::{StreamExt, TryStreamExt, pin_mut};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::mapping::{SourceColumn, SourceTable};
 use super::pgoutput::{self, Message, PG_EPOCH_MICROS, Relation, Value, format_lsn, parse_lsn};
@@ -53,8 +53,10 @@ pub enum Mode {
 /// Settings of a PostgreSQL source.
 #[derive(Debug, Clone)]
 pub struct PgSettings {
-    /// Connection URL (`postgres://user@host:port/db`).
+    /// Connection URL (`postgres://user@host:port/db`), without its TLS parameters.
     pub url: String,
+    /// TLS (from the URL's `sslmode` and `sslrootcert`).
+    pub tls: super::tls::Tls,
     /// Publication (created for the selected tables when missing).
     pub publication: String,
     /// Replication slot (created when missing).
@@ -78,7 +80,19 @@ fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error
                     .map(|h| format!(" (hint: {h})"))
                     .unwrap_or_default()
             ),
-            None => e.to_string(),
+            // The cause (a TLS handshake's, an I/O error) is not in the text.
+            None => {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    let cause_text = cause.to_string();
+                    if !text.contains(&cause_text) {
+                        text = format!("{text}: {cause_text}");
+                    }
+                    source = cause.source();
+                }
+                text
+            }
         };
         Error::capture(context, message)
     }
@@ -296,8 +310,8 @@ impl PgSource {
     /// Connects and sets the session so values come out in one text form
     /// (UTC timestamps, ISO dates, hex bytea, exact floats).
     pub async fn connect(settings: PgSettings) -> Result<PgSource> {
-        let client = connect(&settings.url).await?;
-        let catalog = connect(&settings.url).await?;
+        let client = connect(&settings).await?;
+        let catalog = connect(&settings).await?;
         Ok(PgSource {
             settings,
             client,
@@ -478,7 +492,7 @@ impl PgSource {
     /// Copies every selected table under one snapshot into LOAD objects and
     /// returns the snapshot's visibility for the change stream, and the rows copied.
     pub async fn full_load(&self, sink: &mut Sink) -> Result<(Snapshot, u64)> {
-        let coordinator = connect(&self.settings.url).await?;
+        let coordinator = connect(&self.settings).await?;
         coordinator
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
@@ -509,14 +523,14 @@ impl PgSource {
             .map(|(_, table)| (table.clone(), sink.load_table(table)))
             .collect();
         let results = futures::stream::iter(outputs.into_iter().map(|(table, output)| {
-            let url = self.settings.url.clone();
+            let settings = &self.settings;
             let id = id.clone();
             let target = sink.target().clone();
             let layout = sink.layout().clone();
             let bar = progress.add(indicatif::ProgressBar::new_spinner());
             async move {
                 bar.set_message(format!("{}.{}", table.schema, table.name));
-                let client = connect(&url).await?;
+                let client = connect(settings).await?;
                 client
                     .batch_execute(&format!(
                         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{id}'"
@@ -773,10 +787,30 @@ impl PgSource {
     }
 }
 
-async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(pg(format!("connecting to {}", super::redact_url(url))))?;
+async fn connect(settings: &PgSettings) -> Result<Client> {
+    use super::tls::TlsMode;
+    use tokio_postgres::config::SslMode;
+    let url = super::redact_url(&settings.url);
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(pg(format!("reading the URL {url}")))?;
+    config.ssl_mode(match settings.tls.mode {
+        TlsMode::Disable => SslMode::Disable,
+        TlsMode::Prefer => SslMode::Prefer,
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+    });
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(settings.tls.client_config()?);
+    let (client, connection) =
+        config
+            .connect(tls)
+            .await
+            .map_err(|e| match pg(format!("connecting to {url}"))(e) {
+                Error::Capture { context, message } => {
+                    Error::capture(context, settings.tls.explain(&message))
+                }
+                other => other,
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!("PostgreSQL connection closed: {e}");

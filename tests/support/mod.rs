@@ -692,3 +692,70 @@ async fn serve_with_fault(
     let _ = client.shutdown().await;
     Some(fault == Some("stall"))
 }
+
+/// The test CAs' certificate files (`scripts/peers.sh`): the one that signs
+/// the servers' certificate (which names only `localhost`), and another
+/// that signs nothing of ours.
+pub(crate) fn tls_cas() -> Option<(String, String)> {
+    let dir = PathBuf::from(peer("CDCFLOW_TEST_TLS_DIR")?);
+    let file = |name: &str| dir.join(name).display().to_string();
+    Some((file("ca.pem"), file("other-ca.pem")))
+}
+
+/// `db_url` with `user` at `host` and the query `params`.
+pub(crate) fn tls_url(db_url: &str, user: &str, host: &str, params: &str) -> String {
+    let mut url = url::Url::parse(db_url).unwrap();
+    url.set_username(user).unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_query(Some(params));
+    url.to_string()
+}
+
+impl Workspace {
+    /// `capture --once` of a full load over each `(url, Ok(()) or
+    /// Err(text the failure must show))`, with a fresh target each time.
+    pub(crate) fn capture_tls_cases(&self, cases: &[(String, std::result::Result<(), &str>)]) {
+        for (i, (url, expected)) in cases.iter().enumerate() {
+            let objects = self.path(&format!("tls-objects-{i}"));
+            std::fs::write(
+                self.path("capture.toml"),
+                format!(
+                    "name = \"tls\"\n[source]\nurl = \"{url}\"\nmode = \"full-load\"\n\
+                     [target]\nurl = \"file://{}\"\n",
+                    objects.display()
+                ),
+            )
+            .unwrap();
+            let out = self.cdcflow(&["capture", "--config", "capture.toml", "--once"], &[]);
+            let text = output(&out);
+            match expected {
+                Ok(()) => {
+                    assert!(out.status.success(), "{url}: should connect:\n{text}");
+                    let written = walk(&objects).len();
+                    assert!(written > 0, "{url}: no object written:\n{text}");
+                }
+                Err(shown) => {
+                    assert!(!out.status.success(), "{url}: should be refused:\n{text}");
+                    assert!(
+                        text.contains(shown),
+                        "{url}: expected {shown:?} in:\n{text}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
