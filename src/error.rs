@@ -195,6 +195,17 @@ pub enum Error {
         message: String,
     },
 
+    /// The connection to the capture source was lost or refused (a server
+    /// restart, a failover, a network reset): transient, capture reconnects
+    /// and resumes from its checkpoint.
+    #[error("capture: {context}: lost the connection to the database: {message}")]
+    SourceLost {
+        /// What was being done.
+        context: String,
+        /// The driver's message.
+        message: String,
+    },
+
     /// An object of a recorded batch changed before the batch was finished
     /// (same key, new ETag): the batch must load the version it recorded.
     #[error(
@@ -390,7 +401,7 @@ impl Error {
                 (None, None) => true,
                 (Some(_), None) => false,
             },
-            Error::Io { .. } | Error::LeaseLost { .. } => true,
+            Error::Io { .. } | Error::LeaseLost { .. } | Error::SourceLost { .. } => true,
             Error::Injected { transient, .. } => *transient,
             Error::Config { .. }
             | Error::Decode { .. }

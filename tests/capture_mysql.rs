@@ -5,7 +5,7 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 
-use crate::support::{Workspace, output, peer, tls_url};
+use crate::support::{StreamingCapture, TcpProxy, Workspace, output, peer, tls_url};
 
 /// A fresh database for one test, dropped at the end.
 struct Db {
@@ -549,4 +549,48 @@ async fn tls_verify_identity_accepts_the_named_host_and_refuses_others() {
         (url("localhost", "ssl-mode=DISABLED"), Err("Access denied")),
     ]);
     db.drop().await;
+}
+
+/// Streaming capture whose connections (the binlog's among them) are cut
+/// twice, with new ones refused for 2 s each time (what a client sees when
+/// the server restarts or fails over), reconnects and resumes from its
+/// checkpoint: it keeps running, captures what was committed after each
+/// cut, and every change lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_capture_reconnects_after_the_database_goes_away() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    for id in 1..=50 {
+        db.exec(&format!("INSERT INTO t VALUES ({id}, 0)")).await;
+    }
+    let proxy = TcpProxy::start(&db.url).await;
+    let proxied = proxy.url(&db.url);
+    let direct = std::mem::replace(&mut db.url, proxied);
+    write_t_configs(&ws, &db, "reconnect", 9000);
+    db.url = direct;
+    let mut capture = StreamingCapture::start(&ws);
+    capture.wait_for_full_load(&ws.path("objects")).await;
+    let updates = proxy.updates_around_outages(&mut db).await;
+    let expected = db
+        .rows("SELECT CAST(id AS CHAR), CAST(v AS CHAR) FROM t")
+        .await;
+    capture
+        .until_loaded(
+            &ws,
+            "SELECT CAST(id AS VARCHAR), CAST(v AS VARCHAR) FROM t",
+            &expected,
+        )
+        .await;
+    assert_t_matches(&ws, &mut db, 50 + updates).await;
+    db.drop().await;
+}
+
+impl crate::support::Exec for Db {
+    async fn exec(&mut self, sql: &str) -> u64 {
+        Db::exec(self, sql).await
+    }
 }

@@ -8,7 +8,7 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{Workspace, output, peer, tls_url};
+use crate::support::{StreamingCapture, TcpProxy, Workspace, output, peer, tls_url};
 
 /// A fresh database for one test; dropped (with its slot) at the end.
 struct Db {
@@ -722,4 +722,47 @@ async fn tls_verify_full_accepts_the_named_host_and_refuses_others() {
     }
     ws.capture_tls_cases(&cases);
     db.drop().await;
+}
+
+/// Streaming capture whose connections are cut twice, with new ones refused
+/// for 2 s each time (what a client sees when the server restarts or fails
+/// over), reconnects and resumes from its checkpoint: it keeps running, it
+/// captures what was committed after each cut, and every change lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_capture_reconnects_after_the_database_goes_away() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
+        .await;
+    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 50) g")
+        .await;
+    let proxy = TcpProxy::start(&db.url).await;
+    let proxied = proxy.url(&db.url);
+    let direct = std::mem::replace(&mut db.url, proxied);
+    write_configs(&ws, &db, "", &[("t", "\"id\"")]);
+    db.url = direct;
+    let mut capture = StreamingCapture::start(&ws);
+    capture.wait_for_full_load(&ws.path("objects")).await;
+    let updates = proxy.updates_around_outages(&mut db).await;
+    let expected = db.rows("SELECT id::text, v::text FROM t").await;
+    capture
+        .until_loaded(
+            &ws,
+            "SELECT CAST(id AS VARCHAR), CAST(v AS VARCHAR) FROM t",
+            &expected,
+        )
+        .await;
+    assert_eq!(
+        count(&ws, "SELECT count(*) FROM t_history").await,
+        50 + updates as i64
+    );
+    db.drop().await;
+}
+
+impl crate::support::Exec for Db {
+    async fn exec(&mut self, sql: &str) -> u64 {
+        Db::exec(self, sql).await
+    }
 }

@@ -79,6 +79,10 @@ pub struct CaptureSource {
     /// Tables copied at once during the full load.
     #[serde(default = "CaptureSource::default_parallel_load")]
     pub parallel_load: usize,
+    /// How long capture keeps reconnecting after it lost the database (a
+    /// restart, a failover, a network reset) before it gives up, e.g. `"15m"`.
+    #[serde(default = "CaptureSource::default_reconnect_for")]
+    pub reconnect_for: String,
 }
 
 impl CaptureSource {
@@ -93,6 +97,9 @@ impl CaptureSource {
     }
     fn default_server_id() -> u32 {
         4_271
+    }
+    fn default_reconnect_for() -> String {
+        "15m".into()
     }
 }
 
@@ -169,6 +176,7 @@ pub struct Capture {
     file: CaptureFile,
     database: Database,
     interval: Duration,
+    reconnect_for: Duration,
 }
 
 impl Capture {
@@ -184,6 +192,11 @@ impl Capture {
             config::parse_duration(&file.target.interval).map_err(|e| Error::Config {
                 path: path.display().to_string(),
                 problems: vec![format!("`target.interval`: {e}")],
+            })?;
+        let reconnect_for =
+            config::parse_duration(&file.source.reconnect_for).map_err(|e| Error::Config {
+                path: path.display().to_string(),
+                problems: vec![format!("`source.reconnect_for`: {e}")],
             })?;
         let mut url = file.source.url.clone();
         let mysql = url.starts_with("mysql://") || url.starts_with("mariadb://");
@@ -234,6 +247,7 @@ impl Capture {
             file,
             database,
             interval,
+            reconnect_for,
         })
     }
 
@@ -281,12 +295,53 @@ impl Capture {
 
     /// Runs capture: the full load when due, then changes until `stop` (or,
     /// with `once`, until the server's position at start). Returns the rows
-    /// written (full load and changes).
+    /// written (full load and changes; after a restart, rows read again
+    /// count again).
+    ///
+    /// A lost connection (or another transient error: the target's storage
+    /// answering 5xx) does not end it: capture starts again from its
+    /// checkpoint, as a restarted process would, after a backoff of 1 s
+    /// doubling to 60 s, until `reconnect_for` has passed without a
+    /// connection that lasted a minute. Every change still lands once: the
+    /// checkpoint protocol (see `sink`) makes a restart at any moment safe.
     pub async fn run(&self, once: bool, stop: &Shutdown) -> Result<u64> {
-        let mut sink = self.sink().await?;
-        match &self.database {
-            Database::Postgres(pg) => self.run_postgres(pg, &mut sink, once, stop).await,
-            Database::Mysql(my) => run_mysql(my, &mut sink, once, stop).await,
+        const SETTLED: Duration = Duration::from_secs(60);
+        const LONGEST: Duration = Duration::from_secs(60);
+        let mut rows = 0;
+        let mut delay = Duration::from_secs(1);
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let started = Instant::now();
+            let (result, read) = match self.sink().await {
+                Ok(mut sink) => {
+                    let result = match &self.database {
+                        Database::Postgres(pg) => {
+                            self.run_postgres(pg, &mut sink, once, stop).await
+                        }
+                        Database::Mysql(my) => run_mysql(my, &mut sink, once, stop).await,
+                    };
+                    (result, sink.rows())
+                }
+                Err(e) => (Err(e), 0),
+            };
+            let error = match result {
+                Ok(written) => return Ok(rows + written),
+                Err(e) if e.is_transient() && !stop.requested() => e,
+                Err(e) => return Err(e),
+            };
+            // The rows of this connection (some are read again after the restart).
+            rows += read;
+            if started.elapsed() >= SETTLED {
+                (delay, failing_since) = (Duration::from_secs(1), None);
+            }
+            let since = *failing_since.get_or_insert(started);
+            if since.elapsed() >= self.reconnect_for {
+                tracing::error!(error = %error, reconnect_for = ?self.reconnect_for, "giving up: the database stayed unreachable");
+                return Err(error);
+            }
+            tracing::warn!(error = %error, retry_in = ?delay, "capture stopped on a transient error; starting again from the checkpoint");
+            sleep_unless_stopped(delay, stop).await;
+            delay = (delay * 2).min(LONGEST);
         }
     }
 

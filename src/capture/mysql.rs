@@ -102,7 +102,31 @@ fn with_gtid(set: Option<&str>, gtid: &str) -> String {
 
 fn my(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
     let context = context.into();
-    move |e| Error::capture(context, e)
+    move |e| {
+        if connection_lost(&e) {
+            Error::SourceLost {
+                context,
+                message: e.to_string(),
+            }
+        } else {
+            Error::capture(context, e)
+        }
+    }
+}
+
+/// Whether `e` is the connection failing (refused, reset, closed; the
+/// server shutting down or gone) rather than the server refusing what was
+/// asked. A certificate that fails its check is an I/O error too, and is not.
+fn connection_lost(e: &mysql_async::Error) -> bool {
+    use mysql_async::{DriverError, Error as E};
+    match e {
+        E::Io(io) => !io.to_string().contains("certificate"),
+        E::Driver(DriverError::ConnectionClosed | DriverError::PoolDisconnected) => true,
+        // Too many connections, server shutdown, connection killed, server
+        // gone away, lost connection.
+        E::Server(server) => matches!(server.code, 1040 | 1053 | 1927 | 2006 | 2013),
+        _ => false,
+    }
 }
 
 /// The first connection, with TLS as `settings.tls` says, and the options
@@ -132,7 +156,10 @@ async fn connect_with_tls(opts: Opts, settings: &MySettings) -> Result<(Conn, Op
     };
     let fail = |e: mysql_async::Error| {
         let context = format!("connecting to {}", super::redact_url(&settings.url));
-        Error::capture(context, tls.explain(&e.to_string()))
+        match my(context)(e) {
+            Error::Capture { context, message } => Error::capture(context, tls.explain(&message)),
+            lost => lost,
+        }
     };
     let opts = with(ssl);
     match Conn::new(opts.clone()).await {

@@ -72,6 +72,7 @@ pub struct PgSettings {
 fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
     move |e| {
+        let lost = connection_lost(&e);
         let message = match e.as_db_error() {
             Some(db) => format!(
                 "{}{}",
@@ -94,8 +95,28 @@ fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error
                 text
             }
         };
-        Error::capture(context, message)
+        if lost {
+            Error::SourceLost { context, message }
+        } else {
+            Error::capture(context, message)
+        }
     }
+}
+
+/// Whether `e` is the connection failing (refused, reset, closed; the
+/// server shutting down or not accepting connections yet) rather than the
+/// server refusing what was asked.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 08: connection exception; 57P01-03: admin or crash shutdown, cannot
+        // connect now (starting up, recovering); 53300: too many connections.
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    let text = e.to_string();
+    e.is_closed()
+        || text.starts_with("error connecting to server")
+        || text.starts_with("error communicating with the server")
 }
 
 /// The SQL type a column of `oid` (with its type modifier) is written as.

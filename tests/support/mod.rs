@@ -759,3 +759,171 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// A TCP proxy to `upstream` on loopback whose [`TcpProxy::outage`] cuts
+/// every open connection and refuses new ones for a while: what a client
+/// sees when its database restarts or fails over.
+pub(crate) struct TcpProxy {
+    /// `host:port` to connect to.
+    pub(crate) addr: String,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::broadcast::Sender<()>,
+}
+
+impl TcpProxy {
+    /// A proxy to the host and port of `url`.
+    pub(crate) async fn start(url: &str) -> TcpProxy {
+        let parsed = url::Url::parse(url).unwrap();
+        let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, _) = tokio::sync::broadcast::channel(4);
+        let (is_down, cuts) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if is_down.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection reset
+                }
+                let (upstream, mut cut) = (upstream.clone(), cuts.subscribe());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.recv() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { addr, down, cut }
+    }
+
+    /// `url` with the proxy's host and port.
+    pub(crate) fn url(&self, url: &str) -> String {
+        let mut parsed = url::Url::parse(url).unwrap();
+        let (host, port) = self.addr.rsplit_once(':').unwrap();
+        parsed.set_host(Some(host)).unwrap();
+        parsed.set_port(Some(port.parse().unwrap())).unwrap();
+        parsed.to_string()
+    }
+
+    /// 120 updates of table `t (id, v)` (ids 1 to 50) through `db`, in three
+    /// rounds with a 2 s outage before the second and the third; returns the
+    /// rows they changed.
+    pub(crate) async fn updates_around_outages(&self, db: &mut impl Exec) -> u64 {
+        let mut updates = 0;
+        for round in 0..3 {
+            if round > 0 {
+                self.outage(std::time::Duration::from_secs(2)).await;
+            }
+            for i in 0..40 {
+                let id = i % 50 + 1;
+                updates += db
+                    .exec(&format!("UPDATE t SET v = v + {round} + 1 WHERE id = {id}"))
+                    .await;
+            }
+        }
+        updates
+    }
+
+    /// Cuts every connection, refuses new ones for `length`, then serves again.
+    pub(crate) async fn outage(&self, length: std::time::Duration) {
+        self.down.store(true, Ordering::SeqCst);
+        let _ = self.cut.send(());
+        tokio::time::sleep(length).await;
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// `cdcflow capture --config capture.toml` streaming in the background, its
+/// output in `capture.log`.
+pub(crate) struct StreamingCapture {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl StreamingCapture {
+    pub(crate) fn start(ws: &Workspace) -> StreamingCapture {
+        let log = ws.path("capture.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+            .current_dir(ws.dir.path())
+            .args(["capture", "--config", "capture.toml"])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        StreamingCapture { child, log }
+    }
+
+    /// Waits (20 s at most) until a full-load object (`LOAD…`) is under `dir`.
+    pub(crate) async fn wait_for_full_load(&mut self, dir: &Path) {
+        for _ in 0..200 {
+            let loaded = walk(dir).iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("LOAD"))
+            });
+            if loaded {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("no full load under {}:\n{}", dir.display(), self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the pipeline until the warehouse's `sql` rows (as text) are
+    /// `expected`, the capture running all along (30 s at most); then stops
+    /// the capture with SIGTERM, which must end it cleanly, and checks from its
+    /// log that it did start again after losing the database.
+    pub(crate) async fn until_loaded(
+        &mut self,
+        ws: &Workspace,
+        sql: &str,
+        expected: &[Vec<Option<String>>],
+    ) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("capture ended ({status}):\n{}", self.log());
+            }
+            let run = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+            assert!(run.status.success(), "{}", output(&run));
+            // The table exists once a run loaded its full load.
+            if ws.runner().query(sql).await.is_ok() && ws.text_rows(sql).await == expected {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the capture did not catch up:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let status = self.child.wait().unwrap();
+        let log = self.log();
+        assert!(status.success(), "SIGTERM: {status}\n{log}");
+        assert!(
+            log.contains("starting again from the checkpoint"),
+            "the capture never lost the database:\n{log}"
+        );
+    }
+}
+
+/// A test database that runs SQL, returning the rows changed.
+pub(crate) trait Exec {
+    async fn exec(&mut self, sql: &str) -> u64;
+}
