@@ -5,7 +5,9 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 
-use crate::support::{StreamingCapture, TcpProxy, Workspace, output, peer, tls_url};
+use crate::support::{
+    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, tls_url,
+};
 
 /// A fresh database for one test, dropped at the end.
 struct Db {
@@ -593,4 +595,39 @@ impl crate::support::Exec for Db {
     async fn exec(&mut self, sql: &str) -> u64 {
         Db::exec(self, sql).await
     }
+}
+
+/// A column added with a default gives every row the source holds that
+/// value, and no row event says so. The schema version carries it (and NOT
+/// NULL); the current table gives it to every row not changed since, while
+/// history says truthfully that the older changes had no such column.
+/// Before, every row not changed since the ALTER read NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_with_a_default_has_its_value_in_unchanged_rows() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    for id in 1..=100 {
+        db.exec(&format!("INSERT INTO t VALUES ({id}, 0)")).await;
+    }
+    write_t_configs(&ws, &db, "added", 10000);
+    ws.capture_once(&[]);
+    let before = db.exec("UPDATE t SET v = 1 WHERE id <= 10").await;
+    db.exec("ALTER TABLE t ADD COLUMN tier VARCHAR(10) NOT NULL DEFAULT 'it''s std'")
+        .await;
+    let after = db
+        .exec("UPDATE t SET v = 2 WHERE id BETWEEN 5 AND 15")
+        .await
+        + db.exec("UPDATE t SET tier = 'gold' WHERE id BETWEEN 90 AND 95")
+            .await
+        + db.exec("INSERT INTO t (id, v) VALUES (101, 0)").await;
+    ws.capture_once(&[]);
+    let source = db
+        .rows("SELECT CAST(id AS CHAR), CAST(v AS CHAR), tier FROM t")
+        .await;
+    assert_added_column_matches(&ws, &source, 100 + before, after).await;
+    db.drop().await;
 }

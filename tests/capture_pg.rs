@@ -8,7 +8,9 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{StreamingCapture, TcpProxy, Workspace, output, peer, tls_url};
+use crate::support::{
+    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, tls_url,
+};
 
 /// A fresh database for one test; dropped (with its slot) at the end.
 struct Db {
@@ -766,3 +768,37 @@ impl crate::support::Exec for Db {
         Db::exec(self, sql).await
     }
 }
+
+/// A column added with a default gives every row the source holds that
+/// value, and no change event says so (PostgreSQL 11+ keeps it as the
+/// column's "missing value"). The schema version carries it (and NOT
+/// NULL); the current table gives it to every row not changed since, while
+/// history says truthfully that the older changes had no such column.
+/// Before, every row not changed since the ALTER read NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_with_a_default_has_its_value_in_unchanged_rows() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
+        .await;
+    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g")
+        .await;
+    write_configs(&ws, &db, "", &[("t", "\"id\"")]);
+    ws.capture_once(&[]);
+    let before = db.exec("UPDATE t SET v = 1 WHERE id <= 10").await;
+    db.exec("ALTER TABLE t ADD COLUMN tier varchar(10) NOT NULL DEFAULT 'it''s std'")
+        .await;
+    let after = db
+        .exec("UPDATE t SET v = 2 WHERE id BETWEEN 5 AND 15")
+        .await
+        + db.exec("UPDATE t SET tier = 'gold' WHERE id BETWEEN 90 AND 95")
+            .await
+        + db.exec("INSERT INTO t (id, v) VALUES (101, 0)").await;
+    ws.capture_once(&[]);
+    assert_added_column_matches(&ws, &db.rows(ADDED_PG).await, 100 + before, after).await;
+    db.drop().await;
+}
+
+const ADDED_PG: &str = "SELECT id::text, v::text, tier FROM t";

@@ -31,6 +31,7 @@ fn spec(columns: &[(&str, &str)]) -> DecodeSpec {
             .map(|(n, t)| Column {
                 name: n.to_string(),
                 sql_type: t.parse().unwrap(),
+                existing: None,
             })
             .collect(),
         op_name: "op".into(),

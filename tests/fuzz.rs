@@ -94,6 +94,7 @@ fn spec(key: &str, original: &[u8]) -> DecodeSpec {
         .map(|(name, sql_type)| Column {
             name: name.into(),
             sql_type,
+            existing: None,
         })
         .collect(),
         op_name: "op".into(),

@@ -33,6 +33,12 @@ pub struct SourceColumn {
     pub sql_type: SqlType,
     /// Part of the primary key (replica identity).
     pub key: bool,
+    /// The value rows stored before the column was added hold, as text,
+    /// when the server gives it (PostgreSQL's fast default, MySQL's column
+    /// default): no row event says so.
+    pub existing: Option<String>,
+    /// Declared NOT NULL.
+    pub not_null: bool,
 }
 
 /// A table as written: names after mapping, columns after removal, masks.
@@ -59,6 +65,10 @@ pub struct OutputColumn {
     pub key: bool,
     /// Masking applied to every value.
     pub mask: Option<Mask>,
+    /// The value of rows stored before the column was added (masked).
+    pub existing: Option<String>,
+    /// Declared NOT NULL.
+    pub not_null: bool,
 }
 
 /// How a column's values are masked.
@@ -316,6 +326,11 @@ impl Mapping {
                         c.sql_type
                     },
                     key: c.key,
+                    existing: c
+                        .existing
+                        .as_deref()
+                        .map(|v| mask.as_ref().map_or_else(|| v.to_string(), |m| m.apply(v))),
+                    not_null: c.not_null,
                     mask,
                 }
             })
@@ -351,6 +366,8 @@ mod tests {
             name: name.into(),
             sql_type: SqlType::Text,
             key,
+            existing: None,
+            not_null: key,
         };
         SourceTable {
             schema: "public".into(),

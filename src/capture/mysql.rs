@@ -174,6 +174,24 @@ async fn connect_with_tls(opts: Opts, settings: &MySettings) -> Result<(Conn, Op
     }
 }
 
+/// The value a column default gives the rows stored before the column was
+/// added, from `information_schema.columns.column_default`: MariaDB writes
+/// literals quoted (`'std'`) and `NULL` for none, MySQL writes them bare.
+/// An expression (`current_timestamp()`) has no value known here: `None`.
+fn default_value(default: &str) -> Option<String> {
+    if let Some(quoted) = default
+        .strip_prefix('\'')
+        .and_then(|d| d.strip_suffix('\''))
+    {
+        return Some(quoted.replace("''", "'").replace("\\\\", "\\"));
+    }
+    let bare = default.trim();
+    let expression = bare.eq_ignore_ascii_case("NULL")
+        || bare.contains('(')
+        || bare.to_ascii_lowercase().starts_with("current_");
+    (!expression).then(|| bare.to_string())
+}
+
 /// A column as information_schema describes it.
 #[derive(Debug, Clone)]
 struct MyColumn {
@@ -442,11 +460,21 @@ impl MySource {
         names: Option<&[String]>,
         sink: &Sink,
     ) -> Result<Table> {
-        type Row = (String, String, String, Option<u64>, Option<u64>, String);
+        type Row = (
+            String,
+            String,
+            String,
+            Option<u64>,
+            Option<u64>,
+            String,
+            Option<String>,
+            String,
+        );
         let rows: Vec<Row> = self
             .conn
             .exec(
-                "SELECT column_name, data_type, column_type, numeric_precision, numeric_scale, column_key \
+                "SELECT column_name, data_type, column_type, numeric_precision, numeric_scale, column_key, \
+                 column_default, is_nullable \
                  FROM information_schema.columns WHERE table_schema = ? AND table_name = ? \
                  ORDER BY ordinal_position",
                 (schema, name),
@@ -475,18 +503,22 @@ impl MySource {
                                 None,
                                 None,
                                 String::new(),
+                                None,
+                                "YES".into(),
                             )
                         })
                 })
                 .collect(),
         };
-        for (col, data_type, column_type, p, s, key) in rows {
+        for (col, data_type, column_type, p, s, key, default, nullable) in rows {
             let data_type = data_type.to_ascii_lowercase();
             let sql_type = sql_type(&data_type, &column_type, p, s);
             source.columns.push(SourceColumn {
                 name: col,
                 sql_type,
                 key: key == "PRI",
+                existing: default.as_deref().and_then(default_value),
+                not_null: nullable == "NO",
             });
             columns.push(MyColumn {
                 sql_type,

@@ -163,17 +163,24 @@ fn same_shape(a: &Relation, b: &Relation) -> bool {
         })
 }
 
-fn source_table(rel: &Relation) -> SourceTable {
+/// The table of `rel`, with what the catalog says of its columns beside
+/// the Relation message: `facts` (see [`PgSource::column_facts`]).
+fn source_table(rel: &Relation, facts: &HashMap<String, (Option<String>, bool)>) -> SourceTable {
     SourceTable {
         schema: rel.schema.clone(),
         name: rel.name.clone(),
         columns: rel
             .columns
             .iter()
-            .map(|c| SourceColumn {
-                name: c.name.clone(),
-                sql_type: sql_type(c.type_oid, c.type_modifier),
-                key: c.key,
+            .map(|c| {
+                let (existing, not_null) = facts.get(&c.name).cloned().unwrap_or_default();
+                SourceColumn {
+                    name: c.name.clone(),
+                    sql_type: sql_type(c.type_oid, c.type_modifier),
+                    key: c.key,
+                    existing,
+                    not_null,
+                }
             })
             .collect(),
     }
@@ -467,7 +474,8 @@ impl PgSource {
             .client
             .query(
                 "SELECT c.oid, n.nspname::text, c.relname::text, a.attname::text, a.atttypid, a.atttypmod, \
-                        coalesce(a.attnum = ANY(i.indkey), false) \
+                        coalesce(a.attnum = ANY(i.indkey), false), \
+                        CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.attnotnull \
                  FROM pg_publication_tables p \
                  JOIN pg_namespace n ON n.nspname = p.schemaname \
                  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
@@ -505,6 +513,8 @@ impl PgSource {
                     name: r.get(3),
                     sql_type: sql_type(typ, r.get(5)),
                     key: r.get(6),
+                    existing: r.get(7),
+                    not_null: r.get(8),
                 });
         }
         Ok(tables)
@@ -710,7 +720,8 @@ impl PgSource {
                         let id = rel.id;
                         let entry = if sink.mapping().selects(&rel.schema, &rel.name) {
                             self.mark_primary_key(&mut rel).await?;
-                            sink.table(&source_table(&rel));
+                            let facts = self.column_facts(&rel).await?;
+                            sink.table(&source_table(&rel, &facts));
                             Some((format!("{}.{}", rel.schema, rel.name), rel))
                         } else {
                             None
@@ -777,6 +788,29 @@ impl PgSource {
             c.key = key.contains(&c.name);
         }
         Ok(())
+    }
+
+    /// Per column of `rel`: the value rows stored before it was added hold
+    /// (PostgreSQL 11+ keeps it as `attmissingval` rather than rewriting
+    /// the rows, and no change event says so), and NOT NULL.
+    async fn column_facts(
+        &self,
+        rel: &Relation,
+    ) -> Result<HashMap<String, (Option<String>, bool)>> {
+        let rows = self
+            .catalog
+            .query(
+                "SELECT attname::text, CASE WHEN atthasmissing THEN (attmissingval::text::text[])[1] END, \
+                        attnotnull \
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                &[&rel.id],
+            )
+            .await
+            .map_err(pg(format!("reading the columns of {}.{}", rel.schema, rel.name)))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect())
     }
 
     /// Confirms that everything before `lsn` is written: the server may

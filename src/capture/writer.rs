@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use super::mapping::OutputTable;
 use super::pgoutput::Value;
 use crate::config::UTC;
-use crate::decode::Op;
 use crate::decode::columns::ColumnBuilder;
+use crate::decode::{EXISTING_METADATA, Op};
 use crate::error::{Error, Result};
 
 /// Object format.
@@ -362,7 +362,12 @@ impl Buffer {
                 fields.push(Field::new(&layout.sequence_column, DataType::Utf8, false));
                 arrays.push(Arc::new(seq.finish()));
                 for (col, builder) in self.table.columns.iter().zip(columns) {
-                    fields.push(Field::new(&col.name, col.sql_type.arrow_type(), true));
+                    let field = Field::new(&col.name, col.sql_type.arrow_type(), true);
+                    fields.push(match &col.existing {
+                        Some(value) => field
+                            .with_metadata([(EXISTING_METADATA.to_string(), value.clone())].into()),
+                        None => field,
+                    });
                     arrays.push(builder.finish());
                 }
                 let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
@@ -558,6 +563,13 @@ pub struct SchemaColumn {
     /// Type as a pipeline file spells it.
     #[serde(rename = "type")]
     pub sql_type: String,
+    /// The value of rows stored before the column was added (see
+    /// [`crate::decode::EXISTING_METADATA`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub existing: Option<String>,
+    /// Declared NOT NULL.
+    #[serde(default)]
+    pub not_null: bool,
 }
 
 impl SchemaFile {
@@ -574,6 +586,8 @@ impl SchemaFile {
                 .map(|c| SchemaColumn {
                     name: c.name.clone(),
                     sql_type: c.sql_type.to_string(),
+                    existing: c.existing.clone(),
+                    not_null: c.not_null,
                 })
                 .collect(),
             primary_key: table

@@ -183,6 +183,9 @@ pub struct Column {
     pub name: String,
     /// Type.
     pub sql_type: SqlType,
+    /// The value of rows stored before the column was added, as text (see
+    /// [`crate::decode::EXISTING_METADATA`]); `None`: NULL, or not known.
+    pub existing: Option<String>,
 }
 
 struct Problems(Vec<String>);
@@ -562,6 +565,7 @@ fn validate_table(
                     Ok(sql_type) => Some(super::Column {
                         name: col.name.clone(),
                         sql_type,
+                        existing: None,
                     }),
                     Err(msg) => {
                         problems.add(at(&format!("columns[{j}].type")), msg);

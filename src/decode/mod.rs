@@ -25,6 +25,11 @@ use crate::config::{Column, CsvOptions, Format, UTC};
 use crate::error::{Error, Location, Result};
 use crate::source::{Compression, ObjectOrder, SourceObject};
 
+/// The Parquet field metadata key of a column's value in rows stored
+/// before the column was added (a column added with a default; capture
+/// writes it): those rows hold it in the source though no change said so.
+pub const EXISTING_METADATA: &str = "cdcflow.existing";
+
 /// A change operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -281,10 +286,12 @@ mod tests {
                 Column {
                     name: "id".into(),
                     sql_type: SqlType::BigInt,
+                    existing: None,
                 },
                 Column {
                     name: "v".into(),
                     sql_type: SqlType::Text,
+                    existing: None,
                 },
             ],
             op_name: "op".into(),

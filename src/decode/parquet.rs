@@ -91,6 +91,7 @@ pub(crate) fn columns(key: &str, bytes: Bytes, spec: &DecodeSpec) -> Result<Vec<
                 .map(|sql_type| Column {
                     name: f.name().clone(),
                     sql_type,
+                    existing: None,
                 })
                 .ok_or_else(|| {
                     Error::decode(
@@ -151,10 +152,28 @@ fn decode(key: &str, batch: &RecordBatch, cdc: bool, spec: &DecodeSpec) -> Resul
             continue;
         }
         match SqlType::from_arrow(field.data_type()) {
-            Some(sql_type) if spec.evolving => new_columns.push(Column {
-                name: field.name().clone(),
-                sql_type,
-            }),
+            Some(sql_type) if spec.evolving => {
+                let existing = match field.metadata().get(super::EXISTING_METADATA) {
+                    Some(value) => Some(canonical(value, field.data_type()).ok_or_else(|| {
+                        Error::decode(
+                            key,
+                            at(field.name()),
+                            format!(
+                                "the value of the rows stored before the column was added \
+                                 ({:?}, field metadata {}) is not a {sql_type}",
+                                value,
+                                super::EXISTING_METADATA
+                            ),
+                        )
+                    })?),
+                    None => None,
+                };
+                new_columns.push(Column {
+                    name: field.name().clone(),
+                    sql_type,
+                    existing,
+                })
+            }
             Some(_) => {
                 return Err(Error::decode(
                     key,
@@ -326,4 +345,35 @@ fn convert(key: &str, name: &str, array: &ArrayRef, sql_type: SqlType) -> Result
         ));
     }
     Ok(out)
+}
+
+/// `value` as `data_type` would write it (`t` as `true`, `12.5` as `12.50`
+/// in a decimal(12,2)), or `None` when it is not one.
+fn canonical(value: &str, data_type: &DataType) -> Option<String> {
+    let strict = CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let typed = cast_with_options(&StringArray::from(vec![value]), data_type, &strict).ok()?;
+    let text = cast_with_options(&typed, &DataType::Utf8, &strict).ok()?;
+    Some(text.as_string::<i32>().value(0).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_value_of_existing_rows_is_read_as_its_column_type_writes_it() {
+        assert_eq!(canonical("t", &DataType::Boolean).as_deref(), Some("true"));
+        assert_eq!(
+            canonical("12.5", &DataType::Decimal128(12, 2)).as_deref(),
+            Some("12.50")
+        );
+        assert_eq!(
+            canonical("it's std", &DataType::Utf8).as_deref(),
+            Some("it's std")
+        );
+        assert_eq!(canonical("std", &DataType::Int64), None);
+    }
 }

@@ -459,6 +459,7 @@ mod tests {
         let column = |name: &str, sql_type| Column {
             name: name.into(),
             sql_type,
+            existing: None,
         };
         Merger {
             key: vec!["a".into(), "b".into()],

@@ -345,6 +345,7 @@ mod tests {
                 .map(|n| Column {
                     name: n.into(),
                     sql_type: SqlType::Text,
+                    existing: None,
                 })
                 .into(),
             extra_columns: vec!["seq".into()],

@@ -68,6 +68,9 @@ pub(super) struct TableRun<'a> {
     work: Work,
     report: TableReport,
     merger: Option<Merger>,
+    /// A batch ended early (before a column's first object): list again
+    /// for the objects it left.
+    cut_short: bool,
 }
 
 impl<'a> TableRun<'a> {
@@ -84,6 +87,7 @@ impl<'a> TableRun<'a> {
             key,
             work,
             merger: None,
+            cut_short: false,
         }
     }
 
@@ -193,6 +197,7 @@ impl<'a> TableRun<'a> {
                 }
             };
             self.process(batch).await?;
+            more |= std::mem::take(&mut self.cut_short);
         }
     }
 
@@ -453,6 +458,22 @@ impl<'a> TableRun<'a> {
                 self.report
                     .quarantined
                     .push((batch.objects[i].key.clone(), bad.to_string()));
+                runner
+                    .state
+                    .replan_batch(&self.key, batch.number, &batch.objects[..i])?;
+                Ok(())
+            }
+            // A column added with a value for the rows stored before it: the
+            // warehouse gives that value to the current rows when it adds the
+            // column, so the batch must start at the column's first object
+            // (the changes before it come first, in a batch of their own).
+            Some((i, Error::NewColumns { columns, .. }))
+                if i > 0
+                    && batch.mode == BatchMode::Append
+                    && columns.iter().any(|c| c.existing.is_some()) =>
+            {
+                self.cut_short = true;
+                tracing::info!(table = %self.key, batch = batch.number, object = %batch.objects[i].key, "new columns with a value for existing rows; the batch ends before their first object");
                 runner
                     .state
                     .replan_batch(&self.key, batch.number, &batch.objects[..i])?;

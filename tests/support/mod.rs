@@ -927,3 +927,45 @@ impl StreamingCapture {
 pub(crate) trait Exec {
     async fn exec(&mut self, sql: &str) -> u64;
 }
+
+/// After a column `tier` was added to `t (id, v)` with the default
+/// `it's std`: the pipeline's current `t` is `source` (the source's rows as
+/// text), and history holds `old` changes without the column and `new` ones
+/// with it, each once; the capture's second schema version of `t` carries
+/// the default and NOT NULL.
+pub(crate) async fn assert_added_column_matches(
+    ws: &Workspace,
+    source: &[Vec<Option<String>>],
+    old: u64,
+    new: u64,
+) {
+    let run = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    let current = ws
+        .text_rows("SELECT CAST(id AS VARCHAR), CAST(v AS VARCHAR), tier FROM t")
+        .await;
+    assert_eq!(current, source);
+    let history = ws
+        .text_rows(
+            "SELECT CAST(tier IS NULL AS VARCHAR), CAST(count(*) AS VARCHAR) FROM t_history GROUP BY 1",
+        )
+        .await;
+    let count = |n: u64, without: bool| vec![Some(without.to_string()), Some(n.to_string())];
+    assert_eq!(history, vec![count(new, false), count(old, true)]);
+    let schema = walk(&ws.path("objects"))
+        .into_iter()
+        .find(|p| p.ends_with("t/cdcflow-schema-v0002.json"))
+        .expect("a second schema version of t");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(schema).unwrap()).unwrap();
+    let tier = schema["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tier")
+        .expect("tier in the second version");
+    assert_eq!(
+        (&tier["existing"], &tier["not_null"]),
+        (&"it's std".into(), &true.into())
+    );
+}

@@ -575,6 +575,7 @@ impl Warehouse for BigQueryWarehouse {
                     types::declared_type(f).map(|t| Column {
                         name: f.name.clone(),
                         sql_type: t,
+                        existing: None,
                     })
                 })
                 .collect(),

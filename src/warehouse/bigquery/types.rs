@@ -222,6 +222,7 @@ mod tests {
                 precision: 12,
                 scale: 2,
             },
+            existing: None,
         };
         let schema = Schema::new(vec![Field::new(
             "amount",

@@ -284,7 +284,7 @@ impl DeltaWarehouse {
                 .await
                 .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
         }
-        let table = add_missing_columns(table, &name, &req.merger.current_schema()).await?;
+        let table = self.add_current_columns(table, &name, req.merger).await?;
         let table = if self.deletion_vectors {
             deletion_vectors::enable(table, &name).await?
         } else {
@@ -428,6 +428,60 @@ impl DeltaWarehouse {
             .await
             .map_err(|e| Error::warehouse(name, "compacting", e))?;
         Ok(())
+    }
+
+    /// Adds the current table's missing columns. A column with a value for
+    /// rows stored before it was added ([`Column::existing`]) gets that value
+    /// in every row the table holds: they all predate it, since a batch
+    /// starts at the first object that has the column. One commit rewrites
+    /// the table, so a crash leaves either the old table or the filled one.
+    async fn add_current_columns(
+        &self,
+        table: DeltaTable,
+        name: &str,
+        merger: &Merger,
+    ) -> Result<DeltaTable> {
+        use datafusion::prelude::{cast, col, lit};
+        let schema = merger.current_schema();
+        let have = column_names(&table, name)?;
+        let existing = |field: &str| {
+            merger
+                .columns
+                .iter()
+                .find(|c| c.name == field && !have.contains(&c.name))
+                .and_then(|c| c.existing.as_deref())
+        };
+        if !schema.fields().iter().any(|f| existing(f.name()).is_some()) || is_empty(&table, name)?
+        {
+            return add_missing_columns(table, name, &schema).await;
+        }
+        let read = |e| Error::query(format!("reading {name}"), e);
+        let provider = table.table_provider().await.map_err(read)?;
+        let mut columns = Vec::new();
+        for f in schema.fields() {
+            let column = if have.contains(f.name()) {
+                cast(col(sql::ident(f.name())), f.data_type().clone())
+            } else {
+                lit(typed_value(name, f, existing(f.name()))?)
+            };
+            columns.push(column.alias(f.name()));
+        }
+        let plan = session(self.memory_limit)
+            .read_table(provider)
+            .map_err(read)?
+            .select(columns)
+            .map_err(read)?
+            .into_unoptimized_plan();
+        tracing::info!(
+            table = name,
+            "adding columns with the value rows stored before them hold"
+        );
+        overwrite_current(table, plan, merger)
+            .with_schema_mode(SchemaMode::Merge)
+            .await
+            .map_err(|e| {
+                Error::warehouse(name, "adding columns with the value of existing rows", e)
+            })
     }
 
     async fn merge_current(
@@ -691,6 +745,7 @@ impl Warehouse for DeltaWarehouse {
                 SqlType::from_arrow(f.data_type()).map(|t| Column {
                     name: f.name().clone(),
                     sql_type: t,
+                    existing: None,
                 })
             })
             .collect();
@@ -808,13 +863,7 @@ async fn add_missing_columns(
     schema: &arrow::datatypes::SchemaRef,
 ) -> Result<DeltaTable> {
     use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-    let have: Vec<String> = table
-        .snapshot()
-        .map_err(|e| Error::warehouse(name, "reading the schema", e))?
-        .schema()
-        .fields()
-        .map(|f| f.name().clone())
-        .collect();
+    let have = column_names(&table, name)?;
     let missing = schema
         .fields()
         .iter()
@@ -831,6 +880,44 @@ async fn add_missing_columns(
         .with_fields(missing)
         .await
         .map_err(|e| Error::warehouse(name, "adding columns", e))
+}
+
+/// The column names of `table` (`name`).
+fn column_names(table: &DeltaTable, name: &str) -> Result<Vec<String>> {
+    Ok(table
+        .snapshot()
+        .map_err(|e| Error::warehouse(name, "reading the schema", e))?
+        .schema()
+        .fields()
+        .map(|f| f.name().clone())
+        .collect())
+}
+
+/// `value` (text; `None`: NULL) as a value of `field`'s type; a value that
+/// does not fit is an error naming the table and column.
+fn typed_value(
+    table: &str,
+    field: &arrow::datatypes::Field,
+    value: Option<&str>,
+) -> Result<datafusion::scalar::ScalarValue> {
+    let strict = arrow::compute::CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let text = arrow::array::StringArray::from(vec![value]);
+    arrow::compute::cast_with_options(&text, field.data_type(), &strict)
+        .and_then(|typed| {
+            datafusion::scalar::ScalarValue::try_from_array(&typed, 0)
+                .map_err(|e| arrow::error::ArrowError::CastError(e.to_string()))
+        })
+        .map_err(|e| {
+            Error::Usage(format!(
+                "{table}: column {}: the value of the rows stored before it was added, {value:?}, \
+                 is not a {}: {e}",
+                field.name(),
+                field.data_type()
+            ))
+        })
 }
 
 /// Whether `table` holds no rows.
