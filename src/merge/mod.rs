@@ -104,9 +104,22 @@ impl Merger {
     }
 
     /// `<t>_history`: data columns, extras, op, commit_ts, change_seq, source_file, ingested_at.
+    /// A column with a value for the rows stored before it was added keeps
+    /// it in its field metadata ([`crate::decode::EXISTING_METADATA`]): the
+    /// warehouse records it with the column, for a load that finishes after
+    /// a crash (see `Warehouse::columns`).
     pub fn history_schema(&self) -> SchemaRef {
         let m = &self.meta;
-        let mut fields: Vec<Field> = self.data_fields().collect();
+        let mut fields: Vec<Field> = self
+            .data_fields()
+            .zip(&self.columns)
+            .map(|(field, column)| match &column.existing {
+                Some(value) => field.with_metadata(
+                    [(crate::decode::EXISTING_METADATA.to_string(), value.clone())].into(),
+                ),
+                None => field,
+            })
+            .collect();
         fields.extend(
             self.extra_columns
                 .iter()

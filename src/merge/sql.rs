@@ -21,6 +21,8 @@ pub const CURRENT_MERGE: &str = include_str!("../../sql/current_merge.sql");
 pub const BQ_HISTORY_MERGE: &str = include_str!("../../sql/bigquery/history_merge.sql");
 /// `sql/bigquery/stage_days.sql`.
 pub const BQ_STAGE_DAYS: &str = include_str!("../../sql/bigquery/stage_days.sql");
+/// `sql/bigquery/fill_columns.sql`.
+pub const BQ_FILL_COLUMNS: &str = include_str!("../../sql/bigquery/fill_columns.sql");
 /// `sql/bigquery/current_merge.sql`.
 pub const BQ_CURRENT_MERGE: &str = include_str!("../../sql/bigquery/current_merge.sql");
 

@@ -213,7 +213,84 @@ impl BigQueryWarehouse {
 
     /// Creates the history and current tables and the versions view when
     /// missing; adds columns the batch has and the tables lack.
-    async fn prepare_tables(&self, api: &Api, table: &Table, merger: &Merger) -> Result<()> {
+    /// The current table's new columns that come with a value for the rows
+    /// stored before them ([`Column::existing`]): the ones it lacks, or all
+    /// of them when an earlier try of this batch started filling them.
+    /// [`BigQueryWarehouse::fill_columns`] adds and fills them in one job.
+    async fn columns_to_fill<'m>(
+        &self,
+        api: &Api,
+        req: &LoadRequest<'m>,
+    ) -> Result<Vec<&'m Column>> {
+        let with_value = req.merger.columns.iter().filter(|c| c.existing.is_some());
+        if with_value.clone().next().is_none() {
+            return Ok(Vec::new());
+        }
+        // A table made now has every column, and no row to fill.
+        let Some(current) = api.table(&req.table.target).await? else {
+            return Ok(Vec::new());
+        };
+        let fill = self.job(req.table, req.batch, req.store, "fill");
+        let started = api.job(&fill.id).await?.is_some();
+        let have = current.schema.fields.unwrap_or_default();
+        Ok(with_value
+            .filter(|c| started || !have.iter().any(|h| h.name.eq_ignore_ascii_case(&c.name)))
+            .collect())
+    }
+
+    /// Adds `columns` to the current table with their value in every row
+    /// (see `sql/bigquery/fill_columns.sql`), as the batch's `fill` job.
+    async fn fill_columns(
+        &self,
+        api: &Api,
+        req: &LoadRequest<'_>,
+        columns: &[&Column],
+    ) -> Result<()> {
+        let schema = types::table_schema(
+            &req.merger.current_schema(),
+            req.merger.columns.as_slice(),
+            false,
+        );
+        let type_of = |name: &str| {
+            schema
+                .fields
+                .iter()
+                .flatten()
+                .find(|f| f.name == name)
+                .map(|f| types::type_name(&f.r#type))
+                .expect("a merger column is a current column")
+        };
+        let mut add = Vec::new();
+        let mut set = Vec::new();
+        for c in columns {
+            let (column, ty) = (BQ.ident(&c.name), type_of(&c.name));
+            let value = BQ.literal(c.existing.as_deref().unwrap_or_default());
+            add.push(format!("ADD COLUMN IF NOT EXISTS {column} {ty}"));
+            set.push(format!("{column} = CAST({value} AS {ty})"));
+        }
+        let sql = sql::render(
+            sql::BQ_FILL_COLUMNS,
+            &[
+                ("current", &api.path(&req.table.target)),
+                ("add", &add.join(", ")),
+                ("set", &set.join(", ")),
+            ],
+        );
+        tracing::info!(table = %req.table.target, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "adding columns with the value rows stored before them hold");
+        let job = self.job(req.table, req.batch, req.store, "fill");
+        api.run_job(&job, &sql, &[]).await
+    }
+
+    /// Creates or grows `table`'s tables to `merger`'s columns, but leaves
+    /// the columns to `fill` out of the current table (they are added with
+    /// their value, see [`BigQueryWarehouse::fill_columns`]).
+    async fn prepare_tables(
+        &self,
+        api: &Api,
+        table: &Table,
+        merger: &Merger,
+        fill: &[&Column],
+    ) -> Result<()> {
         let cluster = Clustering {
             fields: Some(
                 table
@@ -229,7 +306,16 @@ impl BigQueryWarehouse {
             (table.history_name(), merger.history_schema(), true),
             (table.target.clone(), merger.current_schema(), false),
         ] {
-            let wanted = types::table_schema(&schema, &merger.columns, false);
+            let mut wanted = types::table_schema(&schema, &merger.columns, false);
+            if !partitioned {
+                let fields = wanted.fields.take().unwrap_or_default();
+                wanted.fields = Some(
+                    fields
+                        .into_iter()
+                        .filter(|f| !fill.iter().any(|c| c.name == f.name))
+                        .collect(),
+                );
+            }
             match api.table(&name).await? {
                 None => {
                     let commit_ts = merger.meta.commit_ts.clone();
@@ -521,7 +607,9 @@ fn evolve(
 impl Warehouse for BigQueryWarehouse {
     async fn load(&self, req: LoadRequest<'_>) -> Result<BatchStats> {
         let api = self.api().await?;
-        self.prepare_tables(api, req.table, req.merger).await?;
+        let fill = self.columns_to_fill(api, &req).await?;
+        self.prepare_tables(api, req.table, req.merger, &fill)
+            .await?;
         let staged = self.stage_locally(&req).await?;
         let stage = Self::stage_name(req.table, req.batch);
         let history_job = self.job(req.table, req.batch, req.store, "history");
@@ -538,6 +626,9 @@ impl Warehouse for BigQueryWarehouse {
         let (history_merge, values) = Self::history_merge_sql(api, &req, &stage, &staged);
         api.run_job(&history_job, &history_merge, &values).await?;
         failpoint::hit("load.between_history_and_current");
+        if !fill.is_empty() {
+            self.fill_columns(api, &req, &fill).await?;
+        }
         let apply = Apply::choose(
             req.batch.mode,
             staged.order.min_seq.as_deref(),
@@ -564,6 +655,13 @@ impl Warehouse for BigQueryWarehouse {
         let Some(history) = api.table(&table.history_name()).await? else {
             return Ok(None);
         };
+        // A column history has and current state lacks (a crash in the batch
+        // that added it, before its fill job) is new again: the batch that
+        // finishes adds it to current state with its value.
+        let current = match api.table(&table.target).await? {
+            Some(current) => current.schema.fields.unwrap_or_default(),
+            None => history.schema.fields.clone().unwrap_or_default(),
+        };
         Ok(Some(
             history
                 .schema
@@ -571,6 +669,7 @@ impl Warehouse for BigQueryWarehouse {
                 .unwrap_or_default()
                 .iter()
                 .filter(|f| merger.is_data_column(&f.name))
+                .filter(|f| current.iter().any(|c| c.name.eq_ignore_ascii_case(&f.name)))
                 .filter_map(|f| {
                     types::declared_type(f).map(|t| Column {
                         name: f.name.clone(),

@@ -745,7 +745,10 @@ impl Warehouse for DeltaWarehouse {
                 SqlType::from_arrow(f.data_type()).map(|t| Column {
                     name: f.name().clone(),
                     sql_type: t,
-                    existing: None,
+                    // Recorded with the column (see `Merger::history_schema`):
+                    // after a crash between the steps of the batch that added
+                    // it, `add_current_columns` adds it with its value.
+                    existing: f.metadata().get(crate::decode::EXISTING_METADATA).cloned(),
                 })
             })
             .collect();
