@@ -1,4 +1,4 @@
-//! `cdcflow capture`: writes the DMS-format objects of DESIGN §1 from a
+//! `cdcflow capture`: writes the DMS-format objects of ARCHITECTURE §1 from a
 //! PostgreSQL logical replication slot or a MySQL / MariaDB row binlog, as
 //! AWS DMS does.
 //!

@@ -1,4 +1,4 @@
-//! Writing captured rows as DMS-format objects (DESIGN §1): per table a
+//! Writing captured rows as DMS-format objects (ARCHITECTURE §1): per table a
 //! buffer of rows, flushed to one CSV or Parquet object, durably.
 //!
 //! Columns of every object: `Op` (CDC objects only), the timestamp column

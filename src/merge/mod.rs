@@ -1,5 +1,5 @@
 //! Merge: decoded objects → history rows in change order, and the latest
-//! change per key for the current-state table (DESIGN §2, §3 step 3).
+//! change per key for the current-state table (ARCHITECTURE §2, §3 step 2).
 //!
 //! `change_seq` is text that sorts in change order and depends only on the
 //! objects' names and row positions (or the configured sequence column), so

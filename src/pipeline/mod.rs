@@ -1,5 +1,5 @@
 //! One run of a pipeline: for each table `list → plan → merge → load →
-//! commit` (DESIGN §3), tables in parallel, a table's batches in order.
+//! commit` (ARCHITECTURE §3), tables in parallel, a table's batches in order.
 //!
 //! Crash safety comes from the order of the steps: a batch is recorded in
 //! the state store before anything of it is loaded; the warehouse load is

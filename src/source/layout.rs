@@ -1,4 +1,4 @@
-//! DMS object names and the order they impose (DESIGN §1).
+//! DMS object names and the order they impose (ARCHITECTURE §1).
 //!
 //! Full-load files `LOAD00000001.csv` come first, by number; then CDC files
 //! `yyyyMMdd-HHmmssSSS.csv`, by the time in their name. Date folders

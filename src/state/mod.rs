@@ -1,5 +1,5 @@
 //! The state store: what cdcflow has decided about every object, and the
-//! batches it planned and committed (DESIGN §3).
+//! batches it planned and committed (ARCHITECTURE §3).
 //!
 //! Contract of every [`StateStore`]:
 //! - a batch is recorded ([`StateStore::plan_batch`]) before anything of it
