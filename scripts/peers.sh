@@ -203,6 +203,10 @@ mariadb_install() {
   if ! command -v mariadbd >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server
   fi
+  # sysbench drives the MariaDB soak test (pgbench, for PostgreSQL's, comes with postgresql-15).
+  if ! command -v sysbench >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sysbench
+  fi
   [ -d "$MY_BIN_DIR/data/mysql" ] && return 0
   mkdir -p "$MY_BIN_DIR"
   if [ "$(id -u)" = 0 ]; then chown mysql:mysql "$MY_BIN_DIR"; fi

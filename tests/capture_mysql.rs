@@ -6,7 +6,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
 
 use crate::support::{
-    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, tls_url,
+    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, restart_peer,
+    tls_url,
 };
 
 /// A fresh database for one test, dropped at the end.
@@ -384,6 +385,11 @@ async fn two_row_table(ws: &Workspace, name: &str, base: u32) -> Option<Db> {
 /// `capture.toml` and `pipeline.toml` for table `t (id, v)` of `db`,
 /// capture `name`, with a replica id from `base` of its own.
 fn write_t_configs(ws: &Workspace, db: &Db, name: &str, base: u32) {
+    write_id_configs(ws, db, name, base, &["t"]);
+}
+
+/// [`write_t_configs`] for `tables`, each keyed by `id`.
+fn write_id_configs(ws: &Workspace, db: &Db, name: &str, base: u32, tables: &[&str]) {
     std::fs::write(
         ws.path("capture.toml"),
         format!(
@@ -399,12 +405,17 @@ fn write_t_configs(ws: &Workspace, db: &Db, name: &str, base: u32) {
         format!(
             "name = \"{name}\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
              extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
-             [[tables]]\nschema = \"{}\"\nname = \"t\"\nprimary_key = [\"id\"]\n",
+             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n{}",
             ws.path("objects").display(),
             ws.path("state.db").display(),
             ws.path("warehouse").display(),
-            db.name
+            tables
+                .iter()
+                .map(|t| format!(
+                    "[[tables]]\nschema = \"{}\"\nname = \"{t}\"\nprimary_key = [\"id\"]\n",
+                    db.name
+                ))
+                .collect::<String>()
         ),
     )
     .unwrap();
@@ -629,5 +640,114 @@ async fn a_column_added_with_a_default_has_its_value_in_unchanged_rows() {
         .rows("SELECT CAST(id AS CHAR), CAST(v AS CHAR), tier FROM t")
         .await;
     assert_added_column_matches(&ws, &source, 100 + before, after).await;
+    db.drop().await;
+}
+
+/// Runs `sysbench oltp_write_only` against `db` with `args` after the
+/// command (`prepare`, or `run` and its options); returns its output.
+fn sysbench(db: &Db, args: &[&str]) -> String {
+    let url = url::Url::parse(&db.url).unwrap();
+    let out = std::process::Command::new("sysbench")
+        .args([
+            "oltp_write_only",
+            "--db-driver=mysql",
+            &format!("--mysql-host={}", url.host_str().unwrap()),
+            &format!("--mysql-port={}", url.port().unwrap()),
+            &format!("--mysql-user={}", url.username()),
+            &format!("--mysql-db={}", db.name),
+            "--tables=2",
+            "--table-size=2000",
+        ])
+        .args(args)
+        .output()
+        .expect("sysbench (apt-get install sysbench)");
+    let text = output(&out);
+    assert!(out.status.success(), "sysbench {args:?}:\n{text}");
+    text
+}
+
+/// The soak: `sysbench oltp_write_only` (4 threads: updates, deletes and
+/// inserts of the same ids) runs in two segments while streaming capture is
+/// SIGKILLed and restarted at random moments. Between them the binlog
+/// rotates and the server goes away: every connection is cut and new ones
+/// are refused for 2 s, and under `make chaos` the server itself restarts.
+/// A final `capture --once` and a pipeline run then give tables equal to
+/// the source row for row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sysbench_through_kills_rotation_and_a_server_restart_loses_and_doubles_nothing() {
+    use crate::chaos::{Delays, kill_capture_while, restart_servers, soak_secs};
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    sysbench(&db, &["prepare"]);
+    let proxy = TcpProxy::start(&db.url).await;
+    let proxied = proxy.url(&db.url);
+    let direct = std::mem::replace(&mut db.url, proxied);
+    write_id_configs(&ws, &db, "soak", 11000, &["sbtest1", "sbtest2"]);
+    db.url = direct;
+    ws.capture_once(&[]);
+    let mut delays = Delays::new();
+    let (mut kills, mut transactions) = (0, 0);
+    for segment in 0..2 {
+        if segment == 1 {
+            db.exec("FLUSH BINARY LOGS").await;
+            if restart_servers() {
+                restart_peer("mariadb");
+                db.conn = Conn::new(Opts::from_url(&db.url).unwrap()).await.unwrap();
+            } else {
+                proxy.outage(std::time::Duration::from_secs(2)).await;
+            }
+        }
+        let (run, secs) = (
+            Db {
+                name: db.name.clone(),
+                url: db.url.clone(),
+                conn: Conn::new(Opts::from_url(&db.url).unwrap()).await.unwrap(),
+            },
+            format!("--time={}", soak_secs()),
+        );
+        let workload = tokio::task::spawn_blocking(move || {
+            let out = sysbench(&run, &["run", "--threads=4", &secs]);
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix("transactions:"))
+                .and_then(|n| n.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no transaction count in:\n{out}"))
+        });
+        let (k, t) = kill_capture_while(&ws, workload, &mut delays).await;
+        kills += k;
+        transactions += t;
+    }
+    ws.capture_once(&[]);
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    let mut compared = 0;
+    for table in ["sbtest1", "sbtest2"] {
+        let source = db
+            .rows(&format!(
+                "SELECT CAST(id AS CHAR), CAST(k AS CHAR), c, pad FROM {table}"
+            ))
+            .await;
+        let found = ws
+            .text_rows(&format!(
+                "SELECT CAST(id AS VARCHAR), CAST(k AS VARCHAR), c, pad FROM {table}"
+            ))
+            .await;
+        assert_eq!(found, source, "{table}");
+        compared += source.len();
+    }
+    assert!(
+        transactions > 0 && kills > 0,
+        "{transactions} transactions, {kills} kills"
+    );
+    eprintln!(
+        "soak sysbench: {transactions} transactions, {kills} kills of streaming capture, 1 binlog \
+         rotation, 1 {}, {compared} rows compared, 0 lost, 0 doubled",
+        if restart_servers() {
+            "server restart"
+        } else {
+            "outage of every connection"
+        }
+    );
     db.drop().await;
 }

@@ -31,7 +31,7 @@ impl Delays {
     }
 
     /// A delay in `[min, max)` milliseconds.
-    fn next(&mut self, min: u64, max: u64) -> Duration {
+    pub(crate) fn next(&mut self, min: u64, max: u64) -> Duration {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -257,4 +257,35 @@ async fn a_full_warehouse_disk_is_a_clear_error_and_the_next_run_completes() {
     run_clean(&ws, &["run", "--now", "-p", "pipeline.toml"]);
     assert_warehouse_matches(&ws, &data, true).await;
     drop(disk);
+}
+
+/// Streaming `cdcflow capture` started again and again, each time SIGKILLed
+/// after a random 0.2 to 1.5 s, until `workload` (a real client's, in the
+/// background) ends; returns the kills and the workload's answer.
+pub(crate) async fn kill_capture_while<T>(
+    ws: &Workspace,
+    workload: tokio::task::JoinHandle<T>,
+    delays: &mut Delays,
+) -> (u32, T) {
+    let mut kills = 0;
+    while !workload.is_finished() {
+        let mut capture = spawn(ws, &["capture", "--config", "capture.toml"]);
+        tokio::time::sleep(delays.next(200, 1500)).await;
+        capture.kill().expect("SIGKILL");
+        capture.wait().expect("reap");
+        kills += 1;
+    }
+    (kills, workload.await.expect("the workload"))
+}
+
+/// Seconds of each workload segment of the soak tests: half of
+/// `CDCFLOW_CHAOS_ROUNDS`, at least 2 (2 s in `make test`, 20 s in `make chaos`).
+pub(crate) fn soak_secs() -> u32 {
+    (rounds() / 2).max(2)
+}
+
+/// Whether the soak restarts the database server itself (`make chaos`,
+/// where the tests run one at a time), not only the connections to it.
+pub(crate) fn restart_servers() -> bool {
+    std::env::var("CDCFLOW_SOAK_RESTART").is_ok_and(|v| v == "1")
 }

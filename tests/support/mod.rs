@@ -516,14 +516,16 @@ impl Workspace {
         use arrow::array::{Array, AsArray};
         let mut out = Vec::new();
         for batch in self.query(sql).await {
+            let columns: Vec<_> = batch
+                .columns()
+                .iter()
+                .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap())
+                .collect();
             for row in 0..batch.num_rows() {
                 out.push(
-                    batch
-                        .columns()
+                    columns
                         .iter()
                         .map(|c| {
-                            let c =
-                                arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
                             let c = c.as_string::<i32>();
                             (!c.is_null(row)).then(|| c.value(row).to_string())
                         })
@@ -968,4 +970,17 @@ pub(crate) async fn assert_added_column_matches(
         (&tier["existing"], &tier["not_null"]),
         (&"it's std".into(), &true.into())
     );
+}
+
+/// Restarts the test peer `name` (`scripts/peers.sh`); only where no other
+/// test uses it (`make chaos` runs one test at a time).
+pub(crate) fn restart_peer(name: &str) {
+    for action in ["stop", "start"] {
+        let status = Command::new("scripts/peers.sh")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([name, action])
+            .status()
+            .expect("scripts/peers.sh");
+        assert!(status.success(), "peers.sh {name} {action}");
+    }
 }
