@@ -77,21 +77,13 @@ impl Sieve {
         })
     }
 
-    /// The digest of each row's key and `change_seq`, from rows whose key
-    /// columns have the history's types.
-    fn identities(&self, rows: &RecordBatch) -> Result<Vec<u128>> {
-        let text = |name: &str| -> Result<ArrayRef> {
-            let column = rows
-                .column_by_name(name)
-                .ok_or_else(|| Error::Usage(format!("history rows without the column {name:?}")))?;
-            arrow::compute::cast(column, &DataType::Utf8)
-                .map_err(|e| Error::query(format!("reading {name:?} as text"), e.into()))
-        };
-        let seq = text(&self.change_seq)?;
+    /// The digest of each row's key and `change_seq` (`seq`, the rows'
+    /// `change_seq` as text), from rows whose key columns have the history's types.
+    fn identities(&self, rows: &RecordBatch, seq: &ArrayRef) -> Result<Vec<u128>> {
         let keys = self
             .key
             .iter()
-            .map(|(k, _)| text(k))
+            .map(|(k, _)| text_column(rows, k))
             .collect::<Result<Vec<_>>>()?;
         let (seq, keys) = (
             seq.as_string::<i32>(),
@@ -124,13 +116,9 @@ impl Sieve {
     /// The rows of `rows` to write now: a row seen before in the batch is
     /// dropped, a row at or below the loaded maximum is held.
     pub(super) fn sift(&mut self, rows: RecordBatch) -> Result<RecordBatch> {
-        let ids = self.identities(&rows)?;
-        let seq = rows
-            .column_by_name(&self.change_seq)
-            .expect("history rows have change_seq");
-        let seq = arrow::compute::cast(seq, &DataType::Utf8)
-            .map_err(|e| Error::query("reading change_seq", e.into()))?;
-        let seq = seq.as_string::<i32>();
+        let seq_text = text_column(&rows, &self.change_seq)?;
+        let ids = self.identities(&rows, &seq_text)?;
+        let seq = seq_text.as_string::<i32>();
         let (mut pass, mut hold) = (Vec::with_capacity(ids.len()), Vec::new());
         for (row, id) in ids.into_iter().enumerate() {
             let first = self.seen.insert(id);
@@ -149,11 +137,7 @@ impl Sieve {
     pub(super) fn held_range(&self) -> Result<Option<(String, String)>> {
         let mut range: Option<(String, String)> = None;
         for rows in &self.held {
-            let seq = rows
-                .column_by_name(&self.change_seq)
-                .expect("history rows have change_seq");
-            let seq = arrow::compute::cast(seq, &DataType::Utf8)
-                .map_err(|e| Error::query("reading change_seq", e.into()))?;
+            let seq = text_column(rows, &self.change_seq)?;
             for value in seq.as_string::<i32>().iter().flatten() {
                 range = Some(match range {
                     None => (value.to_string(), value.to_string()),
@@ -171,13 +155,10 @@ impl Sieve {
         let mut in_history = HashSet::new();
         for rows in loaded {
             let rows = self.as_history_types(rows)?;
-            let files = rows
-                .column_by_name(&self.source_file)
-                .ok_or_else(|| Error::Usage("history rows without source_file".into()))?;
-            let files = arrow::compute::cast(files, &DataType::Utf8)
-                .map_err(|e| Error::query("reading source_file", e.into()))?;
+            let files = text_column(&rows, &self.source_file)?;
             let files = files.as_string::<i32>();
-            for (row, id) in self.identities(&rows)?.into_iter().enumerate() {
+            let seq = text_column(&rows, &self.change_seq)?;
+            for (row, id) in self.identities(&rows, &seq)?.into_iter().enumerate() {
                 if !self.objects.contains(files.value(row)) {
                     in_history.insert(id);
                 }
@@ -185,8 +166,9 @@ impl Sieve {
         }
         let mut out = Vec::new();
         for rows in std::mem::take(&mut self.held) {
+            let seq = text_column(&rows, &self.change_seq)?;
             let keep: Vec<bool> = self
-                .identities(&rows)?
+                .identities(&rows, &seq)?
                 .iter()
                 .map(|id| !in_history.contains(id))
                 .collect();
@@ -217,6 +199,15 @@ impl Sieve {
     pub(super) fn dropped(&self) -> u64 {
         self.dropped
     }
+}
+
+/// Column `name` of `rows` as text.
+fn text_column(rows: &RecordBatch, name: &str) -> Result<ArrayRef> {
+    let column = rows
+        .column_by_name(name)
+        .ok_or_else(|| Error::Usage(format!("history rows without the column {name:?}")))?;
+    arrow::compute::cast(column, &DataType::Utf8)
+        .map_err(|e| Error::query(format!("reading {name:?} as text"), e.into()))
 }
 
 fn filter(rows: &RecordBatch, keep: Vec<bool>) -> Result<RecordBatch> {

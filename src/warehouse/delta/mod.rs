@@ -414,12 +414,7 @@ impl DeltaWarehouse {
     /// records no batch: after a crash before its commit, the next batch
     /// finds it due again.
     async fn compact(&self, table: DeltaTable, name: &str, merger: &Merger) -> Result<()> {
-        let read = |e| Error::query(format!("reading {name}"), e);
-        let provider = table.table_provider().await.map_err(read)?;
-        let plan = session(self.memory_limit)
-            .read_table(provider)
-            .map_err(read)?
-            .into_unoptimized_plan();
+        let plan = self.scan(&table, name).await?.into_unoptimized_plan();
         tracing::info!(
             table = name,
             "rewriting the current table without its deleted rows"
@@ -428,6 +423,15 @@ impl DeltaWarehouse {
             .await
             .map_err(|e| Error::warehouse(name, "compacting", e))?;
         Ok(())
+    }
+
+    /// `table` (`name`) as it reads now (deletion vectors applied).
+    async fn scan(&self, table: &DeltaTable, name: &str) -> Result<datafusion::prelude::DataFrame> {
+        let read = |e| Error::query(format!("reading {name}"), e);
+        let provider = table.table_provider().await.map_err(read)?;
+        session(self.memory_limit)
+            .read_table(provider)
+            .map_err(read)
     }
 
     /// Adds the current table's missing columns. A column with a value for
@@ -455,8 +459,6 @@ impl DeltaWarehouse {
         {
             return add_missing_columns(table, name, &schema).await;
         }
-        let read = |e| Error::query(format!("reading {name}"), e);
-        let provider = table.table_provider().await.map_err(read)?;
         let mut columns = Vec::new();
         for f in schema.fields() {
             let column = if have.contains(f.name()) {
@@ -466,11 +468,11 @@ impl DeltaWarehouse {
             };
             columns.push(column.alias(f.name()));
         }
-        let plan = session(self.memory_limit)
-            .read_table(provider)
-            .map_err(read)?
+        let plan = self
+            .scan(&table, name)
+            .await?
             .select(columns)
-            .map_err(read)?
+            .map_err(|e| Error::query(format!("reading {name}"), e))?
             .into_unoptimized_plan();
         tracing::info!(
             table = name,
