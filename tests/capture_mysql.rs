@@ -511,6 +511,48 @@ async fn a_stop_during_a_large_transaction_waits_for_its_end() {
     db.drop().await;
 }
 
+/// A transaction larger than `max_memory_mib` is written in parts before
+/// its end (the binlog's row events), and a crash between the parts loses
+/// and doubles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_memory_is_spilled_and_lands_once() {
+    const ROWS: usize = 4_000;
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE big (id BIGINT PRIMARY KEY, payload TEXT)")
+        .await;
+    write_id_configs(&ws, &db, "spill", 9500, &["big"]);
+    let mut capture = std::fs::read_to_string(ws.path("capture.toml")).unwrap();
+    capture.push_str("max_mib = 1\nmax_memory_mib = 1\n");
+    std::fs::write(ws.path("capture.toml"), capture).unwrap();
+    ws.capture_once(&[]);
+    // About 4 MB of values in one transaction.
+    db.exec(&format!(
+        "INSERT INTO big SELECT seq, REPEAT(MD5(seq), 31) FROM seq_1_to_{ROWS}"
+    ))
+    .await;
+    ws.capture_crashing_at("capture.after_checkpoint@2");
+    let objects = ws.path("objects");
+    let spilled = crate::support::object_seq_counts(&objects, "cdc_seq").len();
+    assert!(
+        (1..ROWS).contains(&spilled),
+        "part of the transaction is in objects before its end: {spilled} of {ROWS}"
+    );
+    ws.capture_once(&[]);
+    crate::support::assert_each_change_once(&objects, ROWS);
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        ws.text_rows("SELECT CAST(id AS VARCHAR), md5(payload) FROM big")
+            .await,
+        db.rows("SELECT CAST(id AS CHAR), MD5(payload) FROM big")
+            .await
+    );
+    db.drop().await;
+}
+
 /// TLS as MySQL users set it, in the URL: VERIFY_IDENTITY accepts the host
 /// the certificate names and refuses another (and a certificate of another
 /// CA); VERIFY_CA is refused with what to use (see `capture::tls`). The user connecting is

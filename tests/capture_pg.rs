@@ -320,26 +320,32 @@ async fn captured_changes_give_the_source_tables() {
     db.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_at_each_step_loses_and_doubles_nothing() {
-    let ws = Workspace::new();
-    let Some(db) = Db::new(&ws).await else { return };
+/// Tables `orders` (with `orders` rows) and `items`, the configs over them,
+/// and a first `capture --once` (the full load).
+async fn orders_and_items(ws: &Workspace, db: &Db, orders: i64) {
     db.client
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE TABLE orders(id bigint PRIMARY KEY, customer text, amount numeric(12,2), paid bool,
                 created_at timestamptz, doc jsonb, blob bytea, u uuid, tags int[], d date, big text);
-             INSERT INTO orders(id, amount) SELECT g, g FROM generate_series(1, 100) g;
-             CREATE TABLE items(order_id bigint, line_no int, qty int, sku text, PRIMARY KEY (order_id, line_no));",
-        )
+             INSERT INTO orders(id, amount) SELECT g, g FROM generate_series(1, {orders}) g;
+             CREATE TABLE items(order_id bigint, line_no int, qty int, sku text, PRIMARY KEY (order_id, line_no));"
+        ))
         .await
         .unwrap();
     write_configs(
-        &ws,
-        &db,
+        ws,
+        db,
         "",
         &[("orders", "\"id\""), ("items", "\"order_id\", \"line_no\"")],
     );
     ws.capture_once(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_each_step_loses_and_doubles_nothing() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    orders_and_items(&ws, &db, 100).await;
     let mut changes = 0;
     for (round, failpoint) in crate::support::capture_failpoints().enumerate() {
         // Enough changes for several chunks (200 changes each) and objects (150 rows).
@@ -364,6 +370,98 @@ async fn a_crash_at_each_step_loses_and_doubles_nothing() {
         ws.capture_once(&[]);
     }
     load_and_compare(&ws, &db, 100 + changes as i64).await;
+    db.drop().await;
+}
+
+/// A crash while capture recovers from a crash: the objects the first run
+/// wrote must still be known to the third, though the second run's chunk
+/// named other objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_crash_during_recovery_doubles_nothing() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    orders_and_items(&ws, &db, 0).await;
+    // One chunk, one object per table.
+    db.client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO orders(id, amount) SELECT g, g FROM generate_series(1, 40) g;
+             INSERT INTO items SELECT g, 1, g, 'x' FROM generate_series(1, 40) g;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    // First crash: one table's object is written, the other's is not.
+    ws.capture_crashing_at("capture.after_first_object@1");
+    // Second crash, during the replay: the other table's object is written.
+    ws.capture_crashing_at("capture.before_confirm@1");
+    ws.capture_once(&[]);
+    crate::support::assert_each_change_once(&ws.path("objects"), 80);
+    load_and_compare(&ws, &db, 80).await;
+    db.drop().await;
+}
+
+/// A transaction many times `max_memory_mib` is written in parts before its
+/// end, in bounded memory, and a crash between the parts loses and doubles
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_memory_is_spilled_and_lands_once() {
+    const ROWS: i64 = 120_000;
+    const PAYLOAD: usize = 1_000;
+    const MEMORY_MIB: u64 = 4;
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.exec("CREATE TABLE big(id bigint PRIMARY KEY, payload text)")
+        .await;
+    write_configs(&ws, &db, "", &[("big", "\"id\"")]);
+    let capture = std::fs::read_to_string(ws.path("capture.toml")).unwrap();
+    let capture = capture.replace(
+        "max_rows = 150",
+        &format!("max_rows = 1000000\nmax_mib = 2\nmax_memory_mib = {MEMORY_MIB}"),
+    );
+    std::fs::write(ws.path("capture.toml"), capture).unwrap();
+    let args = ["capture", "--config", "capture.toml", "--once"];
+    let (out, idle_mib) = ws.cdcflow_peak_mib(&args, &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    // One transaction of about 120 MB of values.
+    db.exec(&format!(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), {}) FROM generate_series(1, {ROWS}) g",
+        PAYLOAD / 32
+    ))
+    .await;
+    // A crash as the transaction's second part is about to be written: the
+    // first part's objects are in the target, the position is not confirmed,
+    // so the next run reads the whole transaction again.
+    ws.capture_crashing_at("capture.after_checkpoint@2");
+    let spilled = crate::support::object_seq_counts(&ws.path("objects"), "cdc_seq");
+    assert!(
+        (1..ROWS as usize).contains(&spilled.len()),
+        "part of the transaction is in objects before its end: {} of {ROWS} changes",
+        spilled.len()
+    );
+    // Again, measured, crashing once all of it is written and before its
+    // end is confirmed: the first part is skipped, the rest held in parts.
+    let (out, peak_mib) =
+        ws.cdcflow_peak_mib(&args, &[("CDCFLOW_FAILPOINT", "capture.before_confirm")]);
+    assert!(output(&out).contains("failpoint"), "{}", output(&out));
+    ws.capture_once(&[]);
+    let transaction_mib = (ROWS as u64 * PAYLOAD as u64) >> 20;
+    eprintln!(
+        "peak memory: {peak_mib} MiB for a {transaction_mib} MiB transaction, {idle_mib} MiB idle"
+    );
+    assert!(
+        // Buffers, encoding and the allocator's slack: a few times the limit.
+        peak_mib < idle_mib + 8 * MEMORY_MIB,
+        "capture held the transaction: peak {peak_mib} MiB, idle {idle_mib} MiB, transaction {transaction_mib} MiB"
+    );
+    crate::support::assert_each_change_once(&ws.path("objects"), ROWS as usize);
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        ws.text_rows("SELECT CAST(id AS VARCHAR), md5(payload) FROM big")
+            .await,
+        db.rows("SELECT id::text, md5(payload) FROM big").await
+    );
     db.drop().await;
 }
 

@@ -127,6 +127,11 @@ pub struct CaptureTarget {
     /// MiB of values per object at most.
     #[serde(default = "CaptureTarget::default_max_mib")]
     pub max_mib: usize,
+    /// MiB of change values capture holds in memory at most. A transaction
+    /// larger than this is written in parts before its end (objects its
+    /// checkpoint keeps pending until the transaction's end is confirmed).
+    #[serde(default = "CaptureTarget::default_max_memory_mib")]
+    pub max_memory_mib: usize,
     /// While streaming, the time between polls once caught up, e.g. "10s".
     #[serde(default = "CaptureTarget::default_interval")]
     pub interval: String,
@@ -159,6 +164,9 @@ impl CaptureTarget {
     }
     fn default_max_mib() -> usize {
         64
+    }
+    fn default_max_memory_mib() -> usize {
+        256
     }
     fn default_interval() -> String {
         "10s".into()
@@ -289,6 +297,7 @@ impl Capture {
             date_folders: t.date_folders,
             max_rows: t.max_rows.max(1),
             max_bytes: t.max_mib.max(1) << 20,
+            max_held_bytes: t.max_memory_mib.max(1) << 20,
         };
         Sink::open(target, layout, mapping, &self.file.name).await
     }

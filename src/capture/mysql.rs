@@ -970,6 +970,7 @@ impl MySource {
                         }
                         in_chunk += 1;
                     }
+                    sink.spill_if_full().await?;
                 }
                 _ => {}
             }

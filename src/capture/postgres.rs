@@ -759,6 +759,7 @@ impl PgSource {
                 }
                 Message::Other => {}
             }
+            sink.spill_if_full().await?;
         }
         Ok(last_end)
     }

@@ -12,7 +12,10 @@
 //! After a crash the server sends the unconfirmed chunk again. Objects of the
 //! checkpoint's pending list that exist hold rows up to their last sequence;
 //! those rows are dropped on the second pass, the others are written. So every
-//! change lands in exactly one object, whatever the moment of the crash.
+//! change lands in exactly one object, whatever the moment of the crash. The
+//! pending list only grows until the position is confirmed: a chunk may
+//! commit several times (a transaction larger than memory, see
+//! [`Sink::spill_if_full`]) and a replay may crash again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -107,6 +110,8 @@ pub struct Sink {
     /// Per table: the sequence of its last change, confirmed or taken since.
     last_seq: HashMap<String, String>,
     ready: Vec<(String, Buffer)>,
+    /// Bytes of values in the buffers and `ready`.
+    held: usize,
     schema_files: Vec<SchemaFile>,
     rows: u64,
 }
@@ -137,6 +142,7 @@ impl Sink {
             skips: HashMap::new(),
             last_seq: HashMap::new(),
             ready: Vec::new(),
+            held: 0,
             schema_files: Vec::new(),
             rows: 0,
         };
@@ -146,6 +152,7 @@ impl Sink {
 
     async fn recover(&mut self) -> Result<()> {
         let mut skips: HashMap<String, String> = HashMap::new();
+        let mut written = Vec::new();
         for p in std::mem::take(&mut self.checkpoint.pending) {
             if self.target.exists(&p.key).await? {
                 tracing::info!(object = %p.key, "found an object written before a crash; its rows are not written again");
@@ -159,8 +166,12 @@ impl Sink {
                 {
                     t.last_object = Some(p.key.clone());
                 }
+                written.push(p);
             }
         }
+        // The written objects stay pending until the chunk is confirmed: a
+        // second crash during the replay must still skip their rows.
+        self.checkpoint.pending = written;
         self.skips = skips;
         self.last_seq = self
             .checkpoint
@@ -313,9 +324,11 @@ impl Sink {
         let buffer = state
             .buffer
             .get_or_insert_with(|| Buffer::new(state.output.clone(), Kind::Cdc, layout));
+        let before = buffer.bytes();
         buffer
             .append(op, commit_micros, seq, values)
             .map_err(|bad| bad.at(format!("{table}, change {seq}")))?;
+        self.held += buffer.bytes() - before;
         self.rows += 1;
         if buffer.full(layout) {
             let full = state.buffer.take().expect("just filled");
@@ -329,9 +342,31 @@ impl Sink {
         !self.ready.is_empty() || self.tables.values().any(|t| t.buffer.is_some())
     }
 
+    /// Writes what is buffered (as [`Sink::commit`]) once it holds more than
+    /// the layout's `max_held_bytes`, even in the middle of a transaction, so
+    /// that a transaction larger than memory is never held whole. Sources
+    /// call it after each change (or row event).
+    ///
+    /// Safe at any moment because the position is not confirmed: the
+    /// objects stay in the checkpoint's pending list until
+    /// [`Sink::confirm`], and a restart that reads the transaction again
+    /// drops the rows they hold.
+    pub async fn spill_if_full(&mut self) -> Result<()> {
+        if self.held < self.layout.max_held_bytes {
+            return Ok(());
+        }
+        let objects = self.commit().await?;
+        tracing::info!(
+            objects,
+            "spilled a large transaction's rows to objects before its end"
+        );
+        Ok(())
+    }
+
     /// Writes the checkpoint naming the objects, then every buffered row as
     /// objects (see the module contract). Returns the objects written.
     pub async fn commit(&mut self) -> Result<usize> {
+        self.held = 0;
         for (id, state) in &mut self.tables {
             if let Some(buf) = state.buffer.take() {
                 self.ready.push((id.clone(), buf));
@@ -356,7 +391,12 @@ impl Sink {
             ));
         }
         self.write_schema_files().await?;
-        self.checkpoint.pending = objects.iter().map(|(p, _)| p.clone()).collect();
+        // Added to the pending list, not replacing it: objects of this
+        // chunk's earlier commits (a spilled transaction) or of an
+        // interrupted run stay known until the position is confirmed.
+        self.checkpoint
+            .pending
+            .extend(objects.iter().map(|(p, _)| p.clone()));
         self.save().await?;
         crate::failpoint::hit("capture.after_checkpoint");
         let written = objects.len();

@@ -172,6 +172,9 @@ pub struct Layout {
     pub max_rows: usize,
     /// Bytes of buffered values per object at most (approximate).
     pub max_bytes: usize,
+    /// Bytes of values the sink holds at most before it writes them, even in
+    /// the middle of a transaction (see `Sink::spill_if_full`).
+    pub max_held_bytes: usize,
 }
 
 /// Which kind of object a buffer becomes.
@@ -257,6 +260,11 @@ impl Buffer {
     /// The table written.
     pub fn table(&self) -> &Arc<OutputTable> {
         &self.table
+    }
+
+    /// Bytes of values buffered (approximate).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// No rows buffered.

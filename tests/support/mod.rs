@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -184,8 +184,8 @@ soft_delete = {items_soft_delete}
             .expect("run")
     }
 
-    /// Runs the binary in the workspace.
-    pub(crate) fn cdcflow(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+    /// The binary, to run in the workspace.
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
         cmd.current_dir(self.dir.path())
             .args(args)
@@ -193,7 +193,45 @@ soft_delete = {items_soft_delete}
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().expect("run cdcflow")
+        cmd
+    }
+
+    /// Runs the binary in the workspace.
+    pub(crate) fn cdcflow(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().expect("run cdcflow")
+    }
+
+    /// Runs the binary like [`Workspace::cdcflow`] and watches its peak
+    /// resident memory (the kernel's `VmHWM`, read every 10 ms until it
+    /// exits): its output and that peak in MiB.
+    pub(crate) fn cdcflow_peak_mib(&self, args: &[&str], env: &[(&str, &str)]) -> (Output, u64) {
+        let child = self
+            .command(args, env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run cdcflow");
+        let status = format!("/proc/{}/status", child.id());
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut peak_kib = 0u64;
+                while !done.load(Ordering::SeqCst) {
+                    if let Ok(text) = std::fs::read_to_string(&status)
+                        && let Some(line) = text.lines().find(|l| l.starts_with("VmHWM:"))
+                    {
+                        let kib = line.split_whitespace().nth(1).and_then(|v| v.parse().ok());
+                        peak_kib = peak_kib.max(kib.unwrap_or(0));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                peak_kib
+            })
+        };
+        let out = child.wait_with_output().expect("run cdcflow");
+        done.store(true, Ordering::SeqCst);
+        (out, watcher.join().unwrap() / 1024)
     }
 
     /// Runs SQL over the warehouse of `pipeline.toml` with the library.
@@ -983,4 +1021,49 @@ pub(crate) fn restart_peer(name: &str) {
             .expect("scripts/peers.sh");
         assert!(status.success(), "peers.sh {name} {action}");
     }
+}
+
+/// Per table folder (`schema/table`), how many times each change sequence
+/// (`seq_column`) appears across the Parquet CDC objects under `dir`: read
+/// from the objects themselves, so a doubled change shows even where the
+/// pipeline's redelivery sieve would keep it once.
+pub(crate) fn object_seq_counts(
+    dir: &Path,
+    seq_column: &str,
+) -> std::collections::BTreeMap<(String, String), usize> {
+    use arrow::array::AsArray;
+    let mut counts = std::collections::BTreeMap::new();
+    for path in walk(dir) {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".parquet") || name.starts_with("LOAD") {
+            continue;
+        }
+        let rel = path.strip_prefix(dir).unwrap();
+        let table: Vec<_> = rel.iter().take(2).map(|p| p.to_string_lossy()).collect();
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let seqs = batch.column_by_name(seq_column).expect("sequence column");
+            let seqs = arrow::compute::cast(seqs, &arrow::datatypes::DataType::Utf8).unwrap();
+            for seq in seqs.as_string::<i32>().iter().flatten() {
+                *counts
+                    .entry((table.join("/"), seq.to_string()))
+                    .or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// The Parquet CDC objects under `dir` hold `changes` distinct changes
+/// (`cdc_seq`), none of them twice.
+pub(crate) fn assert_each_change_once(dir: &Path, changes: usize) {
+    let counts = object_seq_counts(dir, "cdc_seq");
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(doubled.is_empty(), "changes written twice: {doubled:?}");
+    assert_eq!(counts.len(), changes, "every change written once");
 }
