@@ -16,6 +16,7 @@ pub mod failpoint;
 pub mod merge;
 pub mod pipeline;
 pub mod schedule;
+pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod synth;

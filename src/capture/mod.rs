@@ -2,16 +2,16 @@
 //! PostgreSQL logical replication slot or a MySQL / MariaDB row binlog, as
 //! AWS DMS does.
 //!
-//! Stages: [`postgres`] and [`mysql`] read the source (full load, then the
-//! change stream), [`pgoutput`] decodes PostgreSQL's stream, [`mapping`] applies the DMS
-//! table-mapping rules and masks, [`sink`] buffers rows and checkpoints,
-//! [`writer`] encodes and writes the objects.
+//! Stages: a [`source::ChangeSource`] ([`postgres`], [`mysql`]) reads the
+//! database (full load, then the change stream) and [`source::drive`] runs
+//! it; [`mapping`] applies the DMS table-mapping rules and masks, [`sink`]
+//! buffers rows and checkpoints, [`writer`] encodes and writes the objects.
 
 pub mod mapping;
 pub mod mysql;
-pub mod pgoutput;
 pub mod postgres;
 pub mod sink;
+pub mod source;
 pub mod tls;
 pub mod writer;
 
@@ -22,13 +22,28 @@ use serde::Deserialize;
 
 use crate::config::{self, Secret, SourceFile};
 use crate::error::{Error, Result};
-use crate::pipeline::Shutdown;
-use crate::source;
+use crate::shutdown::Shutdown;
 use mapping::{Mapping, MaskFile};
 use mysql::{MySettings, MySource};
-use postgres::{Mode, PgSettings, PgSource, Snapshot};
+use postgres::{PgSettings, PgSource};
 use sink::Sink;
+use source::ChangeSource;
 use writer::{Layout, OutputFormat, Target};
+
+/// What to capture (DMS migration types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum Mode {
+    /// Only the tables' current rows.
+    #[serde(rename = "full-load")]
+    FullLoad,
+    /// Only changes from the slot's creation on.
+    #[serde(rename = "cdc")]
+    Cdc,
+    /// The current rows, then every change after them.
+    #[default]
+    #[serde(rename = "full-load-and-cdc")]
+    FullLoadAndCdc,
+}
 
 /// A capture file (TOML); see the README's "Capture" section.
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +198,7 @@ enum Database {
 pub struct Capture {
     file: CaptureFile,
     database: Database,
+    mode: Mode,
     interval: Duration,
     reconnect_for: Duration,
 }
@@ -236,8 +252,6 @@ impl Capture {
                 url,
                 tls,
                 server_id: file.source.server_id,
-                full_load: file.source.mode != Mode::Cdc,
-                cdc: file.source.mode != Mode::FullLoad,
                 max_changes: file.source.max_changes.max(1) as usize,
             })
         } else {
@@ -246,12 +260,12 @@ impl Capture {
                 tls,
                 publication: file.source.publication.clone(),
                 slot: file.source.slot.clone(),
-                mode: file.source.mode,
                 max_changes: file.source.max_changes.max(1),
                 parallel_load: file.source.parallel_load,
             })
         };
         Ok(Capture {
+            mode: file.source.mode,
             file,
             database,
             interval,
@@ -276,7 +290,7 @@ impl Capture {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", dir.display(), e))?;
             Target::Local(dir)
         } else {
-            let (store, root) = source::open_store(&store)?;
+            let (store, root) = crate::source::open_store(&store)?;
             Target::Store(store, root)
         };
         let rules =
@@ -323,12 +337,7 @@ impl Capture {
             let started = Instant::now();
             let (result, read) = match self.sink().await {
                 Ok(mut sink) => {
-                    let result = match &self.database {
-                        Database::Postgres(pg) => {
-                            self.run_postgres(pg, &mut sink, once, stop).await
-                        }
-                        Database::Mysql(my) => run_mysql(my, &mut sink, once, stop).await,
-                    };
+                    let result = self.capture(&mut sink, once, stop).await;
                     (result, sink.rows())
                 }
                 Err(e) => (Err(e), 0),
@@ -349,113 +358,31 @@ impl Capture {
                 return Err(error);
             }
             tracing::warn!(error = %error, retry_in = ?delay, "capture stopped on a transient error; starting again from the checkpoint");
-            sleep_unless_stopped(delay, stop).await;
+            stop.sleep(delay).await;
             delay = (delay * 2).min(LONGEST);
         }
     }
 
-    async fn run_postgres(
-        &self,
-        pg: &PgSettings,
-        sink: &mut Sink,
-        once: bool,
-        stop: &Shutdown,
-    ) -> Result<u64> {
-        let source = PgSource::connect(pg.clone()).await?;
-        source.prepare(sink).await?;
-        source.wait_for_slot().await?;
-        let mut seen: Option<Snapshot> = sink
-            .checkpoint
-            .full_load
-            .as_ref()
-            .and_then(|v| serde_json::from_value(v.clone()).ok());
-        let mut passed = seen.as_ref().is_some_and(|s| s.passed);
-        let mut loaded = 0;
-        if pg.mode != Mode::Cdc && seen.is_none() {
-            let (snapshot, rows) = source.full_load(sink).await?;
-            loaded = rows;
-            sink.write_schema_files().await?;
-            sink.checkpoint.full_load = Some(serde_json::to_value(&snapshot).expect("json"));
-            sink.save().await?;
-            seen = Some(snapshot);
-        }
-        if pg.mode == Mode::FullLoad {
-            return Ok(loaded);
-        }
-        let end = if once {
-            Some(source.current_end().await?)
-        } else {
-            None
-        };
-        let mut relations = postgres::Relations::new();
-        let started = Instant::now();
-        while !stop.requested() {
-            let before = sink.rows();
-            let position = source
-                .poll(sink, end, seen.as_ref(), &mut relations, &mut passed)
-                .await?;
-            let Some(lsn) = position else {
-                if once {
-                    break;
-                }
-                sleep_unless_stopped(self.interval, stop).await;
-                continue;
-            };
-            if sink.has_rows() {
-                let objects = sink.commit().await?;
-                tracing::info!(
-                    lsn = %pgoutput::format_lsn(lsn),
-                    rows = sink.rows() - before,
-                    objects,
-                    "changes written"
-                );
-            }
-            crate::failpoint::hit("capture.before_confirm");
-            source.confirm(lsn).await?;
-            if let Some(snapshot) = seen.as_mut().filter(|s| passed && !s.passed) {
-                // Saved with the position: a transaction after the snapshot is
-                // confirmed, so the snapshot filters nothing any more.
-                snapshot.passed = true;
-                sink.checkpoint.full_load = Some(serde_json::to_value(&*snapshot).expect("json"));
-            }
-            sink.confirm(pgoutput::format_lsn(lsn)).await?;
-        }
-        tracing::info!(
-            rows = sink.rows(),
-            seconds = started.elapsed().as_secs_f64(),
-            "capture stopped"
-        );
-        Ok(loaded + sink.rows())
+    /// One connection's run: the source opened, then [`source::drive`].
+    async fn capture(&self, sink: &mut Sink, once: bool, stop: &Shutdown) -> Result<u64> {
+        let mut source = self.source(sink, true).await?;
+        source::drive(source.as_mut(), sink, self.mode, once, stop, self.interval).await
+    }
+
+    /// The database as a [`ChangeSource`]; with `prepare`, ready to capture
+    /// (PostgreSQL: publication and slot created, the slot free).
+    async fn source(&self, sink: &Sink, prepare: bool) -> Result<Box<dyn ChangeSource>> {
+        Ok(match &self.database {
+            Database::Postgres(pg) if prepare => Box::new(PgSource::open(pg.clone(), sink).await?),
+            Database::Postgres(pg) => Box::new(PgSource::connect(pg.clone()).await?),
+            Database::Mysql(my) => Box::new(MySource::connect(my.clone()).await?),
+        })
     }
 
     /// `status`: the checkpoint and how far capture is behind the server.
     pub async fn status(&self) -> Result<String> {
         let sink = self.sink().await?;
-        let behind = match &self.database {
-            Database::Postgres(pg) => {
-                let source = PgSource::connect(pg.clone()).await?;
-                postgres::describe_lag(source.lag().await?, &pg.slot)
-            }
-            Database::Mysql(my) => {
-                let mut source = MySource::connect(my.clone()).await?;
-                let server = source.current_position().await?;
-                match mysql::sink_position(&sink) {
-                    None => "no position yet (capture has not run)".to_string(),
-                    Some(at) if at.file == server.file => format!(
-                        "binlog {}:{}, server at {}:{}, behind by {} bytes",
-                        at.file,
-                        at.pos,
-                        server.file,
-                        server.pos,
-                        server.pos.saturating_sub(at.pos)
-                    ),
-                    Some(at) => format!(
-                        "binlog {}:{}, server at {}:{}: behind by at least one binlog file",
-                        at.file, at.pos, server.file, server.pos
-                    ),
-                }
-            }
-        };
+        let behind = self.source(&sink, false).await?.lag(&sink).await?;
         let cp = &sink.checkpoint;
         let mut out = format!("capture {}: {behind}\n", self.file.name);
         out.push_str(&format!(
@@ -481,38 +408,6 @@ impl Capture {
     }
 }
 
-/// MySQL / MariaDB: the full load when due, then the binlog from the
-/// confirmed position.
-async fn run_mysql(my: &MySettings, sink: &mut Sink, once: bool, stop: &Shutdown) -> Result<u64> {
-    let mut source = MySource::connect(my.clone()).await?;
-    let mut loaded = 0;
-    let mut from = mysql::sink_position(sink);
-    if my.full_load && sink.checkpoint.full_load.is_none() {
-        let (position, rows) = source.full_load(sink).await?;
-        loaded = rows;
-        sink.write_schema_files().await?;
-        sink.checkpoint.full_load = Some(serde_json::to_value(&position).expect("json"));
-        sink.confirm(serde_json::to_string(&position).expect("json"))
-            .await?;
-        from = Some(position);
-    }
-    if !my.cdc {
-        return Ok(loaded);
-    }
-    let from = match from {
-        Some(from) => from,
-        None => {
-            // CDC only, first run: from now on; recorded before anything is read.
-            let now = source.current_position().await?;
-            sink.confirm(serde_json::to_string(&now).expect("json"))
-                .await?;
-            now
-        }
-    };
-    let rows = source.stream(sink, from, once, stop).await?;
-    Ok(loaded + rows)
-}
-
 /// The URL without its password, for messages.
 pub(crate) fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -521,14 +416,6 @@ pub(crate) fn redact_url(url: &str) -> String {
             u.to_string()
         }
         _ => url.to_string(),
-    }
-}
-
-async fn sleep_unless_stopped(total: Duration, stop: &Shutdown) {
-    let step = Duration::from_millis(100);
-    let until = Instant::now() + total;
-    while Instant::now() < until && !stop.requested() {
-        tokio::time::sleep(step).await;
     }
 }
 
@@ -541,7 +428,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/capture");
         let capture = Capture::load(&dir.join("postgres.toml")).unwrap();
         assert!(
-            matches!(&capture.database, Database::Postgres(pg) if pg.mode == Mode::FullLoadAndCdc)
+            matches!(&capture.database, Database::Postgres(_))
+                && capture.mode == Mode::FullLoadAndCdc
         );
         assert_eq!(capture.interval, Duration::from_secs(10));
         let rules = std::fs::read_to_string(dir.join("mapping.json")).unwrap();

@@ -24,7 +24,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::mapping::{Mapping, OutputTable, SourceTable};
-use super::pgoutput::Value;
+use super::source::Value;
 use super::writer::{Buffer, Kind, Layout, SchemaFile, Target, cdc_key, load_key};
 use crate::decode::Op;
 use crate::error::{Error, Result};

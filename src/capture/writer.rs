@@ -22,7 +22,7 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use super::mapping::OutputTable;
-use super::pgoutput::Value;
+use super::source::Value;
 use crate::config::UTC;
 use crate::decode::columns::ColumnBuilder;
 use crate::decode::{EXISTING_METADATA, Op};

@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
 use crate::merge::sql;
-use crate::pipeline::{RunReport, Runner, Shutdown};
+use crate::pipeline::{RunReport, Runner};
 use crate::schedule::{self, DueOutcome};
+use crate::shutdown::Shutdown;
 use crate::state::{ObjectRef, ObjectStatus, Trigger};
 use crate::synth;
 

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
+
 use arrow::array::RecordBatch;
 use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
@@ -60,35 +62,6 @@ impl RunReport {
         self.tables
             .iter()
             .all(|t| t.error.is_none() && t.quarantined.is_empty())
-    }
-}
-
-/// A request to stop: in-flight batches finish, no new batch starts.
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown(Option<tokio::sync::watch::Receiver<bool>>);
-
-impl Shutdown {
-    /// Follows a watch channel that turns `true` on shutdown.
-    pub fn new(receiver: tokio::sync::watch::Receiver<bool>) -> Self {
-        Shutdown(Some(receiver))
-    }
-
-    /// True once a stop was requested.
-    pub fn requested(&self) -> bool {
-        self.0.as_ref().is_some_and(|r| *r.borrow())
-    }
-
-    /// Sleeps for `delay` or until a stop is requested.
-    pub async fn sleep(&self, delay: Duration) {
-        match self.0.clone() {
-            None => tokio::time::sleep(delay).await,
-            Some(mut r) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = r.wait_for(|stop| *stop) => {}
-                }
-            }
-        }
     }
 }
 

@@ -11,12 +11,13 @@ use futures::StreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use super::{Lease, Runner, Shutdown, Work, redelivery};
+use super::{Lease, Runner, Work, redelivery};
 use crate::config::{Column, Table};
 use crate::decode::{self, DecodeSpec};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::Merger;
+use crate::shutdown::Shutdown;
 use crate::source::{ObjectName, ObjectOrder, SourceObject, StreamReader};
 use crate::state::{Batch, BatchMode, BatchStats, ObjectRef, ObjectStatus, TaskAttempt, TaskState};
 use crate::warehouse::{HistoryRows, LoadRequest};

@@ -7,7 +7,8 @@ use chrono::Utc;
 use super::{DueOutcome, run_due};
 use crate::config::Pipeline;
 use crate::error::{Error, Result};
-use crate::pipeline::{Runner, Shutdown};
+use crate::pipeline::Runner;
+use crate::shutdown::Shutdown;
 
 /// Serves `pipelines` until `shutdown` is requested.
 pub async fn serve(pipelines: Vec<Pipeline>, shutdown: Shutdown) -> Result<()> {

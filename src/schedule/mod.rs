@@ -225,7 +225,7 @@ pub enum DueOutcome {
 pub async fn run_due(
     runner: &crate::pipeline::Runner,
     now: DateTime<Utc>,
-    shutdown: &crate::pipeline::Shutdown,
+    shutdown: &crate::shutdown::Shutdown,
 ) -> crate::error::Result<DueOutcome> {
     use crate::state::Trigger;
     let pipeline = runner.pipeline();

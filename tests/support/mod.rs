@@ -178,7 +178,7 @@ soft_delete = {items_soft_delete}
             .run(
                 cdcflow::state::Trigger::Manual,
                 None,
-                &cdcflow::pipeline::Shutdown::default(),
+                &cdcflow::shutdown::Shutdown::default(),
             )
             .await
             .expect("run")

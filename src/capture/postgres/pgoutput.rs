@@ -86,16 +86,7 @@ pub struct RelationColumn {
     pub type_modifier: i32,
 }
 
-/// One value of a tuple.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Value<'a> {
-    /// SQL NULL.
-    Null,
-    /// An unchanged TOAST value the server did not send.
-    Unchanged,
-    /// The value in text output format.
-    Text(&'a str),
-}
+pub use crate::capture::source::Value;
 
 /// A row's values, in relation column order.
 pub type Tuple<'a> = Vec<Value<'a>>;

@@ -1,0 +1,241 @@
+//! Sessions with the server (TLS, one text form for values, errors mapped to
+//! their kind), what the server must be set to, and the publication and
+//! slot capture reads.
+
+use tokio_postgres::Client;
+
+use super::{PgSettings, PgSource, Relations};
+use crate::capture::sink::Sink;
+use crate::error::{Error, Result};
+
+impl PgSource {
+    /// Connects and sets the session so values come out in one text form
+    /// (UTC timestamps, ISO dates, hex bytea, exact floats).
+    pub async fn connect(settings: PgSettings) -> Result<PgSource> {
+        let client = connect(&settings).await?;
+        let catalog = connect(&settings).await?;
+        Ok(PgSource {
+            settings,
+            client,
+            catalog,
+            seen: None,
+            passed: false,
+            end: None,
+            relations: Relations::new(),
+        })
+    }
+
+    /// Checks `wal_level` and creates the publication and slot when missing.
+    /// Returns whether the slot was created now.
+    pub(super) async fn prepare(&self, sink: &Sink) -> Result<bool> {
+        let c = &self.client;
+        let level: String = c
+            .query_one("SHOW wal_level", &[])
+            .await
+            .map_err(pg("reading wal_level"))?
+            .get(0);
+        if level != "logical" {
+            return Err(Error::capture(
+                "checking the server",
+                format!(
+                    "wal_level is {level}; logical replication needs wal_level = logical \
+                     (postgresql.conf, then restart; on RDS set rds.logical_replication = 1)"
+                ),
+            ));
+        }
+        let s = &self.settings;
+        let has_pub = c
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&s.publication],
+            )
+            .await
+            .map_err(pg("looking up the publication"))?
+            .is_some();
+        if !has_pub {
+            let tables = c
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_tables \
+                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2",
+                    &[],
+                )
+                .await
+                .map_err(pg("listing tables"))?;
+            let selected: Vec<String> = tables
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .filter(|(sch, t)| sink.mapping().selects(sch, t))
+                .map(|(sch, t)| format!("{}.{}", quote(&sch), quote(&t)))
+                .collect();
+            if selected.is_empty() {
+                return Err(Error::capture(
+                    "creating the publication",
+                    "no table matches the selection rules",
+                ));
+            }
+            let sql = format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote(&s.publication),
+                selected.join(", ")
+            );
+            c.batch_execute(&sql)
+                .await
+                .map_err(pg(format!("creating publication {}", s.publication)))?;
+            tracing::info!(publication = %s.publication, tables = selected.len(), "created the publication");
+        }
+        let has_slot = c
+            .query_opt(
+                "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
+                &[&s.slot],
+            )
+            .await
+            .map_err(pg("looking up the slot"))?;
+        match has_slot {
+            Some(row) => {
+                let plugin: Option<String> = row.get(0);
+                if plugin.as_deref() != Some("pgoutput") {
+                    return Err(Error::capture(
+                        format!("slot {}", s.slot),
+                        format!(
+                            "it uses plugin {plugin:?}; cdcflow needs a pgoutput slot: choose another `slot` name"
+                        ),
+                    ));
+                }
+                Ok(false)
+            }
+            None => {
+                c.query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&s.slot],
+                )
+                .await
+                .map_err(pg(format!("creating slot {}", s.slot)))?;
+                tracing::info!(slot = %s.slot, "created the replication slot");
+                Ok(true)
+            }
+        }
+    }
+
+    /// Waits until no other session uses the slot: after a crash the old
+    /// session can hold it for a moment; a live one is another capture.
+    pub(super) async fn wait_for_slot(&self) -> Result<()> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        loop {
+            let pid: Option<i32> = self
+                .catalog
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&self.settings.slot],
+                )
+                .await
+                .map_err(pg("reading the slot"))?
+                .map(|r| r.get(0));
+            let Some(pid) = pid else { return Ok(()) };
+            if started.elapsed() > WAIT {
+                return Err(Error::capture(
+                    format!("slot {}", self.settings.slot),
+                    format!(
+                        "in use by server process {pid} for {} s: another capture runs on this slot \
+                         (one process per slot), or stop that session with pg_terminate_backend({pid})",
+                        WAIT.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+pub(super) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    let context = context.into();
+    move |e| {
+        let lost = connection_lost(&e);
+        let message = match e.as_db_error() {
+            Some(db) => format!(
+                "{}{}",
+                db.message(),
+                db.hint()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default()
+            ),
+            // The cause (a TLS handshake's, an I/O error) is not in the text.
+            None => {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    let cause_text = cause.to_string();
+                    if !text.contains(&cause_text) {
+                        text = format!("{text}: {cause_text}");
+                    }
+                    source = cause.source();
+                }
+                text
+            }
+        };
+        if lost {
+            Error::SourceLost { context, message }
+        } else {
+            Error::capture(context, message)
+        }
+    }
+}
+
+/// Whether `e` is the connection failing (refused, reset, closed; the
+/// server shutting down or not accepting connections yet) rather than the
+/// server refusing what was asked.
+pub(super) fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 08: connection exception; 57P01-03: admin or crash shutdown, cannot
+        // connect now (starting up, recovering); 53300: too many connections.
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    let text = e.to_string();
+    e.is_closed()
+        || text.starts_with("error connecting to server")
+        || text.starts_with("error communicating with the server")
+}
+
+pub(super) async fn connect(settings: &PgSettings) -> Result<Client> {
+    use crate::capture::tls::TlsMode;
+    use tokio_postgres::config::SslMode;
+    let url = crate::capture::redact_url(&settings.url);
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(pg(format!("reading the URL {url}")))?;
+    config.ssl_mode(match settings.tls.mode {
+        TlsMode::Disable => SslMode::Disable,
+        TlsMode::Prefer => SslMode::Prefer,
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+    });
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(settings.tls.client_config()?);
+    let (client, connection) =
+        config
+            .connect(tls)
+            .await
+            .map_err(|e| match pg(format!("connecting to {url}"))(e) {
+                Error::Capture { context, message } => {
+                    Error::capture(context, settings.tls.explain(&message))
+                }
+                other => other,
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("PostgreSQL connection closed: {e}");
+        }
+    });
+    client
+        .batch_execute(
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET bytea_output = 'hex'; \
+             SET extra_float_digits = 3; SET IntervalStyle = 'iso_8601'",
+        )
+        .await
+        .map_err(pg("setting up the session"))?;
+    Ok(client)
+}
+
+pub(super) fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
