@@ -102,7 +102,7 @@ pub enum Error {
         /// Object key.
         object: String,
         /// The new columns, in the object's order.
-        columns: Vec<crate::config::Column>,
+        columns: Vec<crate::model::Column>,
     },
 
     /// A BigQuery request or job failed.

@@ -10,10 +10,12 @@
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod decode;
 pub mod error;
 pub mod failpoint;
 pub mod merge;
+pub mod model;
 pub mod pipeline;
 pub mod schedule;
 pub mod shutdown;

@@ -12,6 +12,7 @@ mod crash;
 mod decode;
 mod fuzz;
 mod integrity;
+mod layers;
 mod pipeline_local;
 mod s3;
 mod samples;

@@ -7,17 +7,15 @@
 //! or the disk and returns a [`Pipeline`] or *every* problem at once, each
 //! with its field path.
 
-mod types;
 mod validate;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use types::{SqlType, TYPE_NAMES, UTC};
+pub use crate::model::{Column, SqlType, TYPE_NAMES, UTC};
 pub use validate::{
-    BigQueryConfig, Column, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig,
-    store_of,
+    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig, store_of,
 };
 
 use crate::error::{Error, Result};

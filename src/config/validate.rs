@@ -8,8 +8,9 @@ use super::{
     BatchFile, CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile,
     absolute, parse_duration,
 };
+use crate::cron::Schedule;
 use crate::error::{Error, Result};
-use crate::schedule::Schedule;
+use crate::model::Column;
 
 /// A validated pipeline, ready to run.
 #[derive(Debug, Clone)]
@@ -174,18 +175,6 @@ impl Table {
     pub fn versions_name(&self) -> String {
         format!("{}_versions", self.target)
     }
-}
-
-/// A declared column.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    /// Name.
-    pub name: String,
-    /// Type.
-    pub sql_type: SqlType,
-    /// The value of rows stored before the column was added, as text (see
-    /// [`crate::decode::EXISTING_METADATA`]); `None`: NULL, or not known.
-    pub existing: Option<String>,
 }
 
 struct Problems(Vec<String>);

@@ -32,9 +32,9 @@ pub use lease::Lease;
 pub use table::TableReport;
 
 use crate::config::{Pipeline, Table, WarehouseConfig};
+use crate::cron::Interval;
 use crate::error::{Error, Result};
 use crate::merge::Merger;
-use crate::schedule::Interval;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
 use crate::state::{ObjectStatus, Restored, SqliteStore, StateStore, Trigger};
 use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Warehouse};

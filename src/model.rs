@@ -1,5 +1,6 @@
-//! Column types as users write them in a pipeline file (SQL names) and their
-//! Arrow representation in decoded batches and warehouse tables.
+//! The column model every stage shares (a leaf module): column types as users
+//! write them in a pipeline file (SQL names), their Arrow representation in
+//! decoded batches and warehouse tables, and a declared [`Column`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -191,6 +192,18 @@ fn parse_decimal_args(s: &str, args: Option<&str>) -> Result<SqlType, String> {
         ));
     }
     Ok(SqlType::Decimal { precision, scale })
+}
+
+/// A declared column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Name.
+    pub name: String,
+    /// Type.
+    pub sql_type: SqlType,
+    /// The value of rows stored before the column was added, as text (see
+    /// [`crate::decode::EXISTING_METADATA`]); `None`: NULL, or not known.
+    pub existing: Option<String>,
 }
 
 #[cfg(test)]
