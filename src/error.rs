@@ -2,11 +2,28 @@
 //!
 //! Every variant names what it was working on (the object, the table, the
 //! file) and keeps the underlying error as its `source`, so the chain printed
-//! by the CLI reads from "what failed" down to "why". [`Error::is_transient`]
-//! is the single retry policy: the scheduler retries transient errors and
-//! stops on the others, which need an operator.
+//! by the CLI reads from "what failed" down to "why". [`Error::retry_policy`]
+//! is the one place that decides what an error asks for (ARCHITECTURE §7):
+//! a retry, an operator, or a bug report.
 
 use std::fmt;
+
+/// What an error asks of the code that meets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Try the same work again after a backoff: the cause may pass (the
+    /// network, a 5xx, throttling, a server restarting, a busy database).
+    /// Table tasks retry `retries.count` times, capture reconnects for
+    /// `source.reconnect_for`, the BigQuery client retries its request.
+    Retry,
+    /// Stop this work and wait for an operator: the input, the settings or
+    /// the world changed in a way only a person can settle (a bad or
+    /// changed object, a source gone backwards, another process's lease).
+    /// Once settled, a rerun resumes where this one stopped.
+    Manual,
+    /// A defect in cdcflow (an invariant broke): retrying cannot help.
+    Never,
+}
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -143,6 +160,10 @@ pub enum Error {
     /// The command was used in a way that cannot work; the message says what to do.
     #[error("{0}")]
     Usage(String),
+
+    /// An invariant of cdcflow broke: a defect, to report.
+    #[error("internal error (a defect in cdcflow; please report it with this message): {0}")]
+    Internal(String),
 
     /// Another process holds the pipeline's lease: one run at a time.
     #[error(
@@ -366,10 +387,18 @@ impl Error {
         }
     }
 
-    /// True when retrying the same work later may succeed (network, 5xx,
-    /// throttling, a busy database). Bad input, bad config and changed
-    /// objects are permanent: they wait for an operator.
-    pub fn is_transient(&self) -> bool {
+    /// What this error asks for (see [`RetryPolicy`]).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        match self {
+            Error::Internal(_) => RetryPolicy::Never,
+            _ if self.transient() => RetryPolicy::Retry,
+            _ => RetryPolicy::Manual,
+        }
+    }
+
+    /// Whether retrying the same work later may succeed (network, 5xx,
+    /// throttling, a busy database).
+    fn transient(&self) -> bool {
         match self {
             // object_store already retried 5xx, throttling and network errors
             // for a while; a later try may still succeed. 4xx will not.
@@ -407,11 +436,63 @@ impl Error {
             | Error::Decode { .. }
             | Error::Query { .. }
             | Error::Usage(_)
+            | Error::Internal(_)
             | Error::LeaseHeld { .. }
             | Error::ObjectChanged { .. }
             | Error::Ledger { .. }
             | Error::NewColumns { .. }
             | Error::Capture { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_has_its_retry_policy() {
+        let bq = |status, reason: Option<&str>| Error::BigQuery {
+            context: "job".into(),
+            status,
+            reason: reason.map(str::to_string),
+            message: String::new(),
+        };
+        let cases = [
+            (Error::Internal("x".into()), RetryPolicy::Never),
+            (
+                Error::SourceLost {
+                    context: "slot".into(),
+                    message: "reset".into(),
+                },
+                RetryPolicy::Retry,
+            ),
+            (
+                Error::capture("slot", "went backwards"),
+                RetryPolicy::Manual,
+            ),
+            (
+                Error::decode("o.csv", Location::default(), "bad"),
+                RetryPolicy::Manual,
+            ),
+            (
+                Error::Usage("--from after --to".into()),
+                RetryPolicy::Manual,
+            ),
+            (bq(Some(503), None), RetryPolicy::Retry),
+            (bq(Some(429), None), RetryPolicy::Retry),
+            (bq(None, None), RetryPolicy::Retry),
+            (bq(Some(400), Some("invalid")), RetryPolicy::Manual),
+            (
+                Error::Injected {
+                    step: "load".into(),
+                    transient: true,
+                },
+                RetryPolicy::Retry,
+            ),
+        ];
+        for (error, policy) in cases {
+            assert_eq!(error.retry_policy(), policy, "{error}");
         }
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::config::{self, Secret, SourceFile};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RetryPolicy};
 use crate::shutdown::Shutdown;
 use mapping::{Mapping, MaskFile};
 use mysql::{MySettings, MySource};
@@ -344,7 +344,7 @@ impl Capture {
             };
             let error = match result {
                 Ok(written) => return Ok(rows + written),
-                Err(e) if e.is_transient() && !stop.requested() => e,
+                Err(e) if e.retry_policy() == RetryPolicy::Retry && !stop.requested() => e,
                 Err(e) => return Err(e),
             };
             // The rows of this connection (some are read again after the restart).

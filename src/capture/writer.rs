@@ -385,11 +385,11 @@ impl Buffer {
                     .build();
                 let mut out = Vec::with_capacity(self.bytes + self.count * 48);
                 let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
-                    .map_err(|e| Error::Usage(format!("writing Parquet: {e}")))?;
+                    .map_err(|e| Error::Internal(format!("writing Parquet: {e}")))?;
                 writer
                     .write(&batch)
                     .and_then(|_| writer.close().map(|_| ()))
-                    .map_err(|e| Error::Usage(format!("writing Parquet: {e}")))?;
+                    .map_err(|e| Error::Internal(format!("writing Parquet: {e}")))?;
                 Ok(out.into())
             }
         }

@@ -205,7 +205,7 @@ impl Sieve {
 fn text_column(rows: &RecordBatch, name: &str) -> Result<ArrayRef> {
     let column = rows
         .column_by_name(name)
-        .ok_or_else(|| Error::Usage(format!("history rows without the column {name:?}")))?;
+        .ok_or_else(|| Error::Internal(format!("history rows without the column {name:?}")))?;
     arrow::compute::cast(column, &DataType::Utf8)
         .map_err(|e| Error::query(format!("reading {name:?} as text"), e.into()))
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::{Lease, Runner, Work, redelivery};
 use crate::config::{Column, Table};
 use crate::decode::{self, DecodeSpec};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RetryPolicy};
 use crate::failpoint;
 use crate::merge::Merger;
 use crate::shutdown::Shutdown;
@@ -123,7 +123,7 @@ impl<'a> TableRun<'a> {
                     break;
                 }
                 Err(err)
-                    if err.is_transient()
+                    if err.retry_policy() == RetryPolicy::Retry
                         && try_number <= policy.count
                         && !self.ctx.shutdown.requested()
                         && self.ctx.lease.check().is_ok() =>

@@ -35,7 +35,7 @@ use gcp_bigquery_client::model::table_schema::TableSchema;
 use gcp_bigquery_client::yup_oauth2;
 
 use crate::config::BigQueryConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RetryPolicy};
 
 const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
 const GOOGLE_API: &str = "https://bigquery.googleapis.com";
@@ -273,7 +273,7 @@ impl Api {
         let mut delay = Duration::from_millis(250);
         for attempt in 1.. {
             match call().await {
-                Err(e) if e.is_transient() && attempt < TRIES => {
+                Err(e) if e.retry_policy() == RetryPolicy::Retry && attempt < TRIES => {
                     tracing::warn!(call = context, attempt, error = %e, "BigQuery call failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(8));
