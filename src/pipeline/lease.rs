@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Pipeline;
 use crate::error::{Error, Result};
-use crate::state::{LeaseOutcome, StateStore};
+use crate::state::{LeaseOutcome, Leases};
 
 /// A held lease, renewed in the background every third of its time to live.
 /// Dropping or releasing it stops the heartbeat and gives the lease up.
 pub struct Lease {
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn Leases>,
     owner: String,
     pipeline: String,
     lost: Arc<AtomicBool>,
@@ -19,7 +19,7 @@ pub struct Lease {
 
 impl Lease {
     /// Takes the lease or fails with [`Error::LeaseHeld`].
-    pub fn acquire(state: Arc<dyn StateStore>, pipeline: &Pipeline) -> Result<Self> {
+    pub fn acquire(state: Arc<dyn Leases>, pipeline: &Pipeline) -> Result<Self> {
         let host = std::env::var("HOSTNAME")
             .ok()
             .or_else(|| {

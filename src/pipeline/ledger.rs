@@ -15,7 +15,7 @@
 //! takes for its own, or load them twice: the table is refused instead.
 
 use crate::error::{Error, Result};
-use crate::state::StateStore;
+use crate::state::Manifest;
 use crate::warehouse::Recorded;
 
 /// What an operator runs to rebuild the state store from the warehouse.
@@ -23,7 +23,7 @@ const REPAIR: &str = "cdcflow repair --from-warehouse --pipeline <this pipeline 
 
 /// Refuses `table` when the warehouse's `recorded` batch does not fit the
 /// state store's batches (see the module doc).
-pub(crate) fn check(table: &str, state: &dyn StateStore, recorded: &Recorded) -> Result<()> {
+pub(crate) fn check(table: &str, state: &dyn Manifest, recorded: &Recorded) -> Result<()> {
     let Recorded::Batch { number, id, store } = recorded else {
         return Ok(());
     };

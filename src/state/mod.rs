@@ -298,8 +298,19 @@ pub struct Restored {
     pub pending: Option<Batch>,
 }
 
-/// Persistent state of one pipeline.
-pub trait StateStore: Send + Sync {
+/// Persistent state of one pipeline (ARCHITECTURE §6): three concerns, each
+/// its own trait, that one store keeps together.
+pub trait StateStore: Manifest + RunLog + Leases {}
+
+impl<T: Manifest + RunLog + Leases + ?Sized> StateStore for T {}
+
+/// What is loaded: the object manifest and the batches of each table.
+///
+/// Contract: a batch is recorded ([`Manifest::plan_batch`]) before anything
+/// of it is loaded and committed ([`Manifest::commit_batch`], atomically with
+/// its objects) after; at most one batch of a table is pending; a processed
+/// object never changes state again.
+pub trait Manifest: Send + Sync {
     /// This store's id: random, made when the store was created, never
     /// changed. Warehouse commits name it (see `warehouse::Recorded`).
     fn store_id(&self) -> &str;
@@ -340,6 +351,10 @@ pub trait StateStore: Send + Sync {
     fn last_full_listing(&self, table: &str) -> Result<Option<DateTime<Utc>>>;
     /// Records a full listing of `table` at `at`.
     fn set_last_full_listing(&self, table: &str, at: DateTime<Utc>) -> Result<()>;
+}
+
+/// What ran: runs, their task attempts, and the schedule's last tick.
+pub trait RunLog: Send + Sync {
     /// Starts a run record; returns its id.
     fn begin_run(
         &self,
@@ -356,6 +371,10 @@ pub trait StateStore: Send + Sync {
     fn last_tick(&self) -> Result<Option<DateTime<Utc>>>;
     /// Moves the schedule forward to `tick` (never back).
     fn set_last_tick(&self, tick: DateTime<Utc>) -> Result<()>;
+}
+
+/// Who runs: one lease per pipeline, so that one process runs it at a time.
+pub trait Leases: Send + Sync {
     /// Takes the pipeline's lease for `ttl` unless another owner holds an
     /// unexpired one; a holder equal to `dead_holder` is taken over at once.
     fn acquire_lease(

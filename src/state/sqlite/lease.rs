@@ -1,0 +1,73 @@
+//! The pipeline's lease ([`Leases`]) in SQLite.
+
+use chrono::Utc;
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteStore, parse_stamp, stamp};
+use crate::error::Result;
+use crate::state::{LeaseOutcome, Leases};
+
+impl Leases for SqliteStore {
+    fn acquire_lease(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+        dead_holder: Option<&str>,
+    ) -> Result<LeaseOutcome> {
+        self.with(
+            |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let current: Option<(String, String)> = tx
+                    .query_row(
+                        "SELECT owner, expires_at FROM leases WHERE pipeline = ?1",
+                        params![self.pipeline],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let now_t = Utc::now();
+                if let Some((holder, expires)) = &current
+                    && holder != owner
+                    && Some(holder.as_str()) != dead_holder
+                    && parse_stamp(expires).is_some_and(|e| e > now_t)
+                {
+                    return Ok(LeaseOutcome::Held { owner: holder.clone(), expires_at: expires.clone() });
+                }
+                tx.execute(
+                    "INSERT INTO leases (pipeline, owner, acquired_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner,
+                       acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+                    params![self.pipeline, owner, stamp(now_t), stamp(now_t + ttl)],
+                )?;
+                tx.commit()?;
+                Ok(LeaseOutcome::Acquired)
+            },
+            "taking the lease",
+        )
+    }
+
+    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.with(
+            |c| {
+                let changed = c.execute(
+                    "UPDATE leases SET expires_at = ?3 WHERE pipeline = ?1 AND owner = ?2",
+                    params![self.pipeline, owner, stamp(Utc::now() + ttl)],
+                )?;
+                Ok(changed == 1)
+            },
+            "renewing the lease",
+        )
+    }
+
+    fn release_lease(&self, owner: &str) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "DELETE FROM leases WHERE pipeline = ?1 AND owner = ?2",
+                    params![self.pipeline, owner],
+                )
+                .map(|_| ())
+            },
+            "releasing the lease",
+        )
+    }
+}

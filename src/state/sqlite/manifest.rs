@@ -1,0 +1,365 @@
+//! The object manifest and batches ([`Manifest`]) in SQLite.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteStore, now, parse_objects, parse_stamp, stamp};
+use crate::error::Result;
+use crate::state::{
+    Batch, BatchMode, BatchStats, CommittedBatch, Manifest, ObjectRecord, ObjectRef, ObjectStatus,
+    Restored,
+};
+
+impl Manifest for SqliteStore {
+    fn store_id(&self) -> &str {
+        &self.id
+    }
+
+    fn restore(&self, table: &str, restored: &Restored) -> Result<()> {
+        let json = serde_json::to_string(&restored.objects).expect("objects serialize");
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let at = now();
+                tx.execute(
+                    "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                )?;
+                tx.execute(
+                    "DELETE FROM objects WHERE pipeline = ?1 AND tbl = ?2 AND status = 'processed'",
+                    params![self.pipeline, table],
+                )?;
+                if restored.number > 0 {
+                    let s = &restored.stats;
+                    tx.execute(
+                        "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, rows,
+                           inserts, updates, deletes, max_seq, max_commit_ts, planned_at, committed_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'committed', 'append', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                        params![
+                            self.pipeline, table, restored.number, restored.id, json, s.rows as i64,
+                            s.inserts as i64, s.updates as i64, s.deletes as i64, s.max_seq,
+                            s.max_commit_ts.map(stamp), at
+                        ],
+                    )?;
+                }
+                for object in &restored.objects {
+                    tx.execute(
+                        "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
+                         ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                           etag = excluded.etag, size = excluded.size, status = 'processed',
+                           batch_no = excluded.batch_no, error = NULL, reason = NULL,
+                           updated_at = excluded.updated_at",
+                        params![self.pipeline, table, object.key, object.etag, object.size as i64, restored.number, at],
+                    )?;
+                }
+                if let Some(p) = &restored.pending {
+                    for object in &p.objects {
+                        tx.execute(
+                            "DELETE FROM objects WHERE pipeline = ?1 AND tbl = ?2 AND key = ?3",
+                            params![self.pipeline, table, object.key],
+                        )?;
+                    }
+                    tx.execute(
+                        "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
+                        params![
+                            self.pipeline, table, p.number, p.id,
+                            serde_json::to_string(&p.objects).expect("objects serialize"),
+                            p.mode.as_str(), at
+                        ],
+                    )?;
+                }
+                tx.commit()
+            },
+            "restoring a table's state from the warehouse",
+        )
+    }
+
+    fn objects(&self, table: &str) -> Result<HashMap<String, ObjectRecord>> {
+        self.with(
+            |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT key, etag, size, status, batch_no, error, reason, updated_at
+                     FROM objects WHERE pipeline = ?1 AND tbl = ?2",
+                )?;
+                let rows = stmt.query_map(params![self.pipeline, table], |r| {
+                    let status: String = r.get(3)?;
+                    let status = match status.as_str() {
+                        "processed" => ObjectStatus::Processed {
+                            batch_no: r.get(4)?,
+                        },
+                        "quarantined" => ObjectStatus::Quarantined {
+                            error: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        },
+                        _ => ObjectStatus::Skipped {
+                            reason: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        },
+                    };
+                    Ok(ObjectRecord {
+                        object: ObjectRef {
+                            key: r.get(0)?,
+                            etag: r.get(1)?,
+                            size: r.get::<_, i64>(2)? as u64,
+                            last_modified: DateTime::default(),
+                        },
+                        status,
+                        updated_at: r.get(7)?,
+                    })
+                })?;
+                rows.map(|r| r.map(|rec| (rec.object.key.clone(), rec)))
+                    .collect()
+            },
+            "reading objects",
+        )
+    }
+
+    fn pending_batch(&self, table: &str) -> Result<Option<Batch>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT batch_no, batch_id, objects, mode FROM batches
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'planned'",
+                    params![self.pipeline, table],
+                    |r| {
+                        Ok(Batch {
+                            number: r.get(0)?,
+                            id: r.get(1)?,
+                            objects: parse_objects(&r.get::<_, String>(2)?)?,
+                            mode: BatchMode::parse(&r.get::<_, String>(3)?),
+                        })
+                    },
+                )
+                .optional()
+            },
+            "reading the pending batch",
+        )
+    }
+
+    fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
+        let id = Batch::id_of(&self.pipeline, table, objects);
+        let json = serde_json::to_string(objects).expect("objects serialize");
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let number: i64 = tx.query_row(
+                    "SELECT COALESCE(MAX(batch_no), 0) + 1 FROM batches WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )?;
+                tx.execute(
+                    "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
+                    params![self.pipeline, table, number, id, json, mode.as_str(), now()],
+                )?;
+                tx.commit()?;
+                Ok(Batch { number, id: id.clone(), objects: objects.to_vec(), mode })
+            },
+            "planning a batch",
+        )
+    }
+
+    fn replan_batch(
+        &self,
+        table: &str,
+        number: i64,
+        objects: &[ObjectRef],
+    ) -> Result<Option<Batch>> {
+        self.with(
+            |c| {
+                if objects.is_empty() {
+                    c.execute(
+                        "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                        params![self.pipeline, table, number],
+                    )?;
+                    return Ok(None);
+                }
+                let id = Batch::id_of(&self.pipeline, table, objects);
+                let mode: String = c.query_row(
+                    "UPDATE batches SET batch_id = ?4, objects = ?5
+                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'
+                     RETURNING mode",
+                    params![self.pipeline, table, number, id, serde_json::to_string(objects).expect("objects serialize")],
+                    |r| r.get(0),
+                )?;
+                Ok(Some(Batch { number, id, objects: objects.to_vec(), mode: BatchMode::parse(&mode) }))
+            },
+            "re-planning a batch",
+        )
+    }
+
+    fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
+        self.with(
+            |c| {
+                let tx = c.transaction()?;
+                let json: String = tx.query_row(
+                    "SELECT objects FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                    params![self.pipeline, table, number],
+                    |r| r.get(0),
+                )?;
+                let at = now();
+                for object in parse_objects(&json)? {
+                    tx.execute(
+                        "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
+                         ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                           etag = excluded.etag, size = excluded.size, status = 'processed',
+                           batch_no = excluded.batch_no, error = NULL, updated_at = excluded.updated_at",
+                        params![self.pipeline, table, object.key, object.etag, object.size as i64, number, at],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
+                       deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
+                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
+                    params![
+                        self.pipeline, table, number, stats.rows as i64, stats.inserts as i64,
+                        stats.updates as i64, stats.deletes as i64, stats.max_seq, at,
+                        stats.max_commit_ts.map(stamp)
+                    ],
+                )?;
+                tx.commit()
+            },
+            "committing a batch",
+        )
+    }
+
+    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at, batch_id FROM batches
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed' ORDER BY batch_no DESC LIMIT 1",
+                    params![self.pipeline, table],
+                    |r| {
+                        let committed_at: String = r.get(7)?;
+                        Ok(CommittedBatch {
+                            number: r.get(0)?,
+                            id: r.get(8)?,
+                            objects: parse_objects(&r.get::<_, String>(1)?)?.len(),
+                            stats: BatchStats {
+                                rows: r.get::<_, i64>(2)? as u64,
+                                inserts: r.get::<_, i64>(3)? as u64,
+                                updates: r.get::<_, i64>(4)? as u64,
+                                deletes: r.get::<_, i64>(5)? as u64,
+                                max_seq: r.get(6)?,
+                                max_commit_ts: None,
+                            },
+                            committed_at: DateTime::parse_from_rfc3339(&committed_at)
+                                .map(|t| t.with_timezone(&Utc))
+                                .unwrap_or_default(),
+                        })
+                    },
+                )
+                .optional()
+            },
+            "reading the last batch",
+        )
+    }
+
+    fn max_seq(&self, table: &str) -> Result<Option<String>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT MAX(max_seq) FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )
+            },
+            "reading the watermark",
+        )
+    }
+
+    fn quarantine(&self, table: &str, object: &ObjectRef, error: &str) -> Result<()> {
+        self.set_status(table, object, "quarantined", Some(error), None)
+    }
+
+    fn release(&self, table: &str, key: &str) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "DELETE FROM objects WHERE pipeline = ?1 AND tbl = ?2 AND key = ?3 AND status = 'quarantined'",
+                    params![self.pipeline, table, key],
+                )
+                .map(|_| ())
+            },
+            "releasing a quarantined object",
+        )
+    }
+
+    fn skip(&self, table: &str, object: &ObjectRef, reason: &str) -> Result<()> {
+        self.set_status(table, object, "skipped", None, Some(reason))
+    }
+
+    fn max_commit_ts(&self, table: &str) -> Result<Option<DateTime<Utc>>> {
+        let max: Option<String> = self.with(
+            |c| {
+                c.query_row(
+                    "SELECT MAX(max_commit_ts) FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )
+            },
+            "reading the newest commit time",
+        )?;
+        Ok(max.as_deref().and_then(parse_stamp))
+    }
+
+    fn last_full_listing(&self, table: &str) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<String> = self.with(
+            |c| {
+                c.query_row(
+                    "SELECT full_at FROM listings WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                    |r| r.get(0),
+                )
+                .optional()
+            },
+            "reading the last full listing",
+        )?;
+        Ok(at.as_deref().and_then(parse_stamp))
+    }
+
+    fn set_last_full_listing(&self, table: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO listings (pipeline, tbl, full_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (pipeline, tbl) DO UPDATE SET full_at = excluded.full_at",
+                    params![self.pipeline, table, stamp(at)],
+                )
+                .map(|_| ())
+            },
+            "recording a full listing",
+        )
+    }
+}
+
+impl SqliteStore {
+    fn set_status(
+        &self,
+        table: &str,
+        object: &ObjectRef,
+        status: &str,
+        error: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO objects (pipeline, tbl, key, etag, size, status, error, reason, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                       etag = excluded.etag, size = excluded.size, status = excluded.status,
+                       error = excluded.error, reason = excluded.reason, updated_at = excluded.updated_at
+                     WHERE objects.status <> 'processed'",
+                    params![self.pipeline, table, object.key, object.etag, object.size as i64, status, error, reason, now()],
+                )
+                .map(|_| ())
+            },
+            "recording an object",
+        )
+    }
+}

@@ -1,0 +1,341 @@
+//! [`super::StateStore`] in an embedded SQLite file (WAL mode): the store and
+//! its schema here; one file per concern (`manifest.rs`, `runs.rs`,
+//! `lease.rs`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, params};
+
+mod lease;
+mod manifest;
+mod runs;
+
+use super::ObjectRef;
+#[cfg(test)]
+use super::{Batch, BatchMode, BatchStats, LeaseOutcome, Leases, Manifest, ObjectStatus, RunLog};
+use crate::error::{Error, Result};
+
+const SCHEMA: &str = include_str!("../../../sql/state.sql");
+
+/// The version of `sql/state.sql` this build writes (`PRAGMA user_version`).
+/// A store of a later version is refused: an older build must not write it.
+/// A change to the schema raises it and migrates older stores on open.
+const SCHEMA_VERSION: i64 = 1;
+
+/// SQLite state of one pipeline.
+pub struct SqliteStore {
+    pipeline: String,
+    path: PathBuf,
+    id: String,
+    conn: Mutex<Connection>,
+}
+
+pub(super) fn now() -> String {
+    stamp(Utc::now())
+}
+
+pub(super) fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub(super) fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the state file of `pipeline`.
+    pub fn open(path: &Path, pipeline: &str) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("cannot create the state directory", dir.display(), e))?;
+        }
+        let mut store = SqliteStore {
+            pipeline: pipeline.to_string(),
+            path: path.to_path_buf(),
+            id: String::new(),
+            conn: Mutex::new(Connection::open(path).map_err(|e| Error::State {
+                path: path.display().to_string(),
+                context: "opening".into(),
+                source: e,
+            })?),
+        };
+        store.with(
+            |c| {
+                c.busy_timeout(std::time::Duration::from_secs(30))?;
+                c.execute_batch(SCHEMA)
+            },
+            "creating the schema",
+        )?;
+        store.check_schema()?;
+        store.id = store.with(
+            |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO store (pipeline, store_id, created_at) VALUES (?1, ?2, ?3)",
+                    params![pipeline, uuid::Uuid::new_v4().simple().to_string(), now()],
+                )?;
+                c.query_row(
+                    "SELECT store_id FROM store WHERE pipeline = ?1",
+                    params![pipeline],
+                    |r| r.get(0),
+                )
+            },
+            "reading the store id",
+        )?;
+        Ok(store)
+    }
+
+    /// Refuses a store of a newer schema, or one lacking columns this build
+    /// uses (made by a build from before the versions were numbered), and
+    /// records the version otherwise.
+    fn check_schema(&self) -> Result<()> {
+        let (version, missing) = self.with(
+            |c| {
+                let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                let fresh = Connection::open_in_memory()?;
+                fresh.execute_batch(SCHEMA)?;
+                let mut missing = Vec::new();
+                for table in table_names(&fresh)? {
+                    let have = column_names(c, &table)?;
+                    missing.extend(
+                        column_names(&fresh, &table)?
+                            .into_iter()
+                            .filter(|column| !have.contains(column))
+                            .map(|column| format!("{table}.{column}")),
+                    );
+                }
+                Ok((version, missing))
+            },
+            "checking the schema",
+        )?;
+        let path = self.path.display();
+        if version > SCHEMA_VERSION {
+            return Err(Error::Usage(format!(
+                "state store {path} has schema version {version}, written by a newer cdcflow \
+                 (this one knows {SCHEMA_VERSION}): run that version or a later one"
+            )));
+        }
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "state store {path} was made by an early cdcflow build and lacks {}; no migration \
+                 exists from it: keep that build, or start the pipeline afresh with a new state \
+                 store and a new warehouse",
+                missing.join(", ")
+            )));
+        }
+        if version < SCHEMA_VERSION {
+            self.with(
+                |c| c.pragma_update(None, "user_version", SCHEMA_VERSION),
+                "recording the schema version",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        context: &str,
+    ) -> Result<T> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| Error::State {
+            path: self.path.display().to_string(),
+            context: context.to_string(),
+            source,
+        })
+    }
+}
+
+pub(super) fn parse_objects(json: &str) -> rusqlite::Result<Vec<ObjectRef>> {
+    serde_json::from_str(json).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// The tables of a store's schema.
+fn table_names(c: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = c.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    )?;
+    statement
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()
+}
+
+/// The columns of `table` (none when it does not exist).
+fn column_names(c: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut statement = c.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    statement
+        .query_map([table], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_of_another_schema_are_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, "p").unwrap());
+        let version = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(version(&path), SCHEMA_VERSION);
+        // Opened again: the same store, accepted.
+        drop(SqliteStore::open(&path, "p").unwrap());
+
+        let newer = dir.path().join("newer.db");
+        drop(SqliteStore::open(&newer, "p").unwrap());
+        Connection::open(&newer)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let error = SqliteStore::open(&newer, "p").err().unwrap().to_string();
+        assert!(error.contains("newer cdcflow"), "{error}");
+
+        // A store from before the numbering, whose runs table lacked `trigger`.
+        let early = dir.path().join("early.db");
+        Connection::open(&early)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE runs (run_id INTEGER PRIMARY KEY, pipeline TEXT NOT NULL, \
+                 started_at TEXT NOT NULL, finished_at TEXT, status TEXT NOT NULL, summary TEXT)",
+            )
+            .unwrap();
+        let error = SqliteStore::open(&early, "p").err().unwrap().to_string();
+        assert!(error.contains("lacks runs.trigger"), "{error}");
+        assert_eq!(version(&early), 0, "a refused store gets no version");
+    }
+
+    fn obj(key: &str) -> ObjectRef {
+        ObjectRef {
+            key: key.into(),
+            etag: "e".into(),
+            size: 1,
+            last_modified: DateTime::default(),
+        }
+    }
+
+    #[test]
+    fn batches_are_planned_then_committed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let b1 = store
+            .plan_batch("s.t", &[obj("a"), obj("b")], BatchMode::Append)
+            .unwrap();
+        assert_eq!(b1.number, 1);
+        assert!(
+            store
+                .plan_batch("s.t", &[obj("c")], BatchMode::Append)
+                .is_err(),
+            "one planned batch per table"
+        );
+        assert_eq!(store.pending_batch("s.t").unwrap(), Some(b1.clone()));
+        let stats = BatchStats {
+            rows: 3,
+            max_seq: Some("9".into()),
+            ..Default::default()
+        };
+        store.commit_batch("s.t", 1, &stats).unwrap();
+        assert_eq!(store.pending_batch("s.t").unwrap(), None);
+        assert_eq!(store.objects("s.t").unwrap().len(), 2);
+        assert_eq!(store.max_seq("s.t").unwrap().as_deref(), Some("9"));
+        assert_eq!(
+            store
+                .plan_batch("s.t", &[obj("c")], BatchMode::Append)
+                .unwrap()
+                .number,
+            2
+        );
+        // a processed object cannot be quarantined or skipped afterwards
+        store.skip("s.t", &obj("a"), "no").unwrap();
+        assert_eq!(
+            store.objects("s.t").unwrap()["a"].status,
+            ObjectStatus::Processed { batch_no: 1 }
+        );
+    }
+
+    #[test]
+    fn one_lease_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let b = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let ttl = std::time::Duration::from_secs(60);
+        assert_eq!(
+            a.acquire_lease("a", ttl, None).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert!(
+            matches!(b.acquire_lease("b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
+        );
+        assert!(a.renew_lease("a", ttl).unwrap());
+        assert!(!b.renew_lease("b", ttl).unwrap());
+        a.release_lease("a").unwrap();
+        assert_eq!(
+            b.acquire_lease("b", ttl, None).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        // a holder known to be dead is taken over at once
+        assert_eq!(
+            a.acquire_lease("a", ttl, Some("b")).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert_eq!(
+            b.acquire_lease("b", ttl, None).unwrap(),
+            LeaseOutcome::Held {
+                owner: "a".into(),
+                expires_at: b_expiry(&b)
+            }
+        );
+        a.release_lease("a").unwrap();
+        b.acquire_lease("b", ttl, None).unwrap();
+        // an expired lease can be taken over
+        b.acquire_lease("b", std::time::Duration::ZERO, None)
+            .unwrap();
+        assert_eq!(
+            a.acquire_lease("a", ttl, None).unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert!(!b.renew_lease("b", ttl).unwrap(), "b lost its lease");
+    }
+
+    fn b_expiry(store: &SqliteStore) -> String {
+        store
+            .with(
+                |c| c.query_row("SELECT expires_at FROM leases", [], |r| r.get(0)),
+                "test",
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn the_schedule_never_moves_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
+        let t1 = DateTime::from_timestamp(1_000, 0).unwrap();
+        let t2 = DateTime::from_timestamp(2_000, 0).unwrap();
+        store.set_last_tick(t2).unwrap();
+        store.set_last_tick(t1).unwrap();
+        assert_eq!(store.last_tick().unwrap(), Some(t2));
+    }
+
+    #[test]
+    fn batch_id_depends_on_etags() {
+        let a = Batch::id_of("p", "t", &[obj("a")]);
+        let mut changed = obj("a");
+        changed.etag = "f".into();
+        assert_ne!(a, Batch::id_of("p", "t", &[changed]));
+        assert_eq!(a, Batch::id_of("p", "t", &[obj("a")]));
+    }
+}
