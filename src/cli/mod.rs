@@ -483,7 +483,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let key = t.primary_key.clone();
             let change_seq = pipeline.meta.change_seq.clone();
             let runner = Runner::open(pipeline)?;
-            let dialect = runner.warehouse().dialect();
+            let dialect = runner.warehouse().queries().dialect();
             let key_match = key
                 .iter()
                 .zip(&values)

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
 use crate::state::{ObjectStatus, Restored, SqliteStore, StateStore, Trigger};
-use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Warehouse};
+use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Queries, Warehouse};
 
 /// What one run did, per table.
 #[derive(Debug, Serialize)]
@@ -162,28 +162,22 @@ impl Runner {
         Ok(Merger::new(table, columns, &p.source, &p.meta))
     }
 
-    /// A DataFusion session with every loaded table registered by name:
-    /// `<t>`, `<t>_history` and the `<t>_versions` view. Tables not loaded
-    /// yet are left out and named in the returned list.
-    pub async fn query_session(&self) -> Result<(SessionContext, Vec<String>)> {
+    /// Runs `sql` over the warehouse tables: in the warehouse when it has its
+    /// own engine (BigQuery), else in DataFusion with every loaded table
+    /// registered by name (`<t>`, `<t>_history`, the `<t>_versions` view).
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let tables = match self.warehouse.queries() {
+            Queries::Engine(engine) => return engine.query(sql).await,
+            Queries::DataFusion(tables) => tables,
+        };
         let ctx = SessionContext::new();
         let mut missing = Vec::new();
         for table in &self.pipeline.tables {
             let merger = self.loaded_merger(table).await?;
-            if !self.warehouse.register(&ctx, table, &merger).await? {
+            if !tables.register(&ctx, table, &merger).await? {
                 missing.push(table.target.clone());
             }
         }
-        Ok((ctx, missing))
-    }
-
-    /// Runs `sql` over the warehouse tables: in the warehouse when it has its
-    /// own engine (BigQuery), else in DataFusion over [`Runner::query_session`].
-    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        if let Some(rows) = self.warehouse.query(sql).await? {
-            return Ok(rows);
-        }
-        let (ctx, missing) = self.query_session().await?;
         for table in missing {
             eprintln!("note: table {table} has not been loaded yet (run `cdcflow run` first)");
         }

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::config::Table;
 use crate::error::{Error, Result};
 use crate::merge::{Merger, sql};
-use crate::warehouse::Warehouse;
+use crate::warehouse::{Queries, Warehouse};
 
 /// The batch's row identities so far, and its rows held for the history check.
 pub(super) struct Sieve {
@@ -225,7 +225,8 @@ pub(super) async fn history_between(
     lo: &str,
     hi: &str,
 ) -> Result<Vec<RecordBatch>> {
-    let d = warehouse.dialect();
+    let queries = warehouse.queries();
+    let d = queries.dialect();
     let m = &merger.meta;
     let mut columns = merger.key.clone();
     columns.extend([m.change_seq.clone(), m.source_file.clone()]);
@@ -239,11 +240,12 @@ pub(super) async fn history_between(
             ("hi", &d.literal(hi)),
         ],
     );
-    if let Some(rows) = warehouse.query(&query).await? {
-        return Ok(rows);
-    }
+    let tables = match queries {
+        Queries::Engine(engine) => return engine.query(&query).await,
+        Queries::DataFusion(tables) => tables,
+    };
     let ctx = SessionContext::new();
-    if !warehouse.register(&ctx, table, merger).await? {
+    if !tables.register(&ctx, table, merger).await? {
         return Ok(Vec::new());
     }
     crate::merge::collect(&ctx, &query, "history_between.sql").await

@@ -134,10 +134,6 @@ pub trait Warehouse: Send + Sync {
     /// The data columns of `table` if the warehouse holds it already.
     async fn columns(&self, table: &Table, merger: &Merger) -> Result<Option<Vec<Column>>>;
 
-    /// Registers `<t>`, `<t>_history` and the `<t>_versions` view in `ctx`
-    /// for queries; returns false when the table has not been loaded yet.
-    async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool>;
-
     /// Deletes the files of `table`'s tables that no version younger than
     /// `retain` reads any more (files a rewrite replaced), or with `dry_run`
     /// only lists them; returns their paths. `None`: the warehouse manages
@@ -151,21 +147,50 @@ pub trait Warehouse: Send + Sync {
         Ok(None)
     }
 
-    /// Runs `sql` in the warehouse's own engine when it has one (BigQuery:
-    /// unqualified names resolve in the dataset). `None`: it has none, and
-    /// the caller runs the SQL in DataFusion over the tables `register` gives.
-    async fn query(&self, _sql: &str) -> Result<Option<Vec<RecordBatch>>> {
-        Ok(None)
-    }
-
     /// Why column `name` cannot be a column of this warehouse's tables, if
     /// it cannot; checked before anything of a table is loaded.
     fn refuses_column(&self, _name: &str) -> Option<String> {
         None
     }
 
-    /// The dialect of SQL run by [`Warehouse::query`] (or DataFusion's).
-    fn dialect(&self) -> Dialect {
-        Dialect::DataFusion
+    /// How its tables answer SQL: the capability beside loading.
+    fn queries(&self) -> Queries<'_>;
+}
+
+/// How a warehouse's tables answer SQL (history lookups of the redelivery
+/// check, `cdcflow query`, `cdcflow history`).
+pub enum Queries<'a> {
+    /// The warehouse runs SQL in its own engine (BigQuery).
+    Engine(&'a dyn SqlEngine),
+    /// Its tables register in a DataFusion session, which runs the SQL (Delta).
+    DataFusion(&'a dyn DataFusionTables),
+}
+
+impl Queries<'_> {
+    /// The dialect the SQL is written in.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Queries::Engine(engine) => engine.dialect(),
+            Queries::DataFusion(_) => Dialect::DataFusion,
+        }
     }
+}
+
+/// A warehouse with an SQL engine of its own.
+#[async_trait::async_trait]
+pub trait SqlEngine: Send + Sync {
+    /// Runs `sql` (in [`SqlEngine::dialect`]; unqualified table names
+    /// resolve in the warehouse's dataset) and returns its rows.
+    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>>;
+
+    /// Its SQL dialect.
+    fn dialect(&self) -> Dialect;
+}
+
+/// A warehouse whose tables DataFusion reads.
+#[async_trait::async_trait]
+pub trait DataFusionTables: Send + Sync {
+    /// Registers `<t>`, `<t>_history` and the `<t>_versions` view in `ctx`;
+    /// returns false when the table has not been loaded yet.
+    async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool>;
 }

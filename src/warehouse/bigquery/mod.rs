@@ -26,7 +26,7 @@ use gcp_bigquery_client::model::table_schema::TableSchema;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 use tokio::sync::OnceCell;
 
-use super::{Apply, LoadRequest, Warehouse};
+use super::{Apply, LoadRequest, Queries, SqlEngine, Warehouse};
 use crate::config::{BigQueryConfig, Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -681,22 +681,8 @@ impl Warehouse for BigQueryWarehouse {
         ))
     }
 
-    async fn register(
-        &self,
-        _ctx: &SessionContext,
-        _table: &Table,
-        _merger: &Merger,
-    ) -> Result<bool> {
-        Err(Error::Usage(format!(
-            "the tables are in BigQuery ({}.{}); queries run there",
-            self.config.project, self.config.dataset
-        )))
-    }
-
-    async fn query(&self, sql: &str) -> Result<Option<Vec<RecordBatch>>> {
-        let api = self.api().await?;
-        let (schema, rows) = api.query(sql).await?;
-        Ok(Some(vec![types::to_arrow(&schema, &rows)?]))
+    fn queries(&self) -> Queries<'_> {
+        Queries::Engine(self)
     }
 
     fn refuses_column(&self, name: &str) -> Option<String> {
@@ -722,6 +708,15 @@ impl Warehouse for BigQueryWarehouse {
              _PARTITION, _ROW_TIMESTAMP, __ROOT__ or _COLIDENTIFIER"
                 .to_string()
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl SqlEngine for BigQueryWarehouse {
+    async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let api = self.api().await?;
+        let (schema, rows) = api.query(sql).await?;
+        Ok(vec![types::to_arrow(&schema, &rows)?])
     }
 
     fn dialect(&self) -> Dialect {

@@ -25,7 +25,7 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 
-use super::{Apply, LoadRequest, Warehouse};
+use super::{Apply, DataFusionTables, LoadRequest, Queries, Warehouse};
 use crate::config::{Column, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -757,6 +757,13 @@ impl Warehouse for DeltaWarehouse {
         Ok(Some(columns))
     }
 
+    fn queries(&self) -> Queries<'_> {
+        Queries::DataFusion(self)
+    }
+}
+
+#[async_trait::async_trait]
+impl DataFusionTables for DeltaWarehouse {
     async fn register(&self, ctx: &SessionContext, table: &Table, merger: &Merger) -> Result<bool> {
         for name in [table.target.clone(), table.history_name()] {
             let Some(provider) = self.provider(&name).await? else {
