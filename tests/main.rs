@@ -17,3 +17,4 @@ mod pipeline_local;
 mod s3;
 mod samples;
 mod schedule;
+mod sqllogic;

@@ -59,7 +59,7 @@ pub struct LatestChanges {
 }
 
 fn internal(message: impl std::fmt::Display) -> Error {
-    Error::Usage(format!("taking the latest change per key: {message}"))
+    Error::Internal(format!("taking the latest change per key: {message}"))
 }
 
 impl LatestChanges {
