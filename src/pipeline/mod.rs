@@ -11,6 +11,7 @@
 //! renewed by a heartbeat, so overlapping cron pods never work on one
 //! pipeline together.
 
+mod history;
 mod lease;
 mod ledger;
 mod redelivery;
