@@ -19,14 +19,14 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 	$(BIN) status --pipeline $(EXAMPLE)
 
 test: peers-up ## Run every test (unit and integration, with a short chaos and fuzz pass); starts the peers first (moto S3, bqemulator, PostgreSQL, MariaDB)
-	eval "$$(scripts/peers.sh all env)" && $(CARGO) test
+	eval "$$(scripts/peers.sh all env)" && $(CARGO) test --features failpoints
 
 chaos: peers-up ## Long fault suite: runs and backfills SIGKILLed at random (CDCFLOW_CHAOS_ROUNDS, default 40), S3 faults, 8 runs at once; pgbench and sysbench soaks with capture SIGKILLed and the servers restarted
 	eval "$$(scripts/peers.sh all env)" && CDCFLOW_CHAOS_ROUNDS=$${CDCFLOW_CHAOS_ROUNDS:-40} CDCFLOW_SOAK_RESTART=1 \
-	  $(CARGO) test --test main -- chaos s3_faults killed_at_random through_kills --nocapture --test-threads 1
+	  $(CARGO) test --features failpoints --test main -- chaos s3_faults killed_at_random through_kills --nocapture --test-threads 1
 
 fuzz: ## Mutate the DMS samples and testdata through the decoders for CDCFLOW_FUZZ_SECS (default 600) seconds
-	CDCFLOW_FUZZ_SECS=$${CDCFLOW_FUZZ_SECS:-600} $(CARGO) test --test main -- fuzz:: --nocapture
+	CDCFLOW_FUZZ_SECS=$${CDCFLOW_FUZZ_SECS:-600} $(CARGO) test --features failpoints --test main -- fuzz:: --nocapture
 
 bench: ## Benchmark vs DuckDB, Polars, pg_recvlogical, mariadb-binlog (release; BENCH_ROWS=1000000 quick); writes BENCH.md
 	scripts/bench.sh

@@ -1,4 +1,5 @@
-//! Crash switches for the crash-safety tests.
+//! Crash switches for the crash-safety tests, compiled in only with the
+//! `failpoints` cargo feature (see [`ENABLED`]).
 //!
 //! `CDCFLOW_FAILPOINT=<name>` makes the process abort (no cleanup, like a
 //! `kill -9`) when it reaches the named step boundary of the run protocol;
@@ -14,6 +15,12 @@
 //! to test retries against the real error classification.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Whether this build has the switches (the `failpoints` cargo feature,
+/// which `make test` and `make chaos` turn on). Without it every function
+/// here returns at once and reads no environment: a release build cannot
+/// be made to crash or fail by a stray variable.
+pub const ENABLED: bool = cfg!(feature = "failpoints");
 
 /// Every step boundary of a pipeline run a test can crash at, in protocol order.
 pub const NAMES: &[&str] = &[
@@ -38,6 +45,9 @@ pub fn hit(name: &str) {
         NAMES.contains(&name) || CAPTURE_NAMES.contains(&name),
         "unknown failpoint {name}"
     );
+    if !ENABLED {
+        return;
+    }
     let Ok(setting) = std::env::var("CDCFLOW_FAILPOINT") else {
         return;
     };
@@ -60,6 +70,9 @@ pub const PAUSE_NAMES: &[&str] = &["capture.snapshot_started"];
 /// at exactly this moment (e.g. commit a change while a snapshot is open).
 pub async fn pause(name: &str) {
     debug_assert!(PAUSE_NAMES.contains(&name), "unknown pause point {name}");
+    if !ENABLED {
+        return;
+    }
     let Some(file) = std::env::var("CDCFLOW_PAUSE")
         .ok()
         .and_then(|s| Some(s.split_once(':')?.1.to_string()).filter(|_| s.starts_with(name)))
@@ -79,6 +92,9 @@ static FAULTS: AtomicUsize = AtomicUsize::new(0);
 
 /// Returns an injected error if `CDCFLOW_FAULT` names this step.
 pub fn fault(step: &str) -> crate::error::Result<()> {
+    if !ENABLED {
+        return Ok(());
+    }
     let Ok(setting) = std::env::var("CDCFLOW_FAULT") else {
         return Ok(());
     };

@@ -80,3 +80,13 @@ async fn an_object_replaced_before_its_batch_loaded_is_taken_as_it_is_now() {
     assert!(rerun.status.success(), "{}", crate::support::output(&rerun));
     assert_warehouse_matches(&ws, &data, false).await;
 }
+
+/// The crash tests need the crash switches compiled in.
+#[test]
+fn failpoints_are_compiled_in() {
+    if !cdcflow::failpoint::ENABLED {
+        panic!(
+            "the crash tests need the crash switches: run `make test`, or `cargo test --features failpoints`"
+        );
+    }
+}
