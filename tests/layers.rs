@@ -26,11 +26,8 @@ fn arrows() -> BTreeMap<String, BTreeSet<String>> {
                 if code.starts_with("//") {
                     continue;
                 }
-                for (_, rest) in code
-                    .match_indices("crate::")
-                    .map(|(i, _)| ((), &code[i + 7..]))
-                {
-                    let name: String = rest
+                for (at, prefix) in code.match_indices("crate::") {
+                    let name: String = code[at + prefix.len()..]
                         .chars()
                         .take_while(|c| c.is_alphanumeric() || *c == '_')
                         .collect();

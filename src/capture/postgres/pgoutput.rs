@@ -86,7 +86,7 @@ pub struct RelationColumn {
     pub type_modifier: i32,
 }
 
-pub use crate::capture::source::Value;
+use crate::capture::source::Value;
 
 /// A row's values, in relation column order.
 pub type Tuple<'a> = Vec<Value<'a>>;
