@@ -121,4 +121,11 @@ fn the_layers_keep_to_their_arrows() {
             );
         }
     }
+    // The dataset generator is a user command, not part of the data path (ARCHITECTURE §8).
+    for (module, targets) in &graph {
+        assert!(
+            module == "cli" || !targets.contains("synth"),
+            "{module} → synth: only the CLI may use the dataset generator"
+        );
+    }
 }

@@ -8,14 +8,16 @@
 //! with its field path.
 
 mod validate;
+mod validated;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 pub use crate::model::{Column, SqlType, TYPE_NAMES, UTC};
-pub use validate::{
-    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig, store_of,
+pub use validate::store_of;
+pub use validated::{
+    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig,
 };
 
 use crate::error::{Error, Result};

@@ -218,7 +218,7 @@ impl DeltaWarehouse {
         }
         let table_exists = table.version().is_some();
         let stream = req.rows.take().ok_or_else(|| {
-            Error::Usage(format!(
+            Error::Internal(format!(
                 "the rows of batch {} were already read",
                 req.batch.number
             ))

@@ -1,0 +1,174 @@
+//! The validated pipeline: what [`PipelineFile::validate`](super::PipelineFile::validate)
+//! returns and every stage reads. Plain data; the checks live in `validate.rs`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{BatchFile, Format, MetadataColumns};
+use crate::cron::Schedule;
+use crate::model::Column;
+
+/// A validated pipeline, ready to run.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// Pipeline name.
+    pub name: String,
+    /// The cron schedule, if any.
+    pub schedule: Option<Schedule>,
+    /// Run every missed tick (true) or coalesce them (false).
+    pub catchup: bool,
+    /// Tables processed at once.
+    pub max_parallel_tables: usize,
+    /// Retry policy of table tasks.
+    pub retry: RetryPolicy,
+    /// Lease time-to-live.
+    pub lease_ttl: Duration,
+    /// The CDC objects.
+    pub source: Source,
+    /// SQLite state file.
+    pub state_path: PathBuf,
+    /// Where the tables are loaded.
+    pub warehouse: WarehouseConfig,
+    /// Batch bounds.
+    pub batch: BatchFile,
+    /// Names of the added columns.
+    pub meta: MetadataColumns,
+    /// Tables, in file order.
+    pub tables: Vec<Table>,
+}
+
+/// A validated `[warehouse]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarehouseConfig {
+    /// Delta Lake tables under this directory.
+    Local {
+        /// Absolute directory.
+        path: PathBuf,
+        /// Whether current-state tables take deletion vectors.
+        deletion_vectors: bool,
+    },
+    /// A BigQuery dataset.
+    BigQuery(BigQueryConfig),
+}
+
+/// Where and how to reach BigQuery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BigQueryConfig {
+    /// Project running the jobs.
+    pub project: String,
+    /// Dataset of the tables.
+    pub dataset: String,
+    /// Dataset location.
+    pub location: String,
+    /// Service-account key file; `None`: application default credentials.
+    pub credentials: Option<PathBuf>,
+    /// Emulator endpoint (no auth); `None`: Google's API.
+    pub endpoint: Option<String>,
+}
+
+/// Retries of a table task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub count: u32,
+    /// First delay; doubled each retry.
+    pub delay: Duration,
+    /// Longest delay.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Delay before retry number `retry` (1-based): exponential, capped, with
+    /// jitter drawn from `random` (any u64) in [50%, 100%] of the delay.
+    pub fn backoff(&self, retry: u32, random: u64) -> Duration {
+        let exp = self.delay.saturating_mul(
+            1u32.checked_shl(retry.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        );
+        let capped = exp.min(self.max_delay);
+        let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
+        capped.mul_f64(fraction)
+    }
+}
+
+/// Where and how the objects are written.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Object-store URL with an absolute path (`file:///…`, `s3://…`).
+    pub url: url::Url,
+    /// Format filter.
+    pub format: Format,
+    /// DMS timestamp column, if present in the files.
+    pub timestamp_column: Option<String>,
+    /// Extra DMS columns after the timestamp column.
+    pub extra_columns: Vec<String>,
+    /// The extra column that orders CDC changes, if any.
+    pub sequence_column: Option<String>,
+    /// Full-load files carry `Op`.
+    pub include_op_for_full_load: bool,
+    /// CSV dialect.
+    pub csv: CsvOptions,
+    /// Object-store options (region, endpoint, credentials…) as object_store config keys.
+    pub store_options: Vec<(String, super::Secret)>,
+    /// Named AWS profile to read static keys from.
+    pub profile: Option<String>,
+    /// Lateness window of incremental listing.
+    pub lateness: Duration,
+    /// Interval of full listings.
+    pub full_listing_every: Duration,
+}
+
+/// The CSV dialect of DMS objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvOptions {
+    /// Field delimiter.
+    pub delimiter: u8,
+    /// First line names the columns.
+    pub header: bool,
+    /// Unquoted text meaning NULL.
+    pub null_value: String,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions {
+            delimiter: b',',
+            header: false,
+            null_value: String::new(),
+        }
+    }
+}
+
+/// A validated table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Source schema folder.
+    pub schema: String,
+    /// Source table folder.
+    pub name: String,
+    /// Warehouse table name.
+    pub target: String,
+    /// Primary-key columns.
+    pub primary_key: Vec<String>,
+    /// Declared columns, when declared.
+    pub columns: Option<Vec<Column>>,
+    /// Keep deleted keys flagged instead of removing them.
+    pub soft_delete: bool,
+}
+
+impl Table {
+    /// `schema.name`, as shown to users.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Warehouse name of the history table.
+    pub fn history_name(&self) -> String {
+        format!("{}_history", self.target)
+    }
+
+    /// Name of the SCD-2 view over history.
+    pub fn versions_name(&self) -> String {
+        format!("{}_versions", self.target)
+    }
+}
