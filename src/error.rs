@@ -100,6 +100,29 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
+    /// The PostgreSQL state store refused or failed (`[state] url =
+    /// "postgres://…"`): a lost connection is retried, anything else waits
+    /// for an operator.
+    #[error("state store {url}: {context}: {}", postgres_message(source))]
+    StateServer {
+        /// The store's URL, without its password.
+        url: String,
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// TLS to a database could not be set up (a CA file, the settings).
+    #[error("setting up TLS: {context}: {message}")]
+    Tls {
+        /// What was being read or built.
+        context: String,
+        /// What was wrong.
+        message: String,
+    },
+
     /// The warehouse refused or failed a load.
     #[error("warehouse table {table}: {context}")]
     Warehouse {
@@ -378,6 +401,14 @@ impl Error {
         }
     }
 
+    /// A TLS setup error.
+    pub fn tls(context: impl Into<String>, message: impl fmt::Display) -> Self {
+        Error::Tls {
+            context: context.into(),
+            message: message.to_string(),
+        }
+    }
+
     /// Wraps an I/O error with what was being done and the path.
     pub fn io(context: impl Into<String>, path: impl fmt::Display, source: std::io::Error) -> Self {
         Error::Io {
@@ -417,6 +448,13 @@ impl Error {
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
             ),
+            Error::StateServer { source, .. } => {
+                postgres_connection_lost(source)
+                    // serialization failure, deadlock: the transaction may be run again
+                    || source
+                        .code()
+                        .is_some_and(|c| matches!(c.code(), "40001" | "40P01"))
+            }
             Error::Warehouse { source, .. } => matches!(
                 **source,
                 deltalake::DeltaTableError::ObjectStore { .. }
@@ -441,9 +479,49 @@ impl Error {
             | Error::ObjectChanged { .. }
             | Error::Ledger { .. }
             | Error::NewColumns { .. }
-            | Error::Capture { .. } => false,
+            | Error::Capture { .. }
+            | Error::Tls { .. } => false,
         }
     }
+}
+
+/// Whether `e` is the connection to a PostgreSQL server failing (refused,
+/// reset, closed; the server shutting down or not accepting connections
+/// yet) rather than the server refusing what was asked.
+pub fn postgres_connection_lost(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 08: connection exception; 57P01-03: admin or crash shutdown, cannot
+        // connect now (starting up, recovering); 53300: too many connections.
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    let text = e.to_string();
+    e.is_closed()
+        || text.starts_with("error connecting to server")
+        || text.starts_with("error communicating with the server")
+}
+
+/// A PostgreSQL error as a user should read it: the server's message and
+/// hint, or the driver's text with its causes (a TLS handshake's, an I/O
+/// error), which its own text leaves out.
+pub fn postgres_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let hint = db
+            .hint()
+            .map(|h| format!(" (hint: {h})"))
+            .unwrap_or_default();
+        return format!("{}{hint}", db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -22,4 +22,5 @@ pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod synth;
+pub mod tls;
 pub mod warehouse;

@@ -555,7 +555,7 @@ async fn a_transaction_larger_than_memory_is_spilled_and_lands_once() {
 
 /// TLS as MySQL users set it, in the URL: VERIFY_IDENTITY accepts the host
 /// the certificate names and refuses another (and a certificate of another
-/// CA); VERIFY_CA is refused with what to use (see `capture::tls`). The user connecting is
+/// CA); VERIFY_CA is refused with what to use (see `tls`). The user connecting is
 /// `REQUIRE SSL`, so a full load that works went over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_verify_identity_accepts_the_named_host_and_refuses_others() {

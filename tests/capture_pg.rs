@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::support::{
-    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, restart_peer,
-    tls_url,
+    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, pg_database,
+    restart_peer, tls_url,
 };
 
 /// A fresh database for one test; dropped (with its slot) at the end.
@@ -21,13 +21,7 @@ struct Db {
     client: Client,
 }
 
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-    tokio::spawn(conn);
-    client
-}
+use crate::support::pg_connect as connect;
 
 impl Db {
     async fn new(ws: &Workspace) -> Option<Db> {
@@ -36,14 +30,7 @@ impl Db {
 
     /// A fresh database on the server whose URL is in `var`.
     async fn on(var: &str, ws: &Workspace) -> Option<Db> {
-        let base = peer(var)?;
-        let admin = connect(&base).await;
-        let name = ws.unique_name("cap_", '_');
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+        let (admin, name, url) = pg_database(var, ws, "cap_").await?;
         let client = connect(&url).await;
         Some(Db {
             admin,

@@ -4,13 +4,35 @@
 
 use cdcflow::failpoint::NAMES;
 
-use crate::support::{Workspace, assert_warehouse_matches};
+use crate::support::{Workspace, assert_warehouse_matches, pg_database};
+
+/// Where a crash test keeps its state.
+#[derive(Clone, Copy)]
+enum Store {
+    Sqlite,
+    Postgres,
+}
 
 async fn crash_then_recover(failpoint: &str) {
+    crash_then_recover_in(failpoint, Store::Sqlite).await;
+}
+
+async fn crash_then_recover_in(failpoint: &str, store: Store) {
     let ws = Workspace::new();
     let data = ws.synth(1500, 11);
     ws.publish_all();
     ws.write_pipeline(3, true);
+    let database = match store {
+        Store::Sqlite => None,
+        Store::Postgres => {
+            let Some((admin, name, url)) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "crash_").await
+            else {
+                return;
+            };
+            ws.set_state_url("pipeline.toml", &url);
+            Some((admin, name))
+        }
+    };
 
     let crashed = ws.cdcflow(
         &["run", "--pipeline", "pipeline.toml"],
@@ -43,6 +65,12 @@ async fn crash_then_recover(failpoint: &str) {
         String::from_utf8_lossy(&recovered.stderr)
     );
     assert_warehouse_matches(&ws, &data, true).await;
+    if let Some((admin, name)) = database {
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,6 +84,15 @@ async fn every_step_boundary_of_the_first_batch() {
 async fn every_step_boundary_of_a_later_batch() {
     for name in NAMES {
         crash_then_recover(&format!("{name}@3")).await;
+    }
+}
+
+/// The same protocol with the state in PostgreSQL (`[state] url =
+/// "postgres://…"`): the batch a crash left planned is found there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_boundary_with_the_state_in_postgres() {
+    for name in NAMES {
+        crash_then_recover_in(&format!("{name}@2"), Store::Postgres).await;
     }
 }
 

@@ -233,9 +233,7 @@ async fn vacuum_waits_for_the_lease_and_keeps_a_minimum_retention() {
     assert_ok(&run(&ws), "run");
     let pipeline = cdcflow::config::load(&ws.path("pipeline.toml")).unwrap();
     let runner = ws.runner();
-    let state: std::sync::Arc<dyn cdcflow::state::StateStore> = std::sync::Arc::new(
-        cdcflow::state::SqliteStore::open(&pipeline.state_path, &pipeline.name).unwrap(),
-    );
+    let state = cdcflow::state::open(&pipeline.state, &pipeline.name).unwrap();
     drop(runner);
     let lease = cdcflow::pipeline::Lease::acquire(state, &pipeline).unwrap();
     let busy = ws.cdcflow(&["vacuum", "-p", "pipeline.toml"], &[]);

@@ -104,6 +104,12 @@ fn the_layers_keep_to_their_arrows() {
         assert!(graph[leaf].is_empty(), "{leaf} → {:?}", graph[leaf]);
     }
     assert_eq!(graph["error"], BTreeSet::from(["model".to_string()]));
+    // Database TLS serves config, state and capture, and uses nothing but the error type.
+    assert!(
+        graph["tls"].iter().all(|m| m == "error"),
+        "tls → {:?}",
+        graph["tls"]
+    );
     // Stages below the pipeline never reach up to it or to the scheduler and CLI.
     for stage in [
         "source",

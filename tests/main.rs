@@ -18,3 +18,4 @@ mod s3;
 mod samples;
 mod schedule;
 mod sqllogic;
+mod state;

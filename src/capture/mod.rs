@@ -12,7 +12,6 @@ pub mod mysql;
 pub mod postgres;
 pub mod sink;
 pub mod source;
-pub mod tls;
 pub mod writer;
 
 use std::path::Path;
@@ -229,7 +228,7 @@ impl Capture {
                 path: path.display().to_string(),
                 problems: vec![format!(
                     "`source.url`: {:?} is neither postgres://… nor mysql://…",
-                    redact_url(&url)
+                    crate::tls::redact_url(&url)
                 )],
             });
         }
@@ -243,7 +242,7 @@ impl Capture {
             url = u.to_string();
         }
         let url = url.replacen("mariadb://", "mysql://", 1);
-        let (url, tls) = tls::Tls::from_url(&url, mysql).map_err(|e| Error::Config {
+        let (url, tls) = crate::tls::Tls::from_url(&url, mysql).map_err(|e| Error::Config {
             path: path.display().to_string(),
             problems: vec![format!("`source.url`: {e}")],
         })?;
@@ -405,17 +404,6 @@ impl Capture {
             ));
         }
         Ok(out)
-    }
-}
-
-/// The URL without its password, for messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
     }
 }
 

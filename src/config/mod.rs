@@ -17,7 +17,7 @@ use serde::Deserialize;
 pub use crate::model::{Column, SqlType, TYPE_NAMES, UTC};
 pub use validate::store_of;
 pub use validated::{
-    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig,
+    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig, Table, WarehouseConfig,
 };
 
 use crate::error::{Error, Result};
@@ -273,10 +273,17 @@ impl Default for CsvFile {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
-    /// `sqlite://path/to/file.db` (relative to the working directory).
+    /// `sqlite://path/to/file.db` (relative to the working directory), or
+    /// `postgres://user@host:port/database` for a state store many processes
+    /// and machines share (tables in the schema `cdcflow`; TLS as libpq sets
+    /// it: `?sslmode=verify-full&sslrootcert=ca.pem`).
     /// Default: `sqlite://.cdcflow/<pipeline name>.db`.
     #[serde(default)]
     pub url: Option<String>,
+    /// PostgreSQL: the environment variable holding the password, when the
+    /// URL has none (default `PGPASSWORD`).
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 /// `[warehouse]`.

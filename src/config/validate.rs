@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::validated::{
-    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, Table, WarehouseConfig,
+    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig, Table, WarehouseConfig,
 };
 use super::{
     CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile, absolute,
@@ -13,6 +13,7 @@ use super::{
 };
 use crate::cron::Schedule;
 use crate::error::{Error, Result};
+use crate::tls::Tls;
 
 struct Problems(Vec<String>);
 
@@ -75,7 +76,7 @@ impl PipelineFile {
             problems.add("lease_ttl", "must be at least 1s");
         }
         let source = validate_source(&self.source, &mut problems);
-        let state_path = validate_state(&self, &mut problems);
+        let state = validate_state(&self, &mut problems);
         let warehouse = validate_warehouse(&self.warehouse, &mut problems);
         if self.batch.max_objects == 0 {
             problems.add("batch.max_objects", "must be greater than 0");
@@ -142,7 +143,7 @@ impl PipelineFile {
             retry,
             lease_ttl,
             source: source.expect("checked above"),
-            state_path,
+            state,
             warehouse,
             batch: self.batch,
             meta: self.metadata_columns,
@@ -314,19 +315,43 @@ fn validate_csv(csv: &CsvFile, problems: &mut Problems) -> CsvOptions {
     }
 }
 
-fn validate_state(file: &PipelineFile, problems: &mut Problems) -> PathBuf {
-    match &file.state.url {
-        None => absolute(&format!(".cdcflow/{}.db", file.name)),
-        Some(url) => match url.strip_prefix("sqlite://") {
-            Some(path) if !path.is_empty() => absolute(path),
-            _ => {
-                problems.add(
-                    "state.url",
-                    format!("{url:?} is not supported; use sqlite://<file>, e.g. \"sqlite://.cdcflow/shop.db\""),
-                );
-                PathBuf::new()
-            }
-        },
+fn validate_state(file: &PipelineFile, problems: &mut Problems) -> StateConfig {
+    let fallback = || StateConfig::Sqlite(PathBuf::new());
+    let Some(url) = &file.state.url else {
+        return StateConfig::Sqlite(absolute(&format!(".cdcflow/{}.db", file.name)));
+    };
+    if let Some(path) = url.strip_prefix("sqlite://")
+        && !path.is_empty()
+    {
+        return StateConfig::Sqlite(absolute(path));
+    }
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        problems.add(
+            "state.url",
+            format!(
+                "{:?} is not supported; use sqlite://<file>, e.g. \"sqlite://.cdcflow/shop.db\", \
+                 or postgres://user@host:port/database",
+                crate::tls::redact_url(url)
+            ),
+        );
+        return fallback();
+    }
+    let (url, tls) = match Tls::from_url(url, false) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            problems.add("state.url", e);
+            return fallback();
+        }
+    };
+    if let Err(e) = url.parse::<tokio_postgres::Config>() {
+        problems.add("state.url", format!("not a PostgreSQL URL: {e}"));
+        return fallback();
+    }
+    let password_env = file.state.password_env.clone();
+    StateConfig::Postgres {
+        url,
+        tls,
+        password_env: password_env.unwrap_or_else(|| "PGPASSWORD".into()),
     }
 }
 
@@ -544,7 +569,9 @@ mod tests {
         let p = check(GOOD).unwrap();
         assert_eq!(p.tables[0].history_name(), "orders_history");
         assert!(p.source.url.as_str().ends_with("/testdata/dms/"));
-        assert!(p.state_path.ends_with(".cdcflow/shop.db"));
+        assert!(
+            matches!(&p.state, StateConfig::Sqlite(path) if path.ends_with(".cdcflow/shop.db"))
+        );
     }
 
     #[test]

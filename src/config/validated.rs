@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{BatchFile, Format, MetadataColumns};
 use crate::cron::Schedule;
 use crate::model::Column;
+use crate::tls::Tls;
 
 /// A validated pipeline, ready to run.
 #[derive(Debug, Clone)]
@@ -25,8 +26,8 @@ pub struct Pipeline {
     pub lease_ttl: Duration,
     /// The CDC objects.
     pub source: Source,
-    /// SQLite state file.
-    pub state_path: PathBuf,
+    /// Where the state is kept.
+    pub state: StateConfig,
     /// Where the tables are loaded.
     pub warehouse: WarehouseConfig,
     /// Batch bounds.
@@ -35,6 +36,22 @@ pub struct Pipeline {
     pub meta: MetadataColumns,
     /// Tables, in file order.
     pub tables: Vec<Table>,
+}
+
+/// A validated `[state]`.
+#[derive(Debug, Clone)]
+pub enum StateConfig {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database.
+    Postgres {
+        /// The URL without its TLS parameters.
+        url: String,
+        /// TLS to the server.
+        tls: Tls,
+        /// The environment variable holding the password, when the URL has none.
+        password_env: String,
+    },
 }
 
 /// A validated `[warehouse]`.

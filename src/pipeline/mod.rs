@@ -37,7 +37,7 @@ use crate::cron::Interval;
 use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
-use crate::state::{ObjectStatus, Restored, SqliteStore, StateStore, Trigger};
+use crate::state::{ObjectStatus, Restored, StateStore, Trigger};
 use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Queries, Warehouse};
 
 /// What one run did, per table.
@@ -92,7 +92,7 @@ impl Runner {
     /// Wires a pipeline to the implementations its file names.
     pub fn open(pipeline: Pipeline) -> Result<Self> {
         let source = Arc::new(StoreSource::open(&pipeline.source)?);
-        let state = Arc::new(SqliteStore::open(&pipeline.state_path, &pipeline.name)?);
+        let state = crate::state::open(&pipeline.state, &pipeline.name)?;
         let warehouse: Arc<dyn Warehouse> = match &pipeline.warehouse {
             WarehouseConfig::Local {
                 path,

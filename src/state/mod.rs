@@ -10,17 +10,38 @@
 //!   watermark (largest `change_seq`) never moves back;
 //! - an object is in at most one state: processed, quarantined or skipped.
 
+mod postgres;
 mod sqlite;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use crate::config::StateConfig;
 use crate::error::Result;
+
+/// Opens the state store `config` names, for `pipeline`.
+pub fn open(config: &StateConfig, pipeline: &str) -> Result<Arc<dyn StateStore>> {
+    Ok(match config {
+        StateConfig::Sqlite(path) => Arc::new(SqliteStore::open(path, pipeline)?),
+        StateConfig::Postgres {
+            url,
+            tls,
+            password_env,
+        } => Arc::new(PostgresStore::open(url, tls, password_env, pipeline)?),
+    })
+}
+
+/// A time as the stores show it: RFC 3339, UTC, microseconds.
+pub(crate) fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
 
 /// An object as a batch refers to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +75,29 @@ pub enum ObjectStatus {
         /// The operator's reason.
         reason: String,
     },
+}
+
+impl ObjectStatus {
+    /// The status a store keeps as `status` (processed, quarantined or
+    /// skipped) with the columns `batch_no`, `error` and `reason`.
+    fn from_columns(
+        status: &str,
+        batch_no: Option<i64>,
+        error: Option<String>,
+        reason: Option<String>,
+    ) -> Self {
+        match status {
+            "processed" => ObjectStatus::Processed {
+                batch_no: batch_no.unwrap_or_default(),
+            },
+            "quarantined" => ObjectStatus::Quarantined {
+                error: error.unwrap_or_default(),
+            },
+            _ => ObjectStatus::Skipped {
+                reason: reason.unwrap_or_default(),
+            },
+        }
+    }
 }
 
 /// A recorded object.

@@ -162,6 +162,15 @@ soft_delete = {items_soft_delete}
         path
     }
 
+    /// Points the pipeline file `file` at the state store `url`.
+    pub(crate) fn set_state_url(&self, file: &str, url: &str) {
+        let path = self.path(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (head, tail) = text.split_once("[state]\nurl = ").expect("a [state] url");
+        let rest = tail.split_once('\n').map_or("", |(_, rest)| rest);
+        std::fs::write(&path, format!("{head}[state]\nurl = \"{url}\"\n{rest}")).unwrap();
+    }
+
     pub(crate) fn runner(&self) -> Runner {
         self.runner_for("pipeline.toml")
     }
@@ -473,6 +482,33 @@ pub(crate) fn peer(var: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// A client of the PostgreSQL server at `url` (no TLS), its connection driven in the background.
+pub(crate) async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// A fresh database, named `prefix` + the workspace's name, on the
+/// PostgreSQL server whose URL is in `var`: (an admin client, its name, its URL).
+pub(crate) async fn pg_database(
+    var: &str,
+    ws: &Workspace,
+    prefix: &str,
+) -> Option<(tokio_postgres::Client, String, String)> {
+    let base = peer(var)?;
+    let admin = pg_connect(&base).await;
+    let name = ws.unique_name(prefix, '_');
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    Some((admin, name, url))
 }
 
 /// An answer of [`faulty_proxy`]: the server is down for a moment.

@@ -162,7 +162,7 @@ fn connection_lost(e: &mysql_async::Error) -> bool {
 /// that made it (used for every later connection). `prefer` falls back to
 /// a plain connection when the server offers no TLS.
 async fn connect_with_tls(opts: Opts, settings: &MySettings) -> Result<(Conn, Opts)> {
-    use crate::capture::tls::TlsMode;
+    use crate::tls::TlsMode;
     let tls = &settings.tls;
     let ssl = (tls.mode != TlsMode::Disable).then(|| {
         let ssl = mysql_async::SslOpts::default()
@@ -184,10 +184,7 @@ async fn connect_with_tls(opts: Opts, settings: &MySettings) -> Result<(Conn, Op
             .into()
     };
     let fail = |e: mysql_async::Error| {
-        let context = format!(
-            "connecting to {}",
-            crate::capture::redact_url(&settings.url)
-        );
+        let context = format!("connecting to {}", crate::tls::redact_url(&settings.url));
         match my(context)(e) {
             Error::Capture { context, message } => Error::capture(context, tls.explain(&message)),
             lost => lost,

@@ -46,7 +46,7 @@ pub struct MySettings {
     /// captured), without its TLS parameters.
     pub url: String,
     /// TLS (from the URL's `ssl-mode` and `ssl-ca`).
-    pub tls: super::tls::Tls,
+    pub tls: crate::tls::Tls,
     /// Server id this reader registers with (unique among the server's replicas).
     pub server_id: u32,
     /// Changes per chunk (whole transactions stay together).

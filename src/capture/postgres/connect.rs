@@ -150,30 +150,8 @@ impl PgSource {
 pub(super) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
     move |e| {
-        let lost = connection_lost(&e);
-        let message = match e.as_db_error() {
-            Some(db) => format!(
-                "{}{}",
-                db.message(),
-                db.hint()
-                    .map(|h| format!(" (hint: {h})"))
-                    .unwrap_or_default()
-            ),
-            // The cause (a TLS handshake's, an I/O error) is not in the text.
-            None => {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    let cause_text = cause.to_string();
-                    if !text.contains(&cause_text) {
-                        text = format!("{text}: {cause_text}");
-                    }
-                    source = cause.source();
-                }
-                text
-            }
-        };
-        if lost {
+        let message = crate::error::postgres_message(&e);
+        if crate::error::postgres_connection_lost(&e) {
             Error::SourceLost { context, message }
         } else {
             Error::capture(context, message)
@@ -181,36 +159,13 @@ pub(super) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Erro
     }
 }
 
-/// Whether `e` is the connection failing (refused, reset, closed; the
-/// server shutting down or not accepting connections yet) rather than the
-/// server refusing what was asked.
-pub(super) fn connection_lost(e: &tokio_postgres::Error) -> bool {
-    if let Some(db) = e.as_db_error() {
-        let code = db.code().code();
-        // 08: connection exception; 57P01-03: admin or crash shutdown, cannot
-        // connect now (starting up, recovering); 53300: too many connections.
-        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
-    }
-    let text = e.to_string();
-    e.is_closed()
-        || text.starts_with("error connecting to server")
-        || text.starts_with("error communicating with the server")
-}
-
 pub(super) async fn connect(settings: &PgSettings) -> Result<Client> {
-    use crate::capture::tls::TlsMode;
-    use tokio_postgres::config::SslMode;
-    let url = crate::capture::redact_url(&settings.url);
+    let url = crate::tls::redact_url(&settings.url);
     let mut config: tokio_postgres::Config = settings
         .url
         .parse()
         .map_err(pg(format!("reading the URL {url}")))?;
-    config.ssl_mode(match settings.tls.mode {
-        TlsMode::Disable => SslMode::Disable,
-        TlsMode::Prefer => SslMode::Prefer,
-        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
-    });
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(settings.tls.client_config()?);
+    let tls = settings.tls.postgres(&mut config)?;
     let (client, connection) =
         config
             .connect(tls)

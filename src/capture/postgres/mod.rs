@@ -45,7 +45,7 @@ pub struct PgSettings {
     /// Connection URL (`postgres://user@host:port/db`), without its TLS parameters.
     pub url: String,
     /// TLS (from the URL's `sslmode` and `sslrootcert`).
-    pub tls: super::tls::Tls,
+    pub tls: crate::tls::Tls,
     /// Publication (created for the selected tables when missing).
     pub publication: String,
     /// Replication slot (created when missing).

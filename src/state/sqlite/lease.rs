@@ -3,8 +3,9 @@
 use chrono::Utc;
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, parse_stamp, stamp};
+use super::{SqliteStore, parse_stamp};
 use crate::error::Result;
+use crate::state::stamp;
 use crate::state::{LeaseOutcome, Leases};
 
 impl Leases for SqliteStore {

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, now, parse_objects, parse_stamp, stamp};
+use super::{SqliteStore, now, parse_objects, parse_stamp};
 use crate::error::Result;
+use crate::state::stamp;
 use crate::state::{
     Batch, BatchMode, BatchStats, CommittedBatch, Manifest, ObjectRecord, ObjectRef, ObjectStatus,
     Restored,
@@ -86,18 +87,12 @@ impl Manifest for SqliteStore {
                      FROM objects WHERE pipeline = ?1 AND tbl = ?2",
                 )?;
                 let rows = stmt.query_map(params![self.pipeline, table], |r| {
-                    let status: String = r.get(3)?;
-                    let status = match status.as_str() {
-                        "processed" => ObjectStatus::Processed {
-                            batch_no: r.get(4)?,
-                        },
-                        "quarantined" => ObjectStatus::Quarantined {
-                            error: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                        },
-                        _ => ObjectStatus::Skipped {
-                            reason: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                        },
-                    };
+                    let status = ObjectStatus::from_columns(
+                        &r.get::<_, String>(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    );
                     Ok(ObjectRecord {
                         object: ObjectRef {
                             key: r.get(0)?,

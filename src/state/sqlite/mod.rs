@@ -5,16 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
 
 mod lease;
 mod manifest;
 mod runs;
 
-use super::ObjectRef;
-#[cfg(test)]
-use super::{Batch, BatchMode, BatchStats, LeaseOutcome, Leases, Manifest, ObjectStatus, RunLog};
+use super::{ObjectRef, stamp};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = include_str!("../../../sql/state.sql");
@@ -34,10 +32,6 @@ pub struct SqliteStore {
 
 pub(super) fn now() -> String {
     stamp(Utc::now())
-}
-
-pub(super) fn stamp(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 pub(super) fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
@@ -218,120 +212,15 @@ mod tests {
         assert_eq!(version(&early), 0, "a refused store gets no version");
     }
 
-    fn obj(key: &str) -> ObjectRef {
-        ObjectRef {
+    #[test]
+    fn batch_id_depends_on_etags() {
+        use crate::state::Batch;
+        let obj = |key: &str| ObjectRef {
             key: key.into(),
             etag: "e".into(),
             size: 1,
             last_modified: DateTime::default(),
-        }
-    }
-
-    #[test]
-    fn batches_are_planned_then_committed_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
-        let b1 = store
-            .plan_batch("s.t", &[obj("a"), obj("b")], BatchMode::Append)
-            .unwrap();
-        assert_eq!(b1.number, 1);
-        assert!(
-            store
-                .plan_batch("s.t", &[obj("c")], BatchMode::Append)
-                .is_err(),
-            "one planned batch per table"
-        );
-        assert_eq!(store.pending_batch("s.t").unwrap(), Some(b1.clone()));
-        let stats = BatchStats {
-            rows: 3,
-            max_seq: Some("9".into()),
-            ..Default::default()
         };
-        store.commit_batch("s.t", 1, &stats).unwrap();
-        assert_eq!(store.pending_batch("s.t").unwrap(), None);
-        assert_eq!(store.objects("s.t").unwrap().len(), 2);
-        assert_eq!(store.max_seq("s.t").unwrap().as_deref(), Some("9"));
-        assert_eq!(
-            store
-                .plan_batch("s.t", &[obj("c")], BatchMode::Append)
-                .unwrap()
-                .number,
-            2
-        );
-        // a processed object cannot be quarantined or skipped afterwards
-        store.skip("s.t", &obj("a"), "no").unwrap();
-        assert_eq!(
-            store.objects("s.t").unwrap()["a"].status,
-            ObjectStatus::Processed { batch_no: 1 }
-        );
-    }
-
-    #[test]
-    fn one_lease_holder_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
-        let b = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
-        let ttl = std::time::Duration::from_secs(60);
-        assert_eq!(
-            a.acquire_lease("a", ttl, None).unwrap(),
-            LeaseOutcome::Acquired
-        );
-        assert!(
-            matches!(b.acquire_lease("b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
-        );
-        assert!(a.renew_lease("a", ttl).unwrap());
-        assert!(!b.renew_lease("b", ttl).unwrap());
-        a.release_lease("a").unwrap();
-        assert_eq!(
-            b.acquire_lease("b", ttl, None).unwrap(),
-            LeaseOutcome::Acquired
-        );
-        // a holder known to be dead is taken over at once
-        assert_eq!(
-            a.acquire_lease("a", ttl, Some("b")).unwrap(),
-            LeaseOutcome::Acquired
-        );
-        assert_eq!(
-            b.acquire_lease("b", ttl, None).unwrap(),
-            LeaseOutcome::Held {
-                owner: "a".into(),
-                expires_at: b_expiry(&b)
-            }
-        );
-        a.release_lease("a").unwrap();
-        b.acquire_lease("b", ttl, None).unwrap();
-        // an expired lease can be taken over
-        b.acquire_lease("b", std::time::Duration::ZERO, None)
-            .unwrap();
-        assert_eq!(
-            a.acquire_lease("a", ttl, None).unwrap(),
-            LeaseOutcome::Acquired
-        );
-        assert!(!b.renew_lease("b", ttl).unwrap(), "b lost its lease");
-    }
-
-    fn b_expiry(store: &SqliteStore) -> String {
-        store
-            .with(
-                |c| c.query_row("SELECT expires_at FROM leases", [], |r| r.get(0)),
-                "test",
-            )
-            .unwrap()
-    }
-
-    #[test]
-    fn the_schedule_never_moves_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), "p").unwrap();
-        let t1 = DateTime::from_timestamp(1_000, 0).unwrap();
-        let t2 = DateTime::from_timestamp(2_000, 0).unwrap();
-        store.set_last_tick(t2).unwrap();
-        store.set_last_tick(t1).unwrap();
-        assert_eq!(store.last_tick().unwrap(), Some(t2));
-    }
-
-    #[test]
-    fn batch_id_depends_on_etags() {
         let a = Batch::id_of("p", "t", &[obj("a")]);
         let mut changed = obj("a");
         changed.etag = "f".into();

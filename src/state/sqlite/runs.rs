@@ -3,8 +3,9 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, now, parse_stamp, stamp};
+use super::{SqliteStore, now, parse_stamp};
 use crate::error::Result;
+use crate::state::stamp;
 use crate::state::{RunLog, RunRecord, TaskAttempt, TaskState, Trigger};
 
 impl RunLog for SqliteStore {

@@ -1,4 +1,4 @@
-//! TLS to the source database, with rustls (ring), set the way users know
+//! TLS to a database (capture's sources, the PostgreSQL state store), with rustls (ring), set the way users know
 //! from their database's own clients: libpq's `sslmode` and `sslrootcert`
 //! in a `postgres://` URL, MySQL's `ssl-mode` and `ssl-ca` in a `mysql://`
 //! URL. They are taken out of the URL here (the drivers do not know them
@@ -28,6 +28,17 @@ use rustls::{
 };
 
 use crate::error::{Error, Result};
+
+/// A database URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
 
 /// How TLS is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +141,7 @@ impl Tls {
             return Ok(roots);
         };
         let bad = |e: String| {
-            Error::capture(
+            Error::tls(
                 format!("reading the CA certificates {}", path.display()),
                 format!("{e}; expected a PEM file of CA certificates"),
             )
@@ -150,7 +161,7 @@ impl Tls {
     /// as the mode says.
     pub fn client_config(&self) -> Result<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let fail = |e: rustls::Error| Error::capture("setting up TLS", e.to_string());
+        let fail = |e: rustls::Error| Error::tls("setting up TLS", e.to_string());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(fail)?;
@@ -162,7 +173,7 @@ impl Tls {
                     provider.clone(),
                 )
                 .build()
-                .map_err(|e| Error::capture("setting up TLS", e.to_string()))?,
+                .map_err(|e| Error::tls("setting up TLS", e.to_string()))?,
             ),
             false => None,
         };
@@ -175,6 +186,23 @@ impl Tls {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth())
+    }
+
+    /// Sets `config`'s TLS mode from these settings and returns the rustls
+    /// connector that checks the server's certificate as the mode says.
+    pub fn postgres(
+        &self,
+        config: &mut tokio_postgres::Config,
+    ) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+        use tokio_postgres::config::SslMode;
+        config.ssl_mode(match self.mode {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        });
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+            self.client_config()?,
+        ))
     }
 
     /// A failure to connect, `error`, with what to check when it was a TLS failure.

@@ -1,0 +1,398 @@
+//! The object manifest and batches ([`Manifest`]) in PostgreSQL.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use postgres::Row;
+use postgres::types::Json;
+
+use super::PostgresStore;
+use crate::error::Result;
+use crate::state::{
+    Batch, BatchMode, BatchStats, CommittedBatch, Manifest, ObjectRecord, ObjectRef, ObjectStatus,
+    Restored, stamp,
+};
+
+/// Inserts or overwrites an object as processed by batch `$6`.
+const PROCESSED: &str = "INSERT INTO cdcflow.objects
+       (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+     VALUES ($1, $2, $3, $4, $5, 'processed', $6, now())
+     ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+       etag = excluded.etag, size = excluded.size, status = 'processed',
+       batch_no = excluded.batch_no, error = NULL, reason = NULL,
+       updated_at = excluded.updated_at";
+
+fn batch(row: &Row) -> std::result::Result<Batch, postgres::Error> {
+    Ok(Batch {
+        number: row.try_get(0)?,
+        id: row.try_get(1)?,
+        objects: row.try_get::<_, Json<Vec<ObjectRef>>>(2)?.0,
+        mode: BatchMode::parse(row.try_get(3)?),
+    })
+}
+
+fn count(n: i64) -> u64 {
+    n.max(0) as u64
+}
+
+impl Manifest for PostgresStore {
+    fn store_id(&self) -> &str {
+        &self.id
+    }
+
+    fn restore(&self, table: &str, restored: &Restored) -> Result<()> {
+        let p = &self.pipeline;
+        self.with("restoring a table's state from the warehouse", |c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM cdcflow.batches WHERE pipeline = $1 AND tbl = $2",
+                &[p, &table],
+            )?;
+            tx.execute(
+                "DELETE FROM cdcflow.objects
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'processed'",
+                &[p, &table],
+            )?;
+            if restored.number > 0 {
+                let s = &restored.stats;
+                tx.execute(
+                    "INSERT INTO cdcflow.batches (pipeline, tbl, batch_no, batch_id, objects,
+                       status, mode, rows, inserts, updates, deletes, max_seq, max_commit_ts,
+                       planned_at, committed_at)
+                     VALUES ($1, $2, $3, $4, $5, 'committed', 'append', $6, $7, $8, $9, $10, $11,
+                       now(), now())",
+                    &[
+                        p,
+                        &table,
+                        &restored.number,
+                        &restored.id,
+                        &Json(&restored.objects),
+                        &(s.rows as i64),
+                        &(s.inserts as i64),
+                        &(s.updates as i64),
+                        &(s.deletes as i64),
+                        &s.max_seq,
+                        &s.max_commit_ts,
+                    ],
+                )?;
+            }
+            let processed = tx.prepare(PROCESSED)?;
+            for object in &restored.objects {
+                tx.execute(
+                    &processed,
+                    &[
+                        p,
+                        &table,
+                        &object.key,
+                        &object.etag,
+                        &(object.size as i64),
+                        &restored.number,
+                    ],
+                )?;
+            }
+            if let Some(pending) = &restored.pending {
+                for object in &pending.objects {
+                    tx.execute(
+                        "DELETE FROM cdcflow.objects WHERE pipeline = $1 AND tbl = $2 AND key = $3",
+                        &[p, &table, &object.key],
+                    )?;
+                }
+                tx.execute(
+                    "INSERT INTO cdcflow.batches
+                       (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                     VALUES ($1, $2, $3, $4, $5, 'planned', $6, now())",
+                    &[
+                        p,
+                        &table,
+                        &pending.number,
+                        &pending.id,
+                        &Json(&pending.objects),
+                        &pending.mode.as_str(),
+                    ],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn objects(&self, table: &str) -> Result<HashMap<String, ObjectRecord>> {
+        self.with("reading objects", |c| {
+            c.query(
+                "SELECT key, etag, size, status, batch_no, error, reason, updated_at
+                 FROM cdcflow.objects WHERE pipeline = $1 AND tbl = $2",
+                &[&self.pipeline, &table],
+            )?
+            .iter()
+            .map(|r| {
+                let status = ObjectStatus::from_columns(
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                    r.try_get(6)?,
+                );
+                let key: String = r.try_get(0)?;
+                let record = ObjectRecord {
+                    object: ObjectRef {
+                        key: key.clone(),
+                        etag: r.try_get(1)?,
+                        size: count(r.try_get(2)?),
+                        last_modified: DateTime::default(),
+                    },
+                    status,
+                    updated_at: stamp(r.try_get(7)?),
+                };
+                Ok((key, record))
+            })
+            .collect()
+        })
+    }
+
+    fn pending_batch(&self, table: &str) -> Result<Option<Batch>> {
+        self.with("reading the pending batch", |c| {
+            c.query_opt(
+                "SELECT batch_no, batch_id, objects, mode FROM cdcflow.batches
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'planned'",
+                &[&self.pipeline, &table],
+            )?
+            .as_ref()
+            .map(batch)
+            .transpose()
+        })
+    }
+
+    fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
+        let id = Batch::id_of(&self.pipeline, table, objects);
+        let number = self.with("planning a batch", |c| {
+            Ok(c.query_one(
+                "INSERT INTO cdcflow.batches
+                   (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                 SELECT $1, $2, COALESCE(MAX(batch_no), 0) + 1, $3, $4, 'planned', $5, now()
+                 FROM cdcflow.batches WHERE pipeline = $1 AND tbl = $2
+                 RETURNING batch_no",
+                &[&self.pipeline, &table, &id, &Json(objects), &mode.as_str()],
+            )?
+            .get(0))
+        })?;
+        Ok(Batch {
+            number,
+            id,
+            objects: objects.to_vec(),
+            mode,
+        })
+    }
+
+    fn replan_batch(
+        &self,
+        table: &str,
+        number: i64,
+        objects: &[ObjectRef],
+    ) -> Result<Option<Batch>> {
+        let p = &self.pipeline;
+        if objects.is_empty() {
+            self.with("re-planning a batch", |c| {
+                c.execute(
+                    "DELETE FROM cdcflow.batches
+                     WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'",
+                    &[p, &table, &number],
+                )
+            })?;
+            return Ok(None);
+        }
+        let id = Batch::id_of(p, table, objects);
+        let mode: String = self.with("re-planning a batch", |c| {
+            Ok(c.query_one(
+                "UPDATE cdcflow.batches SET batch_id = $4, objects = $5
+                 WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'
+                 RETURNING mode",
+                &[p, &table, &number, &id, &Json(objects)],
+            )?
+            .get(0))
+        })?;
+        Ok(Some(Batch {
+            number,
+            id,
+            objects: objects.to_vec(),
+            mode: BatchMode::parse(&mode),
+        }))
+    }
+
+    fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
+        let p = &self.pipeline;
+        self.with("committing a batch", |c| {
+            let mut tx = c.transaction()?;
+            // Locks the planned row: a second committer waits, then finds it committed.
+            let objects = tx
+                .query_one(
+                    "SELECT objects FROM cdcflow.batches
+                     WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'
+                     FOR UPDATE",
+                    &[p, &table, &number],
+                )?
+                .try_get::<_, Json<Vec<ObjectRef>>>(0)?
+                .0;
+            let processed = tx.prepare(PROCESSED)?;
+            for object in &objects {
+                tx.execute(
+                    &processed,
+                    &[
+                        p,
+                        &table,
+                        &object.key,
+                        &object.etag,
+                        &(object.size as i64),
+                        &number,
+                    ],
+                )?;
+            }
+            tx.execute(
+                "UPDATE cdcflow.batches SET status = 'committed', rows = $4, inserts = $5,
+                   updates = $6, deletes = $7, max_seq = $8, committed_at = now(),
+                   max_commit_ts = $9
+                 WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3",
+                &[
+                    p,
+                    &table,
+                    &number,
+                    &(stats.rows as i64),
+                    &(stats.inserts as i64),
+                    &(stats.updates as i64),
+                    &(stats.deletes as i64),
+                    &stats.max_seq,
+                    &stats.max_commit_ts,
+                ],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>> {
+        self.with("reading the last batch", |c| {
+            let Some(r) = c.query_opt(
+                "SELECT batch_no, batch_id, jsonb_array_length(objects)::bigint, rows, inserts,
+                   updates, deletes, max_seq, committed_at
+                 FROM cdcflow.batches
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'committed'
+                 ORDER BY batch_no DESC LIMIT 1",
+                &[&self.pipeline, &table],
+            )?
+            else {
+                return Ok(None);
+            };
+            let figure = |i| -> std::result::Result<u64, postgres::Error> {
+                Ok(count(r.try_get::<_, Option<i64>>(i)?.unwrap_or(0)))
+            };
+            Ok(Some(CommittedBatch {
+                number: r.try_get(0)?,
+                id: r.try_get(1)?,
+                objects: figure(2)? as usize,
+                stats: BatchStats {
+                    rows: figure(3)?,
+                    inserts: figure(4)?,
+                    updates: figure(5)?,
+                    deletes: figure(6)?,
+                    max_seq: r.try_get(7)?,
+                    max_commit_ts: None,
+                },
+                committed_at: r.try_get(8)?,
+            }))
+        })
+    }
+
+    fn max_seq(&self, table: &str) -> Result<Option<String>> {
+        self.with("reading the watermark", |c| {
+            c.query_one(
+                "SELECT MAX(max_seq) FROM cdcflow.batches
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'committed'",
+                &[&self.pipeline, &table],
+            )?
+            .try_get(0)
+        })
+    }
+
+    fn max_commit_ts(&self, table: &str) -> Result<Option<DateTime<Utc>>> {
+        self.with("reading the newest commit time", |c| {
+            c.query_one(
+                "SELECT MAX(max_commit_ts) FROM cdcflow.batches
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'committed'",
+                &[&self.pipeline, &table],
+            )?
+            .try_get(0)
+        })
+    }
+
+    fn quarantine(&self, table: &str, object: &ObjectRef, error: &str) -> Result<()> {
+        self.set_status(table, object, "quarantined", Some(error), None)
+    }
+
+    fn release(&self, table: &str, key: &str) -> Result<()> {
+        self.with("releasing a quarantined object", |c| {
+            c.execute(
+                "DELETE FROM cdcflow.objects
+                 WHERE pipeline = $1 AND tbl = $2 AND key = $3 AND status = 'quarantined'",
+                &[&self.pipeline, &table, &key],
+            )
+            .map(drop)
+        })
+    }
+
+    fn skip(&self, table: &str, object: &ObjectRef, reason: &str) -> Result<()> {
+        self.set_status(table, object, "skipped", None, Some(reason))
+    }
+
+    fn last_full_listing(&self, table: &str) -> Result<Option<DateTime<Utc>>> {
+        self.with("reading the last full listing", |c| {
+            c.query_opt(
+                "SELECT full_at FROM cdcflow.listings WHERE pipeline = $1 AND tbl = $2",
+                &[&self.pipeline, &table],
+            )?
+            .map(|r| r.try_get(0))
+            .transpose()
+        })
+    }
+
+    fn set_last_full_listing(&self, table: &str, at: DateTime<Utc>) -> Result<()> {
+        self.with("recording a full listing", |c| {
+            c.execute(
+                "INSERT INTO cdcflow.listings (pipeline, tbl, full_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (pipeline, tbl) DO UPDATE SET full_at = excluded.full_at",
+                &[&self.pipeline, &table, &at],
+            )
+            .map(drop)
+        })
+    }
+}
+
+impl PostgresStore {
+    fn set_status(
+        &self,
+        table: &str,
+        object: &ObjectRef,
+        status: &str,
+        error: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.with("recording an object", |c| {
+            c.execute(
+                "INSERT INTO cdcflow.objects
+                   (pipeline, tbl, key, etag, size, status, error, reason, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+                 ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                   etag = excluded.etag, size = excluded.size, status = excluded.status,
+                   error = excluded.error, reason = excluded.reason,
+                   updated_at = excluded.updated_at
+                 WHERE cdcflow.objects.status <> 'processed'",
+                &[
+                    &self.pipeline,
+                    &table,
+                    &object.key,
+                    &object.etag,
+                    &(object.size as i64),
+                    &status,
+                    &error,
+                    &reason,
+                ],
+            )
+            .map(drop)
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! [`super::StateStore`] in a PostgreSQL database that many pipelines and
+//! processes share (`[state] url = "postgres://…"`): the store, its
+//! connection and its schema here; one file per concern (`manifest.rs`,
+//! `runs.rs`, `lease.rs`), as in `state/sqlite/`.
+//!
+//! The tables are `sql/state_postgres.sql`'s, in the schema `cdcflow`,
+//! keyed by pipeline. Every method is one statement or one transaction, so
+//! the contract of each trait holds across processes as it does in SQLite;
+//! leases are taken in one statement and timed by the server's clock.
+//!
+//! The traits are blocking (as SQLite is) and callers are often async: each
+//! call runs the blocking client on a scoped thread of its own, never on a
+//! runtime's worker, and the client (which owns a small runtime) is also
+//! dropped there. A lost connection is an error the caller retries
+//! (`Error::StateServer`, `RetryPolicy::Retry`); the next call connects
+//! again.
+
+use std::sync::Mutex;
+
+use postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+mod lease;
+mod manifest;
+mod runs;
+
+use crate::error::{Error, Result, postgres_connection_lost};
+use crate::tls::{Tls, redact_url};
+
+const SCHEMA: &str = include_str!("../../../sql/state_postgres.sql");
+
+/// The version of `sql/state_postgres.sql` this build writes. A database of
+/// a later version is refused: an older build must not write it.
+const SCHEMA_VERSION: i32 = 1;
+
+/// Every process opening a store runs the schema under this advisory lock,
+/// so that two creating it at once do not collide.
+const SCHEMA_LOCK: i64 = 0x0cdc_f10e;
+
+/// PostgreSQL state of one pipeline.
+pub struct PostgresStore {
+    pipeline: String,
+    /// The URL without its password, for messages.
+    url: String,
+    id: String,
+    config: postgres::Config,
+    tls: MakeRustlsConnect,
+    /// The session; `None` until the first call and after a lost connection.
+    conn: Mutex<Option<Client>>,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (its TLS parameters already taken out into `tls`;
+    /// the password from the environment variable `password_env` when the
+    /// URL has none), creates the schema when missing, refuses a newer one,
+    /// and reads or makes the store id of `pipeline`.
+    pub fn open(url: &str, tls: &Tls, password_env: &str, pipeline: &str) -> Result<Self> {
+        let shown = redact_url(url);
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| Error::Config {
+            path: "[state]".into(),
+            problems: vec![format!("`state.url` {shown}: {e}")],
+        })?;
+        if config.get_password().is_none()
+            && let Ok(password) = std::env::var(password_env)
+        {
+            config.password(password);
+        }
+        config
+            .application_name("cdcflow")
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .keepalives_idle(std::time::Duration::from_secs(30));
+        let tls = tls.postgres(&mut config)?;
+        let mut store = PostgresStore {
+            pipeline: pipeline.to_string(),
+            url: shown,
+            id: String::new(),
+            config: config.into(),
+            tls,
+            conn: Mutex::new(None),
+        };
+        let version = store.with("creating the schema", |c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+            tx.batch_execute(SCHEMA)?;
+            let version: i32 = tx
+                .query_one(
+                    "INSERT INTO cdcflow.schema_version (version) VALUES ($1)
+                 ON CONFLICT (one) DO UPDATE SET version = cdcflow.schema_version.version
+                 RETURNING version",
+                    &[&SCHEMA_VERSION],
+                )?
+                .get(0);
+            tx.commit()?;
+            Ok(version)
+        })?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Usage(format!(
+                "state store {} has schema version {version}, written by a newer cdcflow (this \
+                 one knows {SCHEMA_VERSION}): run that version or a later one",
+                store.url
+            )));
+        }
+        store.id = store.with("reading the store id", |c| {
+            let p = &store.pipeline;
+            c.execute(
+                "INSERT INTO cdcflow.store (pipeline, store_id) VALUES ($1, $2)
+                 ON CONFLICT (pipeline) DO NOTHING",
+                &[p, &uuid::Uuid::new_v4().simple().to_string()],
+            )?;
+            Ok(c.query_one(
+                "SELECT store_id FROM cdcflow.store WHERE pipeline = $1",
+                &[p],
+            )?
+            .get(0))
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the session (connecting first when there is none) on a
+    /// thread of its own; `context` names what was being done in an error.
+    fn with<T: Send>(
+        &self,
+        context: &str,
+        f: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error> + Send,
+    ) -> Result<T> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let slot: &mut Option<Client> = &mut guard;
+        let outcome = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    if slot.as_ref().is_none_or(Client::is_closed) {
+                        *slot = None;
+                        *slot = Some(self.config.connect(self.tls.clone())?);
+                    }
+                    let result = f(slot.as_mut().expect("connected above"));
+                    if let Err(e) = &result
+                        && postgres_connection_lost(e)
+                    {
+                        // Dropped here, off any async runtime: the next call reconnects.
+                        *slot = None;
+                    }
+                    result
+                })
+                .join()
+        });
+        outcome
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .map_err(|source| Error::StateServer {
+                url: self.url.clone(),
+                context: context.to_string(),
+                source,
+            })
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // The client owns a runtime, which may not be dropped inside another
+        // (a store is often dropped by async code).
+        let client = self.conn.get_mut().map(Option::take).ok().flatten();
+        if client.is_some() {
+            let _ = std::thread::spawn(move || drop(client)).join();
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Runs, task attempts and the schedule's last tick ([`RunLog`]) in PostgreSQL.
+
+use chrono::{DateTime, Utc};
+
+use super::PostgresStore;
+use crate::error::Result;
+use crate::state::{RunLog, RunRecord, TaskAttempt, TaskState, Trigger, stamp};
+
+impl RunLog for PostgresStore {
+    fn begin_run(
+        &self,
+        trigger: Trigger,
+        interval: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    ) -> Result<i64> {
+        self.with("recording a run", |c| {
+            c.query_one(
+                "INSERT INTO cdcflow.runs
+                   (pipeline, trigger, interval_start, interval_end, started_at, status)
+                 VALUES ($1, $2, $3, $4, now(), 'running')
+                 RETURNING run_id",
+                &[
+                    &self.pipeline,
+                    &trigger.as_str(),
+                    &interval.map(|i| i.0),
+                    &interval.map(|i| i.1),
+                ],
+            )?
+            .try_get(0)
+        })
+    }
+
+    fn finish_run(&self, run_id: i64, success: bool, summary: &str) -> Result<()> {
+        let status = if success { "success" } else { "failed" };
+        self.with("finishing a run", |c| {
+            c.execute(
+                "UPDATE cdcflow.runs SET finished_at = now(), status = $2, summary = $3
+                 WHERE run_id = $1",
+                &[&run_id, &status, &summary],
+            )
+            .map(drop)
+        })
+    }
+
+    fn record_attempt(&self, run_id: i64, a: &TaskAttempt) -> Result<()> {
+        let finished = matches!(
+            a.state,
+            TaskState::Success | TaskState::Failed | TaskState::UpForRetry | TaskState::Skipped
+        );
+        self.with("recording a task attempt", |c| {
+            c.execute(
+                "INSERT INTO cdcflow.task_attempts
+                   (run_id, tbl, try_number, state, started_at, finished_at, rows, error)
+                 VALUES ($1, $2, $3, $4, now(), CASE WHEN $5 THEN now() END, $6, $7)
+                 ON CONFLICT (run_id, tbl, try_number) DO UPDATE SET
+                   state = excluded.state, finished_at = excluded.finished_at,
+                   rows = excluded.rows, error = excluded.error",
+                &[
+                    &run_id,
+                    &a.table,
+                    &(a.try_number as i32),
+                    &a.state.as_str(),
+                    &finished,
+                    &(a.rows as i64),
+                    &a.error,
+                ],
+            )
+            .map(drop)
+        })
+    }
+
+    fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
+        self.with("reading runs", |c| {
+            let mut runs = Vec::new();
+            for r in c.query(
+                "SELECT run_id, trigger, interval_start, interval_end, started_at, status
+                 FROM cdcflow.runs WHERE pipeline = $1 ORDER BY run_id DESC LIMIT $2",
+                &[&self.pipeline, &(limit as i64)],
+            )? {
+                let start: Option<DateTime<Utc>> = r.try_get(2)?;
+                let end: Option<DateTime<Utc>> = r.try_get(3)?;
+                runs.push(RunRecord {
+                    id: r.try_get(0)?,
+                    trigger: r.try_get(1)?,
+                    interval: start.map(stamp).zip(end.map(stamp)),
+                    started_at: stamp(r.try_get(4)?),
+                    status: r.try_get(5)?,
+                    attempts: Vec::new(),
+                });
+            }
+            let attempts = c.prepare(
+                "SELECT tbl, try_number, state, rows, error FROM cdcflow.task_attempts
+                 WHERE run_id = $1 ORDER BY tbl, try_number",
+            )?;
+            for run in &mut runs {
+                for r in c.query(&attempts, &[&run.id])? {
+                    run.attempts.push(TaskAttempt {
+                        table: r.try_get(0)?,
+                        try_number: r.try_get::<_, i32>(1)?.max(0) as u32,
+                        state: TaskState::parse(r.try_get(2)?),
+                        rows: r.try_get::<_, Option<i64>>(3)?.unwrap_or(0).max(0) as u64,
+                        error: r.try_get(4)?,
+                    });
+                }
+            }
+            Ok(runs)
+        })
+    }
+
+    fn last_tick(&self) -> Result<Option<DateTime<Utc>>> {
+        self.with("reading the schedule", |c| {
+            c.query_opt(
+                "SELECT last_tick FROM cdcflow.schedule WHERE pipeline = $1",
+                &[&self.pipeline],
+            )?
+            .map(|r| r.try_get(0))
+            .transpose()
+        })
+    }
+
+    fn set_last_tick(&self, tick: DateTime<Utc>) -> Result<()> {
+        self.with("advancing the schedule", |c| {
+            c.execute(
+                "INSERT INTO cdcflow.schedule (pipeline, last_tick) VALUES ($1, $2)
+                 ON CONFLICT (pipeline) DO UPDATE
+                   SET last_tick = GREATEST(cdcflow.schedule.last_tick, excluded.last_tick)",
+                &[&self.pipeline, &tick],
+            )
+            .map(drop)
+        })
+    }
+}

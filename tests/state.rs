@@ -1,0 +1,584 @@
+//! The state-store contract (ARCHITECTURE §6, `state::{Manifest, RunLog,
+//! Leases}`), run against every store: SQLite and PostgreSQL. Each test is
+//! called from async code on a runtime, as the pipeline calls the stores,
+//! and opens a store twice where two processes would.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdcflow::config::StateConfig;
+use cdcflow::error::RetryPolicy;
+use cdcflow::state::{
+    BatchMode, BatchStats, LeaseOutcome, ObjectRef, ObjectStatus, Restored, StateStore,
+    TaskAttempt, TaskState, Trigger,
+};
+use chrono::DateTime;
+
+use crate::support::{TcpProxy, Workspace, pg_database};
+
+/// Where the stores of one test live.
+struct Stores {
+    config: StateConfig,
+    /// A PostgreSQL test database to drop at the end.
+    database: Option<(tokio_postgres::Client, String)>,
+    _ws: Workspace,
+}
+
+impl Stores {
+    fn sqlite() -> Stores {
+        let ws = Workspace::new();
+        Stores {
+            config: StateConfig::Sqlite(ws.path("state.db")),
+            database: None,
+            _ws: ws,
+        }
+    }
+
+    async fn postgres() -> Option<Stores> {
+        let ws = Workspace::new();
+        let (admin, name, url) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "state_").await?;
+        Some(Stores {
+            config: postgres_config(&url),
+            database: Some((admin, name)),
+            _ws: ws,
+        })
+    }
+
+    /// The store of `pipeline`: a new handle each call, as a new process opens it.
+    fn open(&self, pipeline: &str) -> Arc<dyn StateStore> {
+        cdcflow::state::open(&self.config, pipeline).expect("open the store")
+    }
+
+    async fn drop(self) {
+        if let Some((admin, name)) = self.database {
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn postgres_config(url: &str) -> StateConfig {
+    let (url, tls) = cdcflow::tls::Tls::from_url(url, false).unwrap();
+    StateConfig::Postgres {
+        url,
+        tls,
+        password_env: "CDCFLOW_TEST_NO_PASSWORD".into(),
+    }
+}
+
+/// Each contract test, against SQLite and against PostgreSQL.
+macro_rules! in_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let stores = super::Stores::sqlite();
+                super::$name(&stores);
+                stores.drop().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(stores) = super::Stores::postgres().await else {
+                    return;
+                };
+                super::$name(&stores);
+                stores.drop().await;
+            }
+        }
+    )*};
+}
+
+in_both_stores!(
+    a_batch_is_planned_then_committed_once_with_its_objects,
+    a_pending_batch_is_replanned_or_removed,
+    restore_replaces_a_tables_batches_and_keeps_other_decisions,
+    an_object_is_in_one_state_and_processed_is_final,
+    one_lease_holder_at_a_time,
+    of_many_takers_at_once_one_gets_the_lease,
+    runs_attempts_ticks_and_listings_are_kept,
+    each_pipeline_has_its_own_id_and_state,
+    of_two_planners_at_once_one_plans,
+);
+
+fn obj(key: &str) -> ObjectRef {
+    ObjectRef {
+        key: key.into(),
+        etag: format!("etag-{key}"),
+        size: key.len() as u64 * 100,
+        last_modified: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+    }
+}
+
+fn processed(store: &dyn StateStore, key: &str) -> Option<i64> {
+    match store.objects("s.t").unwrap().get(key)?.status {
+        ObjectStatus::Processed { batch_no } => Some(batch_no),
+        _ => None,
+    }
+}
+
+fn a_batch_is_planned_then_committed_once_with_its_objects(stores: &Stores) {
+    let store = stores.open("p");
+    assert_eq!(store.pending_batch("s.t").unwrap(), None);
+    assert_eq!(store.last_batch("s.t").unwrap(), None);
+    let b1 = store
+        .plan_batch("s.t", &[obj("a"), obj("bb")], BatchMode::Append)
+        .unwrap();
+    assert_eq!(b1.number, 1);
+    assert_eq!(b1.id, cdcflow::state::Batch::id_of("p", "s.t", &b1.objects));
+    let again = store.plan_batch("s.t", &[obj("c")], BatchMode::Append);
+    assert!(again.is_err(), "one planned batch per table");
+    // Another table plans on its own.
+    assert_eq!(
+        store
+            .plan_batch("s.u", &[obj("a")], BatchMode::Replace)
+            .unwrap()
+            .number,
+        1
+    );
+    // The pending batch, as a new process reads it: objects in order, every field.
+    let reopened = stores.open("p");
+    assert_eq!(reopened.pending_batch("s.t").unwrap(), Some(b1.clone()));
+    assert_eq!(
+        reopened.pending_batch("s.u").unwrap().unwrap().mode,
+        BatchMode::Replace
+    );
+    assert_eq!(processed(&*reopened, "a"), None, "planned is not processed");
+
+    let at = DateTime::from_timestamp(1_700_000_123, 456_000).unwrap();
+    let stats = BatchStats {
+        rows: 7,
+        inserts: 4,
+        updates: 2,
+        deletes: 1,
+        max_seq: Some("0000000009".into()),
+        max_commit_ts: Some(at),
+    };
+    store.commit_batch("s.t", 1, &stats).unwrap();
+    assert!(
+        store.commit_batch("s.t", 1, &stats).is_err(),
+        "a committed batch is not committed again"
+    );
+    let reopened = stores.open("p");
+    assert_eq!(reopened.pending_batch("s.t").unwrap(), None);
+    assert_eq!(processed(&*reopened, "a"), Some(1));
+    assert_eq!(processed(&*reopened, "bb"), Some(1));
+    let recorded = &reopened.objects("s.t").unwrap()["bb"].object;
+    assert_eq!((recorded.etag.as_str(), recorded.size), ("etag-bb", 200));
+    let last = reopened.last_batch("s.t").unwrap().unwrap();
+    assert_eq!(
+        (last.number, last.id.as_str(), last.objects),
+        (1, b1.id.as_str(), 2)
+    );
+    assert_eq!(
+        (
+            last.stats.rows,
+            last.stats.inserts,
+            last.stats.updates,
+            last.stats.deletes
+        ),
+        (7, 4, 2, 1)
+    );
+    assert_eq!(
+        reopened.max_seq("s.t").unwrap().as_deref(),
+        Some("0000000009")
+    );
+    assert_eq!(reopened.max_commit_ts("s.t").unwrap(), Some(at));
+
+    // Numbers grow; the watermark never moves back.
+    let b2 = store
+        .plan_batch("s.t", &[obj("c")], BatchMode::Append)
+        .unwrap();
+    assert_eq!(b2.number, 2);
+    let older = BatchStats {
+        max_seq: Some("0000000003".into()),
+        ..Default::default()
+    };
+    store.commit_batch("s.t", 2, &older).unwrap();
+    assert_eq!(store.max_seq("s.t").unwrap().as_deref(), Some("0000000009"));
+    assert_eq!(store.last_batch("s.t").unwrap().unwrap().number, 2);
+}
+
+fn a_pending_batch_is_replanned_or_removed(stores: &Stores) {
+    let store = stores.open("p");
+    let planned = store
+        .plan_batch("s.t", &[obj("a"), obj("b"), obj("c")], BatchMode::Replace)
+        .unwrap();
+    let shrunk = store
+        .replan_batch("s.t", planned.number, &[obj("a"), obj("c")])
+        .unwrap()
+        .unwrap();
+    assert_eq!(shrunk.objects, vec![obj("a"), obj("c")]);
+    assert_eq!(shrunk.mode, BatchMode::Replace, "the mode is kept");
+    assert_ne!(shrunk.id, planned.id, "the id follows the objects");
+    assert_eq!(stores.open("p").pending_batch("s.t").unwrap(), Some(shrunk));
+    assert_eq!(
+        store.replan_batch("s.t", planned.number, &[]).unwrap(),
+        None
+    );
+    assert_eq!(store.pending_batch("s.t").unwrap(), None);
+    assert_eq!(
+        store
+            .plan_batch("s.t", &[obj("d")], BatchMode::Append)
+            .unwrap()
+            .number,
+        1,
+        "a removed batch loaded nothing: its number is free again"
+    );
+}
+
+fn restore_replaces_a_tables_batches_and_keeps_other_decisions(stores: &Stores) {
+    let store = stores.open("p");
+    store
+        .plan_batch("s.t", &[obj("a")], BatchMode::Append)
+        .unwrap();
+    store
+        .commit_batch("s.t", 1, &BatchStats::default())
+        .unwrap();
+    store
+        .quarantine("s.t", &obj("bad"), "line 3: not a number")
+        .unwrap();
+    store.skip("s.t", &obj("skipped"), "operator").unwrap();
+    store
+        .plan_batch("s.t", &[obj("old")], BatchMode::Append)
+        .unwrap();
+
+    let pending = cdcflow::state::Batch {
+        number: 6,
+        id: "pending-id".into(),
+        objects: vec![obj("e")],
+        mode: BatchMode::Append,
+    };
+    let restored = Restored {
+        number: 5,
+        id: "restored-id".into(),
+        objects: vec![obj("a"), obj("b"), obj("c")],
+        stats: BatchStats {
+            rows: 30,
+            max_seq: Some("42".into()),
+            ..Default::default()
+        },
+        pending: Some(pending.clone()),
+    };
+    store.restore("s.t", &restored).unwrap();
+    let reopened = stores.open("p");
+    for key in ["a", "b", "c"] {
+        assert_eq!(processed(&*reopened, key), Some(5), "{key}");
+    }
+    let objects = reopened.objects("s.t").unwrap();
+    assert!(
+        matches!(&objects["bad"].status, ObjectStatus::Quarantined { error } if error == "line 3: not a number")
+    );
+    assert!(
+        matches!(&objects["skipped"].status, ObjectStatus::Skipped { reason } if reason == "operator")
+    );
+    assert!(
+        !objects.contains_key("e"),
+        "the pending batch's objects are not processed"
+    );
+    assert_eq!(reopened.pending_batch("s.t").unwrap(), Some(pending));
+    let last = reopened.last_batch("s.t").unwrap().unwrap();
+    assert_eq!(
+        (last.number, last.id.as_str(), last.objects),
+        (5, "restored-id", 3)
+    );
+    assert_eq!(reopened.max_seq("s.t").unwrap().as_deref(), Some("42"));
+}
+
+fn an_object_is_in_one_state_and_processed_is_final(stores: &Stores) {
+    let store = stores.open("p");
+    store.quarantine("s.t", &obj("a"), "bad header").unwrap();
+    store.release("s.t", "a").unwrap();
+    assert!(!store.objects("s.t").unwrap().contains_key("a"), "released");
+    store.quarantine("s.t", &obj("a"), "bad again").unwrap();
+    store.skip("s.t", &obj("a"), "known bad").unwrap();
+    assert!(matches!(
+        &store.objects("s.t").unwrap()["a"].status,
+        ObjectStatus::Skipped { reason } if reason == "known bad"
+    ));
+    store.release("s.t", "a").unwrap();
+    assert!(
+        store.objects("s.t").unwrap().contains_key("a"),
+        "release forgets quarantines only"
+    );
+    // A quarantined object later loaded by a batch is processed, its error gone.
+    store.quarantine("s.t", &obj("b"), "bad").unwrap();
+    store
+        .plan_batch("s.t", &[obj("b")], BatchMode::Append)
+        .unwrap();
+    store
+        .commit_batch("s.t", 1, &BatchStats::default())
+        .unwrap();
+    assert_eq!(processed(&*store, "b"), Some(1));
+    store.skip("s.t", &obj("b"), "no").unwrap();
+    store.quarantine("s.t", &obj("b"), "no").unwrap();
+    store.release("s.t", "b").unwrap();
+    assert_eq!(
+        processed(&*stores.open("p"), "b"),
+        Some(1),
+        "processed is final"
+    );
+}
+
+fn one_lease_holder_at_a_time(stores: &Stores) {
+    let (a, b) = (stores.open("p"), stores.open("p"));
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        a.acquire_lease("a", ttl, None).unwrap(),
+        LeaseOutcome::Acquired
+    );
+    assert_eq!(
+        a.acquire_lease("a", ttl, None).unwrap(),
+        LeaseOutcome::Acquired,
+        "re-entrant"
+    );
+    assert!(
+        matches!(b.acquire_lease("b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
+    );
+    assert!(a.renew_lease("a", ttl).unwrap());
+    assert!(!b.renew_lease("b", ttl).unwrap());
+    b.release_lease("b").unwrap();
+    assert!(a.renew_lease("a", ttl).unwrap(), "only the holder releases");
+    a.release_lease("a").unwrap();
+    assert_eq!(
+        b.acquire_lease("b", ttl, None).unwrap(),
+        LeaseOutcome::Acquired
+    );
+    // A holder known to be dead is taken over at once.
+    assert_eq!(
+        a.acquire_lease("a", ttl, Some("b")).unwrap(),
+        LeaseOutcome::Acquired
+    );
+    assert!(!b.renew_lease("b", ttl).unwrap(), "b lost its lease");
+    // An expired lease is taken over.
+    a.acquire_lease("a", Duration::ZERO, None).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(
+        b.acquire_lease("b", ttl, None).unwrap(),
+        LeaseOutcome::Acquired
+    );
+    // Another pipeline's lease is its own.
+    let other = stores.open("q");
+    assert_eq!(
+        other.acquire_lease("a", ttl, None).unwrap(),
+        LeaseOutcome::Acquired
+    );
+}
+
+fn of_many_takers_at_once_one_gets_the_lease(stores: &Stores) {
+    for round in 0..5 {
+        let handles: Vec<_> = (0..8).map(|_| stores.open("race")).collect();
+        let barrier = std::sync::Barrier::new(handles.len());
+        let winners: Vec<String> = std::thread::scope(|s| {
+            let barrier = &barrier;
+            let takers: Vec<_> = handles
+                .iter()
+                .enumerate()
+                .map(|(i, store)| {
+                    s.spawn(move || {
+                        let owner = format!("w{round}-{i}");
+                        barrier.wait();
+                        let outcome = store
+                            .acquire_lease(&owner, Duration::from_secs(60), None)
+                            .unwrap();
+                        (outcome == LeaseOutcome::Acquired).then_some(owner)
+                    })
+                })
+                .collect();
+            takers
+                .into_iter()
+                .filter_map(|t| t.join().unwrap())
+                .collect()
+        });
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        handles[0].release_lease(&winners[0]).unwrap();
+    }
+}
+
+fn of_two_planners_at_once_one_plans(stores: &Stores) {
+    for round in 0..5 {
+        let table = format!("s.t{round}");
+        let (a, b) = (stores.open("p"), stores.open("p"));
+        let barrier = std::sync::Barrier::new(2);
+        let planned: usize = std::thread::scope(|s| {
+            let tries: Vec<_> = [(a, "a"), (b, "b")]
+                .into_iter()
+                .map(|(store, key)| {
+                    let (barrier, table) = (&barrier, &table);
+                    s.spawn(move || {
+                        barrier.wait();
+                        store
+                            .plan_batch(table, &[obj(key)], BatchMode::Append)
+                            .is_ok()
+                    })
+                })
+                .collect();
+            tries.into_iter().map(|t| t.join().unwrap() as usize).sum()
+        });
+        assert_eq!(planned, 1, "round {round}");
+        assert_eq!(
+            stores
+                .open("p")
+                .pending_batch(&table)
+                .unwrap()
+                .unwrap()
+                .number,
+            1
+        );
+    }
+}
+
+fn runs_attempts_ticks_and_listings_are_kept(stores: &Stores) {
+    let store = stores.open("p");
+    let (t1, t2) = (
+        DateTime::from_timestamp(1_000, 0).unwrap(),
+        DateTime::from_timestamp(2_000, 0).unwrap(),
+    );
+    let first = store.begin_run(Trigger::Schedule, Some((t1, t2))).unwrap();
+    let attempt = |try_number, state, error: Option<&str>| TaskAttempt {
+        table: "s.t".into(),
+        try_number,
+        state,
+        rows: 12,
+        error: error.map(str::to_string),
+    };
+    store
+        .record_attempt(first, &attempt(1, TaskState::Running, None))
+        .unwrap();
+    store
+        .record_attempt(first, &attempt(1, TaskState::UpForRetry, Some("reset")))
+        .unwrap();
+    store
+        .record_attempt(first, &attempt(2, TaskState::Success, None))
+        .unwrap();
+    store.finish_run(first, true, "{}").unwrap();
+    let second = store.begin_run(Trigger::Manual, None).unwrap();
+    assert!(second > first, "run ids grow");
+    stores.open("q").begin_run(Trigger::Backfill, None).unwrap();
+
+    let runs = stores.open("p").recent_runs(10).unwrap();
+    assert_eq!(runs.len(), 2, "another pipeline's runs are its own");
+    assert_eq!((runs[0].id, runs[0].status.as_str()), (second, "running"));
+    assert_eq!(
+        (runs[1].trigger.as_str(), runs[1].status.as_str()),
+        ("schedule", "success")
+    );
+    let (start, end) = runs[1].interval.clone().unwrap();
+    assert_eq!(
+        (start.as_str(), end.as_str()),
+        ("1970-01-01T00:16:40.000000Z", "1970-01-01T00:33:20.000000Z")
+    );
+    assert_eq!(
+        runs[1].attempts,
+        vec![
+            attempt(1, TaskState::UpForRetry, Some("reset")),
+            attempt(2, TaskState::Success, None)
+        ]
+    );
+    assert_eq!(store.recent_runs(1).unwrap().len(), 1);
+
+    assert_eq!(store.last_tick().unwrap(), None);
+    store.set_last_tick(t2).unwrap();
+    store.set_last_tick(t1).unwrap();
+    assert_eq!(
+        stores.open("p").last_tick().unwrap(),
+        Some(t2),
+        "never back"
+    );
+    assert_eq!(stores.open("q").last_tick().unwrap(), None);
+
+    assert_eq!(store.last_full_listing("s.t").unwrap(), None);
+    store.set_last_full_listing("s.t", t2).unwrap();
+    store.set_last_full_listing("s.t", t1).unwrap();
+    assert_eq!(stores.open("p").last_full_listing("s.t").unwrap(), Some(t1));
+}
+
+fn each_pipeline_has_its_own_id_and_state(stores: &Stores) {
+    let (p, q) = (stores.open("p"), stores.open("q"));
+    assert_eq!(p.store_id().len(), 32);
+    assert_ne!(p.store_id(), q.store_id());
+    assert_eq!(
+        stores.open("p").store_id(),
+        p.store_id(),
+        "kept across opens"
+    );
+    p.plan_batch("s.t", &[obj("a")], BatchMode::Append).unwrap();
+    p.commit_batch("s.t", 1, &BatchStats::default()).unwrap();
+    assert!(q.objects("s.t").unwrap().is_empty());
+    assert_eq!(q.last_batch("s.t").unwrap(), None);
+    assert_eq!(
+        q.plan_batch("s.t", &[obj("a")], BatchMode::Append)
+            .unwrap()
+            .number,
+        1
+    );
+}
+
+/// A store database written by a newer cdcflow is refused with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_of_a_newer_schema_is_refused() {
+    let Some(stores) = Stores::postgres().await else {
+        return;
+    };
+    drop(stores.open("p"));
+    let url = match &stores.config {
+        StateConfig::Postgres { url, .. } => url.clone(),
+        StateConfig::Sqlite(_) => unreachable!(),
+    };
+    let client = crate::support::pg_connect(&url).await;
+    client
+        .batch_execute("UPDATE cdcflow.schema_version SET version = version + 1")
+        .await
+        .unwrap();
+    let error = cdcflow::state::open(&stores.config, "p")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("newer cdcflow"), "{error}");
+    drop(client);
+    stores.drop().await;
+}
+
+/// The connection to the state database drops (a failover, a reset): the
+/// call in flight fails as retryable, and the next one after the outage
+/// reconnects and finds everything committed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_postgres_connection_is_retryable_and_the_next_call_reconnects() {
+    let Some(stores) = Stores::postgres().await else {
+        return;
+    };
+    let StateConfig::Postgres { url, .. } = &stores.config else {
+        unreachable!()
+    };
+    let proxy = TcpProxy::start(url).await;
+    let proxied = Stores {
+        config: postgres_config(&proxy.url(url)),
+        database: None,
+        _ws: Workspace::new(),
+    };
+    let store = proxied.open("p");
+    store
+        .plan_batch("s.t", &[obj("a")], BatchMode::Append)
+        .unwrap();
+    let outage = tokio::spawn(async move {
+        proxy.outage(Duration::from_secs(2)).await;
+        proxy
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let error =
+        tokio::task::block_in_place(|| store.commit_batch("s.t", 1, &BatchStats::default()))
+            .unwrap_err();
+    assert_eq!(error.retry_policy(), RetryPolicy::Retry, "{error}");
+    assert!(error.to_string().contains("committing a batch"), "{error}");
+    let _proxy = outage.await.unwrap();
+    // Nothing of the failed commit happened; the retry commits.
+    assert!(store.pending_batch("s.t").unwrap().is_some());
+    store
+        .commit_batch("s.t", 1, &BatchStats::default())
+        .unwrap();
+    assert_eq!(processed(&*store, "a"), Some(1));
+    drop(store);
+    stores.drop().await;
+}
