@@ -239,3 +239,86 @@ fn a_state_store_of_a_newer_cdcflow_is_refused() {
         output(&out)
     );
 }
+
+/// `status` after a scheduled run, with objects newer than its tick: it
+/// says when they will be loaded and how to load them now, and its table
+/// fits a 120-column terminal (`--wide` shows every column).
+#[test]
+fn status_says_when_waiting_objects_load_and_fits_120_columns() {
+    let ws = Workspace::new();
+    ws.synth(600, 8);
+    ws.publish("orders", 0..2);
+    ws.publish("order_items", 0..2);
+    // Once a year: the first run takes the latest tick, then nothing is due for months.
+    ws.write_pipeline_with(100, false, "schedule = \"0 0 1 1 *\"");
+    let ran = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert!(ran.status.success(), "{}", output(&ran));
+    ws.publish_all();
+
+    let status = ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]);
+    let text = output(&status);
+    assert!(status.status.success(), "{text}");
+    for line in text.lines() {
+        assert!(
+            line.chars().count() <= 120,
+            "{} columns: {line}\n{text}",
+            line.chars().count()
+        );
+    }
+    let next = chrono::DateTime::parse_from_rfc3339(&format!(
+        "{}-01-01T00:00:00Z",
+        chrono::Datelike::year(&chrono::Utc::now()) + 1
+    ))
+    .unwrap();
+    assert!(
+        text.contains(&format!(
+            "the next scheduled run, at {}",
+            next.format("%Y-%m-%d %H:%M UTC")
+        )) && text.contains("cdcflow run --now -p pipeline.toml"),
+        "{text}"
+    );
+    // `run` without --now indeed loads nothing now.
+    let idle = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
+    assert!(output(&idle).contains("nothing due"), "{}", output(&idle));
+
+    let wide = output(&ws.cdcflow(&["status", "--wide", "-p", "pipeline.toml"], &[]));
+    assert!(
+        wide.contains("newest object") && !text.contains("newest object"),
+        "{wide}"
+    );
+
+    // Without a schedule, `run` loads them now and `status` says so.
+    ws.write_pipeline(100, false);
+    let text = output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(
+        text.contains("`cdcflow run -p pipeline.toml` loads them"),
+        "{text}"
+    );
+}
+
+/// Output read by something that stops early (`cdcflow status | head -1`):
+/// cdcflow ends quietly, as Unix tools do, without a panic and its trace.
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let ws = Workspace::new();
+    ws.synth(300, 4);
+    ws.publish_all();
+    ws.write_pipeline(100, false);
+    for args in [
+        &["status", "--wide", "-p", "pipeline.toml"][..],
+        &["runs", "-p", "pipeline.toml"],
+    ] {
+        let mut child = ws
+            .command(args, &[])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before cdcflow has opened its state.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+    }
+}

@@ -14,6 +14,18 @@ use crate::shutdown::Shutdown;
 use crate::state::{ObjectRef, ObjectStatus, Trigger};
 use crate::synth;
 
+/// `println!` for the commands' output. When the reader has gone (`cdcflow
+/// status | head -1`) the process ends quietly with success, as Unix tools
+/// do, where `println!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::cli::stdout_failed(e)
+        }
+    }};
+}
+
 mod output;
 
 use output::{print_backfill_plan, print_query, print_run, print_runs, status};
@@ -154,6 +166,10 @@ enum Command {
         /// Pipeline file.
         #[arg(long, short)]
         pipeline: PathBuf,
+        /// Every column (object counts, last batch time, newest object); the default fits 120
+        /// columns.
+        #[arg(long)]
+        wide: bool,
     },
     /// Run SQL over the warehouse: `<t>`, `<t>_history`, `<t>_versions` (DataFusion SQL over the
     /// local warehouse; GoogleSQL in BigQuery, where names resolve in the dataset).
@@ -296,7 +312,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                     DueOutcome::Ran(reports) => reports,
                     DueOutcome::NothingDue(next) => {
                         let next = next.map_or("never".to_string(), |t| t.to_rfc3339());
-                        println!(
+                        out!(
                             "nothing due for pipeline {} (next tick {next}); `--now` runs anyway",
                             runner.pipeline().name
                         );
@@ -370,7 +386,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let mut failed = false;
             for path in pipeline {
                 match config::load(&path) {
-                    Ok(p) => println!(
+                    Ok(p) => out!(
                         "{}: ok (pipeline {:?}, {} tables)",
                         path.display(),
                         p.name,
@@ -378,7 +394,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                     ),
                     Err(err) => {
                         failed = true;
-                        println!("{err}");
+                        out!("{err}");
                     }
                 }
             }
@@ -388,7 +404,9 @@ async fn execute(command: Command) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Status { pipeline } => status(config::load(&pipeline)?).await,
+        Command::Status { pipeline, wide } => {
+            status(config::load(&pipeline)?, &pipeline, wide).await
+        }
         Command::Vacuum {
             pipeline,
             retain_hours,
@@ -409,13 +427,13 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let retain = std::time::Duration::from_secs(retain_hours * 3600);
             for table in &runner.pipeline().tables {
                 let Some(files) = runner.warehouse().vacuum(table, retain, dry_run).await? else {
-                    println!("the warehouse manages its own storage: nothing to vacuum");
+                    out!("the warehouse manages its own storage: nothing to vacuum");
                     break;
                 };
                 let verb = if dry_run { "would delete" } else { "deleted" };
-                println!("{}: {verb} {} files", table.qualified(), files.len());
+                out!("{}: {verb} {} files", table.qualified(), files.len());
                 for file in files {
-                    println!("  {file}");
+                    out!("  {file}");
                 }
             }
             lease.release();
@@ -429,10 +447,10 @@ async fn execute(command: Command) -> Result<ExitCode> {
             for (table, restored) in runner.repair_from_warehouse().await? {
                 match restored {
                     None => {
-                        println!("{table}: the state store agrees with the warehouse; unchanged")
+                        out!("{table}: the state store agrees with the warehouse; unchanged")
                     }
                     Some(r) => {
-                        println!(
+                        out!(
                             "{table}: restored batch {} with {} objects, {} changes, watermark {}",
                             r.number,
                             r.objects.len(),
@@ -440,7 +458,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                             r.stats.max_seq.as_deref().unwrap_or("none")
                         );
                         if let Some(p) = r.pending {
-                            println!(
+                            out!(
                                 "{table}: batch {} ({} objects) is in history but not in current state: \
                                  pending, the next run finishes it",
                                 p.number,
@@ -450,7 +468,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                     }
                 }
             }
-            println!("repaired; `cdcflow run` now loads what is missing");
+            out!("repaired; `cdcflow run` now loads what is missing");
             Ok(ExitCode::SUCCESS)
         }
         Command::Query {
@@ -541,7 +559,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                 last_modified: found.last_modified,
             };
             runner.state().skip(&t.qualified(), &object_ref, &reason)?;
-            println!(
+            out!(
                 "skipped {object} of {} (reason: {reason}); the next run goes on after it",
                 t.qualified()
             );
@@ -557,7 +575,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                 print!("{}", capture.status().await?);
             } else {
                 let rows = capture.run(once, &on_signals()).await?;
-                println!("captured {rows} changes");
+                out!("captured {rows} changes");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -575,7 +593,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
                     formats: format,
                 },
             )?;
-            println!("{summary}");
+            out!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -615,4 +633,14 @@ fn on_signals() -> Shutdown {
         let _ = tx.send(true);
     });
     Shutdown::new(rx)
+}
+
+/// Ends the process after a failed write to standard output: quietly when
+/// the reader has gone, with the error otherwise (a full disk).
+pub(crate) fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to standard output: {e}");
+    std::process::exit(1);
 }

@@ -1,5 +1,6 @@
 //! What the commands print: run reports, the runs grid, status, query results.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use comfy_table::{Table as Grid, presets::UTF8_FULL_CONDENSED};
@@ -86,12 +87,12 @@ pub(super) fn print_runs(pipeline: &Pipeline, runs: &[RunRecord]) {
         }
         grid.add_row(row);
     }
-    println!("{grid}");
-    println!("✔ success  ✘ failed  ↻ up for retry  ▶ running  · not run; numbers are rows loaded");
+    out!("{grid}");
+    out!("✔ success  ✘ failed  ↻ up for retry  ▶ running  · not run; numbers are rows loaded");
     for run in runs {
         for a in &run.attempts {
             if let Some(err) = &a.error {
-                println!("run #{} {} try {}: {err}", run.id, a.table, a.try_number);
+                out!("run #{} {} try {}: {err}", run.id, a.table, a.try_number);
             }
         }
     }
@@ -123,13 +124,13 @@ pub(super) fn print_run(report: &RunReport) {
             status,
         ]);
     }
-    println!("{grid}");
+    out!("{grid}");
     let rate = if report.seconds > 0.0 {
         rows as f64 / report.seconds
     } else {
         0.0
     };
-    println!(
+    out!(
         "pipeline {} run #{} ({}): {rows} changes in {:.2} s ({rate:.0} rows/s){}",
         report.pipeline,
         report.run_id,
@@ -143,18 +144,19 @@ pub(super) fn print_run(report: &RunReport) {
     );
     for t in &report.tables {
         if let Some(err) = &t.error {
-            println!("{}: FAILED after {} tries: {err}", t.table, t.tries);
+            out!("{}: FAILED after {} tries: {err}", t.table, t.tries);
         }
         for key in &t.changed {
-            println!(
+            out!(
                 "WARNING {}: {key} changed after it was loaded; it was not re-applied",
                 t.table
             );
         }
         for (key, err) in &t.quarantined {
-            println!(
+            out!(
                 "{}: waiting at {key}:\n  {err}\n  fix: replace the object (the next run retries it) or `cdcflow skip --table {} --object {key} --reason ...`",
-                t.table, t.table
+                t.table,
+                t.table
             );
         }
     }
@@ -172,30 +174,44 @@ fn humanize(d: chrono::TimeDelta) -> String {
     }
 }
 
-pub(super) async fn status(pipeline: Pipeline) -> Result<ExitCode> {
+/// `cdcflow status`: per table what is loaded and what waits, then what to
+/// do. Fits a 120-column terminal; `wide` adds every column.
+pub(super) async fn status(pipeline: Pipeline, file: &Path, wide: bool) -> Result<ExitCode> {
     let runner = Runner::open(pipeline.clone())?;
     let mut grid = Grid::new();
-    grid.load_preset(UTF8_FULL_CONDENSED).set_header([
-        "table",
-        "objects",
-        "loaded",
-        "pending",
-        "last batch",
-        "rows (last)",
-        "loaded at",
-        "quarantined",
-        "skipped",
-        "newest object",
-        "loaded up to",
-        "lag",
-    ]);
+    grid.load_preset(UTF8_FULL_CONDENSED).set_header(if wide {
+        vec![
+            "table",
+            "objects",
+            "loaded",
+            "waiting",
+            "last batch",
+            "rows (last)",
+            "loaded at",
+            "quarantined",
+            "skipped",
+            "newest object",
+            "loaded up to",
+            "lag",
+        ]
+    } else {
+        vec![
+            "table",
+            "loaded",
+            "waiting",
+            "quarantined",
+            "last batch",
+            "loaded up to",
+            "lag",
+        ]
+    });
     let mut notes = Vec::new();
-    let mut behind = false;
+    let (mut all_waiting, mut all_quarantined) = (0, 0);
     for t in &pipeline.tables {
         let key = t.qualified();
         let listing = runner.source().list_table(&t.schema, &t.name, None).await?;
         let recorded = runner.state().objects(&key)?;
-        let (mut loaded, mut quarantined, mut skipped, mut pending) = (0, 0, 0, 0);
+        let (mut loaded, mut quarantined, mut skipped, mut waiting) = (0, 0, 0, 0);
         for object in &listing.objects {
             match recorded.get(&object.key).map(|r| &r.status) {
                 Some(ObjectStatus::Processed { .. }) => {
@@ -212,10 +228,11 @@ pub(super) async fn status(pipeline: Pipeline) -> Result<ExitCode> {
                     skipped += 1;
                     notes.push(format!("{key}: skipped {} ({reason})", object.key));
                 }
-                None => pending += 1,
+                None => waiting += 1,
             }
         }
-        behind |= pending > 0 || quarantined > 0;
+        all_waiting += waiting;
+        all_quarantined += quarantined;
         let last = runner.state().last_batch(&key)?;
         // When the newest object was written: the time in CDC names (full-load files only when
         // there is no CDC file yet, by their last-modified time), vs the newest change loaded.
@@ -226,49 +243,99 @@ pub(super) async fn status(pipeline: Pipeline) -> Result<ExitCode> {
             .max()
             .or_else(|| listing.objects.iter().map(|o| o.last_modified).max());
         let loaded_up_to = runner.state().max_commit_ts(&key)?;
-        grid.add_row([
-            key.clone(),
-            listing.objects.len().to_string(),
-            loaded.to_string(),
-            pending.to_string(),
-            last.as_ref()
-                .map(|b| format!("#{}", b.number))
-                .unwrap_or_else(|| "-".into()),
-            last.as_ref()
-                .map(|b| b.stats.rows.to_string())
-                .unwrap_or_else(|| "-".into()),
-            last.as_ref()
-                .map(|b| b.committed_at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                .unwrap_or_else(|| "-".into()),
-            quarantined.to_string(),
-            skipped.to_string(),
-            newest.map_or("-".into(), |t| t.format(TIME).to_string()),
-            loaded_up_to.map_or("-".into(), |t| t.format(TIME).to_string()),
-            match (newest, loaded_up_to) {
-                (Some(n), Some(l)) if n > l => humanize(n - l),
-                (Some(_), None) => "not loaded".into(),
-                _ => "0s".into(),
-            },
-        ]);
+        let lag = match (newest, loaded_up_to) {
+            (Some(n), Some(l)) if n > l => humanize(n - l),
+            (Some(_), None) => "not loaded".into(),
+            _ => "0s".into(),
+        };
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>, format: &str| {
+            t.map_or("-".into(), |t| t.format(format).to_string())
+        };
+        let row = if wide {
+            vec![
+                key.clone(),
+                listing.objects.len().to_string(),
+                loaded.to_string(),
+                waiting.to_string(),
+                last.as_ref()
+                    .map_or("-".into(), |b| format!("#{}", b.number)),
+                last.as_ref()
+                    .map_or("-".into(), |b| b.stats.rows.to_string()),
+                time(
+                    last.as_ref().map(|b| b.committed_at),
+                    "%Y-%m-%d %H:%M:%S UTC",
+                ),
+                quarantined.to_string(),
+                skipped.to_string(),
+                time(newest, TIME),
+                time(loaded_up_to, TIME),
+                lag,
+            ]
+        } else {
+            vec![
+                key.clone(),
+                loaded.to_string(),
+                waiting.to_string(),
+                quarantined.to_string(),
+                last.as_ref().map_or("-".into(), |b| {
+                    format!("#{}, {} rows", b.number, b.stats.rows)
+                }),
+                time(loaded_up_to, "%Y-%m-%d %H:%M"),
+                lag,
+            ]
+        };
+        grid.add_row(row);
         if runner.state().pending_batch(&key)?.is_some() {
             notes.push(format!(
                 "{key}: a batch is pending (a run was interrupted); the next run finishes it"
             ));
         }
     }
-    println!("{grid}");
+    out!("{grid}");
     for note in &notes {
-        println!("{note}");
+        out!("{note}");
     }
-    println!(
-        "{}",
-        if behind {
-            "behind: objects are waiting (run `cdcflow run`, or fix the quarantined objects)"
-        } else {
-            "up to date"
-        }
-    );
+    if all_quarantined > 0 {
+        out!(
+            "behind: {all_quarantined} object(s) quarantined: replace them (the next run retries \
+             them) or `cdcflow skip` them (see above)"
+        );
+    }
+    if all_waiting > 0 {
+        out!("{}", waiting_note(&runner, all_waiting, file)?);
+    } else if all_quarantined == 0 {
+        out!("up to date");
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// When the `waiting` new objects will be loaded, and how to load them now.
+fn waiting_note(runner: &Runner, waiting: usize, file: &Path) -> Result<String> {
+    let file = file.display();
+    let now = chrono::Utc::now();
+    let Some(schedule) = &runner.pipeline().schedule else {
+        return Ok(format!(
+            "behind: {waiting} object(s) waiting: `cdcflow run -p {file}` loads them"
+        ));
+    };
+    let due = schedule.due(runner.state().last_tick()?, now, runner.pipeline().catchup);
+    Ok(match (due.last(), schedule.next_after(now)) {
+        (Some(tick), _) => format!(
+            "behind: {waiting} object(s) waiting; a scheduled run is due: `cdcflow run -p {file}` \
+             loads those written before {}\n  (`cdcflow run --now -p {file}` loads all of them)",
+            tick.end.format("%Y-%m-%d %H:%M UTC")
+        ),
+        (None, Some(next)) => format!(
+            "behind: {waiting} object(s) waiting for the next scheduled run, at {} (in {})\n  \
+             to load them now: `cdcflow run --now -p {file}`",
+            next.format("%Y-%m-%d %H:%M UTC"),
+            humanize(next - now)
+        ),
+        (None, None) => format!(
+            "behind: {waiting} object(s) waiting, and the schedule has no next tick: \
+             `cdcflow run --now -p {file}` loads them"
+        ),
+    })
 }
 
 /// The objects a backfill takes, per table; every object with `dry_run`.
@@ -293,13 +360,13 @@ pub(super) fn print_backfill_plan(
             key(objects.last()),
         ]);
     }
-    println!("backfill {from} .. {to}:\n{grid}");
+    out!("backfill {from} .. {to}:\n{grid}");
     if dry_run {
         for (table, objects) in plan {
             for o in objects {
-                println!("{table}\t{}\t{}", o.key, o.size);
+                out!("{table}\t{}\t{}", o.key, o.size);
             }
         }
-        println!("dry run: nothing was changed");
+        out!("dry run: nothing was changed");
     }
 }

@@ -194,7 +194,7 @@ soft_delete = {items_soft_delete}
     }
 
     /// The binary, to run in the workspace.
-    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+    pub(crate) fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
         cmd.current_dir(self.dir.path())
             .args(args)
