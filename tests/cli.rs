@@ -322,3 +322,73 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
         assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
     }
 }
+
+/// `--log-format json` (or `CDCFLOW_LOG_FORMAT=json`): every log line is a
+/// JSON object, and the lines about a table's work carry its pipeline, run
+/// id, table and try; a password in the state URL appears nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_pipeline_run_table_and_try_and_no_secret() {
+    let ws = Workspace::new();
+    ws.synth(400, 6);
+    ws.publish_all();
+    ws.write_pipeline(100, false);
+    // With the PostgreSQL peer, the state URL holds a password (trust auth ignores it).
+    let database = match crate::support::peer("CDCFLOW_TEST_PG_URL") {
+        Some(_) => {
+            let (admin, name, url) =
+                crate::support::pg_database("CDCFLOW_TEST_PG_URL", &ws, "logs_")
+                    .await
+                    .unwrap();
+            let url = url.replacen("postgres@", "postgres:hunter2-secret@", 1);
+            ws.set_state_url("pipeline.toml", &url);
+            Some((admin, name))
+        }
+        None => None,
+    };
+    let run = ws.cdcflow(
+        &["run", "--now", "-vv", "-p", "pipeline.toml"],
+        &[("CDCFLOW_LOG_FORMAT", "json")],
+    );
+    assert!(run.status.success(), "{}", output(&run));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let mut committed = std::collections::BTreeMap::new();
+    for line in stderr.lines() {
+        let log: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            log["timestamp"].is_string() && log["level"].is_string(),
+            "{line}"
+        );
+        if log["message"] == "batch committed" {
+            let spans = log["spans"].as_array().expect("spans");
+            let run = spans.iter().find(|s| s["name"] == "run").expect("run span");
+            let task = spans
+                .iter()
+                .find(|s| s["name"] == "task")
+                .expect("task span");
+            assert_eq!(
+                (&run["pipeline"], &run["run_id"]),
+                (&"test".into(), &1.into()),
+                "{line}"
+            );
+            assert_eq!(task["table"], log["table"], "{line}");
+            assert_eq!(task["try_number"], 1, "{line}");
+            *committed
+                .entry(log["table"].as_str().unwrap().to_string())
+                .or_insert(0) += log["rows"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(
+        committed.keys().collect::<Vec<_>>(),
+        ["public.order_items", "public.orders"],
+        "{stderr}"
+    );
+    assert_eq!(committed.values().sum::<u64>(), 800, "every change, once");
+    if let Some((admin, name)) = database {
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
+}

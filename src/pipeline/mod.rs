@@ -34,6 +34,8 @@ pub use table::TableReport;
 
 use crate::config::{Pipeline, Table, WarehouseConfig};
 use crate::cron::Interval;
+use tracing::Instrument as _;
+
 use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
@@ -373,7 +375,13 @@ impl Runner {
                 table::TableRun::new(context, table, work).run().await
             });
         }
-        let mut tables: Vec<TableReport> = futures::future::join_all(tasks).await;
+        let span = tracing::info_span!(
+            "run",
+            pipeline = %self.pipeline.name,
+            run_id,
+            trigger = trigger.as_str()
+        );
+        let mut tables: Vec<TableReport> = futures::future::join_all(tasks).instrument(span).await;
         progress.finish_and_clear();
         let order = |t: &TableReport| {
             self.pipeline

@@ -11,6 +11,8 @@ use super::history::produce_history;
 use super::{Lease, Runner, Work, redelivery};
 use crate::config::{Column, Table};
 use crate::decode::{self, DecodeSpec};
+use tracing::Instrument as _;
+
 use crate::error::{Error, Result, RetryPolicy};
 use crate::failpoint;
 use crate::merge::Merger;
@@ -111,7 +113,8 @@ impl<'a> TableRun<'a> {
             self.report.tries = try_number;
             let rows_before = self.report.stats.rows;
             self.record(try_number, TaskState::Running, 0, None);
-            let outcome = self.run_batches().await;
+            let span = tracing::info_span!("task", table = %self.key, try_number);
+            let outcome = self.run_batches().instrument(span).await;
             let rows = self.report.stats.rows - rows_before;
             match outcome {
                 Ok(()) => {

@@ -113,6 +113,7 @@ impl PostgresStore {
             )?
             .get(0))
         })?;
+        tracing::info!(url = %store.url, pipeline, "opened the PostgreSQL state store");
         Ok(store)
     }
 
