@@ -25,12 +25,18 @@ async fn dataset(endpoint: &str, ws: &Workspace) -> String {
 
 /// Creates dataset `name`; returns its name.
 async fn create_dataset(endpoint: &str, name: String) -> String {
+    create_dataset_in(endpoint, name, "US").await
+}
+
+/// Creates dataset `name` in `location`; returns its name.
+async fn create_dataset_in(endpoint: &str, name: String, location: &str) -> String {
     let response = reqwest::Client::new()
         .post(format!(
             "{endpoint}/bigquery/v2/projects/{PROJECT}/datasets"
         ))
         .json(&serde_json::json!({
-            "datasetReference": { "projectId": PROJECT, "datasetId": name }
+            "datasetReference": { "projectId": PROJECT, "datasetId": name },
+            "location": location
         }))
         .send()
         .await
@@ -1036,5 +1042,55 @@ async fn runs_killed_at_random_moments_lose_and_double_nothing_in_bigquery() {
         figures.killed,
         figures.finished,
         data.tables.iter().map(|t| t.changes.len()).sum::<usize>()
+    );
+}
+
+/// A dataset outside the US with no `location` in the pipeline: cdcflow
+/// reads the dataset's location and sends every job there (BigQuery fails
+/// jobs sent to another location; the emulator does not, so a proxy records
+/// the requests). A `location` that contradicts the dataset's is refused
+/// before any job, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_in_the_datasets_own_location() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(300, 61);
+    ws.publish_all();
+    let dataset =
+        create_dataset_in(&endpoint, ws.unique_name("tokyo", '_'), "asia-northeast1").await;
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = requests.clone();
+    let (proxy, _) = http_fault_proxy(endpoint.clone(), move |request| {
+        seen.lock().unwrap().push(request.to_string());
+        None
+    })
+    .await;
+    ws.write_pipeline_into("pipeline.toml", 100, false, "", &bigquery(&proxy, &dataset));
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    assert_warehouse_matches(&ws, &data, false).await;
+    let requests = requests.lock().unwrap().clone();
+    let jobs: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("POST") && r.contains("/jobs"))
+        .collect();
+    assert!(jobs.len() >= 4, "jobs sent: {}", jobs.len());
+    for job in &jobs {
+        assert!(
+            job.contains(r#""location":"asia-northeast1""#) && !job.contains(r#""location":"US""#),
+            "{job}"
+        );
+    }
+
+    let wrong = format!("{}\nlocation = \"EU\"", bigquery(&endpoint, &dataset));
+    ws.write_pipeline_into("eu.toml", 100, false, "", &wrong);
+    let refused = ws.cdcflow(&["run", "--now", "-p", "eu.toml"], &[]);
+    let text = output(&refused);
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains("in location asia-northeast1") && text.contains("says EU"),
+        "{text}"
     );
 }

@@ -306,7 +306,8 @@ pub enum WarehouseFile {
         project: String,
         /// Dataset holding the tables (it must exist).
         dataset: String,
-        /// Location of the dataset (default `US`).
+        /// Location of the dataset. Default: the dataset's own (read from
+        /// BigQuery); when given, it must be the dataset's.
         #[serde(default)]
         location: Option<String>,
         /// Service-account key file. Default: application default credentials

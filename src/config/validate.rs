@@ -533,7 +533,7 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
             WarehouseConfig::BigQuery(BigQueryConfig {
                 project: project.clone(),
                 dataset: dataset.clone(),
-                location: location.clone().unwrap_or_else(|| "US".into()),
+                location: location.clone(),
                 credentials,
                 endpoint: endpoint.clone(),
             })

@@ -75,8 +75,9 @@ pub struct BigQueryConfig {
     pub project: String,
     /// Dataset of the tables.
     pub dataset: String,
-    /// Dataset location.
-    pub location: String,
+    /// Dataset location as the pipeline file states it; `None`: the
+    /// dataset's own, read when the warehouse first connects.
+    pub location: Option<String>,
     /// Service-account key file; `None`: application default credentials.
     pub credentials: Option<PathBuf>,
     /// Emulator endpoint (no auth); `None`: Google's API.

@@ -226,7 +226,8 @@ impl Api {
             v2_url: format!("{base}/bigquery/v2"),
             project: config.project.clone(),
             dataset: config.dataset.clone(),
-            location: config.location.clone(),
+            // Until the dataset is read (see `check_dataset`).
+            location: config.location.clone().unwrap_or_else(|| "US".into()),
             labels: labels([
                 ("cdcflow_pipeline", pipeline),
                 ("cdcflow_dataset", &config.dataset),
@@ -332,18 +333,31 @@ impl Api {
         serde_json::from_str(text).map_err(|e| call_error(context, e.into()))
     }
 
-    /// The dataset, or an error saying how to create it.
-    pub(super) async fn check_dataset(&self) -> Result<()> {
+    /// Reads the dataset (an error says how to create it) and takes its
+    /// location for every job: BigQuery fails a job sent to another one. A
+    /// `location` in the pipeline file must be the dataset's.
+    pub(super) async fn check_dataset(&mut self, stated: Option<&str>) -> Result<()> {
         let context = format!("dataset {}.{}", self.project, self.dataset);
         let url = format!(
             "{}/projects/{}/datasets/{}",
             self.v2_url, self.project, self.dataset
         );
-        self.retry(&context, || {
-            self.send::<serde_json::Value>(&context, self.http.get(&url))
-        })
-        .await
-        .map(|_| ())
+        let dataset: serde_json::Value = self
+            .retry(&context, || self.send(&context, self.http.get(&url)))
+            .await?;
+        let Some(actual) = dataset["location"].as_str() else {
+            return Ok(());
+        };
+        match stated {
+            Some(stated) if !stated.eq_ignore_ascii_case(actual) => Err(Error::Usage(format!(
+                "{context} is in location {actual}, but `warehouse.location` says {stated}: \
+                 remove `location` from the pipeline file (the dataset's is used) or set it to {actual}"
+            ))),
+            _ => {
+                self.location = actual.to_string();
+                Ok(())
+            }
+        }
     }
 
     /// The table `name`, or `None` when it does not exist.

@@ -68,8 +68,8 @@ impl BigQueryWarehouse {
     async fn api(&self) -> Result<&Api> {
         self.api
             .get_or_try_init(|| async {
-                let api = Api::connect(&self.config, &self.pipeline).await?;
-                api.check_dataset().await?;
+                let mut api = Api::connect(&self.config, &self.pipeline).await?;
+                api.check_dataset(self.config.location.as_deref()).await?;
                 Ok(api)
             })
             .await
@@ -291,16 +291,18 @@ impl BigQueryWarehouse {
         merger: &Merger,
         fill: &[&Column],
     ) -> Result<()> {
-        let cluster = Clustering {
-            fields: Some(
-                table
-                    .primary_key
-                    .iter()
-                    .take(MAX_CLUSTER_COLUMNS)
-                    .cloned()
-                    .collect(),
-            ),
-        };
+        let current_fields = types::table_schema(&merger.current_schema(), &merger.columns, false)
+            .fields
+            .unwrap_or_default();
+        let (cluster_by, left_out) =
+            types::cluster_fields(&table.primary_key, &current_fields, MAX_CLUSTER_COLUMNS);
+        if !left_out.is_empty() {
+            tracing::warn!(table = %table.qualified(), columns = ?left_out,
+                "key columns of a type BigQuery cannot cluster on (FLOAT64, BYTES, JSON, TIME) are left out of the clustering");
+        }
+        let cluster = (!cluster_by.is_empty()).then_some(Clustering {
+            fields: Some(cluster_by),
+        });
         let mut changed = false;
         for (name, schema, partitioned) in [
             (table.history_name(), merger.history_schema(), true),
@@ -321,7 +323,7 @@ impl BigQueryWarehouse {
                     let commit_ts = merger.meta.commit_ts.clone();
                     api.create_table(&name, |mut t| {
                         t.schema = wanted.clone();
-                        t.clustering = Some(cluster.clone());
+                        t.clustering = cluster.clone();
                         if partitioned {
                             t.time_partitioning =
                                 Some(TimePartitioning::per_day().field(&commit_ts));

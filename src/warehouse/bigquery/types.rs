@@ -77,6 +77,42 @@ pub(super) fn table_schema(schema: &Schema, columns: &[Column], staging: bool) -
     TableSchema::new(fields)
 }
 
+/// The columns of `keys` that BigQuery can cluster a table on (INT64,
+/// STRING, NUMERIC, BIGNUMERIC, BOOL, DATE, DATETIME, TIMESTAMP, GEOGRAPHY;
+/// it refuses FLOAT64, BYTES, JSON, TIME and nested columns), at most
+/// `max`, in key order; and the key columns left out for their type.
+pub(super) fn cluster_fields(
+    keys: &[String],
+    fields: &[TableFieldSchema],
+    max: usize,
+) -> (Vec<String>, Vec<String>) {
+    let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+    for key in keys {
+        let clusterable = fields.iter().find(|f| &f.name == key).is_some_and(|f| {
+            matches!(
+                f.r#type,
+                FieldType::Integer
+                    | FieldType::Int64
+                    | FieldType::String
+                    | FieldType::Numeric
+                    | FieldType::Bignumeric
+                    | FieldType::Boolean
+                    | FieldType::Bool
+                    | FieldType::Date
+                    | FieldType::Datetime
+                    | FieldType::Timestamp
+                    | FieldType::Geography
+            )
+        });
+        if !clusterable {
+            left_out.push(key.clone());
+        } else if kept.len() < max {
+            kept.push(key.clone());
+        }
+    }
+    (kept, left_out)
+}
+
 /// The GoogleSQL name of a column type (for DDL).
 pub(super) fn type_name(t: &FieldType) -> &'static str {
     match t {
@@ -196,6 +232,32 @@ pub(super) fn to_arrow(schema: &TableSchema, rows: &[TableRow]) -> Result<Record
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clustering_takes_the_key_columns_bigquery_accepts() {
+        let field = |name: &str, t| TableFieldSchema::new(name, t);
+        let fields = [
+            field("amount", FieldType::Float64),
+            field("id", FieldType::Int64),
+            field("payload", FieldType::Bytes),
+            field("doc", FieldType::Json),
+            field("name", FieldType::String),
+            field("day", FieldType::Date),
+            field("at", FieldType::Time),
+            field("ts", FieldType::Timestamp),
+            field("n", FieldType::Numeric),
+        ];
+        let keys: Vec<String> = [
+            "amount", "id", "payload", "doc", "name", "day", "at", "ts", "n",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (kept, left_out) = cluster_fields(&keys, &fields, 4);
+        assert_eq!(kept, ["id", "name", "day", "ts"]);
+        assert_eq!(left_out, ["amount", "payload", "doc", "at"]);
+        let (kept, left_out) = cluster_fields(&keys[..1], &fields, 4);
+        assert!(kept.is_empty() && left_out == ["amount"]);
+    }
 
     #[test]
     fn numeric_or_bignumeric_by_precision_and_scale() {
