@@ -96,6 +96,16 @@ impl Reader {
         Chunk::Ready(serde_json::to_string(&self.at).expect("a position serializes"))
     }
 
+    /// With `--once`: whether a transaction starting at `pos` of the
+    /// current file began at or after the server's position when reading
+    /// started. Other writers' transactions come after it; reading ends
+    /// before them, so a stream that ends inside one is no error.
+    fn starts_past_end(&self, pos: u64) -> bool {
+        self.end
+            .as_ref()
+            .is_some_and(|end| (self.at.file.as_str(), pos) >= (end.file.as_str(), end.pos))
+    }
+
     /// The end of the reading (`--once`, a stop): the last chunk, if
     /// anything is left to write or confirm.
     fn last(&mut self, sink: &Sink) -> Result<Chunk> {
@@ -214,8 +224,13 @@ impl MySource {
             let header = event.header();
             let log_pos = u64::from(header.log_pos());
             let raw_type = header.event_type_raw();
+            let event_start = log_pos.saturating_sub(u64::from(header.event_size()));
             if raw_type == 0xa2 {
                 // MariaDB GTID event: the start of a transaction.
+                if r.starts_past_end(event_start) {
+                    r.finished = true;
+                    return r.last(sink);
+                }
                 let data = event.data();
                 if data.len() >= 12 {
                     let seq = u64::from_le_bytes(data[0..8].try_into().expect("8"));
@@ -252,6 +267,10 @@ impl MySource {
                     let sql = q.query().to_string();
                     let upper = sql.trim_start().to_ascii_uppercase();
                     if upper.starts_with("BEGIN") {
+                        if !r.in_txn && r.starts_past_end(event_start) {
+                            r.finished = true;
+                            return r.last(sink);
+                        }
                         r.in_txn = true;
                         r.txn_pos = log_pos;
                         r.index = 0;
