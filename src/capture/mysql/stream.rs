@@ -84,6 +84,9 @@ pub(super) struct Reader {
     /// no chunk ends here, not even at a stop, so an object never holds
     /// part of a transaction whose position is confirmed before it.
     in_txn: bool,
+    /// The current transaction is one statement with no COMMIT after it
+    /// (MariaDB's GTID flag `FL_STANDALONE`: DDL, `GRANT`, `ANALYZE`).
+    standalone: bool,
     texts: Vec<Option<String>>,
     last_event: Instant,
     finished: bool,
@@ -94,6 +97,13 @@ impl Reader {
     fn ready(&mut self) -> Chunk {
         self.in_chunk = 0;
         Chunk::Ready(serde_json::to_string(&self.at).expect("a position serializes"))
+    }
+
+    /// The transaction (or DDL) read ends at `log_pos`.
+    fn end_txn(&mut self, log_pos: u64) {
+        self.at.advance(log_pos, &mut self.pending_gtid);
+        self.in_txn = false;
+        self.standalone = false;
     }
 
     /// With `--once`: whether a transaction starting at `pos` of the
@@ -177,6 +187,7 @@ impl MySource {
             pending_gtid: None,
             in_chunk: 0,
             in_txn: false,
+            standalone: false,
             texts: Vec::new(),
             last_event: Instant::now(),
             finished: false,
@@ -237,6 +248,8 @@ impl MySource {
                     let domain = u32::from_le_bytes(data[8..12].try_into().expect("4"));
                     r.pending_gtid = Some(format!("{domain}-{}-{seq}", header.server_id()));
                 }
+                const FL_STANDALONE: u8 = 1;
+                r.standalone = data.get(12).is_some_and(|flags| flags & FL_STANDALONE != 0);
                 r.txn_pos = log_pos;
                 r.index = 0;
                 r.commit_micros = i64::from(header.timestamp()) * 1_000_000;
@@ -282,8 +295,7 @@ impl MySource {
                     {
                         // Columns are read again at the table's next row event.
                         self.tables.clear();
-                        r.at.advance(log_pos, &mut r.pending_gtid);
-                        r.in_txn = false;
+                        r.end_txn(log_pos);
                     } else if upper.starts_with("TRUNCATE") {
                         let schema = q.schema().to_string();
                         let name = truncate_target(&sql);
@@ -314,19 +326,20 @@ impl MySource {
                                 )?;
                             }
                         }
-                        r.at.advance(log_pos, &mut r.pending_gtid);
-                        r.in_txn = false;
+                        r.end_txn(log_pos);
                     } else if upper.starts_with("COMMIT") {
-                        r.at.advance(log_pos, &mut r.pending_gtid);
-                        r.in_txn = false;
+                        r.end_txn(log_pos);
                         if r.in_chunk >= self.settings.max_changes {
                             return Ok(r.ready());
                         }
+                    } else if r.standalone || !r.in_txn {
+                        // A statement of its own (`GRANT`, `ANALYZE TABLE`):
+                        // no COMMIT follows, it is the whole transaction.
+                        r.end_txn(log_pos);
                     }
                 }
                 EventData::XidEvent(_) => {
-                    r.at.advance(log_pos, &mut r.pending_gtid);
-                    r.in_txn = false;
+                    r.end_txn(log_pos);
                     if r.in_chunk >= self.settings.max_changes {
                         return Ok(r.ready());
                     }
