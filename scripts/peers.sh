@@ -8,6 +8,7 @@
 #   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth), TLS on
 #   pgwrap     PostgreSQL 15 on 127.0.0.1:15433, its xids 496 short of the 32-bit wrap (fresh at every start)
 #   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password), TLS on
+#   tools      Python clients the tests check against (prometheus-client's OpenMetrics parser)
 #   (TLS: a test CA in $PEERS_DIR/tls, see tls_certs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ PEERS_DIR="${PEERS_DIR:-$PWD/.peers}"
 MOTO_PORT="${MOTO_PORT:-19000}"
 MOTO_AUTH_PORT="${MOTO_AUTH_PORT:-19001}"
 MOTO_VERSION=5.2.5
+PROM_CLIENT_VERSION=0.23.1
 BQ_PORT="${BQ_PORT:-19050}"
 BQ_GRPC_PORT="${BQ_GRPC_PORT:-19060}"
 BQ_PROJECT="${BQ_PROJECT:-test-proj}"
@@ -230,8 +232,21 @@ mariadb_stop() { my_admin shutdown >/dev/null 2>&1 || true; }
 mariadb_status() { my_admin ping >/dev/null 2>&1 && echo "mariadb: up on 127.0.0.1:$MY_PORT" || echo "mariadb: down"; }
 mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; tls_env; }
 
+tools_install() {
+  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client' >/dev/null 2>&1 && return 0
+  python3 -m venv "$PEERS_DIR/venv-tools"
+  "$PEERS_DIR/venv-tools/bin/pip" install -q --disable-pip-version-check "prometheus-client==$PROM_CLIENT_VERSION"
+}
+tools_start() { tools_install; }
+tools_stop() { :; }
+tools_status() {
+  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client' >/dev/null 2>&1 \
+    && echo "tools: installed" || echo "tools: missing"
+}
+tools_env() { echo "export CDCFLOW_TEST_PYTHON=$PEERS_DIR/venv-tools/bin/python"; }
+
 peer=${1:-}; action=${2:-}
-usage="usage: $0 {moto|bq|pg|pgwrap|mariadb|all} {install|start|stop|status|env}"
-case "$peer" in moto|bq|pg|pgwrap|mariadb) peers=$peer ;; all) peers="moto bq pg pgwrap mariadb" ;; *) echo "$usage" >&2; exit 2 ;; esac
+usage="usage: $0 {moto|bq|pg|pgwrap|mariadb|tools|all} {install|start|stop|status|env}"
+case "$peer" in moto|bq|pg|pgwrap|mariadb|tools) peers=$peer ;; all) peers="moto bq pg pgwrap mariadb tools" ;; *) echo "$usage" >&2; exit 2 ;; esac
 case "$action" in install|start|stop|status|env) ;; *) echo "$usage" >&2; exit 2 ;; esac
 for p in $peers; do "${p}_${action}"; done

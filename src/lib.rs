@@ -18,6 +18,7 @@ pub mod merge;
 pub mod model;
 pub mod pipeline;
 pub mod schedule;
+pub mod serve;
 pub mod shutdown;
 pub mod source;
 pub mod state;

@@ -20,6 +20,16 @@ impl Shutdown {
         self.0.as_ref().is_some_and(|r| *r.borrow())
     }
 
+    /// Returns once a stop is requested (never, without a stop source).
+    pub async fn wait(&self) {
+        match self.0.clone() {
+            None => std::future::pending().await,
+            Some(mut r) => {
+                let _ = r.wait_for(|stop| *stop).await;
+            }
+        }
+    }
+
     /// Sleeps for `delay` or until a stop is requested.
     pub async fn sleep(&self, delay: Duration) {
         match self.0.clone() {

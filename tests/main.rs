@@ -17,5 +17,6 @@ mod pipeline_local;
 mod s3;
 mod samples;
 mod schedule;
+mod serve;
 mod sqllogic;
 mod state;

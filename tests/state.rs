@@ -9,8 +9,8 @@ use std::time::Duration;
 use cdcflow::config::StateConfig;
 use cdcflow::error::RetryPolicy;
 use cdcflow::state::{
-    BatchMode, BatchStats, LeaseOutcome, ObjectRef, ObjectStatus, Restored, StateStore,
-    TaskAttempt, TaskState, Trigger,
+    BatchMode, BatchStats, LeaseOutcome, ObjectRef, ObjectStatus, Restored, RunTotals, StateStore,
+    TableTotals, TaskAttempt, TaskState, Trigger,
 };
 use chrono::DateTime;
 
@@ -101,6 +101,7 @@ in_both_stores!(
     runs_attempts_ticks_and_listings_are_kept,
     each_pipeline_has_its_own_id_and_state,
     of_two_planners_at_once_one_plans,
+    totals_sum_what_was_committed_and_tried,
 );
 
 fn obj(key: &str) -> ObjectRef {
@@ -493,6 +494,91 @@ fn runs_attempts_ticks_and_listings_are_kept(stores: &Stores) {
     store.set_last_full_listing("s.t", t2).unwrap();
     store.set_last_full_listing("s.t", t1).unwrap();
     assert_eq!(stores.open("p").last_full_listing("s.t").unwrap(), Some(t1));
+}
+
+/// The figures `/metrics` exports: sums over committed batches only (a
+/// planned batch adds nothing), processed objects and their bytes, one
+/// duration per committed batch and finished run, attempts by final state,
+/// each pipeline its own.
+fn totals_sum_what_was_committed_and_tried(stores: &Stores) {
+    let store = stores.open("p");
+    assert_eq!(store.totals("s.t").unwrap(), TableTotals::default());
+    let stats = |rows, inserts, updates, deletes| BatchStats {
+        rows,
+        inserts,
+        updates,
+        deletes,
+        max_seq: None,
+        max_commit_ts: None,
+    };
+    store
+        .plan_batch("s.t", &[obj("a"), obj("bb")], BatchMode::Append)
+        .unwrap();
+    store.commit_batch("s.t", 1, &stats(7, 4, 2, 1)).unwrap();
+    store
+        .plan_batch("s.t", &[obj("ccc")], BatchMode::Append)
+        .unwrap();
+    store.commit_batch("s.t", 2, &stats(5, 0, 3, 2)).unwrap();
+    store
+        .plan_batch("s.t", &[obj("dddd")], BatchMode::Append)
+        .unwrap();
+    let totals = stores.open("p").totals("s.t").unwrap();
+    assert_eq!(
+        (
+            totals.batches,
+            totals.rows,
+            totals.inserts,
+            totals.updates,
+            totals.deletes
+        ),
+        (2, 12, 4, 5, 3)
+    );
+    // obj(k) is 100 bytes per letter of its key: a, bb and ccc.
+    assert_eq!((totals.objects, totals.bytes), (3, 600));
+    assert_eq!(totals.batch_seconds.len(), 2);
+    assert!(totals.batch_seconds.iter().all(|s| (0.0..60.0).contains(s)));
+    assert_eq!(
+        stores.open("q").totals("s.t").unwrap(),
+        TableTotals::default()
+    );
+
+    let run = store.begin_run(Trigger::Manual, None).unwrap();
+    let attempt = |table: &str, try_number, state| TaskAttempt {
+        table: table.into(),
+        try_number,
+        state,
+        rows: 0,
+        error: None,
+    };
+    store
+        .record_attempt(run, &attempt("s.t", 1, TaskState::UpForRetry))
+        .unwrap();
+    store
+        .record_attempt(run, &attempt("s.t", 2, TaskState::Running))
+        .unwrap();
+    store
+        .record_attempt(run, &attempt("s.t", 2, TaskState::Success))
+        .unwrap();
+    store
+        .record_attempt(run, &attempt("s.u", 1, TaskState::Success))
+        .unwrap();
+    store.finish_run(run, true, "{}").unwrap();
+    store.begin_run(Trigger::Manual, None).unwrap();
+    let runs = stores.open("p").run_totals().unwrap();
+    assert_eq!(
+        runs.attempts,
+        vec![
+            ("s.t".to_string(), TaskState::Success, 1),
+            ("s.t".to_string(), TaskState::UpForRetry, 1),
+            ("s.u".to_string(), TaskState::Success, 1),
+        ]
+    );
+    assert_eq!(
+        runs.run_seconds.len(),
+        1,
+        "the running run has no duration yet"
+    );
+    assert_eq!(stores.open("q").run_totals().unwrap(), RunTotals::default());
 }
 
 fn each_pipeline_has_its_own_id_and_state(stores: &Stores) {

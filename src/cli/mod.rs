@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::merge::sql;
 use crate::pipeline::{RunReport, Runner};
 use crate::schedule::{self, DueOutcome};
+use crate::serve::Server;
 use crate::shutdown::Shutdown;
 use crate::state::{ObjectRef, ObjectStatus, Trigger};
 use crate::synth;
@@ -89,6 +91,26 @@ enum Command {
         /// Folder of pipeline files (`*.toml`).
         #[arg(long, default_value = "pipelines")]
         pipelines: PathBuf,
+        /// Also serve /metrics, /healthz and /readyz here (as `cdcflow serve`), e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Serve /metrics (Prometheus), /healthz and /readyz for every pipeline of a folder.
+    ///
+    /// Read-only, and it schedules nothing (`schedule --listen` does both). Figures are read at each
+    /// scrape from the state stores (counters: rows by operation, batches, objects and bytes loaded,
+    /// task attempts by state; histograms: batch and run seconds) and from a listing of each table's
+    /// source prefix (gauges: waiting, quarantined and skipped objects, lag), so any number of
+    /// processes serve the same figures and counters survive restarts. /readyz answers 503 while a
+    /// pipeline's state store does not answer. Binds to loopback by default: to expose it, bind
+    /// 0.0.0.0 inside a pod or container and let the network policy decide who scrapes it.
+    Serve {
+        /// Folder of pipeline files (`*.toml`).
+        #[arg(long, default_value = "pipelines")]
+        pipelines: PathBuf,
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
     },
     /// Reprocess the objects of a date range: their history rows are replaced, never doubled,
     /// and current state is rebuilt from history.
@@ -350,24 +372,32 @@ async fn execute(command: Command) -> Result<ExitCode> {
                 ExitCode::from(EXIT_TABLES_FAILED)
             })
         }
-        Command::Schedule { pipelines } => {
-            let entries = std::fs::read_dir(&pipelines).map_err(|e| {
-                Error::io("cannot read the pipelines folder", pipelines.display(), e)
-            })?;
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            paths.sort();
-            let loaded = paths
-                .iter()
-                .map(|p| config::load(p))
-                .collect::<Result<Vec<_>>>()?;
+        Command::Schedule { pipelines, listen } => {
+            let loaded = config::load_folder(&pipelines)?;
+            let shutdown = on_signals();
+            let server = match listen {
+                Some(listen) => Some(listening(loaded.clone(), listen).await?),
+                None => None,
+            };
             eprintln!(
                 "serving {} pipeline(s); SIGTERM or Ctrl-C stops after the batches in flight",
                 loaded.len()
             );
-            schedule::serve(loaded, on_signals()).await?;
+            match server {
+                Some(server) => {
+                    let (scheduled, served) = tokio::join!(
+                        schedule::serve(loaded, shutdown.clone()),
+                        server.run(shutdown)
+                    );
+                    scheduled.and(served)?;
+                }
+                None => schedule::serve(loaded, shutdown).await?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { pipelines, listen } => {
+            let server = listening(config::load_folder(&pipelines)?, listen).await?;
+            server.run(on_signals()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Backfill {
@@ -618,6 +648,16 @@ async fn execute(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Binds the HTTP endpoints for `pipelines` and says where.
+async fn listening(pipelines: Vec<Pipeline>, listen: SocketAddr) -> Result<Server> {
+    let server = Server::bind(pipelines, listen).await?;
+    eprintln!(
+        "listening on http://{}: /metrics, /healthz, /readyz",
+        server.addr()?
+    );
+    Ok(server)
 }
 
 fn find_table<'a>(pipeline: &'a Pipeline, name: &str) -> Result<&'a config::Table> {

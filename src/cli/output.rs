@@ -9,7 +9,7 @@ use super::OutputFormat;
 use crate::config::Pipeline;
 use crate::error::{Error, Result};
 use crate::pipeline::{RunReport, Runner};
-use crate::state::{ObjectStatus, RunRecord, TaskState};
+use crate::state::{RunRecord, TaskState};
 
 pub(super) async fn print_query(runner: &Runner, query: &str, format: OutputFormat) -> Result<()> {
     let batches = runner.query(query).await?;
@@ -208,84 +208,54 @@ pub(super) async fn status(pipeline: Pipeline, file: &Path, wide: bool) -> Resul
     let mut notes = Vec::new();
     let (mut all_waiting, mut all_quarantined) = (0, 0);
     for t in &pipeline.tables {
-        let key = t.qualified();
-        let listing = runner.source().list_table(&t.schema, &t.name, None).await?;
-        let recorded = runner.state().objects(&key)?;
-        let (mut loaded, mut quarantined, mut skipped, mut waiting) = (0, 0, 0, 0);
-        for object in &listing.objects {
-            match recorded.get(&object.key).map(|r| &r.status) {
-                Some(ObjectStatus::Processed { .. }) => {
-                    loaded += 1;
-                    if recorded[&object.key].object.etag != object.etag {
-                        notes.push(format!("{key}: {} changed after it was loaded", object.key));
-                    }
-                }
-                Some(ObjectStatus::Quarantined { error }) => {
-                    quarantined += 1;
-                    notes.push(format!("{key}: waiting at {}: {error}", object.key));
-                }
-                Some(ObjectStatus::Skipped { reason }) => {
-                    skipped += 1;
-                    notes.push(format!("{key}: skipped {} ({reason})", object.key));
-                }
-                None => waiting += 1,
-            }
+        let s = runner.table_status(t).await?;
+        let key = &s.table;
+        for object in &s.changed {
+            notes.push(format!("{key}: {object} changed after it was loaded"));
         }
-        all_waiting += waiting;
-        all_quarantined += quarantined;
-        let last = runner.state().last_batch(&key)?;
-        // When the newest object was written: the time in CDC names (full-load files only when
-        // there is no CDC file yet, by their last-modified time), vs the newest change loaded.
-        let newest = listing
-            .objects
-            .iter()
-            .filter_map(|o| o.name.order.cdc_time())
-            .max()
-            .or_else(|| listing.objects.iter().map(|o| o.last_modified).max());
-        let loaded_up_to = runner.state().max_commit_ts(&key)?;
-        let lag = match (newest, loaded_up_to) {
-            (Some(n), Some(l)) if n > l => humanize(n - l),
-            (Some(_), None) => "not loaded".into(),
-            _ => "0s".into(),
-        };
+        for (object, error) in &s.quarantined {
+            notes.push(format!("{key}: waiting at {object}: {error}"));
+        }
+        for (object, reason) in &s.skipped {
+            notes.push(format!("{key}: skipped {object} ({reason})"));
+        }
+        all_waiting += s.waiting;
+        all_quarantined += s.quarantined.len();
+        let lag = s.lag().map_or("not loaded".into(), humanize);
         let time = |t: Option<chrono::DateTime<chrono::Utc>>, format: &str| {
             t.map_or("-".into(), |t| t.format(format).to_string())
         };
+        let last = s.last_batch.as_ref();
         let row = if wide {
             vec![
                 key.clone(),
-                listing.objects.len().to_string(),
-                loaded.to_string(),
-                waiting.to_string(),
-                last.as_ref()
-                    .map_or("-".into(), |b| format!("#{}", b.number)),
-                last.as_ref()
-                    .map_or("-".into(), |b| b.stats.rows.to_string()),
-                time(
-                    last.as_ref().map(|b| b.committed_at),
-                    "%Y-%m-%d %H:%M:%S UTC",
-                ),
-                quarantined.to_string(),
-                skipped.to_string(),
-                time(newest, TIME),
-                time(loaded_up_to, TIME),
+                s.objects.to_string(),
+                s.loaded.to_string(),
+                s.waiting.to_string(),
+                last.map_or("-".into(), |b| format!("#{}", b.number)),
+                last.map_or("-".into(), |b| b.stats.rows.to_string()),
+                time(last.map(|b| b.committed_at), "%Y-%m-%d %H:%M:%S UTC"),
+                s.quarantined.len().to_string(),
+                s.skipped.len().to_string(),
+                time(s.newest, TIME),
+                time(s.loaded_up_to, TIME),
                 lag,
             ]
         } else {
             vec![
                 key.clone(),
-                loaded.to_string(),
-                waiting.to_string(),
-                quarantined.to_string(),
-                last.as_ref().map_or("-".into(), |b| {
+                s.loaded.to_string(),
+                s.waiting.to_string(),
+                s.quarantined.len().to_string(),
+                last.map_or("-".into(), |b| {
                     format!("#{}, {} rows", b.number, b.stats.rows)
                 }),
-                time(loaded_up_to, "%Y-%m-%d %H:%M"),
+                time(s.loaded_up_to, "%Y-%m-%d %H:%M"),
                 lag,
             ]
         };
         grid.add_row(row);
-        if runner.state().pending_batch(&key)?.is_some() {
+        if s.pending_batch {
             notes.push(format!(
                 "{key}: a batch is pending (a run was interrupted); the next run finishes it"
             ));

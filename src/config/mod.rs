@@ -477,6 +477,18 @@ pub fn load(path: &Path) -> Result<Pipeline> {
     PipelineFile::read(path)?.validate(&path.display().to_string())
 }
 
+/// Reads every pipeline file (`*.toml`) of a folder, in name order.
+pub fn load_folder(dir: &Path) -> Result<Vec<Pipeline>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("cannot read the pipelines folder", dir.display(), e))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| load(p)).collect()
+}
+
 /// Resolves a possibly relative local path against the working directory.
 pub fn absolute(path: &str) -> PathBuf {
     let path = Path::new(path);

@@ -15,6 +15,7 @@ mod history;
 mod lease;
 mod ledger;
 mod redelivery;
+mod status;
 mod table;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 pub use lease::Lease;
+pub use status::TableStatus;
 pub use table::TableReport;
 
 use crate::config::{Pipeline, Table, WarehouseConfig};

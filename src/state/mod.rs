@@ -281,6 +281,36 @@ pub struct TaskAttempt {
     pub error: Option<String>,
 }
 
+/// What a table loaded since its store began (the counters of `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableTotals {
+    /// Committed batches.
+    pub batches: u64,
+    /// Their changes: rows and `I`/`U`/`D`, summed.
+    pub rows: u64,
+    /// `I` changes.
+    pub inserts: u64,
+    /// `U` changes.
+    pub updates: u64,
+    /// `D` changes.
+    pub deletes: u64,
+    /// Objects processed.
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Seconds from plan to commit of each committed batch.
+    pub batch_seconds: Vec<f64>,
+}
+
+/// What a pipeline's runs did (the counters of `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunTotals {
+    /// Task attempts: table, state, how many.
+    pub attempts: Vec<(String, TaskState, u64)>,
+    /// Seconds from start to finish of each finished run.
+    pub run_seconds: Vec<f64>,
+}
+
 /// A recorded run.
 #[derive(Debug, Clone)]
 pub struct RunRecord {
@@ -385,6 +415,9 @@ pub trait Manifest: Send + Sync {
     fn max_seq(&self, table: &str) -> Result<Option<String>>;
     /// The newest `commit_ts` loaded.
     fn max_commit_ts(&self, table: &str) -> Result<Option<DateTime<Utc>>>;
+    /// What the table's committed batches loaded, summed (restored batches
+    /// count as one).
+    fn totals(&self, table: &str) -> Result<TableTotals>;
     /// Quarantines an object that failed to decode.
     fn quarantine(&self, table: &str, object: &ObjectRef, error: &str) -> Result<()>;
     /// Forgets a quarantine so the object is tried again (it was replaced).
@@ -411,6 +444,8 @@ pub trait RunLog: Send + Sync {
     fn record_attempt(&self, run_id: i64, attempt: &TaskAttempt) -> Result<()>;
     /// The latest `limit` runs, newest first, with their attempts.
     fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>>;
+    /// Task attempts by table and state, and the seconds of finished runs.
+    fn run_totals(&self) -> Result<RunTotals>;
     /// End of the last scheduled data interval.
     fn last_tick(&self) -> Result<Option<DateTime<Utc>>>;
     /// Moves the schedule forward to `tick` (never back).

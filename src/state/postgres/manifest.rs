@@ -10,7 +10,7 @@ use super::PostgresStore;
 use crate::error::Result;
 use crate::state::{
     Batch, BatchMode, BatchStats, CommittedBatch, Manifest, ObjectRecord, ObjectRef, ObjectStatus,
-    Restored, stamp,
+    Restored, TableTotals, stamp,
 };
 
 /// Inserts or overwrites an object as processed by batch `$6`.
@@ -317,6 +317,38 @@ impl Manifest for PostgresStore {
                 &[&self.pipeline, &table],
             )?
             .try_get(0)
+        })
+    }
+
+    fn totals(&self, table: &str) -> Result<TableTotals> {
+        self.with("reading the table's totals", |c| {
+            let r = c.query_one(
+                "SELECT COUNT(*), SUM(rows)::bigint, SUM(inserts)::bigint, SUM(updates)::bigint,
+                   SUM(deletes)::bigint,
+                   COALESCE(array_agg(EXTRACT(EPOCH FROM committed_at - planned_at)::float8)
+                     FILTER (WHERE committed_at IS NOT NULL), '{}')
+                 FROM cdcflow.batches
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'committed'",
+                &[&self.pipeline, &table],
+            )?;
+            let figure = |i| -> std::result::Result<u64, postgres::Error> {
+                Ok(count(r.try_get::<_, Option<i64>>(i)?.unwrap_or(0)))
+            };
+            let objects = c.query_one(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0)::bigint FROM cdcflow.objects
+                 WHERE pipeline = $1 AND tbl = $2 AND status = 'processed'",
+                &[&self.pipeline, &table],
+            )?;
+            Ok(TableTotals {
+                batches: figure(0)?,
+                rows: figure(1)?,
+                inserts: figure(2)?,
+                updates: figure(3)?,
+                deletes: figure(4)?,
+                objects: count(objects.try_get(0)?),
+                bytes: count(objects.try_get(1)?),
+                batch_seconds: r.try_get(5)?,
+            })
         })
     }
 

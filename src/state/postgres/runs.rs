@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use super::PostgresStore;
 use crate::error::Result;
-use crate::state::{RunLog, RunRecord, TaskAttempt, TaskState, Trigger, stamp};
+use crate::state::{RunLog, RunRecord, RunTotals, TaskAttempt, TaskState, Trigger, stamp};
 
 impl RunLog for PostgresStore {
     fn begin_run(
@@ -103,6 +103,36 @@ impl RunLog for PostgresStore {
                 }
             }
             Ok(runs)
+        })
+    }
+
+    fn run_totals(&self) -> Result<RunTotals> {
+        self.with("reading the run totals", |c| {
+            let mut attempts = Vec::new();
+            for r in c.query(
+                "SELECT a.tbl, a.state, COUNT(*) FROM cdcflow.task_attempts a
+                 JOIN cdcflow.runs r ON r.run_id = a.run_id
+                 WHERE r.pipeline = $1 GROUP BY a.tbl, a.state ORDER BY a.tbl, a.state",
+                &[&self.pipeline],
+            )? {
+                let n: i64 = r.try_get(2)?;
+                attempts.push((
+                    r.try_get(0)?,
+                    TaskState::parse(r.try_get(1)?),
+                    n.max(0) as u64,
+                ));
+            }
+            let run_seconds = c
+                .query_one(
+                    "SELECT COALESCE(array_agg(EXTRACT(EPOCH FROM finished_at - started_at)::float8), '{}')
+                     FROM cdcflow.runs WHERE pipeline = $1 AND finished_at IS NOT NULL",
+                    &[&self.pipeline],
+                )?
+                .try_get(0)?;
+            Ok(RunTotals {
+                attempts,
+                run_seconds,
+            })
         })
     }
 

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, now, parse_objects, parse_stamp};
+use super::{SqliteStore, now, parse_objects, parse_stamp, seconds_between};
 use crate::error::Result;
 use crate::state::stamp;
 use crate::state::{
     Batch, BatchMode, BatchStats, CommittedBatch, Manifest, ObjectRecord, ObjectRef, ObjectStatus,
-    Restored,
+    Restored, TableTotals,
 };
 
 impl Manifest for SqliteStore {
@@ -300,6 +300,48 @@ impl Manifest for SqliteStore {
             "reading the newest commit time",
         )?;
         Ok(max.as_deref().and_then(parse_stamp))
+    }
+
+    fn totals(&self, table: &str) -> Result<TableTotals> {
+        self.with(
+            |c| {
+                let mut totals = c.query_row(
+                    "SELECT COUNT(*), SUM(rows), SUM(inserts), SUM(updates), SUM(deletes) FROM batches
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
+                    params![self.pipeline, table],
+                    |r| {
+                        let figure = |i| -> rusqlite::Result<u64> {
+                            Ok(r.get::<_, Option<i64>>(i)?.unwrap_or(0).max(0) as u64)
+                        };
+                        Ok(TableTotals {
+                            batches: figure(0)?,
+                            rows: figure(1)?,
+                            inserts: figure(2)?,
+                            updates: figure(3)?,
+                            deletes: figure(4)?,
+                            ..TableTotals::default()
+                        })
+                    },
+                )?;
+                (totals.objects, totals.bytes) = c.query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM objects
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'processed'",
+                    params![self.pipeline, table],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                )?;
+                totals.batch_seconds = c
+                    .prepare_cached(
+                        "SELECT planned_at, committed_at FROM batches
+                         WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
+                    )?
+                    .query_map(params![self.pipeline, table], |r| {
+                        Ok(seconds_between(&r.get::<_, String>(0)?, &r.get::<_, String>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(totals)
+            },
+            "reading the table's totals",
+        )
     }
 
     fn last_full_listing(&self, table: &str) -> Result<Option<DateTime<Utc>>> {

@@ -40,6 +40,14 @@ pub(super) fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// Seconds from one stored time to another (0 when either is unreadable).
+pub(super) fn seconds_between(from: &str, to: &str) -> f64 {
+    match (parse_stamp(from), parse_stamp(to)) {
+        (Some(from), Some(to)) => (to - from).as_seconds_f64().max(0.0),
+        _ => 0.0,
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the state file of `pipeline`.
     pub fn open(path: &Path, pipeline: &str) -> Result<Self> {

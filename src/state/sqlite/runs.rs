@@ -3,10 +3,10 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, now, parse_stamp};
+use super::{SqliteStore, now, parse_stamp, seconds_between};
 use crate::error::Result;
 use crate::state::stamp;
-use crate::state::{RunLog, RunRecord, TaskAttempt, TaskState, Trigger};
+use crate::state::{RunLog, RunRecord, RunTotals, TaskAttempt, TaskState, Trigger};
 
 impl RunLog for SqliteStore {
     fn begin_run(
@@ -111,6 +111,44 @@ impl RunLog for SqliteStore {
                 Ok(runs)
             },
             "reading runs",
+        )
+    }
+
+    fn run_totals(&self) -> Result<RunTotals> {
+        self.with(
+            |c| {
+                let attempts = c
+                    .prepare_cached(
+                        "SELECT a.tbl, a.state, COUNT(*) FROM task_attempts a
+                         JOIN runs r ON r.run_id = a.run_id
+                         WHERE r.pipeline = ?1 GROUP BY a.tbl, a.state ORDER BY a.tbl, a.state",
+                    )?
+                    .query_map(params![self.pipeline], |r| {
+                        Ok((
+                            r.get(0)?,
+                            TaskState::parse(&r.get::<_, String>(1)?),
+                            r.get::<_, i64>(2)? as u64,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                let run_seconds = c
+                    .prepare_cached(
+                        "SELECT started_at, finished_at FROM runs
+                         WHERE pipeline = ?1 AND finished_at IS NOT NULL",
+                    )?
+                    .query_map(params![self.pipeline], |r| {
+                        Ok(seconds_between(
+                            &r.get::<_, String>(0)?,
+                            &r.get::<_, String>(1)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(RunTotals {
+                    attempts,
+                    run_seconds,
+                })
+            },
+            "reading the run totals",
         )
     }
 

@@ -1,0 +1,98 @@
+//! Where a table stands: its objects in the source against the state's
+//! decisions. `cdcflow status` prints it and `/metrics` exports it.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::Runner;
+use crate::config::Table;
+use crate::error::Result;
+use crate::state::{CommittedBatch, ObjectStatus};
+
+/// One table's objects and loads, as of a listing of its source prefix.
+#[derive(Debug, Clone)]
+pub struct TableStatus {
+    /// `schema.table`.
+    pub table: String,
+    /// Objects listed.
+    pub objects: usize,
+    /// Of those, loaded.
+    pub loaded: usize,
+    /// Of those, new: the next run loads them.
+    pub waiting: usize,
+    /// Quarantined objects (key, error): the table waits at the first.
+    pub quarantined: Vec<(String, String)>,
+    /// Objects an operator skipped (key, reason).
+    pub skipped: Vec<(String, String)>,
+    /// Loaded objects whose ETag changed since.
+    pub changed: Vec<String>,
+    /// When the newest object was written: the time in CDC names (full-load
+    /// files only when there is no CDC file yet, by their last-modified time).
+    pub newest: Option<DateTime<Utc>>,
+    /// The newest change loaded.
+    pub loaded_up_to: Option<DateTime<Utc>>,
+    /// The last committed batch.
+    pub last_batch: Option<CommittedBatch>,
+    /// A batch planned and not committed (a run was interrupted).
+    pub pending_batch: bool,
+}
+
+impl TableStatus {
+    /// How far the loaded changes are behind the newest object: `None` when
+    /// objects exist and nothing is loaded yet.
+    pub fn lag(&self) -> Option<TimeDelta> {
+        match (self.newest, self.loaded_up_to) {
+            (Some(n), Some(l)) => Some((n - l).max(TimeDelta::zero())),
+            (Some(_), None) => None,
+            _ => Some(TimeDelta::zero()),
+        }
+    }
+}
+
+impl Runner {
+    /// Lists `table`'s source prefix and compares it with the state.
+    pub async fn table_status(&self, table: &Table) -> Result<TableStatus> {
+        let key = table.qualified();
+        let listing = self
+            .source()
+            .list_table(&table.schema, &table.name, None)
+            .await?;
+        let recorded = self.state().objects(&key)?;
+        let mut status = TableStatus {
+            objects: listing.objects.len(),
+            loaded: 0,
+            waiting: 0,
+            quarantined: Vec::new(),
+            skipped: Vec::new(),
+            changed: Vec::new(),
+            newest: listing
+                .objects
+                .iter()
+                .filter_map(|o| o.name.order.cdc_time())
+                .max()
+                .or_else(|| listing.objects.iter().map(|o| o.last_modified).max()),
+            loaded_up_to: self.state().max_commit_ts(&key)?,
+            last_batch: self.state().last_batch(&key)?,
+            pending_batch: self.state().pending_batch(&key)?.is_some(),
+            table: key,
+        };
+        for object in &listing.objects {
+            let key = object.key.clone();
+            match recorded.get(&object.key) {
+                Some(r) => match &r.status {
+                    ObjectStatus::Processed { .. } => {
+                        status.loaded += 1;
+                        if r.object.etag != object.etag {
+                            status.changed.push(key);
+                        }
+                    }
+                    ObjectStatus::Quarantined { error } => {
+                        status.quarantined.push((key, error.clone()));
+                    }
+                    ObjectStatus::Skipped { reason } => status.skipped.push((key, reason.clone())),
+                },
+                None => status.waiting += 1,
+            }
+        }
+        Ok(status)
+    }
+}

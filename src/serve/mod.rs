@@ -1,0 +1,96 @@
+//! The HTTP endpoints of `cdcflow serve` and `cdcflow schedule --listen`:
+//! - `/metrics`: Prometheus / OpenMetrics text, computed at each scrape from
+//!   the pipelines' state stores and a listing of each table's source prefix
+//!   (see [`metrics`]): the same truth `cdcflow status` prints, whichever
+//!   process (or how many) serves it, and counters that survive restarts;
+//! - `/healthz`: the process answers (a liveness probe);
+//! - `/readyz`: every pipeline's state store answers (a readiness probe);
+//!   503 with the reason otherwise.
+//!
+//! Read-only: nothing here changes a pipeline's state.
+
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::config::Pipeline;
+use crate::error::{Error, Result};
+use crate::pipeline::Runner;
+use crate::shutdown::Shutdown;
+
+/// A bound listener and the pipelines it reports on.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    runners: Arc<Vec<Runner>>,
+}
+
+impl Server {
+    /// Opens every pipeline (its state store and source) and binds `listen`
+    /// (port 0: any free port; see [`Server::addr`]).
+    pub async fn bind(pipelines: Vec<Pipeline>, listen: SocketAddr) -> Result<Server> {
+        let runners = pipelines
+            .into_iter()
+            .map(Runner::open)
+            .collect::<Result<Vec<_>>>()?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::io("cannot listen", listen, e))?;
+        Ok(Server {
+            listener,
+            runners: Arc::new(runners),
+        })
+    }
+
+    /// The address bound.
+    pub fn addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io("cannot read the listening address", "", e))
+    }
+
+    /// Answers requests until `shutdown` is requested.
+    pub async fn run(self, shutdown: Shutdown) -> Result<()> {
+        let addr = self.addr()?;
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .with_state(self.runners);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await
+            .map_err(|e| Error::io("serving HTTP", addr, e))
+    }
+}
+
+async fn metrics(State(runners): State<Arc<Vec<Runner>>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::render(&runners).await,
+    )
+        .into_response()
+}
+
+async fn readyz(State(runners): State<Arc<Vec<Runner>>>) -> Response {
+    for runner in runners.iter() {
+        if let Err(err) = runner.state().last_tick() {
+            let name = &runner.pipeline().name;
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("pipeline {name}: the state store does not answer: {err}\n"),
+            )
+                .into_response();
+        }
+    }
+    "ready\n".into_response()
+}

@@ -1,0 +1,247 @@
+//! `cdcflow serve`: /metrics read by a real parser (prometheus-client's
+//! OpenMetrics parser, from PyPI) against figures the test counts itself
+//! from the generated dataset and the files; /healthz and /readyz.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Stdio};
+
+use cdcflow::decode::Op;
+
+use crate::support::{Workspace, output, peer, staged_objects};
+
+/// A `cdcflow serve` process and its address.
+struct Served {
+    child: Child,
+    base: String,
+}
+
+impl Served {
+    fn start(ws: &Workspace, pipelines: &str) -> Served {
+        let mut child = ws
+            .command(
+                &["serve", "--pipelines", pipelines, "--listen", "127.0.0.1:0"],
+                &[],
+            )
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("serve printed its address").unwrap();
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                break rest.split(':').take(3).collect::<Vec<_>>().join(":");
+            }
+        };
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Served { child, base }
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("{}{path}", self.base)).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Samples of an OpenMetrics text, parsed by prometheus-client (Python):
+/// `name{label="value",…}` (labels sorted) → value.
+fn parse(python: &str, text: &str) -> BTreeMap<String, f64> {
+    const SCRIPT: &str = r#"
+import sys, json
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused:\n{}\n{text}",
+        output(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A sample's key as [`parse`] writes it, for a table of pipeline `test`.
+fn key(name: &str, table: &str, extra: &[(&str, &str)]) -> String {
+    let table = format!("public.{table}");
+    let mut labels = vec![("pipeline", "test"), ("table", table.as_str())];
+    labels.extend_from_slice(extra);
+    labels.sort();
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
+fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("no sample {key} among {:#?}", samples.keys()))
+}
+
+/// After a run that loads all of `orders` but its newest object (published
+/// after the run) and stops `order_items` at a broken object: the counters
+/// equal the changes and bytes of the objects loaded, the gauges the objects
+/// waiting and quarantined, the histograms count the batches and the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_was_loaded_and_what_waits() {
+    let Some(python) = peer("CDCFLOW_TEST_PYTHON") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 41);
+    ws.write_pipeline(3, false);
+    let (orders, items) = (&data.tables[0], &data.tables[1]);
+    let staging = ws.path("staging");
+    let order_files = staged_objects(&staging, "orders");
+    let item_files = staged_objects(&staging, "order_items");
+    assert_eq!(
+        (order_files.len(), item_files.len()),
+        (orders.files, items.files)
+    );
+    ws.publish("orders", 0..orders.files - 1);
+    ws.publish("order_items", 0..usize::MAX);
+    let bad = items.files / 2;
+    let broken = ws.source().join(&item_files[bad]);
+    assert!(!broken.to_string_lossy().ends_with(".gz"), "{broken:?}");
+    std::fs::write(&broken, "I,not a time,x,y\n").unwrap();
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(!run.status.success(), "{}", output(&run));
+    ws.publish("orders", orders.files - 1..usize::MAX);
+    std::fs::create_dir_all(ws.path("pipelines")).unwrap();
+    std::fs::copy(ws.path("pipeline.toml"), ws.path("pipelines/test.toml")).unwrap();
+
+    let served = Served::start(&ws, "pipelines");
+    assert_eq!(served.get("/healthz").await, (200, "ok\n".into()));
+    assert_eq!(served.get("/readyz").await.0, 200);
+    let (code, text) = served.get("/metrics").await;
+    assert_eq!(code, 200, "{text}");
+    let m = parse(&python, &text);
+
+    // Independent figures: the generator's changes by object, the files' sizes.
+    let count = |t: &cdcflow::synth::SynthTable, before: usize, op: Op| {
+        t.changes
+            .iter()
+            .filter(|c| c.file < before && c.op == op)
+            .count() as f64
+    };
+    let bytes = |files: &[std::path::PathBuf], before: usize| {
+        files[..before]
+            .iter()
+            .map(|f| std::fs::metadata(staging.join(f)).unwrap().len())
+            .sum::<u64>() as f64
+    };
+    for (name, t, files, loaded) in [
+        ("orders", orders, &order_files, orders.files - 1),
+        ("order_items", items, &item_files, bad),
+    ] {
+        let at = |metric: &str| sample(&m, &key(metric, name, &[]));
+        for (op, label) in [
+            (Op::Insert, "insert"),
+            (Op::Update, "update"),
+            (Op::Delete, "delete"),
+        ] {
+            assert_eq!(
+                sample(
+                    &m,
+                    &key("cdcflow_rows_loaded_total", name, &[("op", label)])
+                ),
+                count(t, loaded, op),
+                "{name} {label}"
+            );
+        }
+        assert_eq!(at("cdcflow_objects_loaded_total"), loaded as f64, "{name}");
+        assert_eq!(
+            at("cdcflow_bytes_loaded_total"),
+            bytes(files, loaded),
+            "{name}"
+        );
+        let batches = at("cdcflow_batches_total");
+        assert!(
+            batches >= (loaded as f64 / 3.0).ceil(),
+            "{name}: {batches} batches"
+        );
+        assert_eq!(
+            at("cdcflow_batch_duration_seconds_count"),
+            batches,
+            "{name}"
+        );
+        let newest_loaded = t
+            .changes
+            .iter()
+            .filter(|c| c.file < loaded)
+            .map(|c| c.commit_micros)
+            .max()
+            .unwrap();
+        assert_eq!(
+            at("cdcflow_loaded_up_to_timestamp_seconds"),
+            newest_loaded as f64 / 1e6,
+            "{name}"
+        );
+    }
+    let objects =
+        |table: &str, state: &str| sample(&m, &key("cdcflow_objects", table, &[("state", state)]));
+    assert_eq!(objects("orders", "waiting"), 1.0);
+    assert_eq!(objects("orders", "quarantined"), 0.0);
+    assert_eq!(objects("order_items", "quarantined"), 1.0);
+    assert_eq!(
+        objects("order_items", "waiting"),
+        (items.files - bad - 1) as f64
+    );
+    assert!(sample(&m, &key("cdcflow_lag_seconds", "orders", &[])) > 0.0);
+    let attempts = |table: &str, state: &str| {
+        sample(
+            &m,
+            &key("cdcflow_task_attempts_total", table, &[("state", state)]),
+        )
+    };
+    assert_eq!(attempts("orders", "success"), 1.0);
+    // A quarantine stops the table's batches, not its task.
+    assert_eq!(attempts("order_items", "success"), 1.0);
+    assert_eq!(
+        sample(&m, "cdcflow_run_duration_seconds_count{pipeline=\"test\"}"),
+        1.0
+    );
+    assert_eq!(sample(&m, "cdcflow_up{pipeline=\"test\"}"), 1.0);
+
+    // A state store that no longer answers: not ready, and `up` says so.
+    let state = ws.path("state/pipeline.toml.db");
+    std::fs::write(&state, vec![b'x'; 8192]).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", state.display()));
+    }
+    let (code, body) = served.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("pipeline test") && body.contains("state"),
+        "{body}"
+    );
+    let (_, text) = served.get("/metrics").await;
+    assert_eq!(
+        sample(&parse(&python, &text), "cdcflow_up{pipeline=\"test\"}"),
+        0.0
+    );
+}
