@@ -98,3 +98,14 @@ CREATE TABLE IF NOT EXISTS leases (
     acquired_at  TEXT NOT NULL,
     expires_at   TEXT NOT NULL
 );
+
+-- Alert incidents open now: told to the webhook as firing, not yet as
+-- resolved (ARCHITECTURE §3). Added without a version change: older builds
+-- ignore the table.
+CREATE TABLE IF NOT EXISTS incidents (
+    pipeline     TEXT NOT NULL,
+    incident     TEXT NOT NULL,      -- kind:schema.table
+    detail       TEXT NOT NULL,      -- what the firing alert said
+    opened_at    TEXT NOT NULL,
+    PRIMARY KEY (pipeline, incident)
+);

@@ -107,3 +107,13 @@ CREATE TABLE IF NOT EXISTS cdcflow.leases (
     acquired_at  TIMESTAMPTZ NOT NULL,
     expires_at   TIMESTAMPTZ NOT NULL
 );
+
+-- Alert incidents open now: told to the webhook as firing, not yet as
+-- resolved. Added without a version change: older builds ignore the table.
+CREATE TABLE IF NOT EXISTS cdcflow.incidents (
+    pipeline     TEXT NOT NULL,
+    incident     TEXT NOT NULL,      -- kind:schema.table
+    detail       TEXT NOT NULL,      -- what the firing alert said
+    opened_at    TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (pipeline, incident)
+);

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod alerts;
 mod bad_input;
 mod bigquery;
 mod capture_mysql;

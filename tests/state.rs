@@ -102,6 +102,7 @@ in_both_stores!(
     each_pipeline_has_its_own_id_and_state,
     of_two_planners_at_once_one_plans,
     totals_sum_what_was_committed_and_tried,
+    incidents_open_and_resolve_per_pipeline,
 );
 
 fn obj(key: &str) -> ObjectRef {
@@ -579,6 +580,38 @@ fn totals_sum_what_was_committed_and_tried(stores: &Stores) {
         "the running run has no duration yet"
     );
     assert_eq!(stores.open("q").run_totals().unwrap(), RunTotals::default());
+}
+
+/// Alert incidents: open with what the alert said (opening again keeps
+/// one, with the newer detail), resolved by `None`; each pipeline its own.
+fn incidents_open_and_resolve_per_pipeline(stores: &Stores) {
+    let store = stores.open("p");
+    assert!(store.open_incidents().unwrap().is_empty());
+    store.set_incident("lag:s.t", Some("60s behind")).unwrap();
+    store
+        .set_incident("quarantined:s.t", Some("a: bad"))
+        .unwrap();
+    store.set_incident("lag:s.t", Some("90s behind")).unwrap();
+    stores
+        .open("q")
+        .set_incident("lag:s.t", Some("other"))
+        .unwrap();
+    let open = stores.open("p").open_incidents().unwrap();
+    assert_eq!(
+        open.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("lag:s.t".to_string(), "90s behind".to_string()),
+            ("quarantined:s.t".to_string(), "a: bad".to_string()),
+        ]
+    );
+    store.set_incident("lag:s.t", None).unwrap();
+    store.set_incident("never:opened", None).unwrap();
+    assert_eq!(
+        stores.open("p").open_incidents().unwrap().len(),
+        1,
+        "resolved is gone"
+    );
+    assert_eq!(stores.open("q").open_incidents().unwrap().len(), 1);
 }
 
 fn each_pipeline_has_its_own_id_and_state(stores: &Stores) {

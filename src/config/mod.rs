@@ -17,7 +17,8 @@ use serde::Deserialize;
 pub use crate::model::{Column, SqlType, TYPE_NAMES, UTC};
 pub use validate::store_of;
 pub use validated::{
-    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig, Table, WarehouseConfig,
+    AlertFormat, Alerts, BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig,
+    Table, WarehouseConfig, Webhook,
 };
 
 use crate::error::{Error, Result};
@@ -63,6 +64,35 @@ pub struct PipelineFile {
     /// The source tables to load.
     #[serde(default)]
     pub tables: Vec<TableFile>,
+    /// Where alerts go (none when absent).
+    #[serde(default)]
+    pub alerts: Option<AlertsFile>,
+}
+
+/// `[alerts]`: a webhook told when a table's task fails after its retries,
+/// an object is quarantined, or the lag passes a bound; once when each
+/// incident opens and once when it resolves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsFile {
+    /// The webhook URL (a Slack incoming webhook, or any endpoint taking JSON).
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// Or the environment variable holding it (webhook URLs are secrets).
+    #[serde(default)]
+    pub webhook_env: Option<String>,
+    /// `slack` (`{"text": …}`, the default) or `json` (one object with every field).
+    #[serde(default = "AlertsFile::default_format")]
+    pub format: String,
+    /// Alert when a table's lag is above this, e.g. "1h"; unset: no lag alerts.
+    #[serde(default)]
+    pub lag: Option<String>,
+}
+
+impl AlertsFile {
+    fn default_format() -> String {
+        "slack".into()
+    }
 }
 
 impl PipelineFile {

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::validated::{
-    BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig, Table, WarehouseConfig,
+    AlertFormat, Alerts, BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig,
+    Table, WarehouseConfig, Webhook,
 };
 use super::{
-    CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile, absolute,
-    parse_duration,
+    AlertsFile, CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile,
+    absolute, parse_duration,
 };
 use crate::cron::Schedule;
 use crate::error::{Error, Result};
@@ -75,6 +76,10 @@ impl PipelineFile {
         if parse_duration(&self.lease_ttl).is_ok() && lease_ttl < Duration::from_secs(1) {
             problems.add("lease_ttl", "must be at least 1s");
         }
+        let alerts = self
+            .alerts
+            .as_ref()
+            .and_then(|a| validate_alerts(a, &mut problems));
         let source = validate_source(&self.source, &mut problems);
         let state = validate_state(&self, &mut problems);
         let warehouse = validate_warehouse(&self.warehouse, &mut problems);
@@ -148,6 +153,7 @@ impl PipelineFile {
             batch: self.batch,
             meta: self.metadata_columns,
             tables,
+            alerts,
         })
     }
 }
@@ -313,6 +319,54 @@ fn validate_csv(csv: &CsvFile, problems: &mut Problems) -> CsvOptions {
         header: csv.header,
         null_value: csv.null_value.clone(),
     }
+}
+
+fn validate_alerts(file: &AlertsFile, problems: &mut Problems) -> Option<Alerts> {
+    let webhook = match (&file.webhook, &file.webhook_env) {
+        (Some(url), None) if url.starts_with("http://") || url.starts_with("https://") => {
+            Some(Webhook::Url(url.clone()))
+        }
+        (Some(url), None) => {
+            problems.add(
+                "alerts.webhook",
+                format!(
+                    "{:?} is not an http:// or https:// URL",
+                    crate::tls::redact_url(url)
+                ),
+            );
+            None
+        }
+        (None, Some(var)) if !var.is_empty() => Some(Webhook::Env(var.clone())),
+        _ => {
+            problems.add(
+                "alerts",
+                "give the webhook's URL as exactly one of `webhook` or `webhook_env` (the \
+                 environment variable holding it)",
+            );
+            None
+        }
+    };
+    let format = match file.format.as_str() {
+        "slack" => Some(AlertFormat::Slack),
+        "json" => Some(AlertFormat::Json),
+        other => {
+            problems.add(
+                "alerts.format",
+                format!("{other:?} is not a format: \"slack\" or \"json\""),
+            );
+            None
+        }
+    };
+    let lag = file.lag.as_deref().and_then(|text| {
+        parse_duration(text)
+            .map_err(|err| problems.add("alerts.lag", err))
+            .ok()
+    });
+    Some(Alerts {
+        webhook: webhook?,
+        format: format?,
+        lag,
+    })
 }
 
 fn validate_state(file: &PipelineFile, problems: &mut Problems) -> StateConfig {
@@ -635,6 +689,36 @@ mod tests {
                 err.to_string().contains("applies to s3:// sources only"),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn alerts_take_one_webhook_a_known_format_and_a_duration() {
+        let with = |alerts: &str| check(&format!("{GOOD}\n[alerts]\n{alerts}"));
+        let p = with("webhook_env = \"HOOK\"\nlag = \"30m\"").unwrap();
+        assert_eq!(
+            p.alerts,
+            Some(Alerts {
+                webhook: Webhook::Env("HOOK".into()),
+                format: AlertFormat::Slack,
+                lag: Some(Duration::from_secs(1800)),
+            })
+        );
+        for (alerts, needle) in [
+            ("format = \"json\"", "`alerts`: give the webhook"),
+            (
+                "webhook = \"http://h\"\nwebhook_env = \"H\"",
+                "exactly one of",
+            ),
+            ("webhook = \"ftp://h\"", "`alerts.webhook`"),
+            (
+                "webhook = \"http://h\"\nformat = \"teams\"",
+                "`alerts.format`",
+            ),
+            ("webhook = \"http://h\"\nlag = \"soon\"", "`alerts.lag`"),
+        ] {
+            let err = with(alerts).unwrap_err().to_string();
+            assert!(err.contains(needle), "{alerts}: {err}");
         }
     }
 }

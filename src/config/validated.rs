@@ -36,6 +36,38 @@ pub struct Pipeline {
     pub meta: MetadataColumns,
     /// Tables, in file order.
     pub tables: Vec<Table>,
+    /// Where alerts go, if anywhere.
+    pub alerts: Option<Alerts>,
+}
+
+/// A validated `[alerts]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alerts {
+    /// Where the webhook URL is.
+    pub webhook: Webhook,
+    /// The body sent.
+    pub format: AlertFormat,
+    /// Lag above which a table's lag incident opens.
+    pub lag: Option<Duration>,
+}
+
+/// Where the webhook URL is: in the file, or in an environment variable
+/// read when an alert is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Webhook {
+    /// The URL itself.
+    Url(String),
+    /// The variable holding it.
+    Env(String),
+}
+
+/// The body of an alert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AlertFormat {
+    /// `{"text": …}`: Slack incoming webhooks, Mattermost, Rocket.Chat.
+    Slack,
+    /// One object: pipeline, table, kind, status, summary, detail, at.
+    Json,
 }
 
 /// A validated `[state]`.

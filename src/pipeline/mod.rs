@@ -11,6 +11,7 @@
 //! renewed by a heartbeat, so overlapping cron pods never work on one
 //! pipeline together.
 
+mod alerts;
 mod history;
 mod lease;
 mod ledger;
@@ -217,6 +218,9 @@ impl Runner {
             .execute(trigger, interval, work, &lease, shutdown)
             .await;
         lease.release();
+        if let Ok(report) = &report {
+            alerts::notify(self, report).await;
+        }
         report
     }
 

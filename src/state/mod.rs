@@ -13,7 +13,7 @@
 mod postgres;
 mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -446,6 +446,10 @@ pub trait RunLog: Send + Sync {
     fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>>;
     /// Task attempts by table and state, and the seconds of finished runs.
     fn run_totals(&self) -> Result<RunTotals>;
+    /// The open alert incidents: key → what the firing alert said.
+    fn open_incidents(&self) -> Result<BTreeMap<String, String>>;
+    /// Records incident `key` open with `detail`, or resolved (`None`).
+    fn set_incident(&self, key: &str, detail: Option<&str>) -> Result<()>;
     /// End of the last scheduled data interval.
     fn last_tick(&self) -> Result<Option<DateTime<Utc>>>;
     /// Moves the schedule forward to `tick` (never back).

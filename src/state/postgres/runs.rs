@@ -1,5 +1,7 @@
 //! Runs, task attempts and the schedule's last tick ([`RunLog`]) in PostgreSQL.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 
 use super::PostgresStore;
@@ -133,6 +135,36 @@ impl RunLog for PostgresStore {
                 attempts,
                 run_seconds,
             })
+        })
+    }
+
+    fn open_incidents(&self) -> Result<BTreeMap<String, String>> {
+        self.with("reading the open incidents", |c| {
+            c.query(
+                "SELECT incident, detail FROM cdcflow.incidents WHERE pipeline = $1",
+                &[&self.pipeline],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+        })
+    }
+
+    fn set_incident(&self, key: &str, detail: Option<&str>) -> Result<()> {
+        self.with("recording an incident", |c| {
+            match detail {
+                Some(detail) => c.execute(
+                    "INSERT INTO cdcflow.incidents (pipeline, incident, detail, opened_at)
+                     VALUES ($1, $2, $3, now())
+                     ON CONFLICT (pipeline, incident) DO UPDATE SET detail = excluded.detail",
+                    &[&self.pipeline, &key, &detail],
+                ),
+                None => c.execute(
+                    "DELETE FROM cdcflow.incidents WHERE pipeline = $1 AND incident = $2",
+                    &[&self.pipeline, &key],
+                ),
+            }
+            .map(|_| ())
         })
     }
 

@@ -1,5 +1,7 @@
 //! Runs, task attempts and the schedule's last tick ([`RunLog`]) in SQLite.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
@@ -149,6 +151,35 @@ impl RunLog for SqliteStore {
                 })
             },
             "reading the run totals",
+        )
+    }
+
+    fn open_incidents(&self) -> Result<BTreeMap<String, String>> {
+        self.with(
+            |c| {
+                c.prepare_cached("SELECT incident, detail FROM incidents WHERE pipeline = ?1")?
+                    .query_map(params![self.pipeline], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            },
+            "reading the open incidents",
+        )
+    }
+
+    fn set_incident(&self, key: &str, detail: Option<&str>) -> Result<()> {
+        self.with(
+            |c| match detail {
+                Some(detail) => c.execute(
+                    "INSERT INTO incidents (pipeline, incident, detail, opened_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (pipeline, incident) DO UPDATE SET detail = excluded.detail",
+                    params![self.pipeline, key, detail, now()],
+                ),
+                None => c.execute(
+                    "DELETE FROM incidents WHERE pipeline = ?1 AND incident = ?2",
+                    params![self.pipeline, key],
+                ),
+            }
+            .map(|_| ()),
+            "recording an incident",
         )
     }
 
