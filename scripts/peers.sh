@@ -8,7 +8,7 @@
 #   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth), TLS on
 #   pgwrap     PostgreSQL 15 on 127.0.0.1:15433, its xids 496 short of the 32-bit wrap (fresh at every start)
 #   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password), TLS on
-#   tools      Python clients the tests check against (prometheus-client's OpenMetrics parser)
+#   tools      Python libraries the tests check with (prometheus-client's OpenMetrics parser, PyYAML)
 #   (TLS: a test CA in $PEERS_DIR/tls, see tls_certs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ MOTO_PORT="${MOTO_PORT:-19000}"
 MOTO_AUTH_PORT="${MOTO_AUTH_PORT:-19001}"
 MOTO_VERSION=5.2.5
 PROM_CLIENT_VERSION=0.23.1
+PYYAML_VERSION=6.0.2
 BQ_PORT="${BQ_PORT:-19050}"
 BQ_GRPC_PORT="${BQ_GRPC_PORT:-19060}"
 BQ_PROJECT="${BQ_PROJECT:-test-proj}"
@@ -233,14 +234,15 @@ mariadb_status() { my_admin ping >/dev/null 2>&1 && echo "mariadb: up on 127.0.0
 mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; tls_env; }
 
 tools_install() {
-  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client' >/dev/null 2>&1 && return 0
+  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client, yaml' >/dev/null 2>&1 && return 0
   python3 -m venv "$PEERS_DIR/venv-tools"
-  "$PEERS_DIR/venv-tools/bin/pip" install -q --disable-pip-version-check "prometheus-client==$PROM_CLIENT_VERSION"
+  "$PEERS_DIR/venv-tools/bin/pip" install -q --disable-pip-version-check \
+    "prometheus-client==$PROM_CLIENT_VERSION" "PyYAML==$PYYAML_VERSION"
 }
 tools_start() { tools_install; }
 tools_stop() { :; }
 tools_status() {
-  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client' >/dev/null 2>&1 \
+  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client, yaml' >/dev/null 2>&1 \
     && echo "tools: installed" || echo "tools: missing"
 }
 tools_env() { echo "export CDCFLOW_TEST_PYTHON=$PEERS_DIR/venv-tools/bin/python"; }

@@ -245,3 +245,128 @@ async fn metrics_count_what_was_loaded_and_what_waits() {
         0.0
     );
 }
+
+/// Every YAML document of `deploy/kubernetes/`, as JSON (PyYAML reads them).
+fn kubernetes_documents(python: &str) -> Vec<serde_json::Value> {
+    const SCRIPT: &str = r#"
+import sys, json, glob, yaml
+docs = []
+for path in sorted(glob.glob(sys.argv[1] + "/*.yaml")):
+    with open(path) as f:
+        docs += [d for d in yaml.safe_load_all(f) if d]
+print(json.dumps(docs))
+"#;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
+    let out = std::process::Command::new(python)
+        .args(["-c", SCRIPT, dir])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The Kubernetes examples hold pipelines `cdcflow validate` accepts, and
+/// the scheduler's probes, Service and ServiceMonitor reach the port it
+/// listens on, at the paths it serves.
+#[test]
+fn the_kubernetes_examples_validate_and_their_probes_reach_the_server() {
+    let Some(python) = peer("CDCFLOW_TEST_PYTHON") else {
+        return;
+    };
+    let docs = kubernetes_documents(&python);
+    let of_kind = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind);
+    let ws = Workspace::new();
+    let mut pipelines = 0;
+    for map in of_kind("ConfigMap") {
+        for (name, text) in map["data"].as_object().unwrap() {
+            if name.ends_with(".toml") {
+                let path = ws.path(name);
+                std::fs::write(&path, text.as_str().unwrap()).unwrap();
+                let out = ws.cdcflow(&["validate", "-p", path.to_str().unwrap()], &[]);
+                assert!(out.status.success(), "{name}: {}", output(&out));
+                pipelines += 1;
+            }
+        }
+    }
+    assert!(pipelines >= 2, "{pipelines} pipelines in the examples");
+
+    let deployment = of_kind("Deployment")
+        .next()
+        .expect("the scheduler Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "schedule");
+    let listen = args[args.iter().position(|a| *a == "--listen").unwrap() + 1];
+    let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    let named = &container["ports"][0];
+    assert_eq!(named["containerPort"], port);
+    let name = named["name"].as_str().unwrap();
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], name, "{probe}");
+    }
+    let service = of_kind("Service").next().expect("a Service");
+    let service_port = &service["spec"]["ports"][0];
+    assert_eq!(service_port["targetPort"], name);
+    let monitor = of_kind("ServiceMonitor").next().expect("a ServiceMonitor");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        service_port["name"]
+    );
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(&service["spec"]["selector"], labels);
+}
+
+/// Every metric the Grafana dashboard queries is one `cdcflow serve`
+/// serves (a renamed metric would leave a panel empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_served_metrics() {
+    let (ws, _) = Workspace::published(300, 45, 1000, "");
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    std::fs::create_dir_all(ws.path("pipelines")).unwrap();
+    std::fs::copy(ws.path("pipeline.toml"), ws.path("pipelines/test.toml")).unwrap();
+    let served = Served::start(&ws, "pipelines");
+    let (_, text) = served.get("/metrics").await;
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/cdcflow.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("cdcflow_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in &queried {
+        assert!(
+            names.contains(name.as_str()),
+            "{name} is not served; served: {names:?}"
+        );
+    }
+}
