@@ -5,7 +5,7 @@ CARGO ?= cargo
 BIN    = $(or $(CARGO_TARGET_DIR),target)/debug/cdcflow
 EXAMPLE = pipelines/example.toml
 
-.PHONY: help build run test chaos fuzz bench peers-up peers-down lint fmt testdata clean
+.PHONY: help build run serve test chaos fuzz bench peers-up peers-down lint fmt testdata clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ run: build ## Load testdata/ into the local warehouse and show what was loaded
 	$(BIN) run --now --pipeline $(EXAMPLE)
 	$(BIN) query --pipeline $(EXAMPLE) "SELECT id, customer, amount, status, commit_ts FROM orders ORDER BY commit_ts DESC LIMIT 5"
 	$(BIN) status --pipeline $(EXAMPLE)
+
+serve: build ## Serve the web UI, /metrics, /healthz and /readyz for pipelines/ on http://127.0.0.1:9464/
+	$(BIN) serve --pipelines pipelines
 
 test: peers-up ## Run every test (unit and integration, with a short chaos and fuzz pass); starts the peers first (moto S3, bqemulator, PostgreSQL, MariaDB)
 	eval "$$(scripts/peers.sh all env)" && $(CARGO) test --features failpoints

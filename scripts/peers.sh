@@ -8,7 +8,7 @@
 #   pg         PostgreSQL 15 with wal_level=logical on 127.0.0.1:15432 (user postgres, trust auth), TLS on
 #   pgwrap     PostgreSQL 15 on 127.0.0.1:15433, its xids 496 short of the 32-bit wrap (fresh at every start)
 #   mariadb    MariaDB with a ROW/FULL binlog on 127.0.0.1:13306 (user root, no password), TLS on
-#   tools      Python libraries the tests check with (prometheus-client's OpenMetrics parser, PyYAML)
+#   tools      clients the tests check with: headless Chromium, prometheus-client's OpenMetrics parser, PyYAML
 #   (TLS: a test CA in $PEERS_DIR/tls, see tls_certs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -234,6 +234,10 @@ mariadb_status() { my_admin ping >/dev/null 2>&1 && echo "mariadb: up on 127.0.0
 mariadb_env() { echo "export CDCFLOW_TEST_MYSQL_URL=mysql://root@127.0.0.1:$MY_PORT"; tls_env; }
 
 tools_install() {
+  # Headless Chromium drives the web UI's tests.
+  if ! command -v chromium >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  fi
   "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client, yaml' >/dev/null 2>&1 && return 0
   python3 -m venv "$PEERS_DIR/venv-tools"
   "$PEERS_DIR/venv-tools/bin/pip" install -q --disable-pip-version-check \
@@ -243,9 +247,13 @@ tools_start() { tools_install; }
 tools_stop() { :; }
 tools_status() {
   "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client, yaml' >/dev/null 2>&1 \
-    && echo "tools: installed" || echo "tools: missing"
+    && command -v chromium >/dev/null 2>&1 && echo "tools: installed" || echo "tools: missing"
 }
-tools_env() { echo "export CDCFLOW_TEST_PYTHON=$PEERS_DIR/venv-tools/bin/python"; }
+tools_env() {
+  echo "export CDCFLOW_TEST_PYTHON=$PEERS_DIR/venv-tools/bin/python"
+  command -v chromium >/dev/null 2>&1 && echo "export CDCFLOW_TEST_CHROMIUM=$(command -v chromium)"
+  return 0
+}
 
 peer=${1:-}; action=${2:-}
 usage="usage: $0 {moto|bq|pg|pgwrap|mariadb|tools|all} {install|start|stop|status|env}"

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::routing::post;
 
-use crate::support::{Workspace, output, staged_objects};
+use crate::support::{Workspace, output};
 
 const EXIT_TABLES_FAILED: i32 = 3;
 
@@ -89,10 +89,8 @@ async fn an_incident_is_told_once_when_it_opens_and_once_when_it_resolves() {
     let data = ws.synth(1500, 43);
     ws.write_pipeline(3, false);
     ws.publish_all();
-    let files = staged_objects(&ws.path("staging"), "order_items");
-    let bad = ws.source().join(&files[data.tables[1].files / 2]);
-    let original = std::fs::read(&bad).unwrap();
-    std::fs::write(&bad, "I,not a time,x,y\n").unwrap();
+    let key = ws.break_object("order_items", data.tables[1].files / 2);
+    let (bad, original) = (ws.source().join(&key), ws.path("staging").join(&key));
     let receiver = Receiver::start().await;
     set_webhook(&ws, &receiver.url);
     // order_items waits at the broken object, and its objects after it
@@ -120,7 +118,7 @@ async fn an_incident_is_told_once_when_it_opens_and_once_when_it_resolves() {
 
     // The object replaced: the run loads it, and the webhook is dead. The
     // run succeeds all the same; the resolution waits for the next run.
-    std::fs::write(&bad, &original).unwrap();
+    std::fs::copy(&original, &bad).unwrap();
     set_webhook(&ws, &dead_url());
     run(&ws, 0);
     set_webhook(&ws, &receiver.url);

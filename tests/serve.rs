@@ -125,14 +125,11 @@ async fn metrics_count_what_was_loaded_and_what_waits() {
     ws.publish("orders", 0..orders.files - 1);
     ws.publish("order_items", 0..usize::MAX);
     let bad = items.files / 2;
-    let broken = ws.source().join(&item_files[bad]);
-    assert!(!broken.to_string_lossy().ends_with(".gz"), "{broken:?}");
-    std::fs::write(&broken, "I,not a time,x,y\n").unwrap();
+    ws.break_object("order_items", bad);
     let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
     assert!(!run.status.success(), "{}", output(&run));
     ws.publish("orders", orders.files - 1..usize::MAX);
-    std::fs::create_dir_all(ws.path("pipelines")).unwrap();
-    std::fs::copy(ws.path("pipeline.toml"), ws.path("pipelines/test.toml")).unwrap();
+    ws.pipelines_folder();
 
     let served = Served::start(&ws, "pipelines");
     assert_eq!(served.get("/healthz").await, (200, "ok\n".into()));
@@ -330,8 +327,7 @@ async fn the_grafana_dashboard_queries_only_served_metrics() {
     let (ws, _) = Workspace::published(300, 45, 1000, "");
     let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
     assert!(run.status.success(), "{}", output(&run));
-    std::fs::create_dir_all(ws.path("pipelines")).unwrap();
-    std::fs::copy(ws.path("pipeline.toml"), ws.path("pipelines/test.toml")).unwrap();
+    ws.pipelines_folder();
     let served = Served::start(&ws, "pipelines");
     let (_, text) = served.get("/metrics").await;
     let names: std::collections::BTreeSet<&str> = text
@@ -369,4 +365,122 @@ async fn the_grafana_dashboard_queries_only_served_metrics() {
             "{name} is not served; served: {names:?}"
         );
     }
+}
+
+/// `url` as headless Chromium renders it: its DOM, and a screenshot saved
+/// as a test artifact under `CARGO_TARGET_TMPDIR` (`name`.png).
+fn browse(chromium: &str, url: &str, name: &str) -> String {
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let run = |what: &str| {
+        let out = std::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--window-size=1280,900",
+                &format!("--user-data-dir={}", profile.path().display()),
+                what,
+                url,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "chromium {what} {url}: {}",
+            output(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    run(&format!(
+        "--screenshot={}",
+        shots.join(format!("{name}.png")).display()
+    ));
+    run("--dump-dom")
+}
+
+/// The `<tr>` of a rendered table that holds `cell`.
+fn row_with<'a>(dom: &'a str, cell: &str) -> &'a str {
+    dom.split("<tr>")
+        .find(|row| row.contains(&format!(">{cell}<")))
+        .unwrap_or_else(|| panic!("no row with {cell} in:\n{dom}"))
+}
+
+/// The web UI in a real browser: the overview gives each table its state
+/// (order_items waits for an operator at its broken object, orders is ok),
+/// the runs grid shows the run, the table page names the quarantined
+/// object, and the key lookup shows a deleted row's whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_shows_states_runs_and_a_deleted_rows_life() {
+    let Some(chromium) = peer("CDCFLOW_TEST_CHROMIUM") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 46);
+    ws.write_pipeline(3, false);
+    ws.publish_all();
+    let bad = ws.break_object("order_items", data.tables[1].files / 2);
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(!run.status.success(), "{}", output(&run));
+    ws.pipelines_folder();
+    let served = Served::start(&ws, "pipelines");
+
+    let dom = browse(&chromium, &format!("{}/", served.base), "overview");
+    assert!(
+        row_with(&dom, "public.orders").contains("class=\"ok\">ok<"),
+        "{dom}"
+    );
+    assert!(
+        row_with(&dom, "public.order_items").contains("class=\"operator\">waiting for operator<"),
+        "{dom}"
+    );
+
+    let dom = browse(
+        &chromium,
+        &format!("{}/pipelines/test/runs", served.base),
+        "runs",
+    );
+    assert!(dom.contains("#1 manual"), "{dom}");
+    assert!(row_with(&dom, "public.orders").contains("success"), "{dom}");
+
+    let table = format!("{}/pipelines/test/tables/public.order_items", served.base);
+    let dom = browse(&chromium, &table, "table");
+    let key = bad.to_string_lossy().replace('\\', "/");
+    assert!(
+        dom.contains(&key),
+        "the quarantined object {key} in:\n{dom}"
+    );
+
+    // A key of orders whose last change is a delete, and its changes, from the generator.
+    let orders = &data.tables[0];
+    let id_of = |c: &cdcflow::synth::Change| match c.values[0] {
+        cdcflow::synth::Value::Int(id) => id,
+        ref other => panic!("orders.id is an integer: {other:?}"),
+    };
+    let deleted = orders
+        .changes
+        .iter()
+        .rev()
+        .find(|c| c.op == cdcflow::decode::Op::Delete)
+        .map(id_of)
+        .unwrap();
+    let changes = orders
+        .changes
+        .iter()
+        .filter(|c| id_of(c) == deleted)
+        .count();
+    let url = format!(
+        "{}/pipelines/test/tables/public.orders/history?key={deleted}",
+        served.base
+    );
+    let dom = browse(&chromium, &url, "history");
+    let rows = dom.matches("<tr>").count() - 1;
+    assert_eq!(rows, changes, "every change of key {deleted} once:\n{dom}");
+    let last = dom.rsplit("<tr>").next().unwrap();
+    assert!(
+        last.contains(">D<"),
+        "the last change is the delete: {last}"
+    );
 }

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
-use crate::merge::sql;
 use crate::pipeline::{RunReport, Runner};
 use crate::schedule::{self, DueOutcome};
 use crate::serve::Server;
@@ -30,7 +29,7 @@ macro_rules! out {
 
 mod output;
 
-use output::{print_backfill_plan, print_query, print_run, print_runs, status};
+use output::{print_backfill_plan, print_batches, print_query, print_run, print_runs, status};
 
 /// Exit code of a run that finished but left a table failed or blocked.
 pub const EXIT_TABLES_FAILED: u8 = 3;
@@ -95,9 +94,11 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
-    /// Serve /metrics (Prometheus), /healthz and /readyz for every pipeline of a folder.
+    /// Serve the web UI, /metrics (Prometheus), /healthz and /readyz for every pipeline of a folder.
     ///
-    /// Read-only, and it schedules nothing (`schedule --listen` does both). Figures are read at each
+    /// The web UI (/) shows each table's state, lag and quarantined objects, the runs grid, and the
+    /// life of one row (the table page's key lookup). Read-only, and it schedules nothing
+    /// (`schedule --listen` does both). Figures are read at each
     /// scrape from the state stores (counters: rows by operation, batches, objects and bytes loaded,
     /// task attempts by state; histograms: batch and run seconds) and from a listing of each table's
     /// source prefix (gauges: waiting, quarantined and skipped objects, lag), so any number of
@@ -538,42 +539,10 @@ async fn execute(command: Command) -> Result<ExitCode> {
             format,
         } => {
             let pipeline = config::load(&pipeline)?;
-            let t = find_table(&pipeline, &table)?;
-            let values: Vec<&str> = key.split(',').map(str::trim).collect();
-            if values.len() != t.primary_key.len() {
-                return Err(Error::Usage(format!(
-                    "table {} has primary key ({}): give {} comma-separated value(s) to --key",
-                    t.qualified(),
-                    t.primary_key.join(", "),
-                    t.primary_key.len()
-                )));
-            }
-            let versions = t.versions_name();
-            let key = t.primary_key.clone();
-            let change_seq = pipeline.meta.change_seq.clone();
+            let t = find_table(&pipeline, &table)?.clone();
             let runner = Runner::open(pipeline)?;
-            let dialect = runner.warehouse().queries().dialect();
-            let key_match = key
-                .iter()
-                .zip(&values)
-                .map(|(k, v)| {
-                    format!(
-                        "CAST({} AS STRING) = {}",
-                        dialect.ident(k),
-                        dialect.literal(v)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(" AND ");
-            let query = sql::render(
-                sql::KEY_HISTORY,
-                &[
-                    ("versions", &dialect.ident(&versions)),
-                    ("key_match", &key_match),
-                    ("change_seq", &dialect.ident(&change_seq)),
-                ],
-            );
-            print_query(&runner, &query, format).await?;
+            let batches = runner.key_history(&t, &key).await?;
+            print_batches(&batches, format)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Skip {
@@ -654,7 +623,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
 async fn listening(pipelines: Vec<Pipeline>, listen: SocketAddr) -> Result<Server> {
     let server = Server::bind(pipelines, listen).await?;
     eprintln!(
-        "listening on http://{}: /metrics, /healthz, /readyz",
+        "listening on http://{}: the web UI at /, /metrics, /healthz, /readyz",
         server.addr()?
     );
     Ok(server)

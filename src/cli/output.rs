@@ -3,35 +3,47 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use arrow::array::RecordBatch;
 use comfy_table::{Table as Grid, presets::UTF8_FULL_CONDENSED};
 
 use super::OutputFormat;
 use crate::config::Pipeline;
 use crate::error::{Error, Result};
-use crate::pipeline::{RunReport, Runner};
+use crate::pipeline::{RunReport, Runner, humanize};
 use crate::state::{RunRecord, TaskState};
 
 pub(super) async fn print_query(runner: &Runner, query: &str, format: OutputFormat) -> Result<()> {
-    let batches = runner.query(query).await?;
+    print_batches(&runner.query(query).await?, format)
+}
+
+/// Writes `batches` to stdout in `format`.
+pub(super) fn print_batches(batches: &[RecordBatch], format: OutputFormat) -> Result<()> {
+    let context = "formatting the result";
     let mut out = Vec::new();
     match format {
         OutputFormat::Table => {
-            let text = arrow::util::pretty::pretty_format_batches(&batches)
-                .map_err(|e| Error::query(query, e.into()))?;
+            let text = arrow::util::pretty::pretty_format_batches(batches)
+                .map_err(|e| Error::query(context, e.into()))?;
             out.extend_from_slice(format!("{text}\n").as_bytes());
         }
         OutputFormat::Csv => {
             let mut writer = arrow::csv::Writer::new(&mut out);
-            for b in &batches {
-                writer.write(b).map_err(|e| Error::query(query, e.into()))?;
+            for b in batches {
+                writer
+                    .write(b)
+                    .map_err(|e| Error::query(context, e.into()))?;
             }
         }
         OutputFormat::Json => {
             let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
-            for b in &batches {
-                writer.write(b).map_err(|e| Error::query(query, e.into()))?;
+            for b in batches {
+                writer
+                    .write(b)
+                    .map_err(|e| Error::query(context, e.into()))?;
             }
-            writer.finish().map_err(|e| Error::query(query, e.into()))?;
+            writer
+                .finish()
+                .map_err(|e| Error::query(context, e.into()))?;
         }
     }
     use std::io::Write;
@@ -163,16 +175,6 @@ pub(super) fn print_run(report: &RunReport) {
 }
 
 const TIME: &str = "%Y-%m-%d %H:%M:%S";
-
-fn humanize(d: chrono::TimeDelta) -> String {
-    let secs = d.num_seconds();
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
-}
 
 /// `cdcflow status`: per table what is loaded and what waits, then what to
 /// do. Fits a 120-column terminal; `wide` adds every column.

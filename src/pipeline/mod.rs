@@ -32,7 +32,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 pub use lease::Lease;
-pub use status::TableStatus;
+pub use status::{TableStatus, humanize};
 pub use table::TableReport;
 
 use crate::config::{Pipeline, Table, WarehouseConfig};

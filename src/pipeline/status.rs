@@ -1,11 +1,14 @@
 //! Where a table stands: its objects in the source against the state's
-//! decisions. `cdcflow status` prints it and `/metrics` exports it.
+//! decisions (`cdcflow status` prints it, `/metrics` exports it), and the
+//! life of one of its rows (`cdcflow history`, the web UI).
 
+use arrow::array::RecordBatch;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::Runner;
 use crate::config::Table;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::merge::sql;
 use crate::state::{CommittedBatch, ObjectStatus};
 
 /// One table's objects and loads, as of a listing of its source prefix.
@@ -45,6 +48,17 @@ impl TableStatus {
             (Some(_), None) => None,
             _ => Some(TimeDelta::zero()),
         }
+    }
+}
+
+/// A duration as an operator reads it: `42s`, `17m`, `5h`, `3d`.
+pub fn humanize(d: chrono::TimeDelta) -> String {
+    let secs = d.num_seconds();
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
     }
 }
 
@@ -94,5 +108,47 @@ impl Runner {
             }
         }
         Ok(status)
+    }
+}
+
+impl Runner {
+    /// Every version of the row of `table` whose key is `key` (the key
+    /// columns' values, comma-separated), oldest first.
+    pub async fn key_history(&self, table: &Table, key: &str) -> Result<Vec<RecordBatch>> {
+        let values: Vec<&str> = key.split(',').map(str::trim).collect();
+        if values.len() != table.primary_key.len() {
+            return Err(Error::Usage(format!(
+                "table {} has primary key ({}): give {} comma-separated value(s)",
+                table.qualified(),
+                table.primary_key.join(", "),
+                table.primary_key.len()
+            )));
+        }
+        let dialect = self.warehouse().queries().dialect();
+        let key_match = table
+            .primary_key
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| {
+                format!(
+                    "CAST({} AS STRING) = {}",
+                    dialect.ident(k),
+                    dialect.literal(v)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let query = sql::render(
+            sql::KEY_HISTORY,
+            &[
+                ("versions", &dialect.ident(&table.versions_name())),
+                ("key_match", &key_match),
+                (
+                    "change_seq",
+                    &dialect.ident(&self.pipeline().meta.change_seq),
+                ),
+            ],
+        );
+        self.query(&query).await
     }
 }

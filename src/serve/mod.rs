@@ -1,4 +1,5 @@
 //! The HTTP endpoints of `cdcflow serve` and `cdcflow schedule --listen`:
+//! - `/` and below: the web UI ([`ui`]);
 //! - `/metrics`: Prometheus / OpenMetrics text, computed at each scrape from
 //!   the pipelines' state stores and a listing of each table's source prefix
 //!   (see [`metrics`]): the same truth `cdcflow status` prints, whichever
@@ -10,6 +11,7 @@
 //! Read-only: nothing here changes a pipeline's state.
 
 mod metrics;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,6 +61,13 @@ impl Server {
     pub async fn run(self, shutdown: Shutdown) -> Result<()> {
         let addr = self.addr()?;
         let app = Router::new()
+            .route("/", get(ui::overview))
+            .route("/pipelines/{pipeline}/runs", get(ui::runs))
+            .route("/pipelines/{pipeline}/tables/{table}", get(ui::table_page))
+            .route(
+                "/pipelines/{pipeline}/tables/{table}/history",
+                get(ui::history),
+            )
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))

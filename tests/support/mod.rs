@@ -88,6 +88,20 @@ impl Workspace {
         }
     }
 
+    /// Overwrites the published object `index` of `table` with a line no
+    /// decoder takes; returns its key under the source.
+    pub(crate) fn break_object(&self, table: &str, index: usize) -> PathBuf {
+        let key = staged_objects(&self.path("staging"), table).swap_remove(index);
+        std::fs::write(self.source().join(&key), "I,not a time,x,y\n").unwrap();
+        key
+    }
+
+    /// A folder `pipelines/` holding `pipeline.toml` (for `serve` and `schedule`).
+    pub(crate) fn pipelines_folder(&self) {
+        std::fs::create_dir_all(self.path("pipelines")).unwrap();
+        std::fs::copy(self.path("pipeline.toml"), self.path("pipelines/test.toml")).unwrap();
+    }
+
     /// Publishes every staged object of both tables.
     pub(crate) fn publish_all(&self) {
         self.publish("orders", 0..usize::MAX);

@@ -1,0 +1,344 @@
+//! The web UI: server-rendered HTML, no script. Read-only: it shows what
+//! `status`, `runs` and `history` print, for every pipeline of the folder.
+//!
+//! - `/`: per pipeline, each table's state (ok, behind, waiting for an
+//!   operator, failing), lag, waiting and quarantined objects, last batch;
+//! - `/pipelines/{p}/runs`: tables × recent runs, each try's error;
+//! - `/pipelines/{p}/tables/{t}`: the table's objects, figures and a key
+//!   lookup;
+//! - `/pipelines/{p}/tables/{t}/history?key=…`: the life of one row.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::config::Table;
+use crate::error::Result;
+use crate::pipeline::{Runner, TableStatus, humanize};
+use crate::state::{RunRecord, TaskState};
+
+type Runners = State<Arc<Vec<Runner>>>;
+
+/// Text made safe for HTML.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A path segment made safe for a URL: every byte but the unreserved ones
+/// percent-encoded.
+fn seg(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
+th{background:#f4f4f4}.ok{background:#d9f2d9}.behind{background:#fff3c4}\
+.operator{background:#ffd9b3}.failing{background:#f8c4c4}.muted{color:#888}a{color:#0645ad}";
+
+fn page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{} · cdcflow</title>\
+         <style>{STYLE}</style></head><body><p><a href=\"/\">cdcflow</a></p><h1>{}</h1>{body}</body></html>",
+        esc(title),
+        esc(title)
+    ))
+}
+
+fn not_found(what: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        page("Not found", &format!("<p>{}</p>", esc(what))),
+    )
+        .into_response()
+}
+
+fn failed(err: &crate::error::Error) -> String {
+    format!("<p class=\"failing\">{}</p>", esc(&err.to_string()))
+}
+
+/// A table's state: what an operator should know first.
+fn state(status: &TableStatus, last_try: Option<TaskState>) -> (&'static str, &'static str) {
+    if last_try == Some(TaskState::Failed) {
+        ("failing", "failing")
+    } else if !status.quarantined.is_empty() {
+        ("operator", "waiting for operator")
+    } else if status.waiting > 0 || status.pending_batch {
+        ("behind", "behind")
+    } else {
+        ("ok", "ok")
+    }
+}
+
+fn last_try(runs: &[RunRecord], table: &str) -> Option<TaskState> {
+    runs.first()?
+        .attempts
+        .iter()
+        .rfind(|a| a.table == table)
+        .map(|a| a.state)
+}
+
+pub(super) async fn overview(State(runners): Runners) -> Html<String> {
+    let mut body = String::new();
+    for runner in runners.iter() {
+        let name = &runner.pipeline().name;
+        let _ = write!(
+            body,
+            "<h2>{}</h2><p><a href=\"/pipelines/{}/runs\">runs</a></p>",
+            esc(name),
+            seg(name)
+        );
+        match overview_rows(runner).await {
+            Ok(rows) => body.push_str(&rows),
+            Err(err) => body.push_str(&failed(&err)),
+        }
+    }
+    page("Pipelines", &body)
+}
+
+async fn overview_rows(runner: &Runner) -> Result<String> {
+    let runs = runner.state().recent_runs(1)?;
+    let mut rows = String::from(
+        "<table><tr><th>table</th><th>state</th><th>loaded</th><th>waiting</th>\
+         <th>quarantined</th><th>last batch</th><th>loaded up to</th><th>lag</th></tr>",
+    );
+    for table in &runner.pipeline().tables {
+        let s = runner.table_status(table).await?;
+        let (class, label) = state(&s, last_try(&runs, &s.table));
+        let _ = write!(
+            rows,
+            "<tr><td><a href=\"/pipelines/{}/tables/{}\">{}</a></td><td class=\"{class}\">{label}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            seg(&runner.pipeline().name),
+            seg(&s.table),
+            esc(&s.table),
+            s.loaded,
+            s.waiting,
+            s.quarantined.len(),
+            s.last_batch.as_ref().map_or("-".into(), |b| format!(
+                "#{}, {} rows",
+                b.number, b.stats.rows
+            )),
+            s.loaded_up_to
+                .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            s.lag().map_or("not loaded".into(), humanize),
+        );
+    }
+    rows.push_str("</table>");
+    Ok(rows)
+}
+
+fn runner<'a>(runners: &'a [Runner], pipeline: &str) -> Option<&'a Runner> {
+    runners.iter().find(|r| r.pipeline().name == pipeline)
+}
+
+fn table<'a>(runner: &'a Runner, name: &str) -> Option<&'a Table> {
+    runner
+        .pipeline()
+        .tables
+        .iter()
+        .find(|t| t.qualified() == name)
+}
+
+pub(super) async fn runs(State(runners): Runners, Path(pipeline): Path<String>) -> Response {
+    let Some(runner) = runner(&runners, &pipeline) else {
+        return not_found(&format!("no pipeline {pipeline}"));
+    };
+    let runs = match runner.state().recent_runs(20) {
+        Ok(runs) => runs,
+        Err(err) => return page(&pipeline, &failed(&err)).into_response(),
+    };
+    let mut body = String::from("<table><tr><th>table</th>");
+    for run in runs.iter().rev() {
+        let _ = write!(
+            body,
+            "<th>#{} {}<br><span class=\"muted\">{}</span></th>",
+            run.id,
+            esc(&run.trigger),
+            esc(&run.started_at[..16.min(run.started_at.len())])
+        );
+    }
+    body.push_str("</tr>");
+    for t in &runner.pipeline().tables {
+        let name = t.qualified();
+        let _ = write!(body, "<tr><td>{}</td>", esc(&name));
+        for run in runs.iter().rev() {
+            let tries: Vec<_> = run.attempts.iter().filter(|a| a.table == name).collect();
+            match tries.last() {
+                None => body.push_str("<td class=\"muted\">·</td>"),
+                Some(last) => {
+                    let class = match last.state {
+                        TaskState::Success => "ok",
+                        TaskState::Failed => "failing",
+                        _ => "behind",
+                    };
+                    let rows: u64 = tries.iter().map(|a| a.rows).sum();
+                    let _ = write!(
+                        body,
+                        "<td class=\"{class}\" title=\"{}\">{} · {rows} rows · {} tr{}</td>",
+                        esc(last.error.as_deref().unwrap_or("")),
+                        last.state.as_str(),
+                        tries.len(),
+                        if tries.len() == 1 { "y" } else { "ies" }
+                    );
+                }
+            }
+        }
+        body.push_str("</tr>");
+    }
+    body.push_str("</table><h2>Errors</h2><ul>");
+    for run in &runs {
+        for a in run.attempts.iter().filter(|a| a.error.is_some()) {
+            let _ = write!(
+                body,
+                "<li>run #{} {} try {}: {}</li>",
+                run.id,
+                esc(&a.table),
+                a.try_number,
+                esc(a.error.as_deref().unwrap_or(""))
+            );
+        }
+    }
+    body.push_str("</ul>");
+    page(&format!("{pipeline}: runs"), &body).into_response()
+}
+
+pub(super) async fn table_page(
+    State(runners): Runners,
+    Path((pipeline, name)): Path<(String, String)>,
+) -> Response {
+    let Some((runner, t)) = runner(&runners, &pipeline).and_then(|r| Some((r, table(r, &name)?)))
+    else {
+        return not_found(&format!("no table {name} in pipeline {pipeline}"));
+    };
+    let body = match table_body(runner, t).await {
+        Ok(body) => body,
+        Err(err) => failed(&err),
+    };
+    page(&format!("{pipeline}: {name}"), &body).into_response()
+}
+
+async fn table_body(runner: &Runner, t: &Table) -> Result<String> {
+    let s = runner.table_status(t).await?;
+    let totals = runner.state().totals(&s.table)?;
+    let mut body = format!(
+        "<form action=\"/pipelines/{}/tables/{}/history\"><label>When was this row changed or \
+         deleted? Key ({}): <input name=\"key\"></label> <button>Show its life</button></form>\
+         <table><tr><th>objects</th><td>{} listed, {} loaded, {} waiting, {} quarantined, {} skipped</td></tr>\
+         <tr><th>loaded</th><td>{} batches, {} objects, {} bytes; {} inserts, {} updates, {} deletes</td></tr></table>",
+        seg(&runner.pipeline().name),
+        seg(&s.table),
+        esc(&t.primary_key.join(", ")),
+        s.objects,
+        s.loaded,
+        s.waiting,
+        s.quarantined.len(),
+        s.skipped.len(),
+        totals.batches,
+        totals.objects,
+        totals.bytes,
+        totals.inserts,
+        totals.updates,
+        totals.deletes
+    );
+    for (title, list) in [("Quarantined", &s.quarantined), ("Skipped", &s.skipped)] {
+        if !list.is_empty() {
+            let _ = write!(body, "<h2>{title}</h2><ul>");
+            for (key, why) in list {
+                let _ = write!(body, "<li><code>{}</code>: {}</li>", esc(key), esc(why));
+            }
+            body.push_str("</ul>");
+        }
+    }
+    Ok(body)
+}
+
+#[derive(Deserialize)]
+pub(super) struct KeyQuery {
+    key: String,
+}
+
+pub(super) async fn history(
+    State(runners): Runners,
+    Path((pipeline, name)): Path<(String, String)>,
+    Query(query): Query<KeyQuery>,
+) -> Response {
+    let Some((runner, t)) = runner(&runners, &pipeline).and_then(|r| Some((r, table(r, &name)?)))
+    else {
+        return not_found(&format!("no table {name} in pipeline {pipeline}"));
+    };
+    let title = format!("{name}, key {}", query.key);
+    let body = match runner.key_history(t, &query.key).await {
+        Ok(batches) => html_table(&batches),
+        Err(err) => failed(&err),
+    };
+    page(&title, &body).into_response()
+}
+
+/// Record batches as an HTML table (every value as its text).
+fn html_table(batches: &[arrow::array::RecordBatch]) -> String {
+    let Some(first) = batches.first() else {
+        return "<p>No change of this key was loaded.</p>".into();
+    };
+    let mut out = String::from("<table><tr>");
+    for field in first.schema().fields() {
+        let _ = write!(out, "<th>{}</th>", esc(field.name()));
+    }
+    out.push_str("</tr>");
+    let options = FormatOptions::default().with_null("");
+    for batch in batches {
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .filter_map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
+            .collect();
+        for row in 0..batch.num_rows() {
+            out.push_str("<tr>");
+            for f in &formatters {
+                let _ = write!(out, "<td>{}</td>", esc(&f.value(row).to_string()));
+            }
+            out.push_str("</tr>");
+        }
+    }
+    out.push_str("</table>");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values come from the warehouse and object keys from the bucket:
+    /// nothing in them becomes markup.
+    #[test]
+    fn text_and_path_segments_are_escaped() {
+        assert_eq!(
+            esc("<script>alert('x')</script> & \"q\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
+        );
+        assert_eq!(seg("public.a b/c?d"), "public.a%20b%2Fc%3Fd");
+    }
+}
