@@ -18,11 +18,15 @@ struct Served {
 
 impl Served {
     fn start(ws: &Workspace, pipelines: &str) -> Served {
+        Served::start_with(ws, pipelines, &[], &[])
+    }
+
+    /// [`Served::start`] with more arguments and environment.
+    fn start_with(ws: &Workspace, pipelines: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
+        let mut all = vec!["serve", "--pipelines", pipelines, "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
         let mut child = ws
-            .command(
-                &["serve", "--pipelines", pipelines, "--listen", "127.0.0.1:0"],
-                &[],
-            )
+            .command(&all, env)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -483,4 +487,157 @@ async fn the_web_ui_shows_states_runs_and_a_deleted_rows_life() {
         last.contains(">D<"),
         "the last change is the delete: {last}"
     );
+}
+
+/// Actions need the operator token and the form's CSRF value: a server
+/// without a token, a request without the token, and a form without the
+/// CSRF value are refused and change nothing; logged in with both, a skip
+/// is recorded (as `cdcflow status` then says) and "run now" runs the
+/// pipeline past the skipped object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_need_the_operator_token_and_the_forms_csrf_value() {
+    let ws = Workspace::new();
+    let data = ws.synth(1500, 47);
+    ws.write_pipeline(3, false);
+    ws.publish_all();
+    let bad = ws.break_object("order_items", data.tables[1].files / 2);
+    let key = bad.to_string_lossy().replace('\\', "/");
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(!run.status.success(), "{}", output(&run));
+    ws.pipelines_folder();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let table = "/pipelines/test/tables/public.order_items";
+    let skip = |served: &Served, csrf: &str, auth: Option<(&str, String)>| {
+        let mut request = client.post(format!("{}{table}/skip", served.base)).form(&[
+            ("csrf", csrf),
+            ("object", key.as_str()),
+            ("reason", "broken by the test"),
+        ]);
+        if let Some((name, value)) = auth {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let status = || output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+
+    let read_only = Served::start(&ws, "pipelines");
+    let refused = skip(&read_only, "x", None).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("read-only"));
+    drop(read_only);
+
+    let served = Served::start_with(
+        &ws,
+        "pipelines",
+        &["--token-env", "CDCFLOW_UI_TOKEN"],
+        &[("CDCFLOW_UI_TOKEN", "s3cret")],
+    );
+    let (_, page) = served.get(table).await;
+    assert!(
+        !page.contains("csrf") && !page.contains("<button>Skip"),
+        "{page}"
+    );
+    let login = |token: &str| {
+        client
+            .post(format!("{}/login", served.base))
+            .form(&[("token", token)])
+            .send()
+    };
+    assert_eq!(login("guess").await.unwrap().status(), 403);
+    let ok = login("s3cret").await.unwrap();
+    assert_eq!(ok.status(), 303);
+    let cookie = ok.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && !cookie.contains("s3cret"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let page = client
+        .get(format!("{}{table}", served.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no CSRF value in the logged-in page:\n{page}"))
+        .to_string();
+    assert!(page.contains("<button>Skip</button>"), "{page}");
+
+    for (csrf, auth) in [
+        (csrf.as_str(), None),
+        ("", Some(("cookie", session.clone()))),
+        (
+            "forged",
+            Some(("authorization", "Bearer s3cret".to_string())),
+        ),
+        (
+            csrf.as_str(),
+            Some(("authorization", "Bearer guess".to_string())),
+        ),
+    ] {
+        let response = skip(&served, csrf, auth).await.unwrap();
+        assert_eq!(response.status(), 403, "{}", response.text().await.unwrap());
+    }
+    assert!(
+        status().contains(&format!("waiting at {key}")),
+        "{}",
+        status()
+    );
+
+    // Retry: the object is no longer quarantined, the next run reads it again.
+    let retried = client
+        .post(format!("{}{table}/retry", served.base))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str()), ("object", key.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 303);
+    assert!(
+        !status().contains(&format!("waiting at {key}")),
+        "{}",
+        status()
+    );
+
+    let response = skip(&served, &csrf, Some(("cookie", session.clone())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    assert!(
+        status().contains(&format!("skipped {key} (broken by the test)")),
+        "{}",
+        status()
+    );
+
+    let started = client
+        .post(format!("{}/pipelines/test/run", served.base))
+        .header("authorization", "Bearer s3cret")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 303);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let now = status();
+        if now.contains("up to date") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run did not load the rest:\n{now}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

@@ -12,7 +12,7 @@ use crate::pipeline::{RunReport, Runner};
 use crate::schedule::{self, DueOutcome};
 use crate::serve::Server;
 use crate::shutdown::Shutdown;
-use crate::state::{ObjectRef, ObjectStatus, Trigger};
+use crate::state::Trigger;
 use crate::synth;
 
 /// `println!` for the commands' output. When the reader has gone (`cdcflow
@@ -90,9 +90,12 @@ enum Command {
         /// Folder of pipeline files (`*.toml`).
         #[arg(long, default_value = "pipelines")]
         pipelines: PathBuf,
-        /// Also serve /metrics, /healthz and /readyz here (as `cdcflow serve`), e.g. 127.0.0.1:9464.
+        /// Also serve the web UI, /metrics, /healthz and /readyz here (as `cdcflow serve`), e.g. 127.0.0.1:9464.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// With --listen: the variable holding the operator token that allows actions (see `serve`).
+        #[arg(long, value_name = "VAR", requires = "listen")]
+        token_env: Option<String>,
     },
     /// Serve the web UI, /metrics (Prometheus), /healthz and /readyz for every pipeline of a folder.
     ///
@@ -112,6 +115,11 @@ enum Command {
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
+        /// The environment variable holding the operator token. With it, the UI can skip or retry a
+        /// quarantined object and start a run, for a browser logged in at /login (or a request with
+        /// `Authorization: Bearer <token>`); without it, everything is read-only.
+        #[arg(long, value_name = "VAR")]
+        token_env: Option<String>,
     },
     /// Reprocess the objects of a date range: their history rows are replaced, never doubled,
     /// and current state is rebuilt from history.
@@ -373,11 +381,15 @@ async fn execute(command: Command) -> Result<ExitCode> {
                 ExitCode::from(EXIT_TABLES_FAILED)
             })
         }
-        Command::Schedule { pipelines, listen } => {
+        Command::Schedule {
+            pipelines,
+            listen,
+            token_env,
+        } => {
             let loaded = config::load_folder(&pipelines)?;
             let shutdown = on_signals();
             let server = match listen {
-                Some(listen) => Some(listening(loaded.clone(), listen).await?),
+                Some(listen) => Some(listening(loaded.clone(), listen, token_env).await?),
                 None => None,
             };
             eprintln!(
@@ -396,8 +408,12 @@ async fn execute(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { pipelines, listen } => {
-            let server = listening(config::load_folder(&pipelines)?, listen).await?;
+        Command::Serve {
+            pipelines,
+            listen,
+            token_env,
+        } => {
+            let server = listening(config::load_folder(&pipelines)?, listen, token_env).await?;
             server.run(on_signals()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -554,31 +570,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let pipeline = config::load(&pipeline)?;
             let t = find_table(&pipeline, &table)?.clone();
             let runner = Runner::open(pipeline)?;
-            let listing = runner.source().list_table(&t.schema, &t.name, None).await?;
-            let found = listing
-                .objects
-                .into_iter()
-                .find(|o| o.key == object)
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "no object {object:?} under table {}; `cdcflow status` lists the keys",
-                        t.qualified()
-                    ))
-                })?;
-            if let Some(rec) = runner.state().objects(&t.qualified())?.get(&object)
-                && let ObjectStatus::Processed { batch_no } = rec.status
-            {
-                return Err(Error::Usage(format!(
-                    "{object} was already loaded in batch {batch_no}; nothing to skip"
-                )));
-            }
-            let object_ref = ObjectRef {
-                key: found.key,
-                etag: found.etag,
-                size: found.size,
-                last_modified: found.last_modified,
-            };
-            runner.state().skip(&t.qualified(), &object_ref, &reason)?;
+            runner.skip_object(&t, &object, &reason).await?;
             out!(
                 "skipped {object} of {} (reason: {reason}); the next run goes on after it",
                 t.qualified()
@@ -619,9 +611,26 @@ async fn execute(command: Command) -> Result<ExitCode> {
     }
 }
 
-/// Binds the HTTP endpoints for `pipelines` and says where.
-async fn listening(pipelines: Vec<Pipeline>, listen: SocketAddr) -> Result<Server> {
-    let server = Server::bind(pipelines, listen).await?;
+/// Binds the HTTP endpoints for `pipelines` (actions allowed with the
+/// token in variable `token_env`) and says where.
+async fn listening(
+    pipelines: Vec<Pipeline>,
+    listen: SocketAddr,
+    token_env: Option<String>,
+) -> Result<Server> {
+    let token = match token_env {
+        None => None,
+        Some(var) => match std::env::var(&var) {
+            Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "--token-env {var}: the variable is unset or empty; set it to the operator \
+                     token, or drop --token-env for a read-only UI"
+                )));
+            }
+        },
+    };
+    let server = Server::bind(pipelines, listen, token).await?;
     eprintln!(
         "listening on http://{}: the web UI at /, /metrics, /healthz, /readyz",
         server.addr()?

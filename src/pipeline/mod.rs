@@ -15,6 +15,7 @@ mod alerts;
 mod history;
 mod lease;
 mod ledger;
+mod operator;
 mod redelivery;
 mod status;
 mod table;

@@ -8,8 +8,11 @@
 //! - `/readyz`: every pipeline's state store answers (a readiness probe);
 //!   503 with the reason otherwise.
 //!
-//! Read-only: nothing here changes a pipeline's state.
+//! Read-only unless an operator token is configured: then the UI also
+//! skips or retries a quarantined object and starts a run, for requests
+//! that carry the token ([`auth`]).
 
+mod auth;
 mod metrics;
 mod ui;
 
@@ -20,23 +23,44 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::config::Pipeline;
 use crate::error::{Error, Result};
 use crate::pipeline::Runner;
 use crate::shutdown::Shutdown;
 
+/// What every request handler shares.
+pub(super) struct App {
+    runners: Vec<Runner>,
+    /// The operator token; `None`: read-only.
+    token: Option<String>,
+}
+
+impl App {
+    /// The runner of pipeline `name`.
+    fn runner(&self, name: &str) -> Option<&Runner> {
+        self.runners.iter().find(|r| r.pipeline().name == name)
+    }
+}
+
+type AppState = State<Arc<App>>;
+
 /// A bound listener and the pipelines it reports on.
 pub struct Server {
     listener: tokio::net::TcpListener,
-    runners: Arc<Vec<Runner>>,
+    app: Arc<App>,
 }
 
 impl Server {
     /// Opens every pipeline (its state store and source) and binds `listen`
-    /// (port 0: any free port; see [`Server::addr`]).
-    pub async fn bind(pipelines: Vec<Pipeline>, listen: SocketAddr) -> Result<Server> {
+    /// (port 0: any free port; see [`Server::addr`]). With `token`, requests
+    /// that carry it may act (skip, retry, run); without, all is read-only.
+    pub async fn bind(
+        pipelines: Vec<Pipeline>,
+        listen: SocketAddr,
+        token: Option<String>,
+    ) -> Result<Server> {
         let runners = pipelines
             .into_iter()
             .map(Runner::open)
@@ -46,7 +70,7 @@ impl Server {
             .map_err(|e| Error::io("cannot listen", listen, e))?;
         Ok(Server {
             listener,
-            runners: Arc::new(runners),
+            app: Arc::new(App { runners, token }),
         })
     }
 
@@ -68,10 +92,16 @@ impl Server {
                 "/pipelines/{pipeline}/tables/{table}/history",
                 get(ui::history),
             )
+            .route(
+                "/pipelines/{pipeline}/tables/{table}/{action}",
+                post(ui::act),
+            )
+            .route("/pipelines/{pipeline}/run", post(ui::run_now))
+            .route("/login", get(auth::login_form).post(auth::login))
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .with_state(self.runners);
+            .with_state(self.app);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })
             .await
@@ -79,19 +109,19 @@ impl Server {
     }
 }
 
-async fn metrics(State(runners): State<Arc<Vec<Runner>>>) -> Response {
+async fn metrics(State(app): AppState) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics::render(&runners).await,
+        metrics::render(&app.runners).await,
     )
         .into_response()
 }
 
-async fn readyz(State(runners): State<Arc<Vec<Runner>>>) -> Response {
-    for runner in runners.iter() {
+async fn readyz(State(app): AppState) -> Response {
+    for runner in &app.runners {
         if let Err(err) = runner.state().last_tick() {
             let name = &runner.pipeline().name;
             return (

@@ -1,28 +1,31 @@
-//! The web UI: server-rendered HTML, no script. Read-only: it shows what
-//! `status`, `runs` and `history` print, for every pipeline of the folder.
+//! The web UI: server-rendered HTML, no script. It shows what `status`,
+//! `runs` and `history` print, for every pipeline of the folder.
 //!
 //! - `/`: per pipeline, each table's state (ok, behind, waiting for an
 //!   operator, failing), lag, waiting and quarantined objects, last batch;
 //! - `/pipelines/{p}/runs`: tables × recent runs, each try's error;
 //! - `/pipelines/{p}/tables/{t}`: the table's objects, figures and a key
 //!   lookup;
-//! - `/pipelines/{p}/tables/{t}/history?key=…`: the life of one row.
+//! - `/pipelines/{p}/tables/{t}/history?key=…`: the life of one row;
+//! - for an operator ([`super::auth`]): POST `…/skip` and `…/retry` of a
+//!   quarantined object, POST `/pipelines/{p}/run` to start a run now.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use arrow::util::display::{ArrayFormatter, FormatOptions};
+use axum::Form;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
+use super::auth::{Operator, forbidden};
+use super::{App, AppState};
 use crate::config::Table;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pipeline::{Runner, TableStatus, humanize};
-use crate::state::{RunRecord, TaskState};
-
-type Runners = State<Arc<Vec<Runner>>>;
+use crate::shutdown::Shutdown;
+use crate::state::{RunRecord, TaskState, Trigger};
 
 /// Text made safe for HTML.
 fn esc(text: &str) -> String {
@@ -59,7 +62,7 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f4f4f4}.ok{background:#d9f2d9}.behind{background:#fff3c4}\
 .operator{background:#ffd9b3}.failing{background:#f8c4c4}.muted{color:#888}a{color:#0645ad}";
 
-fn page(title: &str, body: &str) -> Html<String> {
+pub(super) fn page(title: &str, body: &str) -> Html<String> {
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{} · cdcflow</title>\
          <style>{STYLE}</style></head><body><p><a href=\"/\">cdcflow</a></p><h1>{}</h1>{body}</body></html>",
@@ -101,9 +104,13 @@ fn last_try(runs: &[RunRecord], table: &str) -> Option<TaskState> {
         .map(|a| a.state)
 }
 
-pub(super) async fn overview(State(runners): Runners) -> Html<String> {
+pub(super) async fn overview(State(app): AppState, headers: HeaderMap) -> Html<String> {
+    let operator = app.operator(&headers);
     let mut body = String::new();
-    for runner in runners.iter() {
+    if app.token.is_some() && operator.is_none() {
+        body.push_str("<p><a href=\"/login\">log in</a> to act</p>");
+    }
+    for runner in &app.runners {
         let name = &runner.pipeline().name;
         let _ = write!(
             body,
@@ -111,6 +118,14 @@ pub(super) async fn overview(State(runners): Runners) -> Html<String> {
             esc(name),
             seg(name)
         );
+        if let Some(op) = &operator {
+            body.push_str(&action(
+                &format!("/pipelines/{}/run", seg(name)),
+                op,
+                "",
+                "Run now",
+            ));
+        }
         match overview_rows(runner).await {
             Ok(rows) => body.push_str(&rows),
             Err(err) => body.push_str(&failed(&err)),
@@ -151,8 +166,14 @@ async fn overview_rows(runner: &Runner) -> Result<String> {
     Ok(rows)
 }
 
-fn runner<'a>(runners: &'a [Runner], pipeline: &str) -> Option<&'a Runner> {
-    runners.iter().find(|r| r.pipeline().name == pipeline)
+/// A POST form to `url` with the CSRF value, `fields` (HTML) and a button.
+fn action(url: &str, op: &Operator, fields: &str, button: &str) -> String {
+    format!(
+        "<form method=\"post\" action=\"{url}\"><input type=\"hidden\" name=\"csrf\" \
+         value=\"{}\">{fields} <button>{}</button></form>",
+        op.csrf,
+        esc(button)
+    )
 }
 
 fn table<'a>(runner: &'a Runner, name: &str) -> Option<&'a Table> {
@@ -163,8 +184,8 @@ fn table<'a>(runner: &'a Runner, name: &str) -> Option<&'a Table> {
         .find(|t| t.qualified() == name)
 }
 
-pub(super) async fn runs(State(runners): Runners, Path(pipeline): Path<String>) -> Response {
-    let Some(runner) = runner(&runners, &pipeline) else {
+pub(super) async fn runs(State(app): AppState, Path(pipeline): Path<String>) -> Response {
+    let Some(runner) = app.runner(&pipeline) else {
         return not_found(&format!("no pipeline {pipeline}"));
     };
     let runs = match runner.state().recent_runs(20) {
@@ -227,21 +248,26 @@ pub(super) async fn runs(State(runners): Runners, Path(pipeline): Path<String>) 
 }
 
 pub(super) async fn table_page(
-    State(runners): Runners,
+    State(app): AppState,
+    headers: HeaderMap,
     Path((pipeline, name)): Path<(String, String)>,
 ) -> Response {
-    let Some((runner, t)) = runner(&runners, &pipeline).and_then(|r| Some((r, table(r, &name)?)))
-    else {
+    let Some((runner, t)) = find(&app, &pipeline, &name) else {
         return not_found(&format!("no table {name} in pipeline {pipeline}"));
     };
-    let body = match table_body(runner, t).await {
+    let body = match table_body(runner, t, app.operator(&headers)).await {
         Ok(body) => body,
         Err(err) => failed(&err),
     };
     page(&format!("{pipeline}: {name}"), &body).into_response()
 }
 
-async fn table_body(runner: &Runner, t: &Table) -> Result<String> {
+fn find<'a>(app: &'a App, pipeline: &str, name: &str) -> Option<(&'a Runner, &'a Table)> {
+    let runner = app.runner(pipeline)?;
+    Some((runner, table(runner, name)?))
+}
+
+async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> Result<String> {
     let s = runner.table_status(t).await?;
     let totals = runner.state().totals(&s.table)?;
     let mut body = format!(
@@ -268,7 +294,28 @@ async fn table_body(runner: &Runner, t: &Table) -> Result<String> {
         if !list.is_empty() {
             let _ = write!(body, "<h2>{title}</h2><ul>");
             for (key, why) in list {
-                let _ = write!(body, "<li><code>{}</code>: {}</li>", esc(key), esc(why));
+                let _ = write!(body, "<li><code>{}</code>: {}", esc(key), esc(why));
+                if let (Some(op), "Quarantined") = (&operator, title) {
+                    let base = format!(
+                        "/pipelines/{}/tables/{}",
+                        seg(&runner.pipeline().name),
+                        seg(&s.table)
+                    );
+                    let object = format!(
+                        "<input type=\"hidden\" name=\"object\" value=\"{}\">",
+                        esc(key)
+                    );
+                    body.push_str(&action(
+                        &format!("{base}/skip"),
+                        op,
+                        &format!(
+                            "{object}<input name=\"reason\" placeholder=\"why skip it\" required>"
+                        ),
+                        "Skip",
+                    ));
+                    body.push_str(&action(&format!("{base}/retry"), op, &object, "Retry"));
+                }
+                body.push_str("</li>");
             }
             body.push_str("</ul>");
         }
@@ -282,12 +329,11 @@ pub(super) struct KeyQuery {
 }
 
 pub(super) async fn history(
-    State(runners): Runners,
+    State(app): AppState,
     Path((pipeline, name)): Path<(String, String)>,
     Query(query): Query<KeyQuery>,
 ) -> Response {
-    let Some((runner, t)) = runner(&runners, &pipeline).and_then(|r| Some((r, table(r, &name)?)))
-    else {
+    let Some((runner, t)) = find(&app, &pipeline, &name) else {
         return not_found(&format!("no table {name} in pipeline {pipeline}"));
     };
     let title = format!("{name}, key {}", query.key);
@@ -296,6 +342,84 @@ pub(super) async fn history(
         Err(err) => failed(&err),
     };
     page(&title, &body).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct ObjectForm {
+    csrf: String,
+    object: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Back to `to` after an action, or the action's error.
+fn done(outcome: Result<()>, to: &str) -> Response {
+    match outcome {
+        Ok(()) => (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response(),
+        Err(err) => (StatusCode::BAD_REQUEST, page("Not done", &failed(&err))).into_response(),
+    }
+}
+
+/// `skip` or `retry` of a quarantined object.
+pub(super) async fn act(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path((pipeline, name, action)): Path<(String, String, String)>,
+    Form(form): Form<ObjectForm>,
+) -> Response {
+    if let Some(why) = app.refusal(&headers, &form.csrf) {
+        return forbidden(why);
+    }
+    let Some((runner, t)) = find(&app, &pipeline, &name) else {
+        return not_found(&format!("no table {name} in pipeline {pipeline}"));
+    };
+    let reason = form.reason.trim();
+    let outcome = match action.as_str() {
+        "skip" if reason.is_empty() => Err(Error::Usage("give a reason to skip".into())),
+        "skip" => runner.skip_object(t, &form.object, reason).await,
+        "retry" => runner.retry_object(t, &form.object),
+        _ => return not_found(&format!("no action {action}")),
+    };
+    tracing::info!(pipeline = %pipeline, table = %name, action = %action, object = %form.object, reason, ok = outcome.is_ok(), "web UI action");
+    done(
+        outcome,
+        &format!("/pipelines/{}/tables/{}", seg(&pipeline), seg(&name)),
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct CsrfForm {
+    csrf: String,
+}
+
+/// Starts a manual run in the background (its lease keeps it from running
+/// beside another), and shows the runs.
+pub(super) async fn run_now(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(pipeline): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Some(why) = app.refusal(&headers, &form.csrf) {
+        return forbidden(why);
+    }
+    if app.runner(&pipeline).is_none() {
+        return not_found(&format!("no pipeline {pipeline}"));
+    }
+    let name = pipeline.clone();
+    tokio::spawn(async move {
+        let runner = app.runner(&name).expect("checked above");
+        match runner
+            .run(Trigger::Manual, None, &Shutdown::default())
+            .await
+        {
+            Ok(report) => {
+                tracing::info!(pipeline = %name, run = report.run_id, ok = report.ok(), "web UI: run finished")
+            }
+            Err(err) => tracing::warn!(pipeline = %name, error = %err, "web UI: run not done"),
+        }
+    });
+    done(Ok(()), &format!("/pipelines/{}/runs", seg(&pipeline)))
 }
 
 /// Record batches as an HTML table (every value as its text).
