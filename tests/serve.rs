@@ -457,8 +457,34 @@ async fn the_web_ui_shows_states_runs_and_a_deleted_rows_life() {
         "the quarantined object {key} in:\n{dom}"
     );
 
-    // A key of orders whose last change is a delete, and its changes, from the generator.
+    // The table page of orders: its batches (fewer than 20) hold every
+    // change the generator made, by operation, and the lag chart is drawn.
     let orders = &data.tables[0];
+    let url = format!("{}/pipelines/test/tables/public.orders", served.base);
+    let dom = browse(&chromium, &url, "orders");
+    assert!(dom.contains("<svg") && dom.contains("<polyline"), "{dom}");
+    let batches = dom.split("Recent batches").nth(1).unwrap();
+    let batches = batches.split("</table>").next().unwrap();
+    let mut sums = [0u64; 3];
+    for row in batches.split("<tr>").filter(|r| r.starts_with("<td>#")) {
+        let cells: Vec<&str> = row
+            .split("<td>")
+            .skip(1)
+            .map(|c| c.split('<').next().unwrap())
+            .collect();
+        for (sum, cell) in sums.iter_mut().zip(&cells[4..7]) {
+            *sum += cell.parse::<u64>().unwrap();
+        }
+    }
+    let ops = [
+        cdcflow::decode::Op::Insert,
+        cdcflow::decode::Op::Update,
+        cdcflow::decode::Op::Delete,
+    ]
+    .map(|op| orders.changes.iter().filter(|c| c.op == op).count() as u64);
+    assert_eq!(sums, ops, "I, U, D of the batches vs the generator");
+
+    // A key of orders whose last change is a delete, and its changes, from the generator.
     let id_of = |c: &cdcflow::synth::Change| match c.values[0] {
         cdcflow::synth::Value::Int(id) => id,
         ref other => panic!("orders.id is an integer: {other:?}"),

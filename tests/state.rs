@@ -201,6 +201,15 @@ fn a_batch_is_planned_then_committed_once_with_its_objects(stores: &Stores) {
     store.commit_batch("s.t", 2, &older).unwrap();
     assert_eq!(store.max_seq("s.t").unwrap().as_deref(), Some("0000000009"));
     assert_eq!(store.last_batch("s.t").unwrap().unwrap().number, 2);
+    // The recent batches, newest first, each with its times and figures.
+    let recent = stores.open("p").recent_batches("s.t", 10).unwrap();
+    assert_eq!(
+        recent.iter().map(|b| b.number).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(recent[1].stats.max_commit_ts, Some(at));
+    assert!(recent.iter().all(|b| b.planned_at <= b.committed_at));
+    assert_eq!(store.recent_batches("s.t", 1).unwrap().len(), 1);
 }
 
 fn a_pending_batch_is_replanned_or_removed(stores: &Stores) {

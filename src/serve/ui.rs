@@ -25,7 +25,7 @@ use crate::config::Table;
 use crate::error::{Error, Result};
 use crate::pipeline::{Runner, TableStatus, humanize};
 use crate::shutdown::Shutdown;
-use crate::state::{RunRecord, TaskState, Trigger};
+use crate::state::{CommittedBatch, RunRecord, TaskState, Trigger};
 
 /// Text made safe for HTML.
 fn esc(text: &str) -> String {
@@ -290,6 +290,31 @@ async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> R
         totals.updates,
         totals.deletes
     );
+    let batches = runner.state().recent_batches(&s.table, 50)?;
+    body.push_str(&lag_chart(&batches));
+    body.push_str(
+        "<h2>Recent batches</h2><table><tr><th>batch</th><th>committed</th><th>objects</th>\
+         <th>rows</th><th>I</th><th>U</th><th>D</th><th>seconds</th><th>lag at commit</th></tr>",
+    );
+    for b in batches.iter().take(20) {
+        let _ = write!(
+            body,
+            "<tr><td>#{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{:.1}</td><td>{}</td></tr>",
+            b.number,
+            b.committed_at.format("%Y-%m-%d %H:%M:%S"),
+            b.objects,
+            b.stats.rows,
+            b.stats.inserts,
+            b.stats.updates,
+            b.stats.deletes,
+            (b.committed_at - b.planned_at).as_seconds_f64(),
+            lag_at_commit(b).map_or("-".into(), |l| humanize(chrono::TimeDelta::seconds(
+                l as i64
+            )))
+        );
+    }
+    body.push_str("</table>");
     for (title, list) in [("Quarantined", &s.quarantined), ("Skipped", &s.skipped)] {
         if !list.is_empty() {
             let _ = write!(body, "<h2>{title}</h2><ul>");
@@ -321,6 +346,41 @@ async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> R
         }
     }
     Ok(body)
+}
+
+/// How far behind its newest change a batch was committed, in seconds.
+fn lag_at_commit(b: &CommittedBatch) -> Option<f64> {
+    let newest = b.stats.max_commit_ts?;
+    Some((b.committed_at - newest).as_seconds_f64().max(0.0))
+}
+
+/// The lag at commit of `batches` (newest first) as an SVG line, oldest on
+/// the left; nothing with fewer than two batches.
+fn lag_chart(batches: &[CommittedBatch]) -> String {
+    let points: Vec<f64> = batches.iter().rev().filter_map(lag_at_commit).collect();
+    if points.len() < 2 {
+        return String::new();
+    }
+    let (width, height) = (600.0, 120.0);
+    let top = points.iter().copied().fold(1.0, f64::max);
+    let step = width / (points.len() - 1) as f64;
+    let line: Vec<String> = points
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("{:.1},{:.1}", i as f64 * step, height - v / top * height))
+        .collect();
+    format!(
+        "<h2>Lag at commit, last {} batches</h2><svg width=\"{width}\" height=\"{}\" \
+         viewBox=\"0 -10 {width} {}\" role=\"img\"><title>lag at commit</title>\
+         <polyline fill=\"none\" stroke=\"#0645ad\" stroke-width=\"2\" points=\"{}\"/>\
+         <text x=\"4\" y=\"4\" font-size=\"11\">{}</text>\
+         <line x1=\"0\" y1=\"{height}\" x2=\"{width}\" y2=\"{height}\" stroke=\"#ccc\"/></svg>",
+        points.len(),
+        height + 20.0,
+        height + 20.0,
+        line.join(" "),
+        humanize(chrono::TimeDelta::seconds(top as i64))
+    )
 }
 
 #[derive(Deserialize)]

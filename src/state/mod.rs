@@ -342,7 +342,7 @@ pub enum LeaseOutcome {
     },
 }
 
-/// A committed batch, for `status`.
+/// A committed batch, for `status` and the web UI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedBatch {
     /// Batch number.
@@ -353,6 +353,8 @@ pub struct CommittedBatch {
     pub objects: usize,
     /// Its figures.
     pub stats: BatchStats,
+    /// When it was planned (its work began).
+    pub planned_at: DateTime<Utc>,
     /// Commit time.
     pub committed_at: DateTime<Utc>,
 }
@@ -409,8 +411,12 @@ pub trait Manifest: Send + Sync {
     ) -> Result<Option<Batch>>;
     /// Marks batch `number` and its objects processed, atomically.
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()>;
-    /// The last committed batch.
-    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>>;
+    /// The table's last `limit` committed batches, newest first.
+    fn recent_batches(&self, table: &str, limit: usize) -> Result<Vec<CommittedBatch>>;
+    /// The table's last committed batch.
+    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>> {
+        Ok(self.recent_batches(table, 1)?.into_iter().next())
+    }
     /// The committed watermark: the largest `change_seq` loaded.
     fn max_seq(&self, table: &str) -> Result<Option<String>>;
     /// The newest `commit_ts` loaded.

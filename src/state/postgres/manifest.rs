@@ -265,36 +265,37 @@ impl Manifest for PostgresStore {
         })
     }
 
-    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>> {
-        self.with("reading the last batch", |c| {
-            let Some(r) = c.query_opt(
+    fn recent_batches(&self, table: &str, limit: usize) -> Result<Vec<CommittedBatch>> {
+        self.with("reading the recent batches", |c| {
+            let mut batches = Vec::new();
+            for r in c.query(
                 "SELECT batch_no, batch_id, jsonb_array_length(objects)::bigint, rows, inserts,
-                   updates, deletes, max_seq, committed_at
+                   updates, deletes, max_seq, committed_at, max_commit_ts, planned_at
                  FROM cdcflow.batches
                  WHERE pipeline = $1 AND tbl = $2 AND status = 'committed'
-                 ORDER BY batch_no DESC LIMIT 1",
-                &[&self.pipeline, &table],
-            )?
-            else {
-                return Ok(None);
-            };
-            let figure = |i| -> std::result::Result<u64, postgres::Error> {
-                Ok(count(r.try_get::<_, Option<i64>>(i)?.unwrap_or(0)))
-            };
-            Ok(Some(CommittedBatch {
-                number: r.try_get(0)?,
-                id: r.try_get(1)?,
-                objects: figure(2)? as usize,
-                stats: BatchStats {
-                    rows: figure(3)?,
-                    inserts: figure(4)?,
-                    updates: figure(5)?,
-                    deletes: figure(6)?,
-                    max_seq: r.try_get(7)?,
-                    max_commit_ts: None,
-                },
-                committed_at: r.try_get(8)?,
-            }))
+                 ORDER BY batch_no DESC LIMIT $3",
+                &[&self.pipeline, &table, &(limit as i64)],
+            )? {
+                let figure = |i| -> std::result::Result<u64, postgres::Error> {
+                    Ok(count(r.try_get::<_, Option<i64>>(i)?.unwrap_or(0)))
+                };
+                batches.push(CommittedBatch {
+                    number: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    objects: figure(2)? as usize,
+                    stats: BatchStats {
+                        rows: figure(3)?,
+                        inserts: figure(4)?,
+                        updates: figure(5)?,
+                        deletes: figure(6)?,
+                        max_seq: r.try_get(7)?,
+                        max_commit_ts: r.try_get(9)?,
+                    },
+                    planned_at: r.try_get(10)?,
+                    committed_at: r.try_get(8)?,
+                });
+            }
+            Ok(batches)
         })
     }
 

@@ -221,36 +221,44 @@ impl Manifest for SqliteStore {
         )
     }
 
-    fn last_batch(&self, table: &str) -> Result<Option<CommittedBatch>> {
+    fn recent_batches(&self, table: &str, limit: usize) -> Result<Vec<CommittedBatch>> {
         self.with(
             |c| {
-                c.query_row(
-                    "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at, batch_id FROM batches
-                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed' ORDER BY batch_no DESC LIMIT 1",
-                    params![self.pipeline, table],
-                    |r| {
-                        let committed_at: String = r.get(7)?;
-                        Ok(CommittedBatch {
-                            number: r.get(0)?,
-                            id: r.get(8)?,
-                            objects: parse_objects(&r.get::<_, String>(1)?)?.len(),
-                            stats: BatchStats {
-                                rows: r.get::<_, i64>(2)? as u64,
-                                inserts: r.get::<_, i64>(3)? as u64,
-                                updates: r.get::<_, i64>(4)? as u64,
-                                deletes: r.get::<_, i64>(5)? as u64,
-                                max_seq: r.get(6)?,
-                                max_commit_ts: None,
-                            },
-                            committed_at: DateTime::parse_from_rfc3339(&committed_at)
-                                .map(|t| t.with_timezone(&Utc))
-                                .unwrap_or_default(),
-                        })
-                    },
-                )
-                .optional()
+                c.prepare_cached(
+                    "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at,
+                       batch_id, max_commit_ts, planned_at FROM batches
+                     WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'
+                     ORDER BY batch_no DESC LIMIT ?3",
+                )?
+                .query_map(params![self.pipeline, table, limit as i64], |r| {
+                    let time = |i| -> rusqlite::Result<DateTime<Utc>> {
+                        Ok(r.get::<_, Option<String>>(i)?
+                            .as_deref()
+                            .and_then(parse_stamp)
+                            .unwrap_or_default())
+                    };
+                    Ok(CommittedBatch {
+                        number: r.get(0)?,
+                        id: r.get(8)?,
+                        objects: parse_objects(&r.get::<_, String>(1)?)?.len(),
+                        stats: BatchStats {
+                            rows: r.get::<_, i64>(2)? as u64,
+                            inserts: r.get::<_, i64>(3)? as u64,
+                            updates: r.get::<_, i64>(4)? as u64,
+                            deletes: r.get::<_, i64>(5)? as u64,
+                            max_seq: r.get(6)?,
+                            max_commit_ts: r
+                                .get::<_, Option<String>>(9)?
+                                .as_deref()
+                                .and_then(parse_stamp),
+                        },
+                        planned_at: time(10)?,
+                        committed_at: time(7)?,
+                    })
+                })?
+                .collect()
             },
-            "reading the last batch",
+            "reading the recent batches",
         )
     }
 
