@@ -679,12 +679,7 @@ async fn changes_across_the_transaction_id_wrap_are_all_captured() {
         xid > 4_294_967_295 - 600,
         "this test must cross the wrap: restart the peer (scripts/peers.sh pgwrap start); xid is {xid}"
     );
-    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
-        .await;
-    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g")
-        .await;
-    write_configs(&ws, &db, "", &[("t", "\"id\"")]);
-    ws.capture_once(&[]);
+    captured_t(&ws, &db, 100).await;
     for i in 0..700 {
         db.exec(&format!(
             "UPDATE t SET v = v + 1 WHERE id = {}",
@@ -716,12 +711,7 @@ async fn changes_across_the_transaction_id_wrap_are_all_captured() {
 async fn a_source_that_went_backwards_is_refused() {
     let ws = Workspace::new();
     let Some(db) = Db::new(&ws).await else { return };
-    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
-        .await;
-    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g")
-        .await;
-    write_configs(&ws, &db, "", &[("t", "\"id\"")]);
-    ws.capture_once(&[]);
+    captured_t(&ws, &db, 10).await;
     db.exec("UPDATE t SET v = 1").await;
     ws.capture_once(&[]);
     // The last confirmed change, as a server restored from an older backup sees it: ahead.
@@ -744,6 +734,19 @@ async fn a_source_that_went_backwards_is_refused() {
         "nothing written"
     );
     db.drop().await;
+}
+
+/// Table `t (id, v)` with `rows` rows, the configs over it, and a first
+/// capture.
+async fn captured_t(ws: &Workspace, db: &Db, rows: u32) {
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO t SELECT g, 0 FROM generate_series(1, {rows}) g"
+    ))
+    .await;
+    write_configs(ws, db, "", &[("t", "\"id\"")]);
+    ws.capture_once(&[]);
 }
 
 /// The files below `dir`.
@@ -867,12 +870,7 @@ async fn a_column_added_with_a_default_has_its_value_in_unchanged_rows() {
     let Some(db) = Db::new(&ws).await else {
         return;
     };
-    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, v int)")
-        .await;
-    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g")
-        .await;
-    write_configs(&ws, &db, "", &[("t", "\"id\"")]);
-    ws.capture_once(&[]);
+    captured_t(&ws, &db, 100).await;
     let before = db.exec("UPDATE t SET v = 1 WHERE id <= 10").await;
     db.exec("ALTER TABLE t ADD COLUMN tier varchar(10) NOT NULL DEFAULT 'it''s std'")
         .await;
@@ -998,5 +996,82 @@ async fn pgbench_through_kills_and_a_server_restart_loses_and_doubles_nothing() 
             "outage of every connection"
         }
     );
+    db.drop().await;
+}
+
+/// `serve --captures`: /metrics and the UI give the capture's checkpoint
+/// time (as its checkpoint file says) and how far its slot is behind the
+/// server (between what PostgreSQL says just before and just after the
+/// scrape); writes the capture has not read yet raise it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_the_captures_checkpoint_and_slot_lag() {
+    let Some(python) = peer("CDCFLOW_TEST_PYTHON") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    captured_t(&ws, &db, 10).await;
+    ws.pipelines_folder();
+    std::fs::create_dir_all(ws.path("captures")).unwrap();
+    std::fs::copy(ws.path("capture.toml"), ws.path("captures/test.toml")).unwrap();
+    let served =
+        crate::serve::Served::start_with(&ws, "pipelines", &["--captures", "captures"], &[]);
+    let slot_lag = || async {
+        let row = db
+            .admin
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) as f64
+    };
+    let scrape = || async {
+        let before = slot_lag().await;
+        let (_, text) = served.get("/metrics").await;
+        let after = slot_lag().await;
+        (before, crate::serve::parse(&python, &text), after)
+    };
+    let at = |m: &std::collections::BTreeMap<String, f64>, name: &str| {
+        crate::serve::sample(m, &format!("{name}{{capture=\"test\"}}"))
+    };
+
+    let (before, m, after) = scrape().await;
+    assert_eq!(at(&m, "cdcflow_capture_up"), 1.0);
+    assert_eq!(at(&m, "cdcflow_capture_full_load_done"), 1.0);
+    let checkpoint: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ws.path("objects/_cdcflow/capture-test.json")).unwrap(),
+    )
+    .unwrap();
+    let written =
+        chrono::DateTime::parse_from_rfc3339(checkpoint["updated_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        at(&m, "cdcflow_capture_checkpoint_timestamp_seconds"),
+        written.timestamp_micros() as f64 / 1e6
+    );
+    let behind = at(&m, "cdcflow_capture_behind_bytes");
+    assert!(
+        (before..=after).contains(&behind),
+        "{before} <= {behind} <= {after}"
+    );
+
+    db.exec("INSERT INTO t SELECT g, 1 FROM generate_series(11, 2000) g")
+        .await;
+    let (before, m, after) = scrape().await;
+    let grown = at(&m, "cdcflow_capture_behind_bytes");
+    assert!(grown > behind, "{grown} > {behind}");
+    assert!(
+        (before..=after).contains(&grown),
+        "{before} <= {grown} <= {after}"
+    );
+
+    let (_, page) = served.get("/").await;
+    assert!(
+        page.contains("Captures") && page.contains("behind by"),
+        "{page}"
+    );
+    drop(served);
     db.drop().await;
 }

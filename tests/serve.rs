@@ -11,18 +11,23 @@ use cdcflow::decode::Op;
 use crate::support::{Workspace, output, peer, staged_objects};
 
 /// A `cdcflow serve` process and its address.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    base: String,
+    pub(crate) base: String,
 }
 
 impl Served {
-    fn start(ws: &Workspace, pipelines: &str) -> Served {
+    pub(crate) fn start(ws: &Workspace, pipelines: &str) -> Served {
         Served::start_with(ws, pipelines, &[], &[])
     }
 
     /// [`Served::start`] with more arguments and environment.
-    fn start_with(ws: &Workspace, pipelines: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
+    pub(crate) fn start_with(
+        ws: &Workspace,
+        pipelines: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
         let mut all = vec!["serve", "--pipelines", pipelines, "--listen", "127.0.0.1:0"];
         all.extend_from_slice(args);
         let mut child = ws
@@ -42,7 +47,7 @@ impl Served {
         Served { child, base }
     }
 
-    async fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
         let response = reqwest::get(format!("{}{path}", self.base)).await.unwrap();
         (response.status().as_u16(), response.text().await.unwrap())
     }
@@ -57,7 +62,7 @@ impl Drop for Served {
 
 /// Samples of an OpenMetrics text, parsed by prometheus-client (Python):
 /// `name{label="value",…}` (labels sorted) → value.
-fn parse(python: &str, text: &str) -> BTreeMap<String, f64> {
+pub(crate) fn parse(python: &str, text: &str) -> BTreeMap<String, f64> {
     const SCRIPT: &str = r#"
 import sys, json
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -100,7 +105,7 @@ fn key(name: &str, table: &str, extra: &[(&str, &str)]) -> String {
     format!("{name}{{{}}}", labels.join(","))
 }
 
-fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+pub(crate) fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
     *samples
         .get(key)
         .unwrap_or_else(|| panic!("no sample {key} among {:#?}", samples.keys()))

@@ -378,33 +378,65 @@ impl Capture {
         })
     }
 
+    /// The capture's name.
+    pub fn name(&self) -> &str {
+        &self.file.name
+    }
+
+    /// Where the capture stands: its checkpoint, and how far it is behind
+    /// the server (connects to the database).
+    pub async fn report(&self) -> Result<CaptureReport> {
+        let sink = self.sink().await?;
+        let lag = self.source(&sink, false).await?.lag(&sink).await?;
+        let cp = &sink.checkpoint;
+        Ok(CaptureReport {
+            lag,
+            full_load_done: cp.full_load.is_some(),
+            position: cp.position.clone(),
+            checkpoint_at: cp.updated_at,
+            tables: cp
+                .tables
+                .iter()
+                .map(|(table, t)| (table.clone(), t.version, t.last_object.clone()))
+                .collect(),
+        })
+    }
+
     /// `status`: the checkpoint and how far capture is behind the server.
     pub async fn status(&self) -> Result<String> {
-        let sink = self.sink().await?;
-        let behind = self.source(&sink, false).await?.lag(&sink).await?;
-        let cp = &sink.checkpoint;
-        let mut out = format!("capture {}: {behind}\n", self.file.name);
+        let r = self.report().await?;
+        let mut out = format!("capture {}: {}\n", self.file.name, r.lag.text);
         out.push_str(&format!(
             "full load: {}\nlast checkpoint: {} at {}\n",
-            if cp.full_load.is_some() {
-                "done"
-            } else {
-                "not done"
-            },
-            cp.position.as_deref().unwrap_or("none"),
-            cp.updated_at
+            if r.full_load_done { "done" } else { "not done" },
+            r.position.as_deref().unwrap_or("none"),
+            r.checkpoint_at
                 .map(|t| t.to_rfc3339())
                 .unwrap_or_else(|| "never".into())
         ));
-        for (table, t) in &cp.tables {
+        for (table, version, last_object) in &r.tables {
             out.push_str(&format!(
-                "  {table}: schema v{}, last object {}\n",
-                t.version,
-                t.last_object.as_deref().unwrap_or("-")
+                "  {table}: schema v{version}, last object {}\n",
+                last_object.as_deref().unwrap_or("-")
             ));
         }
         Ok(out)
     }
+}
+
+/// Where a capture stands ([`Capture::report`]).
+#[derive(Debug, Clone)]
+pub struct CaptureReport {
+    /// How far behind the server.
+    pub lag: source::Lag,
+    /// Whether the full load is done.
+    pub full_load_done: bool,
+    /// The confirmed position, as the source writes it.
+    pub position: Option<String>,
+    /// When the checkpoint was last written.
+    pub checkpoint_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Per table: its schema version and last object written.
+    pub tables: Vec<(String, u32, Option<String>)>,
 }
 
 #[cfg(test)]

@@ -94,8 +94,19 @@ pub trait ChangeSource: Send {
     /// Everything up to `position` is in durable objects (step 4).
     async fn confirm(&mut self, sink: &mut Sink, position: &str) -> Result<()>;
 
-    /// How far the checkpoint is behind the server, for `status`.
-    async fn lag(&mut self, sink: &Sink) -> Result<String>;
+    /// How far the checkpoint is behind the server (`status`, `/metrics`).
+    async fn lag(&mut self, sink: &Sink) -> Result<Lag>;
+}
+
+/// How far a capture's checkpoint is behind its server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lag {
+    /// Bytes of WAL or binlog the server wrote past the checkpoint, where
+    /// the server can tell (a slot that exists; a binlog position in the
+    /// server's current file).
+    pub bytes: Option<u64>,
+    /// What an operator reads.
+    pub text: String,
 }
 
 /// Runs capture over `source`: the full load when `mode` asks for it and the

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::capture::Capture;
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
 use crate::pipeline::{RunReport, Runner};
@@ -115,6 +116,10 @@ enum Command {
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
+        /// Folder of capture files (`*.toml`) whose checkpoint and lag behind the database to show
+        /// (the UI's overview, `cdcflow_capture_*` metrics); each scrape connects to the database.
+        #[arg(long, value_name = "DIR")]
+        captures: Option<PathBuf>,
         /// The environment variable holding the operator token. With it, the UI can skip or retry a
         /// quarantined object and start a run, for a browser logged in at /login (or a request with
         /// `Authorization: Bearer <token>`); without it, everything is read-only.
@@ -389,7 +394,9 @@ async fn execute(command: Command) -> Result<ExitCode> {
             let loaded = config::load_folder(&pipelines)?;
             let shutdown = on_signals();
             let server = match listen {
-                Some(listen) => Some(listening(loaded.clone(), listen, token_env).await?),
+                Some(listen) => {
+                    Some(listening(loaded.clone(), Vec::new(), listen, token_env).await?)
+                }
                 None => None,
             };
             eprintln!(
@@ -411,9 +418,18 @@ async fn execute(command: Command) -> Result<ExitCode> {
         Command::Serve {
             pipelines,
             listen,
+            captures,
             token_env,
         } => {
-            let server = listening(config::load_folder(&pipelines)?, listen, token_env).await?;
+            let captures = match captures {
+                Some(dir) => config::toml_files(&dir, "the captures folder")?
+                    .iter()
+                    .map(|p| Capture::load(p))
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
+            let loaded = config::load_folder(&pipelines)?;
+            let server = listening(loaded, captures, listen, token_env).await?;
             server.run(on_signals()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -582,7 +598,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
             once,
             status,
         } => {
-            let capture = crate::capture::Capture::load(&config)?;
+            let capture = Capture::load(&config)?;
             if status {
                 print!("{}", capture.status().await?);
             } else {
@@ -615,6 +631,7 @@ async fn execute(command: Command) -> Result<ExitCode> {
 /// token in variable `token_env`) and says where.
 async fn listening(
     pipelines: Vec<Pipeline>,
+    captures: Vec<Capture>,
     listen: SocketAddr,
     token_env: Option<String>,
 ) -> Result<Server> {
@@ -630,7 +647,7 @@ async fn listening(
             }
         },
     };
-    let server = Server::bind(pipelines, listen, token).await?;
+    let server = Server::bind(pipelines, captures, listen, token).await?;
     eprintln!(
         "listening on http://{}: the web UI at /, /metrics, /healthz, /readyz",
         server.addr()?

@@ -509,14 +509,22 @@ pub fn load(path: &Path) -> Result<Pipeline> {
 
 /// Reads every pipeline file (`*.toml`) of a folder, in name order.
 pub fn load_folder(dir: &Path) -> Result<Vec<Pipeline>> {
+    toml_files(dir, "the pipelines folder")?
+        .iter()
+        .map(|p| load(p))
+        .collect()
+}
+
+/// The `*.toml` files of folder `dir` (`what`, for errors), in name order.
+pub fn toml_files(dir: &Path, what: &str) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::io("cannot read the pipelines folder", dir.display(), e))?;
+        .map_err(|e| Error::io(format!("cannot read {what}"), dir.display(), e))?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
-    paths.iter().map(|p| load(p)).collect()
+    Ok(paths)
 }
 
 /// Resolves a possibly relative local path against the working directory.

@@ -5,7 +5,9 @@
 //! between processes, survive restarts and never count a batch twice;
 //! gauges come from a listing of each table's source prefix, as in
 //! `cdcflow status`. A pipeline whose state or source does not answer has
-//! `cdcflow_up 0` and no other sample; the others are unaffected.
+//! `cdcflow_up 0` and no other sample; the others are unaffected. Captures
+//! (`serve --captures`) are read the same way: their checkpoint, and how
+//! far it is behind the server, asked at each scrape.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,6 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use crate::capture::Capture;
 use crate::error::Result;
 use crate::pipeline::Runner;
 
@@ -42,8 +45,17 @@ struct Families {
     attempts: Family<Labels, Counter>,
 }
 
-/// The text of one scrape of `runners`.
-pub(super) async fn render(runners: &[Runner]) -> String {
+/// The capture families of one scrape.
+#[derive(Default)]
+struct CaptureFamilies {
+    up: Family<Labels, Gauge>,
+    behind: Family<Labels, Gauge>,
+    checkpoint: Family<Labels, Seconds>,
+    full_load: Family<Labels, Gauge>,
+}
+
+/// The text of one scrape of `runners` and `captures`.
+pub(super) async fn render(runners: &[Runner], captures: &[Capture]) -> String {
     let families = Families::default();
     let batch_seconds = Durations::new_with_constructor(durations);
     let run_seconds = Durations::new_with_constructor(durations);
@@ -61,7 +73,50 @@ pub(super) async fn render(runners: &[Runner]) -> String {
             .get_or_create(&vec![("pipeline", pipeline)])
             .set(up);
     }
+    let capture = CaptureFamilies::default();
+    for c in captures {
+        let labels = vec![("capture", c.name().to_string())];
+        let up = match c.report().await {
+            Ok(r) => {
+                if let Some(bytes) = r.lag.bytes {
+                    capture.behind.get_or_create(&labels).set(bytes as i64);
+                }
+                if let Some(at) = r.checkpoint_at {
+                    capture
+                        .checkpoint
+                        .get_or_create(&labels)
+                        .set(at.timestamp_micros() as f64 / 1e6);
+                }
+                capture
+                    .full_load
+                    .get_or_create(&labels)
+                    .set(i64::from(r.full_load_done));
+                1
+            }
+            Err(err) => {
+                tracing::warn!(capture = %c.name(), error = %err, "metrics: the capture's database or target does not answer");
+                0
+            }
+        };
+        capture.up.get_or_create(&labels).set(up);
+    }
     let mut registry = Registry::with_prefix("cdcflow");
+    registry.register(
+        "capture_up",
+        "1 when the capture's database and target answered this scrape",
+        capture.up,
+    );
+    registry.register("capture_behind_bytes", "Bytes of WAL (PostgreSQL slot) or binlog (same file) the server wrote past the capture's checkpoint", capture.behind);
+    registry.register(
+        "capture_checkpoint_timestamp_seconds",
+        "When the capture last wrote its checkpoint, in Unix seconds",
+        capture.checkpoint,
+    );
+    registry.register(
+        "capture_full_load_done",
+        "1 once the capture's full load is done",
+        capture.full_load,
+    );
     let f = families;
     registry.register(
         "up",

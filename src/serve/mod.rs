@@ -25,6 +25,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::capture::Capture;
 use crate::config::Pipeline;
 use crate::error::{Error, Result};
 use crate::pipeline::Runner;
@@ -33,6 +34,8 @@ use crate::shutdown::Shutdown;
 /// What every request handler shares.
 pub(super) struct App {
     runners: Vec<Runner>,
+    /// Captures whose checkpoint and lag are shown.
+    captures: Vec<Capture>,
     /// The operator token; `None`: read-only.
     token: Option<String>,
 }
@@ -58,6 +61,7 @@ impl Server {
     /// that carry it may act (skip, retry, run); without, all is read-only.
     pub async fn bind(
         pipelines: Vec<Pipeline>,
+        captures: Vec<Capture>,
         listen: SocketAddr,
         token: Option<String>,
     ) -> Result<Server> {
@@ -70,7 +74,11 @@ impl Server {
             .map_err(|e| Error::io("cannot listen", listen, e))?;
         Ok(Server {
             listener,
-            app: Arc::new(App { runners, token }),
+            app: Arc::new(App {
+                runners,
+                captures,
+                token,
+            }),
         })
     }
 
@@ -115,7 +123,7 @@ async fn metrics(State(app): AppState) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics::render(&app.runners).await,
+        metrics::render(&app.runners, &app.captures).await,
     )
         .into_response()
 }

@@ -3,6 +3,7 @@
 //!
 //! - `/`: per pipeline, each table's state (ok, behind, waiting for an
 //!   operator, failing), lag, waiting and quarantined objects, last batch;
+//!   each capture's lag behind its server and last checkpoint;
 //! - `/pipelines/{p}/runs`: tables × recent runs, each try's error;
 //! - `/pipelines/{p}/tables/{t}`: the table's objects, figures and a key
 //!   lookup;
@@ -130,6 +131,33 @@ pub(super) async fn overview(State(app): AppState, headers: HeaderMap) -> Html<S
             Ok(rows) => body.push_str(&rows),
             Err(err) => body.push_str(&failed(&err)),
         }
+    }
+    if !app.captures.is_empty() {
+        body.push_str(
+            "<h2>Captures</h2><table><tr><th>capture</th><th>behind the server</th>\
+             <th>full load</th><th>last checkpoint</th></tr>",
+        );
+        for c in &app.captures {
+            let _ = match c.report().await {
+                Ok(r) => write!(
+                    body,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(c.name()),
+                    esc(&r.lag.text),
+                    if r.full_load_done { "done" } else { "not done" },
+                    r.checkpoint_at.map_or("never".into(), |t| t
+                        .format("%Y-%m-%d %H:%M:%S")
+                        .to_string())
+                ),
+                Err(err) => write!(
+                    body,
+                    "<tr><td>{}</td><td class=\"failing\" colspan=\"3\">{}</td></tr>",
+                    esc(c.name()),
+                    esc(&err.to_string())
+                ),
+            };
+        }
+        body.push_str("</table>");
     }
     page("Pipelines", &body)
 }

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use mysql_async::{Conn, Opts};
 
 use super::sink::Sink;
-use super::source::{ChangeSource, Chunk, FullLoad};
+use super::source::{ChangeSource, Chunk, FullLoad, Lag};
 use crate::error::Result;
 use crate::shutdown::Shutdown;
 pub use stream::Position;
@@ -104,22 +104,30 @@ impl ChangeSource for MySource {
         Ok(())
     }
 
-    async fn lag(&mut self, sink: &Sink) -> Result<String> {
+    async fn lag(&mut self, sink: &Sink) -> Result<Lag> {
         let server = self.current_position().await?;
         Ok(match sink_position(sink) {
-            None => "no position yet (capture has not run)".to_string(),
-            Some(at) if at.file == server.file => format!(
-                "binlog {}:{}, server at {}:{}, behind by {} bytes",
-                at.file,
-                at.pos,
-                server.file,
-                server.pos,
-                server.pos.saturating_sub(at.pos)
-            ),
-            Some(at) => format!(
-                "binlog {}:{}, server at {}:{}: behind by at least one binlog file",
-                at.file, at.pos, server.file, server.pos
-            ),
+            None => Lag {
+                bytes: None,
+                text: "no position yet (capture has not run)".to_string(),
+            },
+            Some(at) if at.file == server.file => {
+                let bytes = server.pos.saturating_sub(at.pos);
+                Lag {
+                    bytes: Some(bytes),
+                    text: format!(
+                        "binlog {}:{}, server at {}:{}, behind by {bytes} bytes",
+                        at.file, at.pos, server.file, server.pos
+                    ),
+                }
+            }
+            Some(at) => Lag {
+                bytes: None,
+                text: format!(
+                    "binlog {}:{}, server at {}:{}: behind by at least one binlog file",
+                    at.file, at.pos, server.file, server.pos
+                ),
+            },
         })
     }
 }

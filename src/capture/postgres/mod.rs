@@ -33,7 +33,7 @@ mod types;
 use tokio_postgres::Client;
 
 use super::sink::Sink;
-use super::source::{ChangeSource, Chunk, FullLoad};
+use super::source::{ChangeSource, Chunk, FullLoad, Lag};
 use crate::error::{Error, Result};
 use crate::shutdown::Shutdown;
 pub use snapshot::Snapshot;
@@ -130,10 +130,11 @@ impl ChangeSource for PgSource {
         Ok(())
     }
 
-    async fn lag(&mut self, _sink: &Sink) -> Result<String> {
-        Ok(stream::describe_lag(
-            self.slot_lag().await?,
-            &self.settings.slot,
-        ))
+    async fn lag(&mut self, _sink: &Sink) -> Result<Lag> {
+        let lag = self.slot_lag().await?;
+        Ok(Lag {
+            bytes: lag.as_ref().map(|(_, _, bytes)| (*bytes).max(0) as u64),
+            text: stream::describe_lag(lag, &self.settings.slot),
+        })
     }
 }
