@@ -356,6 +356,7 @@ async fn a_crash_at_each_step_loses_and_doubles_nothing() {
         ws.capture_crashing_at(&failpoint);
         ws.capture_once(&[]);
     }
+    crate::support::assert_each_change_once(&ws.path("objects"), changes as usize);
     load_and_compare(&ws, &db, 100 + changes as i64).await;
     db.drop().await;
 }
@@ -1072,6 +1073,29 @@ async fn serve_reports_the_captures_checkpoint_and_slot_lag() {
         page.contains("Captures") && page.contains("behind by"),
         "{page}"
     );
+
+    // What the capture wrote: the full load is not counted, its CDC is.
+    let written = |m: &std::collections::BTreeMap<String, f64>, what: &str| {
+        crate::serve::sample(
+            m,
+            &format!("cdcflow_capture_{what}_written_total{{capture=\"test\",table=\"public.t\"}}"),
+        )
+    };
+    assert_eq!(written(&m, "changes"), 0.0);
+    ws.capture_once(&[]);
+    let (_, m, _) = scrape().await;
+    assert_eq!(written(&m, "changes"), 1990.0);
+    let objects = crate::support::walk(&ws.path("objects/public/t"))
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".parquet") && !name.starts_with("LOAD")
+        })
+        .count();
+    assert!(objects > 0);
+    assert_eq!(written(&m, "objects"), objects as f64);
+    let (_, page) = served.get("/captures/test").await;
+    assert!(page.contains("<td>1990</td>"), "{page}");
     drop(served);
     db.drop().await;
 }

@@ -394,11 +394,7 @@ impl Capture {
             full_load_done: cp.full_load.is_some(),
             position: cp.position.clone(),
             checkpoint_at: cp.updated_at,
-            tables: cp
-                .tables
-                .iter()
-                .map(|(table, t)| (table.clone(), t.version, t.last_object.clone()))
-                .collect(),
+            tables: cp.tables.clone(),
         })
     }
 
@@ -414,10 +410,13 @@ impl Capture {
                 .map(|t| t.to_rfc3339())
                 .unwrap_or_else(|| "never".into())
         ));
-        for (table, version, last_object) in &r.tables {
+        for (table, t) in &r.tables {
             out.push_str(&format!(
-                "  {table}: schema v{version}, last object {}\n",
-                last_object.as_deref().unwrap_or("-")
+                "  {table}: schema v{}, {} changes in {} objects, last object {}\n",
+                t.version,
+                t.changes,
+                t.objects,
+                t.last_object.as_deref().unwrap_or("-")
             ));
         }
         Ok(out)
@@ -435,8 +434,9 @@ pub struct CaptureReport {
     pub position: Option<String>,
     /// When the checkpoint was last written.
     pub checkpoint_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Per table: its schema version and last object written.
-    pub tables: Vec<(String, u32, Option<String>)>,
+    /// Per source table (`schema.table`): its schema version, changes and
+    /// objects written, last object.
+    pub tables: std::collections::BTreeMap<String, sink::TableCheckpoint>,
 }
 
 #[cfg(test)]

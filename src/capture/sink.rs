@@ -63,6 +63,12 @@ pub struct TableCheckpoint {
     /// after it (a source that went backwards is refused).
     #[serde(default)]
     pub confirmed_seq: Option<String>,
+    /// Changes written in confirmed CDC objects (full load rows not counted).
+    #[serde(default)]
+    pub changes: u64,
+    /// Confirmed CDC objects written.
+    #[serde(default)]
+    pub objects: u64,
 }
 
 /// An object a chunk writes.
@@ -74,6 +80,9 @@ pub struct PendingObject {
     pub key: String,
     /// Sequence of its last row.
     pub last_seq: String,
+    /// Its rows, counted into the table's `changes` when confirmed.
+    #[serde(default)]
+    pub rows: u64,
 }
 
 fn signature(table: &SourceTable) -> Vec<String> {
@@ -225,6 +234,8 @@ impl Sink {
                         columns,
                         last_object,
                         confirmed_seq: found.and_then(|t| t.confirmed_seq.clone()),
+                        changes: found.map_or(0, |t| t.changes),
+                        objects: found.map_or(0, |t| t.objects),
                     },
                 );
                 version
@@ -386,6 +397,7 @@ impl Sink {
                     table: id,
                     key,
                     last_seq: buffer.last_seq.clone(),
+                    rows: buffer.len() as u64,
                 },
                 buffer,
             ));
@@ -412,7 +424,14 @@ impl Sink {
     /// where the next run resumes.
     pub async fn confirm(&mut self, position: String) -> Result<()> {
         self.checkpoint.position = Some(position);
-        self.checkpoint.pending.clear();
+        // Each pending object is counted once: a replay after a crash keeps
+        // only the objects that exist, and writes the others' rows anew.
+        for p in std::mem::take(&mut self.checkpoint.pending) {
+            if let Some(t) = self.checkpoint.tables.get_mut(&p.table) {
+                t.changes += p.rows;
+                t.objects += 1;
+            }
+        }
         for (id, seq) in &self.last_seq {
             if let Some(t) = self.checkpoint.tables.get_mut(id) {
                 t.confirmed_seq = Some(seq.clone());

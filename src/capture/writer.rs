@@ -267,6 +267,11 @@ impl Buffer {
         self.bytes
     }
 
+    /// Rows buffered.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
     /// No rows buffered.
     pub fn is_empty(&self) -> bool {
         self.count == 0

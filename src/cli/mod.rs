@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::capture::Capture;
 use crate::config::{self, Pipeline};
@@ -94,9 +94,8 @@ enum Command {
         /// Also serve the web UI, /metrics, /healthz and /readyz here (as `cdcflow serve`), e.g. 127.0.0.1:9464.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
-        /// With --listen: the variable holding the operator token that allows actions (see `serve`).
-        #[arg(long, value_name = "VAR", requires = "listen")]
-        token_env: Option<String>,
+        #[command(flatten)]
+        served: ServeOptions,
     },
     /// Serve the web UI, /metrics (Prometheus), /healthz and /readyz for every pipeline of a folder.
     ///
@@ -116,15 +115,8 @@ enum Command {
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
-        /// Folder of capture files (`*.toml`) whose checkpoint and lag behind the database to show
-        /// (the UI's overview, `cdcflow_capture_*` metrics); each scrape connects to the database.
-        #[arg(long, value_name = "DIR")]
-        captures: Option<PathBuf>,
-        /// The environment variable holding the operator token. With it, the UI can skip or retry a
-        /// quarantined object and start a run, for a browser logged in at /login (or a request with
-        /// `Authorization: Bearer <token>`); without it, everything is read-only.
-        #[arg(long, value_name = "VAR")]
-        token_env: Option<String>,
+        #[command(flatten)]
+        served: ServeOptions,
     },
     /// Reprocess the objects of a date range: their history rows are replaced, never doubled,
     /// and current state is rebuilt from history.
@@ -294,6 +286,22 @@ enum Command {
     },
 }
 
+/// What `serve` and `schedule --listen` show besides the pipelines, and who may act.
+#[derive(Args)]
+struct ServeOptions {
+    /// Folder of capture files (`*.toml`) whose checkpoint, lag behind the database and changes
+    /// written to show (the UI's overview and /captures/NAME, `cdcflow_capture_*` metrics); each
+    /// scrape connects to the database. With `schedule`: needs --listen.
+    #[arg(long, value_name = "DIR")]
+    captures: Option<PathBuf>,
+    /// The environment variable holding the operator token. With it, the UI can skip or retry a
+    /// quarantined object and start a run, for a browser logged in at /login (or a request with
+    /// `Authorization: Bearer <token>`); without it, everything is read-only. With `schedule`:
+    /// needs --listen.
+    #[arg(long, value_name = "VAR")]
+    token_env: Option<String>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     /// Aligned text table.
@@ -389,13 +397,17 @@ async fn execute(command: Command) -> Result<ExitCode> {
         Command::Schedule {
             pipelines,
             listen,
-            token_env,
+            served,
         } => {
             let loaded = config::load_folder(&pipelines)?;
             let shutdown = on_signals();
             let server = match listen {
-                Some(listen) => {
-                    Some(listening(loaded.clone(), Vec::new(), listen, token_env).await?)
+                Some(listen) => Some(listening(loaded.clone(), served, listen).await?),
+                None if served.captures.is_some() || served.token_env.is_some() => {
+                    return Err(Error::Usage(
+                        "--captures and --token-env are for the web server: add --listen ADDR"
+                            .into(),
+                    ));
                 }
                 None => None,
             };
@@ -418,18 +430,10 @@ async fn execute(command: Command) -> Result<ExitCode> {
         Command::Serve {
             pipelines,
             listen,
-            captures,
-            token_env,
+            served,
         } => {
-            let captures = match captures {
-                Some(dir) => config::toml_files(&dir, "the captures folder")?
-                    .iter()
-                    .map(|p| Capture::load(p))
-                    .collect::<Result<Vec<_>>>()?,
-                None => Vec::new(),
-            };
             let loaded = config::load_folder(&pipelines)?;
-            let server = listening(loaded, captures, listen, token_env).await?;
+            let server = listening(loaded, served, listen).await?;
             server.run(on_signals()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -627,15 +631,21 @@ async fn execute(command: Command) -> Result<ExitCode> {
     }
 }
 
-/// Binds the HTTP endpoints for `pipelines` (actions allowed with the
-/// token in variable `token_env`) and says where.
+/// Binds the HTTP endpoints for `pipelines` and the options' captures
+/// (actions allowed with the token in the options' variable) and says where.
 async fn listening(
     pipelines: Vec<Pipeline>,
-    captures: Vec<Capture>,
+    options: ServeOptions,
     listen: SocketAddr,
-    token_env: Option<String>,
 ) -> Result<Server> {
-    let token = match token_env {
+    let captures = match options.captures {
+        Some(dir) => config::toml_files(&dir, "the captures folder")?
+            .iter()
+            .map(|p| Capture::load(p))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let token = match options.token_env {
         None => None,
         Some(var) => match std::env::var(&var) {
             Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),

@@ -52,6 +52,8 @@ struct CaptureFamilies {
     behind: Family<Labels, Gauge>,
     checkpoint: Family<Labels, Seconds>,
     full_load: Family<Labels, Gauge>,
+    changes: Family<Labels, Counter>,
+    objects: Family<Labels, Counter>,
 }
 
 /// The text of one scrape of `runners` and `captures`.
@@ -91,6 +93,12 @@ pub(super) async fn render(runners: &[Runner], captures: &[Capture]) -> String {
                     .full_load
                     .get_or_create(&labels)
                     .set(i64::from(r.full_load_done));
+                for (table, t) in &r.tables {
+                    let mut labels = labels.clone();
+                    labels.push(("table", table.clone()));
+                    capture.changes.get_or_create(&labels).inc_by(t.changes);
+                    capture.objects.get_or_create(&labels).inc_by(t.objects);
+                }
                 1
             }
             Err(err) => {
@@ -116,6 +124,16 @@ pub(super) async fn render(runners: &[Runner], captures: &[Capture]) -> String {
         "capture_full_load_done",
         "1 once the capture's full load is done",
         capture.full_load,
+    );
+    registry.register(
+        "capture_changes_written",
+        "Changes the capture wrote in CDC objects it confirmed, by source table (not the full load)",
+        capture.changes,
+    );
+    registry.register(
+        "capture_objects_written",
+        "CDC objects the capture wrote and confirmed, by source table",
+        capture.objects,
     );
     let f = families;
     registry.register(

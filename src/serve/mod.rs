@@ -105,6 +105,7 @@ impl Server {
                 post(ui::act),
             )
             .route("/pipelines/{pipeline}/run", post(ui::run_now))
+            .route("/captures/{capture}", get(ui::capture_page))
             .route("/login", get(auth::login_form).post(auth::login))
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))

@@ -8,6 +8,8 @@
 //! - `/pipelines/{p}/tables/{t}`: the table's objects, figures and a key
 //!   lookup;
 //! - `/pipelines/{p}/tables/{t}/history?key=…`: the life of one row;
+//! - `/captures/{c}`: a capture's lag, checkpoint, and the changes and
+//!   objects it wrote per source table;
 //! - for an operator ([`super::auth`]): POST `…/skip` and `…/retry` of a
 //!   quarantined object, POST `/pipelines/{p}/run` to start a run now.
 
@@ -141,13 +143,12 @@ pub(super) async fn overview(State(app): AppState, headers: HeaderMap) -> Html<S
             let _ = match c.report().await {
                 Ok(r) => write!(
                     body,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td><a href=\"/captures/{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    seg(c.name()),
                     esc(c.name()),
                     esc(&r.lag.text),
                     if r.full_load_done { "done" } else { "not done" },
-                    r.checkpoint_at.map_or("never".into(), |t| t
-                        .format("%Y-%m-%d %H:%M:%S")
-                        .to_string())
+                    when(r.checkpoint_at)
                 ),
                 Err(err) => write!(
                     body,
@@ -160,6 +161,52 @@ pub(super) async fn overview(State(app): AppState, headers: HeaderMap) -> Html<S
         body.push_str("</table>");
     }
     page("Pipelines", &body)
+}
+
+/// A time as the UI shows it, or "never".
+fn when(at: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    at.map_or("never".into(), |t| {
+        t.format("%Y-%m-%d %H:%M:%S").to_string()
+    })
+}
+
+/// A capture's page: where it stands, and what it wrote per source table.
+pub(super) async fn capture_page(State(app): AppState, Path(name): Path<String>) -> Response {
+    let Some(c) = app.captures.iter().find(|c| c.name() == name) else {
+        return not_found(&format!("no capture {name}"));
+    };
+    let r = match c.report().await {
+        Ok(r) => r,
+        Err(err) => return page(&name, &failed(&err)).into_response(),
+    };
+    let mut body = format!(
+        "<table><tr><th>behind the server</th><td>{}</td></tr>\
+         <tr><th>full load</th><td>{}</td></tr>\
+         <tr><th>confirmed position</th><td>{}</td></tr>\
+         <tr><th>last checkpoint</th><td>{}</td></tr></table>\
+         <h2>Source tables</h2><table><tr><th>table</th><th>schema version</th>\
+         <th>changes written</th><th>objects written</th><th>last object</th></tr>",
+        esc(&r.lag.text),
+        if r.full_load_done { "done" } else { "not done" },
+        esc(r.position.as_deref().unwrap_or("none")),
+        when(r.checkpoint_at),
+    );
+    for (table, t) in &r.tables {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>v{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(table),
+            t.version,
+            t.changes,
+            t.objects,
+            esc(t.last_object.as_deref().unwrap_or("-"))
+        );
+    }
+    body.push_str(
+        "</table><p class=\"muted\">Changes and objects count what confirmed checkpoints \
+         hold (CDC only; the full load is not counted).</p>",
+    );
+    page(&format!("capture {name}"), &body).into_response()
 }
 
 async fn overview_rows(runner: &Runner) -> Result<String> {

@@ -837,7 +837,7 @@ impl Workspace {
 }
 
 /// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
@@ -1110,10 +1110,49 @@ pub(crate) fn object_seq_counts(
 }
 
 /// The Parquet CDC objects under `dir` hold `changes` distinct changes
-/// (`cdc_seq`), none of them twice.
+/// (`cdc_seq`), none of them twice; and the capture's checkpoint (the one
+/// `_cdcflow/capture-*.json` under `dir`) counts exactly those changes and
+/// objects.
 pub(crate) fn assert_each_change_once(dir: &Path, changes: usize) {
     let counts = object_seq_counts(dir, "cdc_seq");
     let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "changes written twice: {doubled:?}");
     assert_eq!(counts.len(), changes, "every change written once");
+    let objects = walk(dir)
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".parquet") && !name.starts_with("LOAD")
+        })
+        .count();
+    let checkpoints: Vec<_> = walk(&dir.join("_cdcflow"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("capture-")
+        })
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    let checkpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&checkpoints[0]).unwrap()).unwrap();
+    let sum = |field: &str| -> u64 {
+        checkpoint["tables"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|t| t[field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        sum("changes"),
+        changes as u64,
+        "changes the checkpoint counts"
+    );
+    assert_eq!(
+        sum("objects"),
+        objects as u64,
+        "objects the checkpoint counts"
+    );
 }
