@@ -85,6 +85,17 @@ CREATE TABLE IF NOT EXISTS cdcflow.task_attempts (
     PRIMARY KEY (run_id, tbl, try_number)
 );
 
+-- What each try logged (INFO and above), for the web UI's runs grid; kept
+-- for the newest 500 runs of a pipeline. Added without a version change:
+-- older builds ignore the table.
+CREATE TABLE IF NOT EXISTS cdcflow.attempt_logs (
+    run_id       BIGINT  NOT NULL REFERENCES cdcflow.runs (run_id),
+    tbl          TEXT    NOT NULL,
+    try_number   INTEGER NOT NULL,
+    log          TEXT    NOT NULL,
+    PRIMARY KEY (run_id, tbl, try_number)
+);
+
 -- Where the schedule stands: the end of the last scheduled data interval.
 CREATE TABLE IF NOT EXISTS cdcflow.schedule (
     pipeline     TEXT PRIMARY KEY,

@@ -68,7 +68,7 @@ pub enum Error {
     },
 
     /// A CDC object could not be decoded. The table stops at this object.
-    #[error("{object}: {location}: {message}")]
+    #[error("{object}: {}{message}", located(location))]
     Decode {
         /// Object key (path under the source URL).
         object: String,
@@ -346,6 +346,12 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// `line 3, column "x": `, or nothing where the place is not known.
+fn located(location: &Location) -> String {
+    let at = location.to_string();
+    if at.is_empty() { at } else { format!("{at}: ") }
+}
+
 fn bullets(problems: &[String]) -> String {
     problems
         .iter()
@@ -527,6 +533,19 @@ pub fn postgres_message(e: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decode_error_names_the_place_only_where_known() {
+        let whole = Error::decode("a/b.parquet", Location::default(), "corrupt footer");
+        assert_eq!(whole.to_string(), "a/b.parquet: corrupt footer");
+        let at = Location {
+            line: Some(3),
+            column: Some("id".into()),
+            ..Location::default()
+        };
+        let cell = Error::decode("a/b.csv", at, "not an integer");
+        assert_eq!(cell.to_string(), "a/b.csv: line 3, column \"id\": not an integer");
+    }
 
     #[test]
     fn each_kind_has_its_retry_policy() {

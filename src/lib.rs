@@ -14,6 +14,7 @@ pub mod cron;
 pub mod decode;
 pub mod error;
 pub mod failpoint;
+pub mod logs;
 pub mod merge;
 pub mod model;
 pub mod pipeline;

@@ -454,9 +454,32 @@ async fn the_web_ui_shows_states_runs_and_a_deleted_rows_life() {
     assert!(dom.contains("#1 manual"), "{dom}");
     assert!(row_with(&dom, "public.orders").contains("success"), "{dom}");
 
+    // Each cell links to its tries, with what each logged: one "batch
+    // committed" line per batch of 3 objects; order_items' try (a success
+    // that stopped its table at a bad object) names the object it quarantined.
+    let tries = |table: &str| {
+        let row = row_with(&dom, table);
+        let href = row.split("href=\"").nth(1).unwrap().split('"').next().unwrap();
+        browse(&chromium, &format!("{}{href}", served.base), table)
+    };
+    let orders_try = tries("public.orders");
+    assert!(orders_try.contains("Try 1: success"), "{orders_try}");
+    assert_eq!(
+        orders_try.matches("INFO batch committed").count(),
+        data.tables[0].files.div_ceil(3),
+        "{orders_try}"
+    );
+    let items_try = tries("public.order_items");
+    let key = bad.to_string_lossy().replace('\\', "/");
+    assert!(
+        items_try.contains("Try 1: success")
+            && items_try.contains("ERROR object quarantined")
+            && items_try.contains(&key),
+        "{items_try}"
+    );
+
     let table = format!("{}/pipelines/test/tables/public.order_items", served.base);
     let dom = browse(&chromium, &table, "table");
-    let key = bad.to_string_lossy().replace('\\', "/");
     assert!(
         dom.contains(&key),
         "the quarantined object {key} in:\n{dom}"

@@ -103,6 +103,7 @@ in_both_stores!(
     of_two_planners_at_once_one_plans,
     totals_sum_what_was_committed_and_tried,
     incidents_open_and_resolve_per_pipeline,
+    attempt_logs_are_kept_per_try_for_the_newest_runs,
 );
 
 fn obj(key: &str) -> ObjectRef {
@@ -621,6 +622,68 @@ fn incidents_open_and_resolve_per_pipeline(stores: &Stores) {
         "resolved is gone"
     );
     assert_eq!(stores.open("q").open_incidents().unwrap().len(), 1);
+}
+
+/// What each try logged comes back with its attempt (a try without a log
+/// has none); another pipeline's run shows nothing; the logs of all but the
+/// newest `KEPT_LOGS` runs of a pipeline are forgotten, the attempts stay.
+fn attempt_logs_are_kept_per_try_for_the_newest_runs(stores: &Stores) {
+    let (p, q) = (stores.open("p"), stores.open("q"));
+    let tried = |run: i64, n: u32, state: TaskState| {
+        p.record_attempt(
+            run,
+            &TaskAttempt {
+                table: "s.t".into(),
+                try_number: n,
+                state,
+                rows: u64::from(n),
+                error: None,
+            },
+        )
+        .unwrap();
+    };
+    let first = p.begin_run(Trigger::Manual, None).unwrap();
+    tried(first, 1, TaskState::UpForRetry);
+    p.record_attempt_log(first, "s.t", 1, "try one\nsecond line")
+        .unwrap();
+    tried(first, 2, TaskState::Success);
+    let attempts = p.attempts(first, "s.t").unwrap();
+    let got: Vec<_> = attempts
+        .iter()
+        .map(|(a, log)| (a.try_number, a.state, a.rows, log.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, TaskState::UpForRetry, 1, Some("try one\nsecond line")),
+            (2, TaskState::Success, 2, None),
+        ]
+    );
+    assert!(p.attempts(first, "s.other").unwrap().is_empty());
+    assert!(
+        q.attempts(first, "s.t").unwrap().is_empty(),
+        "run {first} is p's"
+    );
+    let mut later = Vec::new();
+    for _ in 0..cdcflow::state::KEPT_LOGS {
+        let run = p.begin_run(Trigger::Manual, None).unwrap();
+        tried(run, 1, TaskState::Success);
+        p.record_attempt_log(run, "s.t", 1, "later").unwrap();
+        later.push(run);
+    }
+    assert_eq!(
+        p.attempts(first, "s.t").unwrap()[0].1,
+        None,
+        "the oldest run's log is forgotten"
+    );
+    assert_eq!(p.attempts(first, "s.t").unwrap().len(), 2);
+    assert_eq!(
+        p.attempts(later[0], "s.t").unwrap()[0]
+            .1
+            .as_deref(),
+        Some("later"),
+        "the newest runs keep theirs"
+    );
 }
 
 fn each_pipeline_has_its_own_id_and_state(stores: &Stores) {

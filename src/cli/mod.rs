@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::capture::Capture;
 use crate::config::{self, Pipeline};
 use crate::error::{Error, Result};
+use crate::logs;
 use crate::pipeline::{RunReport, Runner};
 use crate::schedule::{self, DueOutcome};
 use crate::serve::Server;
@@ -58,8 +59,8 @@ struct Cli {
     verbose: u8,
     /// Log lines as text, or as one JSON object per line for log collectors (each with the
     /// pipeline, run id, table and try of the work it is about).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "CDCFLOW_LOG_FORMAT", global = true)]
-    log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = logs::Format::Text, env = "CDCFLOW_LOG_FORMAT", global = true)]
+    log_format: logs::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -312,15 +313,6 @@ enum OutputFormat {
     Json,
 }
 
-/// How log lines are written (standard error).
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// For people.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Parses the command line, runs the command, prints errors, returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -329,20 +321,7 @@ pub fn main() -> ExitCode {
         1 => "cdcflow=info",
         _ => "cdcflow=debug",
     };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
-            .init(),
-    }
+    logs::init(cli.log_format, filter);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(execute(cli.command)) {
         Ok(code) => code,

@@ -15,6 +15,7 @@ use tracing::Instrument as _;
 
 use crate::error::{Error, Result, RetryPolicy};
 use crate::failpoint;
+use crate::logs;
 use crate::merge::Merger;
 use crate::shutdown::Shutdown;
 use crate::source::{ObjectName, ObjectOrder, SourceObject};
@@ -104,7 +105,8 @@ impl<'a> TableRun<'a> {
         }
     }
 
-    /// Runs the task with retries on transient errors.
+    /// Runs the task with retries on transient errors. Each try runs in a
+    /// [`logs::TASK_SPAN`] span; what it logged is kept in the run log.
     pub(super) async fn run(mut self) -> TableReport {
         let started = std::time::Instant::now();
         let policy = self.runner.pipeline.retry;
@@ -113,23 +115,33 @@ impl<'a> TableRun<'a> {
             self.report.tries = try_number;
             let rows_before = self.report.stats.rows;
             self.record(try_number, TaskState::Running, 0, None);
-            let span = tracing::info_span!("task", table = %self.key, try_number);
-            let outcome = self.run_batches().instrument(span).await;
+            let span = tracing::info_span!(logs::TASK_SPAN, table = %self.key, try_number);
+            let outcome = self.run_batches().instrument(span.clone()).await;
             let rows = self.report.stats.rows - rows_before;
-            match outcome {
-                Ok(()) => {
-                    self.record(try_number, TaskState::Success, rows, None);
-                    self.report.error = None;
-                    break;
-                }
+            let retry = match &outcome {
                 Err(err)
                     if err.retry_policy() == RetryPolicy::Retry
                         && try_number <= policy.count
                         && !self.ctx.shutdown.requested()
                         && self.ctx.lease.check().is_ok() =>
                 {
-                    let delay = retry_delay(&policy, try_number);
-                    tracing::warn!(table = %self.key, error = %err, try_number, ?delay, "transient failure; retrying");
+                    Some(retry_delay(&policy, try_number))
+                }
+                _ => None,
+            };
+            span.in_scope(|| match (&outcome, retry) {
+                (Err(err), Some(delay)) => tracing::warn!(table = %self.key, error = %err, try_number, ?delay, "transient failure; retrying"),
+                (Err(err), None) => tracing::error!(table = %self.key, error = %err, "table stopped"),
+                (Ok(()), _) => {}
+            });
+            self.keep_log(try_number, &span);
+            match (outcome, retry) {
+                (Ok(()), _) => {
+                    self.record(try_number, TaskState::Success, rows, None);
+                    self.report.error = None;
+                    break;
+                }
+                (Err(err), Some(delay)) => {
                     self.record(
                         try_number,
                         TaskState::UpForRetry,
@@ -139,8 +151,7 @@ impl<'a> TableRun<'a> {
                     self.ctx.shutdown.sleep(delay).await;
                     try_number += 1;
                 }
-                Err(err) => {
-                    tracing::error!(table = %self.key, error = %err, "table stopped");
+                (Err(err), None) => {
                     let message = crate::error::chain(&err);
                     self.record(try_number, TaskState::Failed, rows, Some(message.clone()));
                     self.report.error = Some(message);
@@ -150,6 +161,20 @@ impl<'a> TableRun<'a> {
         }
         self.report.seconds = started.elapsed().as_secs_f64();
         self.report
+    }
+
+    /// Keeps what try `try_number` logged in its `span`.
+    fn keep_log(&self, try_number: u32, span: &tracing::Span) {
+        let Some(log) = logs::take_attempt_log(span) else {
+            return;
+        };
+        if let Err(err) =
+            self.runner
+                .state
+                .record_attempt_log(self.ctx.run_id, &self.key, try_number, &log)
+        {
+            tracing::warn!(table = %self.key, error = %err, "could not keep the task attempt's log");
+        }
     }
 
     async fn run_batches(&mut self) -> Result<()> {

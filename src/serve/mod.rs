@@ -97,6 +97,10 @@ impl Server {
             .route("/pipelines/{pipeline}/runs", get(ui::runs))
             .route("/pipelines/{pipeline}/tables/{table}", get(ui::table_page))
             .route(
+                "/pipelines/{pipeline}/runs/{run}/tables/{table}",
+                get(ui::attempts_page),
+            )
+            .route(
                 "/pipelines/{pipeline}/tables/{table}/history",
                 get(ui::history),
             )

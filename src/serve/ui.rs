@@ -5,6 +5,8 @@
 //!   operator, failing), lag, waiting and quarantined objects, last batch;
 //!   each capture's lag behind its server and last checkpoint;
 //! - `/pipelines/{p}/runs`: tables × recent runs, each try's error;
+//! - `/pipelines/{p}/runs/{run}/tables/{t}`: one task's tries in a run,
+//!   each with its error and the lines it logged;
 //! - `/pipelines/{p}/tables/{t}`: the table's objects, figures and a key
 //!   lookup;
 //! - `/pipelines/{p}/tables/{t}/history?key=…`: the life of one row;
@@ -63,7 +65,8 @@ fn seg(text: &str) -> String {
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
 th{background:#f4f4f4}.ok{background:#d9f2d9}.behind{background:#fff3c4}\
-.operator{background:#ffd9b3}.failing{background:#f8c4c4}.muted{color:#888}a{color:#0645ad}";
+.operator{background:#ffd9b3}.failing{background:#f8c4c4}.muted{color:#888}a{color:#0645ad}\
+pre{white-space:pre-wrap;background:#f8f8f8;padding:8px}";
 
 pub(super) fn page(title: &str, body: &str) -> Html<String> {
     Html(format!(
@@ -294,8 +297,12 @@ pub(super) async fn runs(State(app): AppState, Path(pipeline): Path<String>) -> 
                     let rows: u64 = tries.iter().map(|a| a.rows).sum();
                     let _ = write!(
                         body,
-                        "<td class=\"{class}\" title=\"{}\">{} · {rows} rows · {} tr{}</td>",
+                        "<td class=\"{class}\" title=\"{}\"><a href=\"/pipelines/{}/runs/{}/tables/{}\">\
+                         {} · {rows} rows · {} tr{}</a></td>",
                         esc(last.error.as_deref().unwrap_or("")),
+                        seg(&pipeline),
+                        run.id,
+                        seg(&name),
                         last.state.as_str(),
                         tries.len(),
                         if tries.len() == 1 { "y" } else { "ies" }
@@ -320,6 +327,46 @@ pub(super) async fn runs(State(app): AppState, Path(pipeline): Path<String>) -> 
     }
     body.push_str("</ul>");
     page(&format!("{pipeline}: runs"), &body).into_response()
+}
+
+/// The tries of one table task in one run: state, rows, error, and what
+/// each logged.
+pub(super) async fn attempts_page(
+    State(app): AppState,
+    Path((pipeline, run, name)): Path<(String, i64, String)>,
+) -> Response {
+    let Some(runner) = app.runner(&pipeline) else {
+        return not_found(&format!("no pipeline {pipeline}"));
+    };
+    let attempts = match runner.state().attempts(run, &name) {
+        Ok(attempts) if attempts.is_empty() => {
+            return not_found(&format!("no try of {name} in run #{run} of {pipeline}"));
+        }
+        Ok(attempts) => attempts,
+        Err(err) => return page(&pipeline, &failed(&err)).into_response(),
+    };
+    let mut body = format!(
+        "<p><a href=\"/pipelines/{}/runs\">All runs</a></p>",
+        seg(&pipeline)
+    );
+    for (a, log) in &attempts {
+        let _ = write!(
+            body,
+            "<h2>Try {}: {}, {} rows</h2>",
+            a.try_number,
+            a.state.as_str(),
+            a.rows
+        );
+        if let Some(error) = &a.error {
+            let _ = write!(body, "<p class=\"failing\">{}</p>", esc(error));
+        }
+        let _ = write!(
+            body,
+            "<pre>{}</pre>",
+            esc(log.as_deref().unwrap_or("(no log kept)"))
+        );
+    }
+    page(&format!("{pipeline}: {name} in run #{run}"), &body).into_response()
 }
 
 pub(super) async fn table_page(

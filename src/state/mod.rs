@@ -436,6 +436,9 @@ pub trait Manifest: Send + Sync {
     fn set_last_full_listing(&self, table: &str, at: DateTime<Utc>) -> Result<()>;
 }
 
+/// Runs of a pipeline whose attempts' logs are kept.
+pub const KEPT_LOGS: i64 = 500;
+
 /// What ran: runs, their task attempts, and the schedule's last tick.
 pub trait RunLog: Send + Sync {
     /// Starts a run record; returns its id.
@@ -448,6 +451,18 @@ pub trait RunLog: Send + Sync {
     fn finish_run(&self, run_id: i64, success: bool, summary: &str) -> Result<()>;
     /// Records (or updates) a task attempt of a run.
     fn record_attempt(&self, run_id: i64, attempt: &TaskAttempt) -> Result<()>;
+    /// Keeps what try `try_number` of `table` logged in run `run_id`;
+    /// forgets the logs of all but the newest [`KEPT_LOGS`] runs.
+    fn record_attempt_log(
+        &self,
+        run_id: i64,
+        table: &str,
+        try_number: u32,
+        log: &str,
+    ) -> Result<()>;
+    /// The tries of `table` in run `run_id` of this pipeline, in order, each
+    /// with what it logged (if kept).
+    fn attempts(&self, run_id: i64, table: &str) -> Result<Vec<(TaskAttempt, Option<String>)>>;
     /// The latest `limit` runs, newest first, with their attempts.
     fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>>;
     /// Task attempts by table and state, and the seconds of finished runs.

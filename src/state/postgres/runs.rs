@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 
 use super::PostgresStore;
 use crate::error::Result;
-use crate::state::{RunLog, RunRecord, RunTotals, TaskAttempt, TaskState, Trigger, stamp};
+use crate::state::{
+    KEPT_LOGS, RunLog, RunRecord, RunTotals, TaskAttempt, TaskState, Trigger, stamp,
+};
 
 impl RunLog for PostgresStore {
     fn begin_run(
@@ -67,6 +69,57 @@ impl RunLog for PostgresStore {
                 ],
             )
             .map(drop)
+        })
+    }
+
+    fn record_attempt_log(
+        &self,
+        run_id: i64,
+        table: &str,
+        try_number: u32,
+        log: &str,
+    ) -> Result<()> {
+        self.with("keeping a task attempt's log", |c| {
+            c.execute(
+                "INSERT INTO cdcflow.attempt_logs (run_id, tbl, try_number, log)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (run_id, tbl, try_number) DO UPDATE SET log = excluded.log",
+                &[&run_id, &table, &(try_number as i32), &log],
+            )?;
+            c.execute(
+                "DELETE FROM cdcflow.attempt_logs WHERE run_id IN
+                   (SELECT run_id FROM cdcflow.runs WHERE pipeline = $1
+                    ORDER BY run_id DESC OFFSET $2)",
+                &[&self.pipeline, &KEPT_LOGS],
+            )
+            .map(drop)
+        })
+    }
+
+    fn attempts(&self, run_id: i64, table: &str) -> Result<Vec<(TaskAttempt, Option<String>)>> {
+        self.with("reading a task's attempts", |c| {
+            c.query(
+                "SELECT a.try_number, a.state, a.rows, a.error, l.log FROM cdcflow.task_attempts a
+                 JOIN cdcflow.runs r ON r.run_id = a.run_id AND r.pipeline = $1
+                 LEFT JOIN cdcflow.attempt_logs l
+                   ON l.run_id = a.run_id AND l.tbl = a.tbl AND l.try_number = a.try_number
+                 WHERE a.run_id = $2 AND a.tbl = $3 ORDER BY a.try_number",
+                &[&self.pipeline, &run_id, &table],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    TaskAttempt {
+                        table: table.to_string(),
+                        try_number: r.try_get::<_, i32>(0)?.max(0) as u32,
+                        state: TaskState::parse(r.try_get(1)?),
+                        rows: r.try_get::<_, Option<i64>>(2)?.unwrap_or(0).max(0) as u64,
+                        error: r.try_get(3)?,
+                    },
+                    r.try_get(4)?,
+                ))
+            })
+            .collect()
         })
     }
 

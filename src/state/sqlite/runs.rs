@@ -8,7 +8,7 @@ use rusqlite::{OptionalExtension, params};
 use super::{SqliteStore, now, parse_stamp, seconds_between};
 use crate::error::Result;
 use crate::state::stamp;
-use crate::state::{RunLog, RunRecord, RunTotals, TaskAttempt, TaskState, Trigger};
+use crate::state::{KEPT_LOGS, RunLog, RunRecord, RunTotals, TaskAttempt, TaskState, Trigger};
 
 impl RunLog for SqliteStore {
     fn begin_run(
@@ -70,6 +70,60 @@ impl RunLog for SqliteStore {
                 .map(|_| ())
             },
             "recording a task attempt",
+        )
+    }
+
+    fn record_attempt_log(
+        &self,
+        run_id: i64,
+        table: &str,
+        try_number: u32,
+        log: &str,
+    ) -> Result<()> {
+        self.with(
+            |c| {
+                c.execute(
+                    "INSERT INTO attempt_logs (run_id, tbl, try_number, log) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (run_id, tbl, try_number) DO UPDATE SET log = excluded.log",
+                    params![run_id, table, try_number, log],
+                )?;
+                c.execute(
+                    "DELETE FROM attempt_logs WHERE run_id IN
+                       (SELECT run_id FROM runs WHERE pipeline = ?1
+                        ORDER BY run_id DESC LIMIT -1 OFFSET ?2)",
+                    params![self.pipeline, KEPT_LOGS],
+                )
+                .map(drop)
+            },
+            "keeping a task attempt's log",
+        )
+    }
+
+    fn attempts(&self, run_id: i64, table: &str) -> Result<Vec<(TaskAttempt, Option<String>)>> {
+        self.with(
+            |c| {
+                c.prepare_cached(
+                    "SELECT a.try_number, a.state, a.rows, a.error, l.log FROM task_attempts a
+                     JOIN runs r ON r.run_id = a.run_id AND r.pipeline = ?1
+                     LEFT JOIN attempt_logs l
+                       ON l.run_id = a.run_id AND l.tbl = a.tbl AND l.try_number = a.try_number
+                     WHERE a.run_id = ?2 AND a.tbl = ?3 ORDER BY a.try_number",
+                )?
+                .query_map(params![self.pipeline, run_id, table], |r| {
+                    Ok((
+                        TaskAttempt {
+                            table: table.to_string(),
+                            try_number: r.get(0)?,
+                            state: TaskState::parse(&r.get::<_, String>(1)?),
+                            rows: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                            error: r.get(3)?,
+                        },
+                        r.get(4)?,
+                    ))
+                })?
+                .collect()
+            },
+            "reading a task's attempts",
         )
     }
 
