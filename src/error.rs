@@ -544,7 +544,10 @@ mod tests {
             ..Location::default()
         };
         let cell = Error::decode("a/b.csv", at, "not an integer");
-        assert_eq!(cell.to_string(), "a/b.csv: line 3, column \"id\": not an integer");
+        assert_eq!(
+            cell.to_string(),
+            "a/b.csv: line 3, column \"id\": not an integer"
+        );
     }
 
     #[test]

@@ -459,7 +459,13 @@ async fn the_web_ui_shows_states_runs_and_a_deleted_rows_life() {
     // that stopped its table at a bad object) names the object it quarantined.
     let tries = |table: &str| {
         let row = row_with(&dom, table);
-        let href = row.split("href=\"").nth(1).unwrap().split('"').next().unwrap();
+        let href = row
+            .split("href=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         browse(&chromium, &format!("{}{href}", served.base), table)
     };
     let orders_try = tries("public.orders");

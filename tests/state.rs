@@ -678,9 +678,7 @@ fn attempt_logs_are_kept_per_try_for_the_newest_runs(stores: &Stores) {
     );
     assert_eq!(p.attempts(first, "s.t").unwrap().len(), 2);
     assert_eq!(
-        p.attempts(later[0], "s.t").unwrap()[0]
-            .1
-            .as_deref(),
+        p.attempts(later[0], "s.t").unwrap()[0].1.as_deref(),
         Some("later"),
         "the newest runs keep theirs"
     );
