@@ -110,6 +110,15 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at   TEXT NOT NULL
 );
 
+-- The fencing token of each pipeline's lease: raised by every take-over.
+-- A store that took the lease writes batches only while its token is still
+-- the newest (ARCHITECTURE §3). Added without a version change: older
+-- builds ignore the table (and do not fence).
+CREATE TABLE IF NOT EXISTS lease_tokens (
+    pipeline     TEXT PRIMARY KEY,
+    token        INTEGER NOT NULL
+);
+
 -- Alert incidents open now: told to the webhook as firing, not yet as
 -- resolved (ARCHITECTURE §3). Added without a version change: older builds
 -- ignore the table.

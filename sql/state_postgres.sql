@@ -119,6 +119,15 @@ CREATE TABLE IF NOT EXISTS cdcflow.leases (
     expires_at   TIMESTAMPTZ NOT NULL
 );
 
+-- The fencing token of each pipeline's lease: raised by every take-over.
+-- A store that took the lease writes batches only while its token is still
+-- the newest (ARCHITECTURE §3). Added without a version change: older
+-- builds ignore the table (and do not fence).
+CREATE TABLE IF NOT EXISTS cdcflow.lease_tokens (
+    pipeline     TEXT PRIMARY KEY,
+    token        BIGINT NOT NULL
+);
+
 -- Alert incidents open now: told to the webhook as firing, not yet as
 -- resolved. Added without a version change: older builds ignore the table.
 CREATE TABLE IF NOT EXISTS cdcflow.incidents (

@@ -61,9 +61,10 @@ pub fn hit(name: &str) {
     }
 }
 
-/// Where a test can hold capture while it changes the source
-/// (`CDCFLOW_PAUSE=<name>:<file>`, see [`pause`]).
-pub const PAUSE_NAMES: &[&str] = &["capture.snapshot_started"];
+/// Where a test can hold capture while it changes the source, or a run
+/// between its listing and its plan (`CDCFLOW_PAUSE=<name>:<file>`, see
+/// [`pause`]).
+pub const PAUSE_NAMES: &[&str] = &["capture.snapshot_started", "plan.before_record"];
 
 /// If `CDCFLOW_PAUSE=<name>:<file>` names this point: creates `file` and
 /// waits (60 s at most) until the test deletes it, so that the test can act

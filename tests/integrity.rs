@@ -500,3 +500,58 @@ async fn two_objects_with_the_same_name_time_stop_their_table() {
     assert_ok(&run(&ws), "after the skip");
     assert_warehouse_matches(&ws, &data, false).await;
 }
+
+/// A worker paused past its lease (SIGSTOP between its listing and its
+/// plan, then SIGCONT after another worker took the lease over and loaded
+/// everything) is refused by its fencing token: it plans and loads nothing,
+/// fails as having lost its lease, and the tables hold every change once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_is_fenced_off() {
+    let ws = Workspace::new();
+    let data = ws.synth(1200, 71);
+    ws.write_pipeline_with(3, false, "lease_ttl = \"2s\"");
+    ws.publish_all();
+    let paused = ws.path("paused");
+    let mut stale = ws
+        .command(
+            &["run", "--now", "-p", "pipeline.toml"],
+            &[(
+                "CDCFLOW_PAUSE",
+                &format!("plan.before_record:{}", paused.display()),
+            )],
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !paused.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached its plan"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([sig, &stale.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_ok(&run(&ws), "the run that takes the lease over");
+    assert_warehouse_matches(&ws, &data, false).await;
+
+    std::fs::remove_file(&paused).unwrap();
+    signal("-CONT");
+    let out = stale.wait_with_output().unwrap();
+    let text = output(&out);
+    assert!(!out.status.success(), "the stale worker must fail: {text}");
+    assert!(text.contains("lease"), "{text}");
+    assert_warehouse_matches(&ws, &data, false).await;
+    let status = output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(!status.contains("pending"), "{status}");
+    assert_ok(&run(&ws), "a run after it");
+    assert_warehouse_matches(&ws, &data, false).await;
+}

@@ -97,6 +97,7 @@ in_both_stores!(
     restore_replaces_a_tables_batches_and_keeps_other_decisions,
     an_object_is_in_one_state_and_processed_is_final,
     one_lease_holder_at_a_time,
+    a_taken_over_lease_fences_the_old_holders_writes,
     of_many_takers_at_once_one_gets_the_lease,
     runs_attempts_ticks_and_listings_are_kept,
     each_pipeline_has_its_own_id_and_state,
@@ -334,18 +335,21 @@ fn an_object_is_in_one_state_and_processed_is_final(stores: &Stores) {
     );
 }
 
+/// The fencing token of an acquired lease; panics when it is held.
+fn token(outcome: LeaseOutcome) -> i64 {
+    match outcome {
+        LeaseOutcome::Acquired { token } => token,
+        held => panic!("expected the lease, got {held:?}"),
+    }
+}
+
+/// One holder at a time; each take gives a greater token.
 fn one_lease_holder_at_a_time(stores: &Stores) {
     let (a, b) = (stores.open("p"), stores.open("p"));
     let ttl = Duration::from_secs(60);
-    assert_eq!(
-        a.acquire_lease("a", ttl, None).unwrap(),
-        LeaseOutcome::Acquired
-    );
-    assert_eq!(
-        a.acquire_lease("a", ttl, None).unwrap(),
-        LeaseOutcome::Acquired,
-        "re-entrant"
-    );
+    let first = token(a.acquire_lease("a", ttl, None).unwrap());
+    let again = token(a.acquire_lease("a", ttl, None).unwrap());
+    assert!(again > first, "re-entrant, with a new token");
     assert!(
         matches!(b.acquire_lease("b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
     );
@@ -354,29 +358,72 @@ fn one_lease_holder_at_a_time(stores: &Stores) {
     b.release_lease("b").unwrap();
     assert!(a.renew_lease("a", ttl).unwrap(), "only the holder releases");
     a.release_lease("a").unwrap();
-    assert_eq!(
-        b.acquire_lease("b", ttl, None).unwrap(),
-        LeaseOutcome::Acquired
-    );
+    let released = token(b.acquire_lease("b", ttl, None).unwrap());
+    assert!(released > again, "a token is never given twice");
     // A holder known to be dead is taken over at once.
-    assert_eq!(
-        a.acquire_lease("a", ttl, Some("b")).unwrap(),
-        LeaseOutcome::Acquired
-    );
+    let dead = token(a.acquire_lease("a", ttl, Some("b")).unwrap());
+    assert!(dead > released);
     assert!(!b.renew_lease("b", ttl).unwrap(), "b lost its lease");
     // An expired lease is taken over.
     a.acquire_lease("a", Duration::ZERO, None).unwrap();
     std::thread::sleep(Duration::from_millis(5));
-    assert_eq!(
-        b.acquire_lease("b", ttl, None).unwrap(),
-        LeaseOutcome::Acquired
-    );
+    assert!(token(b.acquire_lease("b", ttl, None).unwrap()) > dead);
     // Another pipeline's lease is its own.
     let other = stores.open("q");
-    assert_eq!(
-        other.acquire_lease("a", ttl, None).unwrap(),
-        LeaseOutcome::Acquired
+    token(other.acquire_lease("a", ttl, None).unwrap());
+}
+
+/// A store whose lease was taken over (expired while its process was
+/// paused) can no longer plan, re-plan, commit or quarantine: each write
+/// fails as a lost lease and changes nothing; the new holder's go through.
+/// A store that never took the lease writes unfenced.
+fn a_taken_over_lease_fences_the_old_holders_writes(stores: &Stores) {
+    let (old, new) = (stores.open("p"), stores.open("p"));
+    token(old.acquire_lease("old", Duration::ZERO, None).unwrap());
+    let planned = old
+        .plan_batch("s.t", &[obj("a"), obj("b")], BatchMode::Append)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    token(
+        new.acquire_lease("new", Duration::from_secs(60), None)
+            .unwrap(),
     );
+    let lost = |what: &str, result: cdcflow::error::Result<()>| {
+        let err = result.expect_err(what);
+        assert!(
+            matches!(err, cdcflow::error::Error::LeaseLost { .. }),
+            "{what}: {err}"
+        );
+    };
+    lost(
+        "commit",
+        old.commit_batch("s.t", planned.number, &BatchStats::default()),
+    );
+    lost(
+        "re-plan",
+        old.replan_batch("s.t", planned.number, &[obj("a")])
+            .map(drop),
+    );
+    lost(
+        "plan",
+        old.plan_batch("s.u", &[obj("c")], BatchMode::Append)
+            .map(drop),
+    );
+    lost("quarantine", old.quarantine("s.t", &obj("b"), "bad"));
+    let pending = new.pending_batch("s.t").unwrap().unwrap();
+    assert_eq!(pending.objects.len(), 2, "the re-plan changed nothing");
+    assert!(new.pending_batch("s.u").unwrap().is_none());
+    assert_eq!(processed(&*new, "a"), None, "the commit changed nothing");
+    new.commit_batch("s.t", planned.number, &BatchStats::default())
+        .unwrap();
+    assert_eq!(processed(&*new, "a"), Some(1));
+    let unfenced = stores.open("p");
+    unfenced
+        .plan_batch("s.v", &[obj("d")], BatchMode::Append)
+        .unwrap();
+    // Released, the old store writes unfenced again (an operator's skip).
+    old.release_lease("old").unwrap();
+    old.skip("s.w", &obj("e"), "by hand").unwrap();
 }
 
 fn of_many_takers_at_once_one_gets_the_lease(stores: &Stores) {
@@ -395,7 +442,7 @@ fn of_many_takers_at_once_one_gets_the_lease(stores: &Stores) {
                         let outcome = store
                             .acquire_lease(&owner, Duration::from_secs(60), None)
                             .unwrap();
-                        (outcome == LeaseOutcome::Acquired).then_some(owner)
+                        matches!(outcome, LeaseOutcome::Acquired { .. }).then_some(owner)
                     })
                 })
                 .collect();

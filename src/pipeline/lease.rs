@@ -12,6 +12,8 @@ use crate::state::{LeaseOutcome, Leases};
 pub struct Lease {
     state: Arc<dyn Leases>,
     owner: String,
+    /// The fencing token the store gave this take.
+    token: i64,
     pipeline: String,
     lost: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
@@ -38,17 +40,19 @@ impl Lease {
             tracing::warn!(holder = %holder, "taking over the lease of a process of this host that no longer runs");
             outcome = state.acquire_lease(&owner, ttl, Some(holder))?;
         }
-        if let LeaseOutcome::Held {
-            owner: holder,
-            expires_at,
-        } = outcome
-        {
-            return Err(Error::LeaseHeld {
-                pipeline: pipeline.name.clone(),
+        let token = match outcome {
+            LeaseOutcome::Acquired { token } => token,
+            LeaseOutcome::Held {
                 owner: holder,
                 expires_at,
-            });
-        }
+            } => {
+                return Err(Error::LeaseHeld {
+                    pipeline: pipeline.name.clone(),
+                    owner: holder,
+                    expires_at,
+                });
+            }
+        };
         let lost = Arc::new(AtomicBool::new(false));
         let heartbeat = {
             let (state, owner, lost) = (state.clone(), owner.clone(), lost.clone());
@@ -69,6 +73,7 @@ impl Lease {
         Ok(Lease {
             state,
             owner,
+            token,
             pipeline: pipeline.name.clone(),
             lost,
             heartbeat,
@@ -83,6 +88,11 @@ impl Lease {
             });
         }
         Ok(())
+    }
+
+    /// The fencing token of this take (greater than every earlier take's).
+    pub fn token(&self) -> i64 {
+        self.token
     }
 
     /// Gives the lease up now.

@@ -217,6 +217,7 @@ impl<'a> TableRun<'a> {
                     let Some((objects, mode)) = next else {
                         return Ok(());
                     };
+                    failpoint::pause("plan.before_record").await;
                     let batch = state.plan_batch(&self.key, &objects, mode)?;
                     failpoint::hit("plan.after_record");
                     batch
@@ -441,6 +442,7 @@ impl<'a> TableRun<'a> {
                 rows: HistoryRows::new(rows),
                 loaded_max,
                 store: runner.state.store_id(),
+                lease_token: Some(self.ctx.lease.token()),
             })
             .await;
         let stats = match loaded {

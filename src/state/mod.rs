@@ -331,8 +331,11 @@ pub struct RunRecord {
 /// Answer to a lease request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseOutcome {
-    /// This owner holds the lease now.
-    Acquired,
+    /// This owner holds the lease now, under fencing token `token`.
+    Acquired {
+        /// Greater than every token given before for this pipeline.
+        token: i64,
+    },
     /// Another owner holds it.
     Held {
         /// The holder.
@@ -478,9 +481,19 @@ pub trait RunLog: Send + Sync {
 }
 
 /// Who runs: one lease per pipeline, so that one process runs it at a time.
+///
+/// Fencing: each take gives a token greater than every earlier one, and the
+/// store object that took it fences its batch writes with it
+/// ([`Manifest::plan_batch`], [`Manifest::replan_batch`],
+/// [`Manifest::commit_batch`], [`Manifest::quarantine`]): once another store
+/// took the lease (this one's expired while its process was paused or cut
+/// off), those writes fail with [`crate::error::Error::LeaseLost`] and change
+/// nothing, in the same transaction as the write. A store that never took
+/// the lease (or released it) writes unfenced.
 pub trait Leases: Send + Sync {
     /// Takes the pipeline's lease for `ttl` unless another owner holds an
     /// unexpired one; a holder equal to `dead_holder` is taken over at once.
+    /// Taken, this store's writes are fenced by the new token.
     fn acquire_lease(
         &self,
         owner: &str,
@@ -489,6 +502,6 @@ pub trait Leases: Send + Sync {
     ) -> Result<LeaseOutcome>;
     /// Extends the lease; false when `owner` no longer holds it.
     fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool>;
-    /// Gives the lease up.
+    /// Gives the lease up; this store's writes are no longer fenced.
     fn release_lease(&self, owner: &str) -> Result<()>;
 }

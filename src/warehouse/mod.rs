@@ -45,6 +45,10 @@ pub struct LoadRequest<'a> {
     pub loaded_max: Option<String>,
     /// The id of the state store that planned the batch.
     pub store: &'a str,
+    /// The fencing token of the pipeline lease the load runs under: a
+    /// warehouse that records it refuses a load under an older token than
+    /// one it holds (see `state::Leases`).
+    pub lease_token: Option<i64>,
 }
 
 /// The last batch a warehouse recorded for a table.

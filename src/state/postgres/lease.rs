@@ -2,6 +2,8 @@
 //! expired by the server's clock, so workers on machines whose clocks
 //! differ agree on who holds it.
 
+use std::sync::atomic::Ordering;
+
 use chrono::{DateTime, Utc};
 
 use super::PostgresStore;
@@ -23,8 +25,10 @@ impl Leases for PostgresStore {
         self.with("taking the lease", |c| {
             loop {
                 // One statement: of two processes taking it at once, one wins
-                // the row and the other sees it held.
-                let taken = c.query_opt(
+                // the row and the other sees it held. The token is raised in
+                // the same transaction.
+                let mut tx = c.transaction()?;
+                let taken = tx.query_opt(
                     "INSERT INTO cdcflow.leases (pipeline, owner, acquired_at, expires_at)
                      VALUES ($1, $2, now(), now() + $3::bigint * interval '1 microsecond')
                      ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner,
@@ -36,10 +40,21 @@ impl Leases for PostgresStore {
                     &[&self.pipeline, &owner, &micros(ttl), &dead_holder],
                 )?;
                 if taken.is_some() {
-                    return Ok(LeaseOutcome::Acquired);
+                    let token: i64 = tx
+                        .query_one(
+                            "INSERT INTO cdcflow.lease_tokens (pipeline, token) VALUES ($1, 1)
+                             ON CONFLICT (pipeline) DO UPDATE
+                               SET token = cdcflow.lease_tokens.token + 1
+                             RETURNING token",
+                            &[&self.pipeline],
+                        )?
+                        .get(0);
+                    tx.commit()?;
+                    self.fence.store(token, Ordering::SeqCst);
+                    return Ok(LeaseOutcome::Acquired { token });
                 }
                 // Released between the two statements: try again.
-                if let Some(held) = c.query_opt(
+                if let Some(held) = tx.query_opt(
                     "SELECT owner, expires_at FROM cdcflow.leases WHERE pipeline = $1",
                     &[&self.pipeline],
                 )? {
@@ -64,6 +79,7 @@ impl Leases for PostgresStore {
     }
 
     fn release_lease(&self, owner: &str) -> Result<()> {
+        self.fence.store(0, Ordering::SeqCst);
         self.with("releasing the lease", |c| {
             c.execute(
                 "DELETE FROM cdcflow.leases WHERE pipeline = $1 AND owner = $2",

@@ -162,7 +162,7 @@ impl Manifest for PostgresStore {
 
     fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
         let id = Batch::id_of(&self.pipeline, table, objects);
-        let number = self.with("planning a batch", |c| {
+        let number = self.write("planning a batch", |c| {
             Ok(c.query_one(
                 "INSERT INTO cdcflow.batches
                    (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
@@ -189,7 +189,7 @@ impl Manifest for PostgresStore {
     ) -> Result<Option<Batch>> {
         let p = &self.pipeline;
         if objects.is_empty() {
-            self.with("re-planning a batch", |c| {
+            self.write("re-planning a batch", |c| {
                 c.execute(
                     "DELETE FROM cdcflow.batches
                      WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'",
@@ -199,7 +199,7 @@ impl Manifest for PostgresStore {
             return Ok(None);
         }
         let id = Batch::id_of(p, table, objects);
-        let mode: String = self.with("re-planning a batch", |c| {
+        let mode: String = self.write("re-planning a batch", |c| {
             Ok(c.query_one(
                 "UPDATE cdcflow.batches SET batch_id = $4, objects = $5
                  WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'
@@ -218,8 +218,7 @@ impl Manifest for PostgresStore {
 
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
         let p = &self.pipeline;
-        self.with("committing a batch", |c| {
-            let mut tx = c.transaction()?;
+        self.write("committing a batch", |tx| {
             // Locks the planned row: a second committer waits, then finds it committed.
             let objects = tx
                 .query_one(
@@ -261,7 +260,7 @@ impl Manifest for PostgresStore {
                     &stats.max_commit_ts,
                 ],
             )?;
-            tx.commit()
+            Ok(())
         })
     }
 
@@ -404,7 +403,7 @@ impl PostgresStore {
         error: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.with("recording an object", |c| {
+        self.write("recording an object", |c| {
             c.execute(
                 "INSERT INTO cdcflow.objects
                    (pipeline, tbl, key, etag, size, status, error, reason, updated_at)

@@ -16,6 +16,7 @@
 //! again.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -47,6 +48,8 @@ pub struct PostgresStore {
     tls: MakeRustlsConnect,
     /// The session; `None` until the first call and after a lost connection.
     conn: Mutex<Option<Client>>,
+    /// The fencing token of the lease this store took; 0: unfenced.
+    fence: AtomicI64,
 }
 
 impl PostgresStore {
@@ -77,6 +80,7 @@ impl PostgresStore {
             config: config.into(),
             tls,
             conn: Mutex::new(None),
+            fence: AtomicI64::new(0),
         };
         let version = store.with("creating the schema", |c| {
             let mut tx = c.transaction()?;
@@ -115,6 +119,38 @@ impl PostgresStore {
         })?;
         tracing::info!(url = %store.url, pipeline, "opened the PostgreSQL state store");
         Ok(store)
+    }
+
+    /// Runs the write `f` in one transaction if this store's fencing token
+    /// is still the pipeline's newest (see [`crate::state::Leases`]);
+    /// refuses it with [`Error::LeaseLost`] otherwise. The token's row is
+    /// locked `FOR SHARE` until the commit: a take-over waits for the write.
+    fn write<T: Send>(
+        &self,
+        context: &str,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> std::result::Result<T, postgres::Error> + Send,
+    ) -> Result<T> {
+        let fence = self.fence.load(Ordering::SeqCst);
+        self.with(context, |c| {
+            let mut tx = c.transaction()?;
+            if fence != 0 {
+                let newest: Option<i64> = tx
+                    .query_opt(
+                        "SELECT token FROM cdcflow.lease_tokens WHERE pipeline = $1 FOR SHARE",
+                        &[&self.pipeline],
+                    )?
+                    .map(|r| r.get(0));
+                if newest != Some(fence) {
+                    return Ok(None);
+                }
+            }
+            let value = f(&mut tx)?;
+            tx.commit()?;
+            Ok(Some(value))
+        })?
+        .ok_or_else(|| Error::LeaseLost {
+            pipeline: self.pipeline.clone(),
+        })
     }
 
     /// Runs `f` on the session (connecting first when there is none) on a

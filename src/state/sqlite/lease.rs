@@ -1,6 +1,8 @@
 //! The pipeline's lease ([`Leases`]) in SQLite.
 
 use chrono::Utc;
+use std::sync::atomic::Ordering;
+
 use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, parse_stamp};
@@ -39,8 +41,16 @@ impl Leases for SqliteStore {
                        acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
                     params![self.pipeline, owner, stamp(now_t), stamp(now_t + ttl)],
                 )?;
+                let token: i64 = tx.query_row(
+                    "INSERT INTO lease_tokens (pipeline, token) VALUES (?1, 1)
+                     ON CONFLICT (pipeline) DO UPDATE SET token = lease_tokens.token + 1
+                     RETURNING token",
+                    params![self.pipeline],
+                    |r| r.get(0),
+                )?;
                 tx.commit()?;
-                Ok(LeaseOutcome::Acquired)
+                self.fence.store(token, Ordering::SeqCst);
+                Ok(LeaseOutcome::Acquired { token })
             },
             "taking the lease",
         )
@@ -60,6 +70,7 @@ impl Leases for SqliteStore {
     }
 
     fn release_lease(&self, owner: &str) -> Result<()> {
+        self.fence.store(0, Ordering::SeqCst);
         self.with(
             |c| {
                 c.execute(

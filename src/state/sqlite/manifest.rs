@@ -136,24 +136,19 @@ impl Manifest for SqliteStore {
     fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
         let id = Batch::id_of(&self.pipeline, table, objects);
         let json = serde_json::to_string(objects).expect("objects serialize");
-        self.with(
-            |c| {
-                let tx = c.transaction()?;
-                let number: i64 = tx.query_row(
-                    "SELECT COALESCE(MAX(batch_no), 0) + 1 FROM batches WHERE pipeline = ?1 AND tbl = ?2",
-                    params![self.pipeline, table],
-                    |r| r.get(0),
-                )?;
-                tx.execute(
-                    "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
-                    params![self.pipeline, table, number, id, json, mode.as_str(), now()],
-                )?;
-                tx.commit()?;
-                Ok(Batch { number, id: id.clone(), objects: objects.to_vec(), mode })
-            },
-            "planning a batch",
-        )
+        self.write("planning a batch", |tx| {
+            let number: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(batch_no), 0) + 1 FROM batches WHERE pipeline = ?1 AND tbl = ?2",
+                params![self.pipeline, table],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
+                params![self.pipeline, table, number, id, json, mode.as_str(), now()],
+            )?;
+            Ok(Batch { number, id: id.clone(), objects: objects.to_vec(), mode })
+        })
     }
 
     fn replan_batch(
@@ -162,63 +157,56 @@ impl Manifest for SqliteStore {
         number: i64,
         objects: &[ObjectRef],
     ) -> Result<Option<Batch>> {
-        self.with(
-            |c| {
-                if objects.is_empty() {
-                    c.execute(
-                        "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
-                        params![self.pipeline, table, number],
-                    )?;
-                    return Ok(None);
-                }
-                let id = Batch::id_of(&self.pipeline, table, objects);
-                let mode: String = c.query_row(
-                    "UPDATE batches SET batch_id = ?4, objects = ?5
-                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'
-                     RETURNING mode",
-                    params![self.pipeline, table, number, id, serde_json::to_string(objects).expect("objects serialize")],
-                    |r| r.get(0),
+        self.write("re-planning a batch", |tx| {
+            if objects.is_empty() {
+                tx.execute(
+                    "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                    params![self.pipeline, table, number],
                 )?;
-                Ok(Some(Batch { number, id, objects: objects.to_vec(), mode: BatchMode::parse(&mode) }))
-            },
-            "re-planning a batch",
-        )
+                return Ok(None);
+            }
+            let id = Batch::id_of(&self.pipeline, table, objects);
+            let mode: String = tx.query_row(
+                "UPDATE batches SET batch_id = ?4, objects = ?5
+                 WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'
+                 RETURNING mode",
+                params![self.pipeline, table, number, id, serde_json::to_string(objects).expect("objects serialize")],
+                |r| r.get(0),
+            )?;
+            Ok(Some(Batch { number, id, objects: objects.to_vec(), mode: BatchMode::parse(&mode) }))
+        })
     }
 
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
-        self.with(
-            |c| {
-                let tx = c.transaction()?;
-                let json: String = tx.query_row(
-                    "SELECT objects FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
-                    params![self.pipeline, table, number],
-                    |r| r.get(0),
-                )?;
-                let at = now();
-                for object in parse_objects(&json)? {
-                    tx.execute(
-                        "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
-                         ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
-                           etag = excluded.etag, size = excluded.size, status = 'processed',
-                           batch_no = excluded.batch_no, error = NULL, updated_at = excluded.updated_at",
-                        params![self.pipeline, table, object.key, object.etag, object.size as i64, number, at],
-                    )?;
-                }
+        self.write("committing a batch", |tx| {
+            let json: String = tx.query_row(
+                "SELECT objects FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+                params![self.pipeline, table, number],
+                |r| r.get(0),
+            )?;
+            let at = now();
+            for object in parse_objects(&json)? {
                 tx.execute(
-                    "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
-                       deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
-                     WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
-                    params![
-                        self.pipeline, table, number, stats.rows as i64, stats.inserts as i64,
-                        stats.updates as i64, stats.deletes as i64, stats.max_seq, at,
-                        stats.max_commit_ts.map(stamp)
-                    ],
+                    "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
+                     ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                       etag = excluded.etag, size = excluded.size, status = 'processed',
+                       batch_no = excluded.batch_no, error = NULL, updated_at = excluded.updated_at",
+                    params![self.pipeline, table, object.key, object.etag, object.size as i64, number, at],
                 )?;
-                tx.commit()
-            },
-            "committing a batch",
-        )
+            }
+            tx.execute(
+                "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
+                   deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
+                 WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
+                params![
+                    self.pipeline, table, number, stats.rows as i64, stats.inserts as i64,
+                    stats.updates as i64, stats.deletes as i64, stats.max_seq, at,
+                    stats.max_commit_ts.map(stamp)
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     fn recent_batches(&self, table: &str, limit: usize) -> Result<Vec<CommittedBatch>> {
@@ -391,20 +379,17 @@ impl SqliteStore {
         error: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.with(
-            |c| {
-                c.execute(
-                    "INSERT INTO objects (pipeline, tbl, key, etag, size, status, error, reason, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
-                       etag = excluded.etag, size = excluded.size, status = excluded.status,
-                       error = excluded.error, reason = excluded.reason, updated_at = excluded.updated_at
-                     WHERE objects.status <> 'processed'",
-                    params![self.pipeline, table, object.key, object.etag, object.size as i64, status, error, reason, now()],
-                )
-                .map(|_| ())
-            },
-            "recording an object",
-        )
+        self.write("recording an object", |tx| {
+            tx.execute(
+                "INSERT INTO objects (pipeline, tbl, key, etag, size, status, error, reason, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                   etag = excluded.etag, size = excluded.size, status = excluded.status,
+                   error = excluded.error, reason = excluded.reason, updated_at = excluded.updated_at
+                 WHERE objects.status <> 'processed'",
+                params![self.pipeline, table, object.key, object.etag, object.size as i64, status, error, reason, now()],
+            )
+            .map(drop)
+        })
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
@@ -28,6 +29,8 @@ pub struct SqliteStore {
     path: PathBuf,
     id: String,
     conn: Mutex<Connection>,
+    /// The fencing token of the lease this store took; 0: unfenced.
+    fence: AtomicI64,
 }
 
 pub(super) fn now() -> String {
@@ -64,6 +67,7 @@ impl SqliteStore {
                 context: "opening".into(),
                 source: e,
             })?),
+            fence: AtomicI64::new(0),
         };
         store.with(
             |c| {
@@ -135,6 +139,39 @@ impl SqliteStore {
             )?;
         }
         Ok(())
+    }
+
+    /// Runs the write `f` in one transaction if this store's fencing token
+    /// is still the pipeline's newest (see [`super::Leases`]); refuses it
+    /// with [`Error::LeaseLost`] otherwise.
+    fn write<T>(
+        &self,
+        context: &str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let fence = self.fence.load(Ordering::SeqCst);
+        self.with(
+            |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                if fence != 0 {
+                    let newest: i64 = tx.query_row(
+                        "SELECT COALESCE(MAX(token), 0) FROM lease_tokens WHERE pipeline = ?1",
+                        params![self.pipeline],
+                        |r| r.get(0),
+                    )?;
+                    if newest != fence {
+                        return Ok(None);
+                    }
+                }
+                let value = f(&tx)?;
+                tx.commit()?;
+                Ok(Some(value))
+            },
+            context,
+        )?
+        .ok_or_else(|| Error::LeaseLost {
+            pipeline: self.pipeline.clone(),
+        })
     }
 
     fn with<T>(

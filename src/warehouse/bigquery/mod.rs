@@ -107,16 +107,25 @@ impl BigQueryWarehouse {
     /// A step's job: its id (see [`BigQueryWarehouse::job_id`]) and labels
     /// naming the table, state store, batch and step (beside the pipeline
     /// and dataset every job names), so `INFORMATION_SCHEMA.JOBS` and the
-    /// console find a batch's jobs by label.
-    fn job(&self, table: &Table, batch: &Batch, store: &str, step: &str) -> api::JobName {
+    /// console find a batch's jobs by label; and the fencing token of the
+    /// lease it ran under, to tell a stale worker's jobs.
+    fn job(&self, req: &LoadRequest<'_>, step: &str) -> api::JobName {
+        let (table, batch) = (req.table, req.batch);
+        let number = batch.number.to_string();
+        let token = req.lease_token.map(|t| t.to_string());
+        let mut pairs = vec![
+            ("cdcflow_table", table.target.as_str()),
+            ("cdcflow_store", req.store),
+            ("cdcflow_batch", number.as_str()),
+            ("cdcflow_step", step),
+        ];
+        if let Some(token) = &token {
+            pairs.push(("cdcflow_lease_token", token));
+        }
+        let labels = api::labels(pairs);
         api::JobName {
-            id: self.job_id(table, batch, store, step),
-            labels: api::labels([
-                ("cdcflow_table", table.target.as_str()),
-                ("cdcflow_store", store),
-                ("cdcflow_batch", &batch.number.to_string()),
-                ("cdcflow_step", step),
-            ]),
+            id: self.job_id(table, batch, req.store, step),
+            labels,
         }
     }
 
@@ -230,7 +239,7 @@ impl BigQueryWarehouse {
         let Some(current) = api.table(&req.table.target).await? else {
             return Ok(Vec::new());
         };
-        let fill = self.job(req.table, req.batch, req.store, "fill");
+        let fill = self.job(req, "fill");
         let started = api.job(&fill.id).await?.is_some();
         let have = current.schema.fields.unwrap_or_default();
         Ok(with_value
@@ -277,7 +286,7 @@ impl BigQueryWarehouse {
             ],
         );
         tracing::info!(table = %req.table.target, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "adding columns with the value rows stored before them hold");
-        let job = self.job(req.table, req.batch, req.store, "fill");
+        let job = self.job(req, "fill");
         api.run_job(&job, &sql, &[]).await
     }
 
@@ -614,14 +623,14 @@ impl Warehouse for BigQueryWarehouse {
             .await?;
         let staged = self.stage_locally(&req).await?;
         let stage = Self::stage_name(req.table, req.batch);
-        let history_job = self.job(req.table, req.batch, req.store, "history");
-        let current_job = self.job(req.table, req.batch, req.store, "current");
+        let history_job = self.job(&req, "history");
+        let current_job = self.job(&req, "current");
         let history_done = api.job_succeeded(&history_job.id).await?;
         let current_done = api.job_succeeded(&current_job.id).await?;
         if !current_done && (!history_done || api.table(&stage).await?.is_none()) {
             let schema =
                 types::table_schema(&req.merger.history_schema(), &req.merger.columns, true);
-            let load_job = self.job(req.table, req.batch, req.store, "load");
+            let load_job = self.job(&req, "load");
             api.load_parquet(&load_job, &stage, schema, staged.file.path())
                 .await?;
         }

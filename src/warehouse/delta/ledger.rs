@@ -39,6 +39,9 @@ pub(super) struct Entry {
     pub(super) mode: String,
     /// The batch's objects, in change order.
     pub(super) objects: Vec<ObjectRef>,
+    /// The fencing token of the pipeline lease the batch was loaded under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) lease_token: Option<i64>,
 }
 
 /// The commit-info metadata of `req`'s batch.
@@ -49,6 +52,7 @@ pub(super) fn entry(req: &LoadRequest<'_>) -> (String, serde_json::Value) {
         batch_id: req.batch.id.clone(),
         mode: req.batch.mode.as_str().to_string(),
         objects: req.batch.objects.clone(),
+        lease_token: req.lease_token,
     };
     (
         KEY.to_string(),
@@ -89,6 +93,39 @@ pub(super) async fn find(table: &DeltaTable, name: &str, number: i64) -> Result<
         }
     }
     Ok(None)
+}
+
+/// Refuses a load under lease token `ours` when `table`'s newest commit was
+/// made under a greater one: another worker took the pipeline's lease
+/// since, and this one must not write (fencing, see `state::Leases`).
+pub(super) async fn check_fence(
+    table: &DeltaTable,
+    name: &str,
+    pipeline: &str,
+    ours: Option<i64>,
+) -> Result<()> {
+    let Some(ours) = ours else {
+        return Ok(());
+    };
+    let newest = entries(table, name, Some(1))
+        .await?
+        .into_values()
+        .filter_map(|e| e.lease_token)
+        .max();
+    match newest {
+        Some(newest) if newest > ours => {
+            tracing::error!(
+                table = name,
+                ours,
+                newest,
+                "the table was written under a newer lease; not loading"
+            );
+            Err(Error::LeaseLost {
+                pipeline: pipeline.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A table the warehouse holds nothing of.

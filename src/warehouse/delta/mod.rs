@@ -216,6 +216,7 @@ impl DeltaWarehouse {
         if self.recorded(&table, &name, app).await? >= req.batch.number {
             return Ok(None);
         }
+        ledger::check_fence(&table, &name, &self.pipeline, req.lease_token).await?;
         let table_exists = table.version().is_some();
         let stream = req.rows.take().ok_or_else(|| {
             Error::Internal(format!(
