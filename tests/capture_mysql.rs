@@ -830,3 +830,93 @@ async fn sysbench_through_kills_rotation_and_a_server_restart_loses_and_doubles_
     );
     db.drop().await;
 }
+
+/// The server's binlog file and position now.
+async fn server_position(db: &mut Db) -> (String, u64) {
+    let row: mysql_async::Row = db
+        .conn
+        .query_first("SHOW MASTER STATUS")
+        .await
+        .unwrap()
+        .unwrap();
+    (row.get(0).unwrap(), row.get(1).unwrap())
+}
+
+/// `serve --captures` over a MariaDB capture: how far it is behind lies
+/// between what the server says just before and just after the scrape
+/// (when no binlog rotation, by a test beside it, came in between), and
+/// the changes and objects written equal the rows the test changed and the
+/// CDC objects on disk (the full load not counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_the_binlog_lag_and_the_changes_written() {
+    let Some(python) = peer("CDCFLOW_TEST_PYTHON") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let Some(mut db) = two_row_table(&ws, "served").await else {
+        return;
+    };
+    ws.capture_once(&[]);
+    let changes = db
+        .exec("INSERT INTO t SELECT seq + 10, 1 FROM seq_1_to_700")
+        .await
+        + db.exec("UPDATE t SET v = 2 WHERE id <= 300").await;
+    ws.capture_once(&[]);
+    ws.pipelines_folder();
+    std::fs::create_dir_all(ws.path("captures")).unwrap();
+    std::fs::copy(ws.path("capture.toml"), ws.path("captures/served.toml")).unwrap();
+    let served =
+        crate::serve::Served::start_with(&ws, "pipelines", &["--captures", "captures"], &[]);
+    let source_table = format!("{}.t", db.name);
+    let at = |m: &std::collections::BTreeMap<String, f64>, name: &str, table: bool| {
+        let table = if table {
+            format!(",table=\"{source_table}\"")
+        } else {
+            String::new()
+        };
+        crate::serve::sample(m, &format!("{name}{{capture=\"served\"{table}}}"))
+    };
+
+    let checkpoint: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ws.path("objects/_cdcflow/capture-served.json")).unwrap(),
+    )
+    .unwrap();
+    let confirmed: serde_json::Value =
+        serde_json::from_str(checkpoint["position"].as_str().unwrap()).unwrap();
+    let (file, pos) = (
+        confirmed["file"].as_str().unwrap().to_string(),
+        confirmed["pos"].as_u64().unwrap(),
+    );
+    let before = server_position(&mut db).await;
+    let (_, text) = served.get("/metrics").await;
+    let after = server_position(&mut db).await;
+    let m = crate::serve::parse(&python, &text);
+    assert_eq!(at(&m, "cdcflow_capture_up", false), 1.0);
+    if before.0 == file && after.0 == file {
+        let behind = at(&m, "cdcflow_capture_behind_bytes", false);
+        assert!(
+            ((before.1 - pos) as f64..=(after.1 - pos) as f64).contains(&behind),
+            "{before:?} {behind} {after:?} from {pos}"
+        );
+    }
+    assert_eq!(
+        at(&m, "cdcflow_capture_changes_written_total", true),
+        changes as f64
+    );
+    let objects = crate::support::walk(&ws.path(&format!("objects/{}/t", db.name)))
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".parquet") && !name.starts_with("LOAD")
+        })
+        .count();
+    assert!(objects > 0);
+    assert_eq!(
+        at(&m, "cdcflow_capture_objects_written_total", true),
+        objects as f64
+    );
+    let (_, page) = served.get("/captures/served").await;
+    assert!(page.contains(&format!("<td>{changes}</td>")), "{page}");
+    drop(served);
+    db.drop().await;
+}

@@ -512,7 +512,7 @@ async fn a_worker_paused_past_its_lease_is_fenced_off() {
     ws.write_pipeline_with(3, false, "lease_ttl = \"2s\"");
     ws.publish_all();
     let paused = ws.path("paused");
-    let mut stale = ws
+    let stale = ws
         .command(
             &["run", "--now", "-p", "pipeline.toml"],
             &[(
