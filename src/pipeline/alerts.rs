@@ -17,6 +17,7 @@ use serde_json::json;
 use super::{RunReport, Runner};
 use crate::config::{AlertFormat, Alerts, Webhook};
 use crate::error::Result;
+use crate::state::ObjectStatus;
 
 /// Tries per alert, and the wait before the second (doubled after).
 const TRIES: u32 = 3;
@@ -93,8 +94,7 @@ async fn conditions(
 ) -> Result<Vec<Condition>> {
     let mut conditions = Vec::new();
     for table in &runner.pipeline().tables {
-        let status = runner.table_status(table).await?;
-        let name = status.table.clone();
+        let name = table.qualified();
         if let Some(task) = report.tables.iter().find(|t| t.table == name) {
             conditions.push(Condition {
                 kind: "task_failed",
@@ -105,17 +105,32 @@ async fn conditions(
                     .map(|e| format!("failed after {} tries: {e}", task.tries)),
             });
         }
+        // From the state alone: no listing of the source prefix.
+        let mut quarantined: Vec<(String, String)> = runner
+            .state()
+            .objects(&name)?
+            .into_iter()
+            .filter_map(|(key, r)| match r.status {
+                ObjectStatus::Quarantined { error } => Some((key, error)),
+                _ => None,
+            })
+            .collect();
+        quarantined.sort();
         conditions.push(Condition {
             kind: "quarantined",
             table: name.clone(),
-            firing: status.quarantined.first().map(|(key, error)| {
+            firing: quarantined.first().map(|(key, error)| {
                 format!(
                     "{} object(s) quarantined; the table waits at {key}: {error}",
-                    status.quarantined.len()
+                    quarantined.len()
                 )
             }),
         });
-        if let (Some(bound), Some(lag)) = (alerts.lag, status.lag()) {
+        // Only the lag needs the newest object: a listing of the prefix.
+        let Some(bound) = alerts.lag else {
+            continue;
+        };
+        if let Some(lag) = runner.table_status(table).await?.lag() {
             let lag = lag.to_std().unwrap_or_default();
             conditions.push(Condition {
                 kind: "lag",

@@ -221,20 +221,29 @@ soft_delete = {items_soft_delete}
 
     /// Runs the binary in the workspace.
     pub(crate) fn cdcflow(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        self.command(args, env).output().expect("run cdcflow")
+        self.spawned(args, env).finish()
     }
 
-    /// Runs the binary like [`Workspace::cdcflow`] and watches its peak
-    /// resident memory (the kernel's `VmHWM`, read every 10 ms until it
-    /// exits): its output and that peak in MiB.
-    pub(crate) fn cdcflow_peak_mib(&self, args: &[&str], env: &[(&str, &str)]) -> (Output, u64) {
+    /// Starts the binary with its output piped.
+    fn spawned(&self, args: &[&str], env: &[(&str, &str)]) -> Running {
         let child = self
             .command(args, env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run cdcflow");
-        let status = format!("/proc/{}/status", child.id());
+        Running {
+            child,
+            args: args.join(" "),
+        }
+    }
+
+    /// Runs the binary like [`Workspace::cdcflow`] and watches its peak
+    /// resident memory (the kernel's `VmHWM`, read every 10 ms until it
+    /// exits): its output and that peak in MiB.
+    pub(crate) fn cdcflow_peak_mib(&self, args: &[&str], env: &[(&str, &str)]) -> (Output, u64) {
+        let running = self.spawned(args, env);
+        let status = format!("/proc/{}/status", running.child.id());
         let done = Arc::new(AtomicBool::new(false));
         let watcher = {
             let done = done.clone();
@@ -252,7 +261,7 @@ soft_delete = {items_soft_delete}
                 peak_kib
             })
         };
-        let out = child.wait_with_output().expect("run cdcflow");
+        let out = running.finish();
         done.store(true, Ordering::SeqCst);
         (out, watcher.join().unwrap() / 1024)
     }
@@ -833,6 +842,50 @@ impl Workspace {
                 }
             }
         }
+    }
+}
+
+/// The longest one cdcflow process of a test may run: a hung process fails
+/// its own test (with its output) instead of holding the whole suite.
+const PROCESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A cdcflow process a test started ([`Workspace::cdcflow`]).
+struct Running {
+    child: std::process::Child,
+    args: String,
+}
+
+impl Running {
+    /// Its output once it exits; killed (and the test failed) past
+    /// [`PROCESS_TIMEOUT`].
+    fn finish(self) -> Output {
+        let pid = self.child.id().to_string();
+        let done = Arc::new(AtomicBool::new(false));
+        let watchdog = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
+                while !done.load(Ordering::SeqCst) {
+                    if std::time::Instant::now() > deadline {
+                        // The child is not reaped before `done` is set: its pid is still its own.
+                        let _ = Command::new("kill").args(["-9", &pid]).status();
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                false
+            })
+        };
+        let out = self.child.wait_with_output().expect("run cdcflow");
+        done.store(true, Ordering::SeqCst);
+        let killed = watchdog.join().unwrap();
+        assert!(
+            !killed,
+            "cdcflow {} ran past {PROCESS_TIMEOUT:?} and was killed:\n{}",
+            self.args,
+            output(&out)
+        );
+        out
     }
 }
 
