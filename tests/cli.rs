@@ -386,9 +386,6 @@ async fn json_logs_carry_the_pipeline_run_table_and_try_and_no_secret() {
     assert_eq!(committed.values().sum::<u64>(), 800, "every change, once");
     if let Some((admin, name)) = database {
         assert!(!stderr.contains("hunter2"), "{stderr}");
-        admin
-            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .await
-            .unwrap();
+        crate::support::drop_pg_database(&admin, &name).await;
     }
 }

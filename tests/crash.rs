@@ -66,10 +66,7 @@ async fn crash_then_recover_in(failpoint: &str, store: Store) {
     );
     assert_warehouse_matches(&ws, &data, true).await;
     if let Some((admin, name)) = database {
-        admin
-            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .await
-            .unwrap();
+        crate::support::drop_pg_database(&admin, &name).await;
     }
 }
 

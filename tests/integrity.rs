@@ -502,7 +502,7 @@ async fn two_objects_with_the_same_name_time_stop_their_table() {
 }
 
 /// A worker paused past its lease (SIGSTOP between its listing and its
-/// plan, then SIGCONT after another worker took the lease over and loaded
+/// plan, outside a state write, then SIGCONT after another worker took the lease over and loaded
 /// everything) is refused by its fencing token: it plans and loads nothing,
 /// fails as having lost its lease, and the tables hold every change once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,7 +538,22 @@ async fn a_worker_paused_past_its_lease_is_fenced_off() {
             .unwrap();
         assert!(sent.success(), "kill {sig}");
     };
-    signal("-STOP");
+    // Stopped outside a write of its own: a process stopped inside one
+    // holds the SQLite file's write lock, and every other writer waits for
+    // it (the state of a fleet is PostgreSQL). Its heartbeat writes every
+    // ttl/3, so try again until the lock is free.
+    let state = rusqlite::Connection::open(ws.path("state/pipeline.toml.db")).unwrap();
+    state
+        .busy_timeout(std::time::Duration::from_millis(200))
+        .unwrap();
+    loop {
+        signal("-STOP");
+        if state.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").is_ok() {
+            break;
+        }
+        signal("-CONT");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_ok(&run(&ws), "the run that takes the lease over");
     assert_warehouse_matches(&ws, &data, false).await;

@@ -51,10 +51,7 @@ impl Stores {
 
     async fn drop(self) {
         if let Some((admin, name)) = self.database {
-            admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await
-                .unwrap();
+            crate::support::drop_pg_database(&admin, &name).await;
         }
     }
 }

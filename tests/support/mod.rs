@@ -534,6 +534,14 @@ pub(crate) async fn pg_database(
     Some((admin, name, url))
 }
 
+/// Drops a database made by [`pg_database`], with its sessions.
+pub(crate) async fn drop_pg_database(admin: &tokio_postgres::Client, name: &str) {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
 /// An answer of [`faulty_proxy`]: the server is down for a moment.
 pub(crate) const SERVICE_UNAVAILABLE: &str = "503 Service Unavailable";
 /// An answer of [`faulty_proxy`]: slow down.

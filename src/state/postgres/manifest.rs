@@ -54,41 +54,14 @@ impl Manifest for PostgresStore {
                 &[p, &table],
             )?;
             if restored.number > 0 {
-                let s = &restored.stats;
-                tx.execute(
-                    "INSERT INTO cdcflow.batches (pipeline, tbl, batch_no, batch_id, objects,
-                       status, mode, rows, inserts, updates, deletes, max_seq, max_commit_ts,
-                       planned_at, committed_at)
-                     VALUES ($1, $2, $3, $4, $5, 'committed', 'append', $6, $7, $8, $9, $10, $11,
-                       now(), now())",
-                    &[
-                        p,
-                        &table,
-                        &restored.number,
-                        &restored.id,
-                        &Json(&restored.objects),
-                        &(s.rows as i64),
-                        &(s.inserts as i64),
-                        &(s.updates as i64),
-                        &(s.deletes as i64),
-                        &s.max_seq,
-                        &s.max_commit_ts,
-                    ],
-                )?;
-            }
-            let processed = tx.prepare(PROCESSED)?;
-            for object in &restored.objects {
-                tx.execute(
-                    &processed,
-                    &[
-                        p,
-                        &table,
-                        &object.key,
-                        &object.etag,
-                        &(object.size as i64),
-                        &restored.number,
-                    ],
-                )?;
+                let committed = Batch {
+                    number: restored.number,
+                    id: restored.id.clone(),
+                    objects: restored.objects.clone(),
+                    mode: BatchMode::Append,
+                };
+                self.insert_planned(&mut tx, table, &committed)?;
+                self.commit_planned(&mut tx, table, restored.number, &restored.stats)?;
             }
             if let Some(pending) = &restored.pending {
                 for object in &pending.objects {
@@ -97,19 +70,7 @@ impl Manifest for PostgresStore {
                         &[p, &table, &object.key],
                     )?;
                 }
-                tx.execute(
-                    "INSERT INTO cdcflow.batches
-                       (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
-                     VALUES ($1, $2, $3, $4, $5, 'planned', $6, now())",
-                    &[
-                        p,
-                        &table,
-                        &pending.number,
-                        &pending.id,
-                        &Json(&pending.objects),
-                        &pending.mode.as_str(),
-                    ],
-                )?;
+                self.insert_planned(&mut tx, table, pending)?;
             }
             tx.commit()
         })
@@ -217,50 +178,8 @@ impl Manifest for PostgresStore {
     }
 
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
-        let p = &self.pipeline;
         self.write("committing a batch", |tx| {
-            // Locks the planned row: a second committer waits, then finds it committed.
-            let objects = tx
-                .query_one(
-                    "SELECT objects FROM cdcflow.batches
-                     WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'
-                     FOR UPDATE",
-                    &[p, &table, &number],
-                )?
-                .try_get::<_, Json<Vec<ObjectRef>>>(0)?
-                .0;
-            let processed = tx.prepare(PROCESSED)?;
-            for object in &objects {
-                tx.execute(
-                    &processed,
-                    &[
-                        p,
-                        &table,
-                        &object.key,
-                        &object.etag,
-                        &(object.size as i64),
-                        &number,
-                    ],
-                )?;
-            }
-            tx.execute(
-                "UPDATE cdcflow.batches SET status = 'committed', rows = $4, inserts = $5,
-                   updates = $6, deletes = $7, max_seq = $8, committed_at = now(),
-                   max_commit_ts = $9
-                 WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3",
-                &[
-                    p,
-                    &table,
-                    &number,
-                    &(stats.rows as i64),
-                    &(stats.inserts as i64),
-                    &(stats.updates as i64),
-                    &(stats.deletes as i64),
-                    &stats.max_seq,
-                    &stats.max_commit_ts,
-                ],
-            )?;
-            Ok(())
+            self.commit_planned(tx, table, number, stats)
         })
     }
 
@@ -395,6 +314,83 @@ impl Manifest for PostgresStore {
 }
 
 impl PostgresStore {
+    /// Records `batch` as planned (its number given).
+    fn insert_planned(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        table: &str,
+        batch: &Batch,
+    ) -> std::result::Result<(), postgres::Error> {
+        tx.execute(
+            "INSERT INTO cdcflow.batches
+               (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+             VALUES ($1, $2, $3, $4, $5, 'planned', $6, now())",
+            &[
+                &self.pipeline,
+                &table,
+                &batch.number,
+                &batch.id,
+                &Json(&batch.objects),
+                &batch.mode.as_str(),
+            ],
+        )
+        .map(drop)
+    }
+
+    /// Marks planned batch `number` committed with `stats`, and its objects
+    /// processed by it.
+    fn commit_planned(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        table: &str,
+        number: i64,
+        stats: &BatchStats,
+    ) -> std::result::Result<(), postgres::Error> {
+        let p = &self.pipeline;
+        // Locks the planned row: a second committer waits, then finds it committed.
+        let objects = tx
+            .query_one(
+                "SELECT objects FROM cdcflow.batches
+                 WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'
+                 FOR UPDATE",
+                &[p, &table, &number],
+            )?
+            .try_get::<_, Json<Vec<ObjectRef>>>(0)?
+            .0;
+        let processed = tx.prepare(PROCESSED)?;
+        for object in &objects {
+            tx.execute(
+                &processed,
+                &[
+                    p,
+                    &table,
+                    &object.key,
+                    &object.etag,
+                    &(object.size as i64),
+                    &number,
+                ],
+            )?;
+        }
+        tx.execute(
+            "UPDATE cdcflow.batches SET status = 'committed', rows = $4, inserts = $5,
+               updates = $6, deletes = $7, max_seq = $8, committed_at = now(),
+               max_commit_ts = $9
+             WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3",
+            &[
+                p,
+                &table,
+                &number,
+                &(stats.rows as i64),
+                &(stats.inserts as i64),
+                &(stats.updates as i64),
+                &(stats.deletes as i64),
+                &stats.max_seq,
+                &stats.max_commit_ts,
+            ],
+        )?;
+        Ok(())
+    }
+
     fn set_status(
         &self,
         table: &str,

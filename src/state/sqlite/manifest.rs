@@ -19,11 +19,9 @@ impl Manifest for SqliteStore {
     }
 
     fn restore(&self, table: &str, restored: &Restored) -> Result<()> {
-        let json = serde_json::to_string(&restored.objects).expect("objects serialize");
         self.with(
             |c| {
                 let tx = c.transaction()?;
-                let at = now();
                 tx.execute(
                     "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2",
                     params![self.pipeline, table],
@@ -33,28 +31,14 @@ impl Manifest for SqliteStore {
                     params![self.pipeline, table],
                 )?;
                 if restored.number > 0 {
-                    let s = &restored.stats;
-                    tx.execute(
-                        "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, rows,
-                           inserts, updates, deletes, max_seq, max_commit_ts, planned_at, committed_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'committed', 'append', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
-                        params![
-                            self.pipeline, table, restored.number, restored.id, json, s.rows as i64,
-                            s.inserts as i64, s.updates as i64, s.deletes as i64, s.max_seq,
-                            s.max_commit_ts.map(stamp), at
-                        ],
-                    )?;
-                }
-                for object in &restored.objects {
-                    tx.execute(
-                        "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
-                         ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
-                           etag = excluded.etag, size = excluded.size, status = 'processed',
-                           batch_no = excluded.batch_no, error = NULL, reason = NULL,
-                           updated_at = excluded.updated_at",
-                        params![self.pipeline, table, object.key, object.etag, object.size as i64, restored.number, at],
-                    )?;
+                    let committed = Batch {
+                        number: restored.number,
+                        id: restored.id.clone(),
+                        objects: restored.objects.clone(),
+                        mode: BatchMode::Append,
+                    };
+                    self.insert_planned(&tx, table, &committed)?;
+                    self.commit_planned(&tx, table, restored.number, &restored.stats)?;
                 }
                 if let Some(p) = &restored.pending {
                     for object in &p.objects {
@@ -63,15 +47,7 @@ impl Manifest for SqliteStore {
                             params![self.pipeline, table, object.key],
                         )?;
                     }
-                    tx.execute(
-                        "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
-                        params![
-                            self.pipeline, table, p.number, p.id,
-                            serde_json::to_string(&p.objects).expect("objects serialize"),
-                            p.mode.as_str(), at
-                        ],
-                    )?;
+                    self.insert_planned(&tx, table, p)?;
                 }
                 tx.commit()
             },
@@ -135,19 +111,15 @@ impl Manifest for SqliteStore {
 
     fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
         let id = Batch::id_of(&self.pipeline, table, objects);
-        let json = serde_json::to_string(objects).expect("objects serialize");
         self.write("planning a batch", |tx| {
             let number: i64 = tx.query_row(
                 "SELECT COALESCE(MAX(batch_no), 0) + 1 FROM batches WHERE pipeline = ?1 AND tbl = ?2",
                 params![self.pipeline, table],
                 |r| r.get(0),
             )?;
-            tx.execute(
-                "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
-                params![self.pipeline, table, number, id, json, mode.as_str(), now()],
-            )?;
-            Ok(Batch { number, id: id.clone(), objects: objects.to_vec(), mode })
+            let batch = Batch { number, id: id.clone(), objects: objects.to_vec(), mode };
+            self.insert_planned(tx, table, &batch)?;
+            Ok(batch)
         })
     }
 
@@ -179,33 +151,7 @@ impl Manifest for SqliteStore {
 
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
         self.write("committing a batch", |tx| {
-            let json: String = tx.query_row(
-                "SELECT objects FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
-                params![self.pipeline, table, number],
-                |r| r.get(0),
-            )?;
-            let at = now();
-            for object in parse_objects(&json)? {
-                tx.execute(
-                    "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
-                     ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
-                       etag = excluded.etag, size = excluded.size, status = 'processed',
-                       batch_no = excluded.batch_no, error = NULL, updated_at = excluded.updated_at",
-                    params![self.pipeline, table, object.key, object.etag, object.size as i64, number, at],
-                )?;
-            }
-            tx.execute(
-                "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
-                   deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
-                 WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
-                params![
-                    self.pipeline, table, number, stats.rows as i64, stats.inserts as i64,
-                    stats.updates as i64, stats.deletes as i64, stats.max_seq, at,
-                    stats.max_commit_ts.map(stamp)
-                ],
-            )?;
-            Ok(())
+            self.commit_planned(tx, table, number, stats)
         })
     }
 
@@ -371,6 +317,76 @@ impl Manifest for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Records `batch` as planned (its number given).
+    fn insert_planned(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        table: &str,
+        batch: &Batch,
+    ) -> rusqlite::Result<()> {
+        let json = serde_json::to_string(&batch.objects).expect("objects serialize");
+        tx.execute(
+            "INSERT INTO batches (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'planned', ?6, ?7)",
+            params![self.pipeline, table, batch.number, batch.id, json, batch.mode.as_str(), now()],
+        )
+        .map(drop)
+    }
+
+    /// Marks planned batch `number` committed with `stats`, and its objects
+    /// processed by it.
+    fn commit_planned(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        table: &str,
+        number: i64,
+        stats: &BatchStats,
+    ) -> rusqlite::Result<()> {
+        let json: String = tx.query_row(
+            "SELECT objects FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
+            params![self.pipeline, table, number],
+            |r| r.get(0),
+        )?;
+        let at = now();
+        for object in parse_objects(&json)? {
+            tx.execute(
+                "INSERT INTO objects (pipeline, tbl, key, etag, size, status, batch_no, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'processed', ?6, ?7)
+                 ON CONFLICT (pipeline, tbl, key) DO UPDATE SET
+                   etag = excluded.etag, size = excluded.size, status = 'processed',
+                   batch_no = excluded.batch_no, error = NULL, reason = NULL,
+                   updated_at = excluded.updated_at",
+                params![
+                    self.pipeline,
+                    table,
+                    object.key,
+                    object.etag,
+                    object.size as i64,
+                    number,
+                    at
+                ],
+            )?;
+        }
+        tx.execute(
+            "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
+               deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
+             WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
+            params![
+                self.pipeline,
+                table,
+                number,
+                stats.rows as i64,
+                stats.inserts as i64,
+                stats.updates as i64,
+                stats.deletes as i64,
+                stats.max_seq,
+                at,
+                stats.max_commit_ts.map(stamp)
+            ],
+        )
+        .map(drop)
+    }
+
     fn set_status(
         &self,
         table: &str,
