@@ -143,6 +143,21 @@ pub(super) struct Api {
 
 /// The error of a failed call.
 fn call_error(context: &str, err: BQError) -> Error {
+    // The token server could not be reached (yup-oauth2's connection
+    // errors): a later try may, as with any call. Refusals stay permanent.
+    if let BQError::YupAuthError(
+        yup_oauth2::Error::HttpError(_)
+        | yup_oauth2::Error::HttpClientError(_)
+        | yup_oauth2::Error::LowLevelError(_),
+    ) = &err
+    {
+        return Error::BigQuery {
+            context: format!("{context}: fetching an access token"),
+            status: None,
+            reason: None,
+            message: crate::error::chain(&err),
+        };
+    }
     match err {
         BQError::ResponseError { error } => Error::BigQuery {
             context: context.to_string(),
@@ -798,4 +813,32 @@ pub(super) fn labels<'a>(
             (key.to_string(), value)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::RetryPolicy;
+
+    /// A token fetch that could not reach the token server is tried again;
+    /// one the server refused (a revoked key) waits for the operator.
+    #[test]
+    fn a_token_fetch_that_could_not_connect_is_retried() {
+        let unreachable = BQError::YupAuthError(yup_oauth2::Error::LowLevelError(
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+        ));
+        assert_eq!(
+            call_error("fetching a token", unreachable).retry_policy(),
+            RetryPolicy::Retry
+        );
+        let refused: yup_oauth2::error::AuthError = serde_json::from_str(
+            r#"{"error": "invalid_grant", "error_description": "Invalid JWT Signature."}"#,
+        )
+        .unwrap();
+        let refused = BQError::YupAuthError(yup_oauth2::Error::AuthError(refused));
+        assert_eq!(
+            call_error("fetching a token", refused).retry_policy(),
+            RetryPolicy::Manual
+        );
+    }
 }
