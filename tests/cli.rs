@@ -210,6 +210,26 @@ fn a_missing_source_folder_says_what_to_check() {
     );
 }
 
+/// `schedule` takes the web server's options only with `--listen`: alone
+/// they would be ignored, so they are refused with what to add.
+#[test]
+fn schedule_refuses_the_servers_options_without_listen() {
+    let ws = Workspace::new();
+    ws.write_pipeline(10, false);
+    ws.pipelines_folder();
+    for option in [["--captures", "captures"], ["--token-env", "TOKEN"]] {
+        let mut args = vec!["schedule", "--pipelines", "pipelines"];
+        args.extend(option);
+        let out = ws.cdcflow(&args, &[]);
+        assert!(!out.status.success(), "{}", output(&out));
+        assert!(
+            output(&out).contains("add --listen ADDR"),
+            "{}",
+            output(&out)
+        );
+    }
+}
+
 #[test]
 fn a_state_store_of_a_newer_cdcflow_is_refused() {
     let ws = Workspace::new();
