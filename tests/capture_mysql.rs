@@ -494,14 +494,7 @@ async fn a_commit_as_the_full_load_snapshot_opens_is_captured_once() {
         )
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !held.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "capture never reached the snapshot"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::support::until_paused(&held, "capture.snapshot_started").await;
     db.exec("UPDATE t SET v = 1 WHERE id = 1").await;
     std::fs::remove_file(&held).unwrap();
     assert!(capture.wait().unwrap().success());
@@ -903,13 +896,7 @@ async fn serve_reports_the_binlog_lag_and_the_changes_written() {
         at(&m, "cdcflow_capture_changes_written_total", true),
         changes as f64
     );
-    let objects = crate::support::walk(&ws.path(&format!("objects/{}/t", db.name)))
-        .iter()
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.ends_with(".parquet") && !name.starts_with("LOAD")
-        })
-        .count();
+    let objects = crate::support::cdc_objects(&ws.path(&format!("objects/{}/t", db.name))).len();
     assert!(objects > 0);
     assert_eq!(
         at(&m, "cdcflow_capture_objects_written_total", true),

@@ -1085,13 +1085,7 @@ async fn serve_reports_the_captures_checkpoint_and_slot_lag() {
     ws.capture_once(&[]);
     let (_, m, _) = scrape().await;
     assert_eq!(written(&m, "changes"), 1990.0);
-    let objects = crate::support::walk(&ws.path("objects/public/t"))
-        .iter()
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.ends_with(".parquet") && !name.starts_with("LOAD")
-        })
-        .count();
+    let objects = crate::support::cdc_objects(&ws.path("objects/public/t")).len();
     assert!(objects > 0);
     assert_eq!(written(&m, "objects"), objects as f64);
     let (_, page) = served.get("/captures/test").await;

@@ -523,14 +523,7 @@ async fn a_worker_paused_past_its_lease_is_fenced_off() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !paused.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never reached its plan"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    crate::support::until_paused(&paused, "plan.before_record").await;
     let signal = |sig: &str| {
         let sent = std::process::Command::new("kill")
             .args([sig, &stale.id().to_string()])

@@ -898,7 +898,7 @@ impl Running {
 }
 
 /// Every file under `dir`.
-pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
+fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
@@ -1134,6 +1134,30 @@ pub(crate) fn restart_peer(name: &str) {
     }
 }
 
+/// Waits (60 s at most) until a process held at a pause point
+/// (`CDCFLOW_PAUSE=<point>:<file>`) has created `file`.
+pub(crate) async fn until_paused(file: &Path, point: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process never reached {point}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The Parquet CDC objects under `dir` (full-load `LOAD*` files left out).
+pub(crate) fn cdc_objects(dir: &Path) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".parquet") && !name.starts_with("LOAD")
+        })
+        .collect()
+}
+
 /// Per table folder (`schema/table`), how many times each change sequence
 /// (`seq_column`) appears across the Parquet CDC objects under `dir`: read
 /// from the objects themselves, so a doubled change shows even where the
@@ -1144,11 +1168,7 @@ pub(crate) fn object_seq_counts(
 ) -> std::collections::BTreeMap<(String, String), usize> {
     use arrow::array::AsArray;
     let mut counts = std::collections::BTreeMap::new();
-    for path in walk(dir) {
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if !name.ends_with(".parquet") || name.starts_with("LOAD") {
-            continue;
-        }
+    for path in cdc_objects(dir) {
         let rel = path.strip_prefix(dir).unwrap();
         let table: Vec<_> = rel.iter().take(2).map(|p| p.to_string_lossy()).collect();
         let file = std::fs::File::open(&path).unwrap();
@@ -1179,13 +1199,7 @@ pub(crate) fn assert_each_change_once(dir: &Path, changes: usize) {
     let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "changes written twice: {doubled:?}");
     assert_eq!(counts.len(), changes, "every change written once");
-    let objects = walk(dir)
-        .into_iter()
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.ends_with(".parquet") && !name.starts_with("LOAD")
-        })
-        .count();
+    let objects = cdc_objects(dir).len();
     let checkpoints: Vec<_> = walk(&dir.join("_cdcflow"))
         .into_iter()
         .filter(|p| {
