@@ -18,6 +18,9 @@ MOTO_AUTH_PORT="${MOTO_AUTH_PORT:-19001}"
 MOTO_VERSION=5.2.5
 PROM_CLIENT_VERSION=0.23.1
 PYYAML_VERSION=6.0.2
+DELTALAKE_VERSION=1.6.6
+PYARROW_VERSION=26.0.1
+TOOLS_IMPORT='import prometheus_client, yaml, deltalake, pyarrow'
 BQ_PORT="${BQ_PORT:-19050}"
 BQ_GRPC_PORT="${BQ_GRPC_PORT:-19060}"
 BQ_PROJECT="${BQ_PROJECT:-test-proj}"
@@ -238,15 +241,18 @@ tools_install() {
   if ! command -v chromium >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
   fi
-  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client, yaml' >/dev/null 2>&1 && return 0
+  "$PEERS_DIR/venv-tools/bin/python" -c "$TOOLS_IMPORT" >/dev/null 2>&1 && return 0
   python3 -m venv "$PEERS_DIR/venv-tools"
+  # prometheus-client: parses /metrics; deltalake (+ pyarrow): a second Delta
+  # reader of the warehouse tables in S3.
   "$PEERS_DIR/venv-tools/bin/pip" install -q --disable-pip-version-check \
-    "prometheus-client==$PROM_CLIENT_VERSION" "PyYAML==$PYYAML_VERSION"
+    "prometheus-client==$PROM_CLIENT_VERSION" "PyYAML==$PYYAML_VERSION" \
+    "deltalake==$DELTALAKE_VERSION" "pyarrow==$PYARROW_VERSION"
 }
 tools_start() { tools_install; }
 tools_stop() { :; }
 tools_status() {
-  "$PEERS_DIR/venv-tools/bin/python" -c 'import prometheus_client, yaml' >/dev/null 2>&1 \
+  "$PEERS_DIR/venv-tools/bin/python" -c "$TOOLS_IMPORT" >/dev/null 2>&1 \
     && command -v chromium >/dev/null 2>&1 && echo "tools: installed" || echo "tools: missing"
 }
 tools_env() {

@@ -6,11 +6,13 @@ use cdcflow::failpoint::NAMES;
 
 use crate::support::{Workspace, assert_warehouse_matches, pg_database};
 
-/// Where a crash test keeps its state.
+/// Where a crash test keeps its state (and its tables).
 #[derive(Clone, Copy)]
 enum Store {
     Sqlite,
     Postgres,
+    /// State in PostgreSQL, Delta tables in S3 (current state by MERGE).
+    Lakehouse,
 }
 
 async fn crash_then_recover(failpoint: &str) {
@@ -22,9 +24,17 @@ async fn crash_then_recover_in(failpoint: &str, store: Store) {
     let data = ws.synth(1500, 11);
     ws.publish_all();
     ws.write_pipeline(3, true);
+    if let Store::Lakehouse = store {
+        let Some(endpoint) = crate::support::peer("CDCFLOW_TEST_S3_ENDPOINT") else {
+            return;
+        };
+        let bucket = crate::s3::bucket(&endpoint, &ws).await;
+        let warehouse = crate::lakehouse::s3_warehouse(&endpoint, &bucket, false);
+        ws.write_pipeline_into("pipeline.toml", 3, true, "", &warehouse);
+    }
     let database = match store {
         Store::Sqlite => None,
-        Store::Postgres => {
+        Store::Postgres | Store::Lakehouse => {
             let Some((admin, name, url)) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "crash_").await
             else {
                 return;
@@ -90,6 +100,15 @@ async fn every_step_boundary_of_a_later_batch() {
 async fn every_step_boundary_with_the_state_in_postgres() {
     for name in NAMES {
         crash_then_recover_in(&format!("{name}@2"), Store::Postgres).await;
+    }
+}
+
+/// The same with the tables in S3 (what a pod with no volume runs): the
+/// Delta commits a crash cut short are found, or redone, in S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_boundary_with_the_tables_in_s3() {
+    for name in NAMES {
+        crash_then_recover_in(&format!("{name}@2"), Store::Lakehouse).await;
     }
 }
 

@@ -252,17 +252,7 @@ async fn vacuum_waits_for_the_lease_and_keeps_a_minimum_retention() {
     assert!(!short.status.success(), "{}", output(&short));
     assert!(output(&short).contains("--force"), "{}", output(&short));
     assert_ok(
-        &ws.cdcflow(
-            &[
-                "vacuum",
-                "-p",
-                "pipeline.toml",
-                "--retain-hours",
-                "0",
-                "--force",
-            ],
-            &[],
-        ),
+        &ws.cdcflow(&crate::support::VACUUM_NOW, &[]),
         "vacuum --force",
     );
 }

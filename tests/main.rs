@@ -13,6 +13,7 @@ mod crash;
 mod decode;
 mod fuzz;
 mod integrity;
+mod lakehouse;
 mod layers;
 mod pipeline_local;
 mod s3;

@@ -102,14 +102,7 @@ async fn many_small_batches_give_the_same_tables() {
     };
     let before = files("warehouse");
     let vacuum = |extra: &[&str]| {
-        let mut args = vec![
-            "vacuum",
-            "-p",
-            "pipeline.toml",
-            "--retain-hours",
-            "0",
-            "--force",
-        ];
+        let mut args = crate::support::VACUUM_NOW.to_vec();
         args.extend(extra);
         let out = ws.cdcflow(&args, &[]);
         assert!(out.status.success(), "{}", output(&out));

@@ -17,8 +17,8 @@ use serde::Deserialize;
 pub use crate::model::{Column, SqlType, TYPE_NAMES, UTC};
 pub use validate::store_of;
 pub use validated::{
-    AlertFormat, Alerts, BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig,
-    Table, WarehouseConfig, Webhook,
+    AlertFormat, Alerts, BigQueryConfig, CsvOptions, DeltaLocation, Pipeline, RetryPolicy, Source,
+    StateConfig, Table, WarehouseConfig, Webhook,
 };
 
 use crate::error::{Error, Result};
@@ -320,15 +320,35 @@ pub struct StateFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum WarehouseFile {
-    /// Embedded Delta Lake tables in a directory.
-    Local {
-        /// Directory holding one Delta table per warehouse table.
+    /// Delta Lake tables in a directory or under an object-store prefix
+    /// (`kind = "local"` is the same).
+    #[serde(alias = "local")]
+    Delta {
+        /// Where the tables are, one Delta table per warehouse table: a
+        /// directory (relative to the working directory), or
+        /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`
+        /// or `abfss://container@account.dfs.core.windows.net/prefix`.
         path: String,
         /// Apply in-order batches to current-state tables by Delta deletion
         /// vectors (default), which readers must support; `false` rewrites
         /// the touched files instead (set it before the first load).
         #[serde(default = "default_true")]
         deletion_vectors: bool,
+        /// Object storage: as `source.region`.
+        #[serde(default)]
+        region: Option<String>,
+        /// Object storage: as `source.endpoint`.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Object storage: as `source.allow_http`.
+        #[serde(default)]
+        allow_http: Option<bool>,
+        /// Object storage: as `source.profile`.
+        #[serde(default)]
+        profile: Option<String>,
+        /// Object storage: as `source.options`.
+        #[serde(default)]
+        options: std::collections::BTreeMap<String, Secret>,
     },
     /// Google BigQuery: tables in one dataset, loaded by load and MERGE jobs.
     Bigquery {

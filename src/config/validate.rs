@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::validated::{
-    AlertFormat, Alerts, BigQueryConfig, CsvOptions, Pipeline, RetryPolicy, Source, StateConfig,
-    Table, WarehouseConfig, Webhook,
+    AlertFormat, Alerts, BigQueryConfig, CsvOptions, DeltaLocation, Pipeline, RetryPolicy, Source,
+    StateConfig, Table, WarehouseConfig, Webhook,
 };
 use super::{
     AlertsFile, CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile,
@@ -527,18 +527,59 @@ fn validate_table(
 
 fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> WarehouseConfig {
     match file {
-        WarehouseFile::Local {
+        WarehouseFile::Delta {
             path,
             deletion_vectors,
+            region,
+            endpoint,
+            allow_http,
+            profile,
+            options,
         } => {
-            if path.trim().is_empty() {
-                problems.add(
-                    "warehouse.path",
-                    "must name a directory, e.g. \"warehouse/shop\"",
-                );
-            }
-            WarehouseConfig::Local {
-                path: absolute(path),
+            let location = if path.contains("://") {
+                let store = super::SourceFile {
+                    url: path.clone(),
+                    region: region.clone(),
+                    endpoint: endpoint.clone(),
+                    allow_http: *allow_http,
+                    profile: profile.clone(),
+                    options: options.clone(),
+                    ..super::SourceFile::for_url("")
+                };
+                match store_of(&store, "warehouse") {
+                    Ok(store) if store.url.scheme() != "file" => {
+                        DeltaLocation::Store(Box::new(store))
+                    }
+                    Ok(store) => DeltaLocation::Dir(store.url.to_file_path().unwrap_or_default()),
+                    Err(e) => {
+                        problems.add("warehouse.path", e.to_string());
+                        DeltaLocation::Dir(PathBuf::new())
+                    }
+                }
+            } else {
+                if path.trim().is_empty() {
+                    problems.add(
+                        "warehouse.path",
+                        "must name a directory, e.g. \"warehouse/shop\", or an object-store prefix, e.g. \"s3://bucket/warehouse\"",
+                    );
+                }
+                let settings = [
+                    ("region", region.is_some()),
+                    ("endpoint", endpoint.is_some()),
+                    ("allow_http", allow_http.is_some()),
+                    ("profile", profile.is_some()),
+                    ("options", !options.is_empty()),
+                ];
+                for (field, _) in settings.iter().filter(|(_, set)| *set) {
+                    problems.add(
+                        format!("warehouse.{field}"),
+                        "applies to an object-store path (s3://, gs://, az://) only",
+                    );
+                }
+                DeltaLocation::Dir(absolute(path))
+            };
+            WarehouseConfig::Delta {
+                location,
                 deletion_vectors: *deletion_vectors,
             }
         }
@@ -644,6 +685,67 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle} missing in:\n{err}");
         }
+    }
+
+    /// `kind = "delta"` (and its old name `local`) takes a directory or an
+    /// object-store prefix; store settings apply to a prefix only, and are
+    /// checked as a source's.
+    #[test]
+    fn a_delta_warehouse_lives_in_a_directory_or_object_storage() {
+        let warehouse = |lines: &str| {
+            GOOD.replace("kind = \"local\"\n        path = \"warehouse/shop\"", lines)
+        };
+        let p = check(&warehouse("kind = \"delta\"\npath = \"warehouse/shop\"")).unwrap();
+        assert!(matches!(
+            &p.warehouse,
+            WarehouseConfig::Delta { location: DeltaLocation::Dir(dir), .. } if dir.is_absolute() && dir.ends_with("warehouse/shop")
+        ));
+        for url in ["s3://lake/cdc", "gs://lake/cdc", "az://lake/cdc"] {
+            let p = check(&warehouse(&format!("kind = \"delta\"\npath = \"{url}\""))).unwrap();
+            assert!(
+                matches!(&p.warehouse, WarehouseConfig::Delta { location: DeltaLocation::Store(s), .. } if s.url.as_str() == url),
+                "{url}: {:?}",
+                p.warehouse
+            );
+        }
+        let p = check(&warehouse(
+            "kind = \"local\"\npath = \"s3://lake/cdc\"\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"eu-west-1\"",
+        ))
+        .unwrap();
+        let WarehouseConfig::Delta {
+            location: DeltaLocation::Store(s),
+            ..
+        } = &p.warehouse
+        else {
+            panic!("{:?}", p.warehouse)
+        };
+        let options: Vec<&str> = s.store_options.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(options, ["aws_region", "aws_endpoint"]);
+        let err = check(&warehouse(
+            "kind = \"delta\"\npath = \"warehouse/shop\"\nregion = \"eu-west-1\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`warehouse.region`") && err.contains("object-store path"),
+            "{err}"
+        );
+        let err = check(&warehouse(
+            "kind = \"delta\"\npath = \"gs://lake/cdc\"\n[warehouse.options]\naws_secret_access_key = \"x\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`warehouse.options.aws_secret_access_key`"),
+            "{err}"
+        );
+        let err = check(&warehouse("kind = \"delta\"\npath = \"ftp://lake/cdc\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`warehouse.path`") && err.contains("ftp"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -87,17 +87,27 @@ pub enum StateConfig {
 }
 
 /// A validated `[warehouse]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WarehouseConfig {
-    /// Delta Lake tables under this directory.
-    Local {
-        /// Absolute directory.
-        path: PathBuf,
+    /// Delta Lake tables in a directory or under an object-store prefix.
+    Delta {
+        /// Where the tables are.
+        location: DeltaLocation,
         /// Whether current-state tables take deletion vectors.
         deletion_vectors: bool,
     },
     /// A BigQuery dataset.
     BigQuery(BigQueryConfig),
+}
+
+/// Where a Delta warehouse keeps its tables.
+#[derive(Debug, Clone)]
+pub enum DeltaLocation {
+    /// An absolute directory.
+    Dir(PathBuf),
+    /// A prefix in object storage: the `[warehouse]` store settings, checked
+    /// as a source's are (only `url`, `store_options` and `profile` apply).
+    Store(Box<Source>),
 }
 
 /// Where and how to reach BigQuery.

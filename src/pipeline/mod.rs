@@ -100,15 +100,15 @@ impl Runner {
         let source = Arc::new(StoreSource::open(&pipeline.source)?);
         let state = crate::state::open(&pipeline.state, &pipeline.name)?;
         let warehouse: Arc<dyn Warehouse> = match &pipeline.warehouse {
-            WarehouseConfig::Local {
-                path,
+            WarehouseConfig::Delta {
+                location,
                 deletion_vectors,
             } => Arc::new(DeltaWarehouse::new(
-                path.clone(),
+                location,
                 &pipeline.name,
                 pipeline.batch.memory_limit_mib << 20,
                 *deletion_vectors,
-            )),
+            )?),
             WarehouseConfig::BigQuery(config) => {
                 Arc::new(BigQueryWarehouse::new(config.clone(), &pipeline.name))
             }

@@ -297,6 +297,16 @@ pub(crate) const BACKFILL_ALL: [&str; 7] = [
     "2100-01-01",
 ];
 
+/// `cdcflow vacuum` of every file no version reads, now, with `pipeline.toml`.
+pub(crate) const VACUUM_NOW: [&str; 6] = [
+    "vacuum",
+    "-p",
+    "pipeline.toml",
+    "--retain-hours",
+    "0",
+    "--force",
+];
+
 /// Everything a finished process printed, stdout then stderr.
 pub(crate) fn output(o: &Output) -> String {
     format!(

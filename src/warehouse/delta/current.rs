@@ -52,16 +52,7 @@ impl DeltaWarehouse {
                     (order.min_seq.as_deref(), req.loaded_max.as_deref()),
                     (Some(min), Some(max)) if min <= max
                 );
-                deletion_vectors::apply(
-                    table,
-                    &self.root.join(&name),
-                    &name,
-                    req,
-                    app,
-                    ctx,
-                    compare_seq,
-                )
-                .await?;
+                deletion_vectors::apply(table, &name, req, app, ctx, compare_seq).await?;
                 let table = self.open(&name).await?;
                 if deletion_vectors::rewrite_due(&table, &name)? {
                     self.compact(table, &name, req.merger).await?;

@@ -31,12 +31,13 @@ use deltalake::DeltaTable;
 use deltalake::DeltaTableError;
 use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, StorageType};
+use deltalake::logstore::parquet_reader::ParquetObjectReader;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{DeltaWarehouse, LATEST, cast_to, register_latest, writer_properties};
 use crate::error::{Error, Result};
@@ -98,14 +99,13 @@ struct Marked {
 }
 
 /// Applies the latest changes of `req`'s batch, registered as [`LATEST`] in
-/// `ctx`, to `table` (in directory `dir`), in one commit that records the
+/// `ctx`, to `table`, in one commit that records the
 /// batch under `app`.
 /// `compare_seq`: the batch may hold changes no newer than rows of the
 /// table (its first change equals the loaded maximum), so each target row's
 /// `change_seq` is compared; otherwise every change is newer.
 pub(super) async fn apply(
     table: DeltaTable,
-    dir: &std::path::Path,
     name: &str,
     req: &LoadRequest<'_>,
     app: &str,
@@ -132,17 +132,14 @@ pub(super) async fn apply(
             .map_err(|e| fail("reading the snapshot", e))?;
         let engine = table.log_store().engine(None);
         let root = table.log_store().root_url().clone();
+        let store = table.object_store();
         for file in snapshot.log_data().iter() {
-            let path = dir.join(file.object_store_path().as_ref());
-            let (lookup, latest, merger) = (lookup.clone(), latest.clone(), merger.clone());
-            // Parquet is read synchronously: off the async workers.
-            let found = tokio::task::spawn_blocking(move || {
-                key_matches(&path, &lookup, &latest, &merger, compare_seq)
-            })
-            .await
-            .map_err(|e| DeltaTableError::Generic(e.to_string()))
-            .and_then(|found| found)
-            .map_err(|e| fail("reading the key columns", e))?;
+            let path = file.object_store_path();
+            let data = ParquetObjectReader::new(store.clone(), path.clone())
+                .with_file_size(file.size() as u64);
+            let found = key_matches(&path, data, &lookup, &latest, merger, compare_seq)
+                .await
+                .map_err(|e| fail("reading the key columns", e))?;
             if found.is_empty() {
                 continue;
             }
@@ -254,31 +251,30 @@ async fn read_deletion_vector(
         .map_err(DeltaTableError::from)
 }
 
-/// Scans the key columns of the data file at `path` (and `change_seq` when
+/// Scans the key columns of the data file `data` at `path` (and `change_seq` when
 /// `compare_seq`): for each of its rows whose key has a change in `latest`,
 /// the row's position, the change, and whether the change is newer.
-fn key_matches(
-    path: &std::path::Path,
+async fn key_matches(
+    path: &object_store::path::Path,
+    data: ParquetObjectReader,
     lookup: &KeyLookup,
     latest: &[RecordBatch],
     merger: &Merger,
     compare_seq: bool,
 ) -> std::result::Result<Vec<(u64, Loc, bool)>, DeltaTableError> {
-    let file = std::fs::File::open(path)?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let builder = ParquetRecordBatchStreamBuilder::new(data).await?;
     let mut names: Vec<&str> = merger.key.iter().map(String::as_str).collect();
     if compare_seq {
         names.push(&merger.meta.change_seq);
     }
-    let missing =
-        |name: &str| DeltaTableError::Generic(format!("{} has no column {name:?}", path.display()));
+    let missing = |name: &str| DeltaTableError::Generic(format!("{path} has no column {name:?}"));
     let columns = names
         .iter()
         .map(|n| builder.schema().index_of(n).map_err(|_| missing(n)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     // The file's column order is kept: columns are picked by name below.
     let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
-    let reader = builder
+    let mut reader = builder
         .with_projection(mask)
         .with_batch_size(65_536)
         .build()?;
@@ -294,7 +290,7 @@ fn key_matches(
     };
     let mut matches = Vec::new();
     let mut position = 0u64;
-    for chunk in reader {
+    while let Some(chunk) = reader.next().await {
         let chunk = chunk?;
         let column = |name: &str| {
             chunk

@@ -9,6 +9,7 @@
 mod current;
 mod deletion_vectors;
 mod ledger;
+mod log_store;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,15 +20,15 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use deltalake::DeltaTable;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::write::SchemaMode;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use super::{Apply, DataFusionTables, LoadRequest, Queries, Warehouse};
-use crate::config::{Column, SqlType, Table};
+use crate::config::{Column, DeltaLocation, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::{BatchOrder, LatestChanges, Merger, sql};
@@ -124,38 +125,86 @@ impl PartitionStream for OneShot {
     }
 }
 
-/// Delta tables under one directory.
+/// Where a warehouse's Delta tables are.
+enum Root {
+    /// A local directory.
+    Dir(PathBuf),
+    /// A prefix in object storage: the bucket's store, and the prefix's URL
+    /// (ending in `/`).
+    Store {
+        store: Arc<dyn object_store::ObjectStore>,
+        url: url::Url,
+    },
+}
+
+/// Delta tables under one directory or object-store prefix.
 pub struct DeltaWarehouse {
-    root: PathBuf,
+    root: Root,
     pipeline: String,
     memory_limit: usize,
     deletion_vectors: bool,
 }
 
 impl DeltaWarehouse {
-    /// A warehouse at `root` for `pipeline` (names the transaction app ids)
-    /// whose merges use at most `memory_limit` bytes before spilling, and
-    /// which applies in-order batches by deletion vectors when
+    /// A warehouse at `location` for `pipeline` (names the transaction app
+    /// ids) whose merges use at most `memory_limit` bytes before spilling,
+    /// and which applies in-order batches by deletion vectors when
     /// `deletion_vectors` (see the `deletion_vectors` module).
-    pub fn new(root: PathBuf, pipeline: &str, memory_limit: usize, deletion_vectors: bool) -> Self {
-        DeltaWarehouse {
+    pub fn new(
+        location: &DeltaLocation,
+        pipeline: &str,
+        memory_limit: usize,
+        deletion_vectors: bool,
+    ) -> Result<Self> {
+        let root = match location {
+            DeltaLocation::Dir(dir) => Root::Dir(dir.clone()),
+            DeltaLocation::Store(settings) => {
+                log_store::register();
+                let (store, _) = crate::source::open_store(settings)?;
+                let mut url = settings.url.clone();
+                if !url.path().ends_with('/') {
+                    url.set_path(&format!("{}/", url.path()));
+                }
+                Root::Store { store, url }
+            }
+        };
+        Ok(DeltaWarehouse {
             root,
             pipeline: pipeline.to_string(),
             memory_limit,
             deletion_vectors,
-        }
+        })
     }
 
+    /// Table `name`, loaded at its latest version (none yet if it has never
+    /// been written).
     async fn open(&self, name: &str) -> Result<DeltaTable> {
-        let dir = self.root.join(name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io("cannot create the warehouse directory", dir.display(), e))?;
-        let url = url::Url::from_directory_path(&dir).map_err(|_| {
-            Error::Usage(format!("warehouse path {} must be absolute", dir.display()))
-        })?;
-        DeltaTable::try_from_url(url)
-            .await
-            .map_err(|e| Error::warehouse(name, "opening", e))
+        let fail = |e| Error::warehouse(name, "opening", e);
+        let builder = match &self.root {
+            Root::Dir(root) => {
+                let dir = root.join(name);
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    Error::io("cannot create the warehouse directory", dir.display(), e)
+                })?;
+                let url = url::Url::from_directory_path(&dir).map_err(|_| {
+                    Error::Usage(format!("warehouse path {} must be absolute", dir.display()))
+                })?;
+                DeltaTableBuilder::from_url(url).map_err(fail)?
+            }
+            Root::Store { store, url } => {
+                let url = url.join(&format!("{name}/")).map_err(|e| {
+                    Error::Usage(format!("{name} cannot name a table under {url}: {e}"))
+                })?;
+                DeltaTableBuilder::from_url(url.clone())
+                    .map_err(fail)?
+                    .with_storage_backend(store.clone(), url)
+            }
+        };
+        let mut table = builder.build().map_err(fail)?;
+        match table.load().await {
+            Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(table),
+            Err(e) => Err(fail(e)),
+        }
     }
 
     /// A query provider over table `name`, if it has been created.
@@ -413,7 +462,6 @@ impl Warehouse for DeltaWarehouse {
             if delta.version().is_none() {
                 continue;
             }
-            let dir = self.root.join(&name);
             let vacuum = |dry_run| {
                 delta
                     .clone()
@@ -430,27 +478,28 @@ impl Warehouse for DeltaWarehouse {
                 .await
                 .map_err(|e| Error::warehouse(&name, "vacuuming", e))?;
             // delta-rs names a file once per remove action (a file whose
-            // deletion vector grew, once per growth), relative or absolute,
-            // and files deleted already: keep the ones on disk.
-            let mut files: Vec<PathBuf> = candidates
-                .files_deleted
-                .iter()
-                .map(|f| dir.join(f))
-                .filter(|f| f.is_file())
-                .collect();
+            // deletion vector grew, once per growth), and files deleted
+            // already: keep the ones that exist.
+            let mut files = candidates.files_deleted;
             files.sort();
             files.dedup();
-            if !dry_run && !files.is_empty() {
+            let store = delta.object_store();
+            let mut existing = Vec::with_capacity(files.len());
+            for file in files {
+                match object_store::ObjectStoreExt::head(&store, &file.as_str().into()).await {
+                    Ok(_) => existing.push(file),
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        return Err(Error::warehouse(&name, "vacuuming", e.into()));
+                    }
+                }
+            }
+            if !dry_run && !existing.is_empty() {
                 vacuum(false)
                     .await
                     .map_err(|e| Error::warehouse(&name, "vacuuming", e))?;
             }
-            deleted.extend(files.iter().map(|f| {
-                f.strip_prefix(&self.root)
-                    .unwrap_or(f)
-                    .display()
-                    .to_string()
-            }));
+            deleted.extend(existing.iter().map(|f| format!("{name}/{f}")));
         }
         Ok(Some(deleted))
     }
