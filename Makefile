@@ -24,9 +24,10 @@ serve: build ## Serve the web UI, /metrics, /healthz and /readyz for pipelines/ 
 test: peers-up ## Run every test (unit and integration, with a short chaos and fuzz pass); starts the peers first (moto S3, bqemulator, PostgreSQL, MariaDB)
 	eval "$$(scripts/peers.sh all env)" && $(CARGO) test --features failpoints
 
-chaos: peers-up ## Long fault suite: runs and backfills SIGKILLed at random (CDCFLOW_CHAOS_ROUNDS, default 40), S3 faults, 8 runs at once; pgbench and sysbench soaks with capture SIGKILLed and the servers restarted
+chaos: peers-up ## Long fault suite: runs and backfills SIGKILLed at random (CDCFLOW_CHAOS_ROUNDS, default 40), S3 faults, 8 runs at once; pgbench and sysbench soaks with capture SIGKILLed and the servers restarted; a fleet of 1, 2 and 4 workers over 40 pipelines with one SIGKILLed
 	eval "$$(scripts/peers.sh all env)" && CDCFLOW_CHAOS_ROUNDS=$${CDCFLOW_CHAOS_ROUNDS:-40} CDCFLOW_SOAK_RESTART=1 \
-	  $(CARGO) test --features failpoints --test main -- chaos s3_faults killed_at_random through_kills --nocapture --test-threads 1
+	  CDCFLOW_FLEET_PIPELINES=$${CDCFLOW_FLEET_PIPELINES:-40} CDCFLOW_FLEET_WORKERS=$${CDCFLOW_FLEET_WORKERS:-1,2,4} \
+	  $(CARGO) test --features failpoints --test main -- chaos s3_faults killed_at_random through_kills fleet:: --nocapture --test-threads 1
 
 fuzz: ## Mutate the DMS samples and testdata through the decoders for CDCFLOW_FUZZ_SECS (default 600) seconds
 	CDCFLOW_FUZZ_SECS=$${CDCFLOW_FUZZ_SECS:-600} $(CARGO) test --features failpoints --test main -- fuzz:: --nocapture

@@ -102,18 +102,23 @@ CREATE TABLE IF NOT EXISTS listings (
     PRIMARY KEY (pipeline, tbl)
 );
 
--- One process at a time per pipeline: an expiring lease renewed by a heartbeat.
-CREATE TABLE IF NOT EXISTS leases (
-    pipeline     TEXT PRIMARY KEY,
+-- One process at a time per table: an expiring lease renewed by a
+-- heartbeat, with the fencing token of its take (schema version 2; version
+-- 1 had one lease per pipeline, in a table `leases` dropped here so that an
+-- older build still running fails instead of running beside this one).
+DROP TABLE IF EXISTS leases;
+CREATE TABLE IF NOT EXISTS table_leases (
+    pipeline     TEXT NOT NULL,
+    tbl          TEXT NOT NULL,
     owner        TEXT NOT NULL,
     acquired_at  TEXT NOT NULL,
-    expires_at   TEXT NOT NULL
+    expires_at   TEXT NOT NULL,
+    token        INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, tbl)
 );
 
--- The fencing token of each pipeline's lease: raised by every take-over.
--- A store that took the lease writes batches only while its token is still
--- the newest (ARCHITECTURE §3). Added without a version change: older
--- builds ignore the table (and do not fence).
+-- The newest fencing token of each pipeline: raised by every take of any of
+-- its tables' leases, so tokens only grow (ARCHITECTURE §3).
 CREATE TABLE IF NOT EXISTS lease_tokens (
     pipeline     TEXT PRIMARY KEY,
     token        INTEGER NOT NULL

@@ -110,19 +110,24 @@ CREATE TABLE IF NOT EXISTS cdcflow.listings (
     PRIMARY KEY (pipeline, tbl)
 );
 
--- One process at a time per pipeline: an expiring lease renewed by a
--- heartbeat, its times the server's clock (one clock for every worker).
-CREATE TABLE IF NOT EXISTS cdcflow.leases (
-    pipeline     TEXT PRIMARY KEY,
+-- One process at a time per table: an expiring lease renewed by a
+-- heartbeat, its times the server's clock (one clock for every worker), with
+-- the fencing token of its take (schema version 2; version 1 had one lease
+-- per pipeline, in a table `leases` dropped here so that an older build still
+-- running fails instead of running beside this one).
+DROP TABLE IF EXISTS cdcflow.leases;
+CREATE TABLE IF NOT EXISTS cdcflow.table_leases (
+    pipeline     TEXT NOT NULL,
+    tbl          TEXT NOT NULL,
     owner        TEXT NOT NULL,
     acquired_at  TIMESTAMPTZ NOT NULL,
-    expires_at   TIMESTAMPTZ NOT NULL
+    expires_at   TIMESTAMPTZ NOT NULL,
+    token        BIGINT NOT NULL,
+    PRIMARY KEY (pipeline, tbl)
 );
 
--- The fencing token of each pipeline's lease: raised by every take-over.
--- A store that took the lease writes batches only while its token is still
--- the newest (ARCHITECTURE §3). Added without a version change: older
--- builds ignore the table (and do not fence).
+-- The newest fencing token of each pipeline: raised by every take of any of
+-- its tables' leases, so tokens only grow (ARCHITECTURE §3).
 CREATE TABLE IF NOT EXISTS cdcflow.lease_tokens (
     pipeline     TEXT PRIMARY KEY,
     token        BIGINT NOT NULL

@@ -188,23 +188,27 @@ pub enum Error {
     #[error("internal error (a defect in cdcflow; please report it with this message): {0}")]
     Internal(String),
 
-    /// Another process holds the pipeline's lease: one run at a time.
+    /// Another process holds a table's lease: one process per table at a time.
     #[error(
-        "pipeline {pipeline} is being run by {owner} (lease until {expires_at}); \
-         this process does nothing. If that process died, its lease expires by itself"
+        "table {table} of pipeline {pipeline} is being loaded by {owner} (lease until \
+         {expires_at}); this process leaves it alone. If that process died, its lease expires \
+         by itself"
     )]
     LeaseHeld {
         /// Pipeline name.
         pipeline: String,
+        /// The table (`schema.table`).
+        table: String,
         /// The holder (host:pid:nonce).
         owner: String,
         /// When the holder's lease runs out unless renewed.
         expires_at: String,
     },
 
-    /// This process lost the pipeline's lease (its heartbeat failed); it stops
-    /// before the next batch. A later run finishes the work.
-    #[error("lost the lease on pipeline {pipeline}; stopping before the next batch")]
+    /// This process lost a table's lease (its heartbeat failed, or another
+    /// process took it over); it stops before the next batch. A later run
+    /// finishes the work.
+    #[error("lost a table's lease on pipeline {pipeline}; stopping before the next batch")]
     LeaseLost {
         /// Pipeline name.
         pipeline: String,

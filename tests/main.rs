@@ -11,6 +11,7 @@ mod chaos;
 mod cli;
 mod crash;
 mod decode;
+mod fleet;
 mod fuzz;
 mod integrity;
 mod lakehouse;

@@ -327,6 +327,39 @@ fn the_kubernetes_examples_validate_and_their_probes_reach_the_server() {
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
     let labels = &deployment["spec"]["template"]["metadata"]["labels"];
     assert_eq!(&service["spec"]["selector"], labels);
+
+    // The fleet keeps nothing on a pod's disk: no claim is mounted, and each
+    // of its pipelines has its state in PostgreSQL and its tables remote.
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.get("persistentVolumeClaim").is_none()),
+        "{pod}"
+    );
+    let fleet_maps = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["configMap"]["name"].as_str());
+    for map in fleet_maps {
+        let data = &of_kind("ConfigMap")
+            .find(|m| m["metadata"]["name"] == map)
+            .expect("the mounted ConfigMap")["data"];
+        for (name, text) in data.as_object().unwrap() {
+            let file: toml::Table = text.as_str().unwrap().parse().unwrap();
+            let state = file["state"]["url"].as_str().unwrap();
+            assert!(state.starts_with("postgres://"), "{name}: state {state}");
+            let warehouse = &file["warehouse"];
+            let remote = warehouse["kind"].as_str() == Some("bigquery")
+                || warehouse["path"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("://"));
+            assert!(remote, "{name}: warehouse {warehouse}");
+        }
+    }
 }
 
 /// Every metric the Grafana dashboard queries is one `cdcflow serve`

@@ -56,6 +56,49 @@ impl Stores {
     }
 }
 
+/// A PostgreSQL state of version 1 (one lease per pipeline) moves to
+/// version 2 when opened, and its pipeline lease table is dropped: a
+/// version-1 process still running then fails rather than running beside
+/// this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_postgres_state_moves_to_version_2_without_the_pipeline_leases() {
+    let ws = Workspace::new();
+    let Some((admin, name, url)) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "v1_").await else {
+        return;
+    };
+    let config = postgres_config(&url);
+    drop(cdcflow::state::open(&config, "p").unwrap());
+    let db = crate::support::pg_connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE cdcflow.leases (pipeline TEXT PRIMARY KEY, owner TEXT NOT NULL,
+           acquired_at TIMESTAMPTZ NOT NULL, expires_at TIMESTAMPTZ NOT NULL);
+         INSERT INTO cdcflow.leases VALUES ('p', 'old:1:0', now(), now() + interval '1 hour');
+         UPDATE cdcflow.schema_version SET version = 1;",
+    )
+    .await
+    .unwrap();
+    drop(cdcflow::state::open(&config, "p").unwrap());
+    let row = db
+        .query_one(
+            "SELECT (SELECT version FROM cdcflow.schema_version),
+                    to_regclass('cdcflow.leases') IS NULL,
+                    to_regclass('cdcflow.table_leases') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i32>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, bool>(2)
+        ),
+        (2, true, true)
+    );
+    drop(db);
+    crate::support::drop_pg_database(&admin, &name).await;
+}
+
 fn postgres_config(url: &str) -> StateConfig {
     let (url, tls) = cdcflow::tls::Tls::from_url(url, false).unwrap();
     StateConfig::Postgres {
@@ -340,51 +383,71 @@ fn token(outcome: LeaseOutcome) -> i64 {
     }
 }
 
-/// One holder at a time; each take gives a greater token.
+/// One holder per table at a time, each table its own; each take gives a
+/// greater token than every take of any table of the pipeline before.
 fn one_lease_holder_at_a_time(stores: &Stores) {
     let (a, b) = (stores.open("p"), stores.open("p"));
     let ttl = Duration::from_secs(60);
-    let first = token(a.acquire_lease("a", ttl, None).unwrap());
-    let again = token(a.acquire_lease("a", ttl, None).unwrap());
+    let first = token(a.acquire_lease("s.t", "a", ttl, None).unwrap());
+    let again = token(a.acquire_lease("s.t", "a", ttl, None).unwrap());
     assert!(again > first, "re-entrant, with a new token");
     assert!(
-        matches!(b.acquire_lease("b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
+        matches!(b.acquire_lease("s.t", "b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
     );
-    assert!(a.renew_lease("a", ttl).unwrap());
-    assert!(!b.renew_lease("b", ttl).unwrap());
+    // Another table of the pipeline is free: two workers share the pipeline.
+    let other_table = token(b.acquire_lease("s.u", "b", ttl, None).unwrap());
+    assert!(
+        other_table > again,
+        "tokens grow across the pipeline's tables"
+    );
+    assert_eq!(a.renew_lease("a", ttl).unwrap(), 1);
+    assert_eq!(b.renew_lease("b", ttl).unwrap(), 1);
+    assert_eq!(a.renew_lease("c", ttl).unwrap(), 0, "c holds nothing");
     b.release_lease("b").unwrap();
-    assert!(a.renew_lease("a", ttl).unwrap(), "only the holder releases");
+    assert_eq!(
+        a.renew_lease("a", ttl).unwrap(),
+        1,
+        "only the holder releases"
+    );
+    assert_eq!(b.renew_lease("b", ttl).unwrap(), 0, "b gave s.u up");
     a.release_lease("a").unwrap();
-    let released = token(b.acquire_lease("b", ttl, None).unwrap());
-    assert!(released > again, "a token is never given twice");
+    let released = token(b.acquire_lease("s.t", "b", ttl, None).unwrap());
+    assert!(released > other_table, "a token is never given twice");
     // A holder known to be dead is taken over at once.
-    let dead = token(a.acquire_lease("a", ttl, Some("b")).unwrap());
+    let dead = token(a.acquire_lease("s.t", "a", ttl, Some("b")).unwrap());
     assert!(dead > released);
-    assert!(!b.renew_lease("b", ttl).unwrap(), "b lost its lease");
+    assert_eq!(b.renew_lease("b", ttl).unwrap(), 0, "b lost its lease");
     // An expired lease is taken over.
-    a.acquire_lease("a", Duration::ZERO, None).unwrap();
+    a.acquire_lease("s.t", "a", Duration::ZERO, None).unwrap();
     std::thread::sleep(Duration::from_millis(5));
-    assert!(token(b.acquire_lease("b", ttl, None).unwrap()) > dead);
+    assert!(token(b.acquire_lease("s.t", "b", ttl, None).unwrap()) > dead);
     // Another pipeline's lease is its own.
     let other = stores.open("q");
-    token(other.acquire_lease("a", ttl, None).unwrap());
+    token(other.acquire_lease("s.t", "a", ttl, None).unwrap());
 }
 
-/// A store whose lease was taken over (expired while its process was
-/// paused) can no longer plan, re-plan, commit or quarantine: each write
-/// fails as a lost lease and changes nothing; the new holder's go through.
-/// A store that never took the lease writes unfenced.
+/// A store whose table lease was taken over (expired while its process was
+/// paused) can no longer plan, re-plan, commit or quarantine in that table:
+/// each write fails as a lost lease and changes nothing; the new holder's go
+/// through. Writes to a table the store holds no lease on are unfenced.
 fn a_taken_over_lease_fences_the_old_holders_writes(stores: &Stores) {
     let (old, new) = (stores.open("p"), stores.open("p"));
-    token(old.acquire_lease("old", Duration::ZERO, None).unwrap());
+    for table in ["s.t", "s.u"] {
+        token(
+            old.acquire_lease(table, "old", Duration::ZERO, None)
+                .unwrap(),
+        );
+    }
     let planned = old
         .plan_batch("s.t", &[obj("a"), obj("b")], BatchMode::Append)
         .unwrap();
     std::thread::sleep(Duration::from_millis(5));
-    token(
-        new.acquire_lease("new", Duration::from_secs(60), None)
-            .unwrap(),
-    );
+    for table in ["s.t", "s.u"] {
+        token(
+            new.acquire_lease(table, "new", Duration::from_secs(60), None)
+                .unwrap(),
+        );
+    }
     let lost = |what: &str, result: cdcflow::error::Result<()>| {
         let err = result.expect_err(what);
         assert!(
@@ -407,6 +470,7 @@ fn a_taken_over_lease_fences_the_old_holders_writes(stores: &Stores) {
             .map(drop),
     );
     lost("quarantine", old.quarantine("s.t", &obj("b"), "bad"));
+    lost("skip", old.skip("s.u", &obj("f"), "by hand"));
     let pending = new.pending_batch("s.t").unwrap().unwrap();
     assert_eq!(pending.objects.len(), 2, "the re-plan changed nothing");
     assert!(new.pending_batch("s.u").unwrap().is_none());
@@ -414,13 +478,21 @@ fn a_taken_over_lease_fences_the_old_holders_writes(stores: &Stores) {
     new.commit_batch("s.t", planned.number, &BatchStats::default())
         .unwrap();
     assert_eq!(processed(&*new, "a"), Some(1));
-    let unfenced = stores.open("p");
-    unfenced
-        .plan_batch("s.v", &[obj("d")], BatchMode::Append)
+    // A table neither store took a lease on: unfenced.
+    old.plan_batch("s.v", &[obj("d")], BatchMode::Append)
         .unwrap();
+    // The new holder released s.t: the old store's token is still not the
+    // table's, so it stays fenced off.
+    new.release_lease("new").unwrap();
+    lost(
+        "plan after the new holder released",
+        old.plan_batch("s.t", &[obj("g")], BatchMode::Append)
+            .map(drop),
+    );
     // Released, the old store writes unfenced again (an operator's skip).
     old.release_lease("old").unwrap();
     old.skip("s.w", &obj("e"), "by hand").unwrap();
+    old.skip("s.t", &obj("g"), "by hand").unwrap();
 }
 
 fn of_many_takers_at_once_one_gets_the_lease(stores: &Stores) {
@@ -437,7 +509,7 @@ fn of_many_takers_at_once_one_gets_the_lease(stores: &Stores) {
                         let owner = format!("w{round}-{i}");
                         barrier.wait();
                         let outcome = store
-                            .acquire_lease(&owner, Duration::from_secs(60), None)
+                            .acquire_lease("s.t", &owner, Duration::from_secs(60), None)
                             .unwrap();
                         matches!(outcome, LeaseOutcome::Acquired { .. }).then_some(owner)
                     })

@@ -120,6 +120,8 @@ pub(super) fn print_run(report: &RunReport) {
         rows += t.stats.rows;
         let status = if t.error.is_some() {
             "FAILED (below)".to_string()
+        } else if let Some(held) = &t.held_by {
+            format!("left to {} (loading it)", held.owner)
         } else if let Some((key, _)) = t.quarantined.first() {
             format!("WAITING at {key} (see `cdcflow status`)")
         } else {

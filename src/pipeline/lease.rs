@@ -1,27 +1,43 @@
-//! The pipeline lease: one process at a time works on a pipeline.
+//! Table leases: one process at a time loads a table. A run takes each
+//! table's lease as its task starts; a pipeline-wide operation (backfill,
+//! repair, vacuum) takes all of them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, Table};
 use crate::error::{Error, Result};
 use crate::state::{LeaseOutcome, Leases};
 
-/// A held lease, renewed in the background every third of its time to live.
-/// Dropping or releasing it stops the heartbeat and gives the lease up.
+/// Held leases of one or more tables, renewed in the background every third
+/// of their time to live. Dropping or releasing it stops the heartbeat and
+/// gives them up.
 pub struct Lease {
     state: Arc<dyn Leases>,
     owner: String,
-    /// The fencing token the store gave this take.
-    token: i64,
+    /// The fencing token the store gave each table's take.
+    tokens: BTreeMap<String, i64>,
     pipeline: String,
     lost: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
 impl Lease {
-    /// Takes the lease or fails with [`Error::LeaseHeld`].
+    /// Takes the leases of every table of `pipeline` (a pipeline-wide
+    /// operation), or fails with [`Error::LeaseHeld`].
     pub fn acquire(state: Arc<dyn Leases>, pipeline: &Pipeline) -> Result<Self> {
+        let tables: Vec<&Table> = pipeline.tables.iter().collect();
+        Self::acquire_tables(state, pipeline, &tables)
+    }
+
+    /// Takes the leases of `tables`, all or none: when one is held, those
+    /// taken are given back and it fails with [`Error::LeaseHeld`] naming it.
+    pub fn acquire_tables(
+        state: Arc<dyn Leases>,
+        pipeline: &Pipeline,
+        tables: &[&Table],
+    ) -> Result<Self> {
         let host = std::env::var("HOSTNAME")
             .ok()
             .or_else(|| {
@@ -30,40 +46,54 @@ impl Lease {
                     .map(|h| h.trim().to_string())
             })
             .unwrap_or_else(|| "localhost".into());
+        // Distinct per lease, also between the leases one process holds.
+        static TAKES: AtomicU32 = AtomicU32::new(0);
         let nonce = chrono::Utc::now().timestamp_subsec_nanos();
-        let owner = format!("{host}:{}:{nonce:08x}", std::process::id());
+        let take = TAKES.fetch_add(1, Ordering::Relaxed);
+        let owner = format!("{host}:{}:{nonce:08x}{take:x}", std::process::id());
         let ttl = pipeline.lease_ttl;
-        let mut outcome = state.acquire_lease(&owner, ttl, None)?;
-        if let LeaseOutcome::Held { owner: holder, .. } = &outcome
-            && is_dead_local_process(holder, &host)
-        {
-            tracing::warn!(holder = %holder, "taking over the lease of a process of this host that no longer runs");
-            outcome = state.acquire_lease(&owner, ttl, Some(holder))?;
-        }
-        let token = match outcome {
-            LeaseOutcome::Acquired { token } => token,
-            LeaseOutcome::Held {
-                owner: holder,
-                expires_at,
-            } => {
-                return Err(Error::LeaseHeld {
-                    pipeline: pipeline.name.clone(),
+        let mut keys: Vec<String> = tables.iter().map(|t| t.qualified()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut tokens = BTreeMap::new();
+        for key in keys {
+            let mut outcome = state.acquire_lease(&key, &owner, ttl, None)?;
+            if let LeaseOutcome::Held { owner: holder, .. } = &outcome
+                && is_dead_local_process(holder, &host)
+            {
+                tracing::warn!(holder = %holder, table = %key, "taking over the lease of a process of this host that no longer runs");
+                outcome = state.acquire_lease(&key, &owner, ttl, Some(holder))?;
+            }
+            match outcome {
+                LeaseOutcome::Acquired { token } => {
+                    tokens.insert(key, token);
+                }
+                LeaseOutcome::Held {
                     owner: holder,
                     expires_at,
-                });
+                } => {
+                    state.release_lease(&owner)?;
+                    return Err(Error::LeaseHeld {
+                        pipeline: pipeline.name.clone(),
+                        table: key,
+                        owner: holder,
+                        expires_at,
+                    });
+                }
             }
-        };
+        }
         let lost = Arc::new(AtomicBool::new(false));
         let heartbeat = {
-            let (state, owner, lost) = (state.clone(), owner.clone(), lost.clone());
+            let (state, owner, lost, held) =
+                (state.clone(), owner.clone(), lost.clone(), tokens.len());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
                     let (store, holder) = (state.clone(), owner.clone());
                     let renewed =
                         tokio::task::spawn_blocking(move || store.renew_lease(&holder, ttl)).await;
-                    if !matches!(renewed, Ok(Ok(true))) {
-                        tracing::error!(owner = %owner, "lost the pipeline lease; stopping before the next batch");
+                    if !matches!(renewed, Ok(Ok(n)) if n == held) {
+                        tracing::error!(owner = %owner, "lost a table's lease; stopping before the next batch");
                         lost.store(true, Ordering::SeqCst);
                         return;
                     }
@@ -73,14 +103,14 @@ impl Lease {
         Ok(Lease {
             state,
             owner,
-            token,
+            tokens,
             pipeline: pipeline.name.clone(),
             lost,
             heartbeat,
         })
     }
 
-    /// Fails with [`Error::LeaseLost`] once the heartbeat could not renew the lease.
+    /// Fails with [`Error::LeaseLost`] once the heartbeat could not renew the leases.
     pub fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {
             return Err(Error::LeaseLost {
@@ -90,12 +120,13 @@ impl Lease {
         Ok(())
     }
 
-    /// The fencing token of this take (greater than every earlier take's).
-    pub fn token(&self) -> i64 {
-        self.token
+    /// The fencing token of the take of `table` (`schema.table`; greater
+    /// than every earlier take's), or 0 when this lease does not cover it.
+    pub fn token(&self, table: &str) -> i64 {
+        self.tokens.get(table).copied().unwrap_or(0)
     }
 
-    /// Gives the lease up now.
+    /// Gives the leases up now.
     pub fn release(self) {
         drop(self);
     }

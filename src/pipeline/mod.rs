@@ -55,6 +55,9 @@ pub struct RunReport {
     pub run_id: i64,
     /// What started it.
     pub trigger: Trigger,
+    /// The data interval of a scheduled run.
+    #[serde(skip)]
+    pub interval: Option<Interval>,
     /// One entry per table, in pipeline order.
     pub tables: Vec<TableReport>,
     /// Wall time of the run.
@@ -69,6 +72,17 @@ impl RunReport {
         self.tables
             .iter()
             .all(|t| t.error.is_none() && t.quarantined.is_empty())
+    }
+
+    /// The tables another process was loading (left to it), and the
+    /// earliest time one of their leases runs out unless renewed.
+    pub fn held(&self) -> Option<(Vec<String>, String)> {
+        let held: Vec<&TableReport> = self.tables.iter().filter(|t| t.held_by.is_some()).collect();
+        let until = held
+            .iter()
+            .filter_map(|t| t.held_by.as_ref().map(|h| h.until.clone()))
+            .min()?;
+        Some((held.iter().map(|t| t.table.clone()).collect(), until))
     }
 }
 
@@ -171,7 +185,10 @@ impl Runner {
 
     /// Runs `sql` over the warehouse tables: in the warehouse when it has its
     /// own engine (BigQuery), else in DataFusion with every loaded table
-    /// registered by name (`<t>`, `<t>_history`, the `<t>_versions` view).
+    /// `sql` names registered by name (`<t>`, `<t>_history`, the
+    /// `<t>_versions` view). A table whose name does not appear in the text
+    /// cannot be referenced, and is not opened (in object storage each
+    /// costs requests).
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
         let tables = match self.warehouse.queries() {
             Queries::Engine(engine) => return engine.query(sql).await,
@@ -179,7 +196,13 @@ impl Runner {
         };
         let ctx = SessionContext::new();
         let mut missing = Vec::new();
-        for table in &self.pipeline.tables {
+        let text = sql.to_lowercase();
+        let named = self
+            .pipeline
+            .tables
+            .iter()
+            .filter(|t| text.contains(&t.target.to_lowercase()));
+        for table in named {
             let merger = self.loaded_merger(table).await?;
             if !tables.register(&ctx, table, &merger).await? {
                 missing.push(table.target.clone());
@@ -193,19 +216,35 @@ impl Runner {
     }
 
     /// Loads everything new once (objects written before the interval's end
-    /// when one is given). Takes the pipeline's lease first. A failing table
-    /// does not stop the others; its error is in its report.
+    /// when one is given). A failing table does not stop the others; its
+    /// error is in its report. Each table's task takes the table's lease
+    /// first: a table another process is loading is left to it (its report
+    /// says who holds it, see [`RunReport::held`]); when every table is held,
+    /// there is no run and it fails with [`Error::LeaseHeld`].
     pub async fn run(
         &self,
         trigger: Trigger,
         interval: Option<Interval>,
         shutdown: &Shutdown,
     ) -> Result<RunReport> {
-        let lease = Lease::acquire(self.state.clone(), &self.pipeline)?;
+        let all: Vec<String> = self.pipeline.tables.iter().map(|t| t.qualified()).collect();
+        self.run_tables(trigger, interval, &all, shutdown).await
+    }
+
+    /// [`Runner::run`] over the tables of `tables` (`schema.table`) only: a
+    /// retry of the tables another process held.
+    pub async fn run_tables(
+        &self,
+        trigger: Trigger,
+        interval: Option<Interval>,
+        tables: &[String],
+        shutdown: &Shutdown,
+    ) -> Result<RunReport> {
         let work: Vec<(&Table, Work)> = self
             .pipeline
             .tables
             .iter()
+            .filter(|t| tables.contains(&t.qualified()))
             .map(|t| {
                 (
                     t,
@@ -215,10 +254,7 @@ impl Runner {
                 )
             })
             .collect();
-        let report = self
-            .execute(trigger, interval, work, &lease, shutdown)
-            .await;
-        lease.release();
+        let report = self.execute(trigger, interval, work, None, shutdown).await;
         if let Ok(report) = &report {
             alerts::notify(self, report).await;
         }
@@ -315,7 +351,7 @@ impl Runner {
             })
             .collect();
         let report = self
-            .execute(Trigger::Backfill, None, work, &lease, shutdown)
+            .execute(Trigger::Backfill, None, work, Some(&lease), shutdown)
             .await;
         lease.release();
         report
@@ -345,18 +381,33 @@ impl Runner {
             .collect()
     }
 
+    /// Runs the table tasks of `work`, under `held` (a lease over all of
+    /// them) or each under its table's lease, taken as the task starts. The
+    /// run is recorded once a table is taken.
     async fn execute(
         &self,
         trigger: Trigger,
         interval: Option<Interval>,
         work: Vec<(&Table, Work)>,
-        lease: &Lease,
+        held: Option<&Lease>,
         shutdown: &Shutdown,
     ) -> Result<RunReport> {
         let started = std::time::Instant::now();
-        let run_id = self
-            .state
-            .begin_run(trigger, interval.map(|i| (i.start, i.end)))?;
+        let span = tracing::info_span!(
+            "run",
+            pipeline = %self.pipeline.name,
+            run_id = tracing::field::Empty,
+            trigger = trigger.as_str()
+        );
+        let run_id = tokio::sync::OnceCell::new();
+        if held.is_some() {
+            // Every table is taken already: the run is recorded now.
+            let id = self
+                .state
+                .begin_run(trigger, interval.map(|i| (i.start, i.end)))?;
+            run_id.set(id).expect("set once");
+            span.record("run_id", id);
+        }
         let progress = ProgressBar::new(0).with_style(
             ProgressStyle::with_template(
                 "{spinner} {msg} [{bar:30}] {pos}/{len} objects, {per_sec}, eta {eta}",
@@ -368,8 +419,11 @@ impl Runner {
         progress.enable_steady_tick(Duration::from_millis(200));
         let context = table::RunContext {
             runner: self,
-            run_id,
-            lease,
+            trigger,
+            interval,
+            run_id: &run_id,
+            span: &span,
+            held,
             shutdown,
             progress: &progress,
         };
@@ -379,17 +433,22 @@ impl Runner {
             let (context, slots) = (&context, &slots);
             tasks.push(async move {
                 let _slot = slots.acquire().await.expect("semaphore is never closed");
-                table::TableRun::new(context, table, work).run().await
+                table::TableRun::claim(context, table, work).await
             });
         }
-        let span = tracing::info_span!(
-            "run",
-            pipeline = %self.pipeline.name,
-            run_id,
-            trigger = trigger.as_str()
-        );
-        let mut tables: Vec<TableReport> = futures::future::join_all(tasks).instrument(span).await;
+
+        let claims = futures::future::join_all(tasks)
+            .instrument(span.clone())
+            .await;
         progress.finish_and_clear();
+        let Some(&run_id) = run_id.get() else {
+            // No table was taken: no run. Say why.
+            return Err(self.none_taken(claims));
+        };
+        let mut tables: Vec<TableReport> = claims
+            .into_iter()
+            .map(table::Claimed::into_report)
+            .collect();
         let order = |t: &TableReport| {
             self.pipeline
                 .tables
@@ -401,6 +460,7 @@ impl Runner {
             pipeline: self.pipeline.name.clone(),
             run_id,
             trigger,
+            interval,
             tables,
             seconds: started.elapsed().as_secs_f64(),
             interrupted: shutdown.requested(),
@@ -408,5 +468,27 @@ impl Runner {
         let summary = serde_json::to_string(&report).expect("report serializes");
         self.state.finish_run(run_id, report.ok(), &summary)?;
         Ok(report)
+    }
+
+    /// Why a run took none of its tables: the first failure to take one,
+    /// else the first table another process held.
+    fn none_taken(&self, claims: Vec<table::Claimed>) -> Error {
+        let mut held = None;
+        for claim in claims {
+            match claim {
+                table::Claimed::Failed(_, err) => return err,
+                table::Claimed::Held(table, by) if held.is_none() => held = Some((table, by)),
+                _ => {}
+            }
+        }
+        match held {
+            Some((table, by)) => Error::LeaseHeld {
+                pipeline: self.pipeline.name.clone(),
+                table,
+                owner: by.owner,
+                expires_at: by.until,
+            },
+            None => Error::Usage(format!("pipeline {}: no table to run", self.pipeline.name)),
+        }
     }
 }

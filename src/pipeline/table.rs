@@ -13,13 +13,16 @@ use crate::config::{Column, Table};
 use crate::decode::{self, DecodeSpec};
 use tracing::Instrument as _;
 
+use crate::cron::Interval;
 use crate::error::{Error, Result, RetryPolicy};
 use crate::failpoint;
 use crate::logs;
 use crate::merge::Merger;
 use crate::shutdown::Shutdown;
 use crate::source::{ObjectName, ObjectOrder, SourceObject};
-use crate::state::{Batch, BatchMode, BatchStats, ObjectRef, ObjectStatus, TaskAttempt, TaskState};
+use crate::state::{
+    Batch, BatchMode, BatchStats, ObjectRef, ObjectStatus, TaskAttempt, TaskState, Trigger,
+};
 use crate::warehouse::{HistoryRows, LoadRequest};
 
 /// What happened to one table in a run.
@@ -49,15 +52,81 @@ pub struct TableReport {
     pub list_requests: u64,
     /// The error that stopped the table, if any.
     pub error: Option<String>,
+    /// Another process held the table's lease: this run left it alone.
+    pub held_by: Option<HeldBy>,
+}
+
+/// Who held a table's lease when a run came to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldBy {
+    /// The holder (host:pid:nonce).
+    pub owner: String,
+    /// When its lease runs out unless renewed.
+    pub until: String,
 }
 
 /// What every table task of a run shares.
 pub(super) struct RunContext<'a> {
     pub(super) runner: &'a Runner,
-    pub(super) run_id: i64,
-    pub(super) lease: &'a Lease,
+    pub(super) trigger: Trigger,
+    pub(super) interval: Option<Interval>,
+    /// The run's id, once a table was taken and the run recorded.
+    pub(super) run_id: &'a tokio::sync::OnceCell<i64>,
+    /// The run's span; its `run_id` is recorded with the run.
+    pub(super) span: &'a tracing::Span,
+    /// A lease over every table of the run (a pipeline-wide operation);
+    /// `None`: each task takes its table's.
+    pub(super) held: Option<&'a Lease>,
     pub(super) shutdown: &'a Shutdown,
     pub(super) progress: &'a ProgressBar,
+}
+
+/// The lease a table task works under.
+enum TableLease<'a> {
+    /// The run's lease over all its tables.
+    Shared(&'a Lease),
+    /// The table's own, taken by the task.
+    Own(Lease),
+}
+
+impl std::ops::Deref for TableLease<'_> {
+    type Target = Lease;
+
+    fn deref(&self) -> &Lease {
+        match self {
+            TableLease::Shared(lease) => lease,
+            TableLease::Own(lease) => lease,
+        }
+    }
+}
+
+/// What came of a table task's claim on its table.
+pub(super) enum Claimed {
+    /// It ran (successfully or not).
+    Ran(TableReport),
+    /// Another process holds the table.
+    Held(String, HeldBy),
+    /// Taking the lease or recording the run failed.
+    Failed(String, Error),
+}
+
+impl Claimed {
+    /// The table's report in a run that was recorded.
+    pub(super) fn into_report(self) -> TableReport {
+        match self {
+            Claimed::Ran(report) => report,
+            Claimed::Held(table, held_by) => TableReport {
+                table,
+                held_by: Some(held_by),
+                ..TableReport::default()
+            },
+            Claimed::Failed(table, err) => TableReport {
+                table,
+                error: Some(crate::error::chain(&err)),
+                ..TableReport::default()
+            },
+        }
+    }
 }
 
 /// The task of one table.
@@ -65,6 +134,8 @@ pub(super) struct TableRun<'a> {
     ctx: &'a RunContext<'a>,
     runner: &'a Runner,
     table: &'a Table,
+    lease: TableLease<'a>,
+    run_id: i64,
     key: String,
     work: Work,
     report: TableReport,
@@ -75,12 +146,58 @@ pub(super) struct TableRun<'a> {
 }
 
 impl<'a> TableRun<'a> {
-    pub(super) fn new(ctx: &'a RunContext<'a>, table: &'a Table, work: Work) -> Self {
+    /// Takes `table`'s lease (unless the run holds all), records the run if
+    /// it is the first table taken, and runs the task.
+    pub(super) async fn claim(ctx: &'a RunContext<'a>, table: &'a Table, work: Work) -> Claimed {
+        let key = table.qualified();
+        let runner = ctx.runner;
+        let lease = match ctx.held {
+            Some(lease) => TableLease::Shared(lease),
+            None => match Lease::acquire_tables(runner.state.clone(), &runner.pipeline, &[table]) {
+                Ok(lease) => TableLease::Own(lease),
+                Err(Error::LeaseHeld {
+                    owner, expires_at, ..
+                }) => {
+                    tracing::info!(table = %key, holder = %owner, "another process is loading this table; leaving it to it");
+                    let held_by = HeldBy {
+                        owner,
+                        until: expires_at,
+                    };
+                    return Claimed::Held(key, held_by);
+                }
+                Err(err) => return Claimed::Failed(key, err),
+            },
+        };
+        let interval = ctx.interval.map(|i| (i.start, i.end));
+        let run_id = match ctx
+            .run_id
+            .get_or_try_init(|| async {
+                let id = runner.state.begin_run(ctx.trigger, interval)?;
+                ctx.span.record("run_id", id);
+                Ok(id)
+            })
+            .await
+        {
+            Ok(id) => *id,
+            Err(err) => return Claimed::Failed(key, err),
+        };
+        Claimed::Ran(TableRun::new(ctx, table, work, lease, run_id).run().await)
+    }
+
+    fn new(
+        ctx: &'a RunContext<'a>,
+        table: &'a Table,
+        work: Work,
+        lease: TableLease<'a>,
+        run_id: i64,
+    ) -> Self {
         let key = table.qualified();
         TableRun {
             ctx,
             runner: ctx.runner,
             table,
+            lease,
+            run_id,
             report: TableReport {
                 table: key.clone(),
                 ..TableReport::default()
@@ -100,7 +217,7 @@ impl<'a> TableRun<'a> {
             rows,
             error,
         };
-        if let Err(err) = self.runner.state.record_attempt(self.ctx.run_id, &attempt) {
+        if let Err(err) = self.runner.state.record_attempt(self.run_id, &attempt) {
             tracing::warn!(table = %self.key, error = %err, "could not record the task attempt");
         }
     }
@@ -123,7 +240,7 @@ impl<'a> TableRun<'a> {
                     if err.retry_policy() == RetryPolicy::Retry
                         && try_number <= policy.count
                         && !self.ctx.shutdown.requested()
-                        && self.ctx.lease.check().is_ok() =>
+                        && self.lease.check().is_ok() =>
                 {
                     Some(retry_delay(&policy, try_number))
                 }
@@ -171,7 +288,7 @@ impl<'a> TableRun<'a> {
         if let Err(err) =
             self.runner
                 .state
-                .record_attempt_log(self.ctx.run_id, &self.key, try_number, &log)
+                .record_attempt_log(self.run_id, &self.key, try_number, &log)
         {
             tracing::warn!(table = %self.key, error = %err, "could not keep the task attempt's log");
         }
@@ -184,7 +301,7 @@ impl<'a> TableRun<'a> {
         // Whether the last listing found more new objects than one batch holds.
         let mut more = true;
         loop {
-            self.ctx.lease.check()?;
+            self.lease.check()?;
             let batch = match state.pending_batch(&self.key)? {
                 Some(pending) => {
                     tracing::info!(table = %self.key, batch = pending.number, "finishing the batch a previous run left pending");
@@ -442,7 +559,7 @@ impl<'a> TableRun<'a> {
                 rows: HistoryRows::new(rows),
                 loaded_max,
                 store: runner.state.store_id(),
-                lease_token: Some(self.ctx.lease.token()),
+                lease_token: Some(self.lease.token(&self.key)),
             })
             .await;
         let stats = match loaded {

@@ -2,13 +2,15 @@
 //! SIGTERM/SIGINT. A stop lets the batch in flight finish (or leaves it
 //! safely pending), then the process exits 0.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::{DueOutcome, run_due};
 use crate::config::Pipeline;
+use crate::cron::Interval;
 use crate::error::{Error, Result};
-use crate::pipeline::Runner;
+use crate::pipeline::{RunReport, Runner};
 use crate::shutdown::Shutdown;
+use crate::state::{Trigger, parse_stamp};
 
 /// Serves `pipelines` until `shutdown` is requested.
 pub async fn serve(pipelines: Vec<Pipeline>, shutdown: Shutdown) -> Result<()> {
@@ -35,31 +37,101 @@ pub async fn serve(pipelines: Vec<Pipeline>, shutdown: Shutdown) -> Result<()> {
     Ok(())
 }
 
+/// Tables another process was loading when this one's run came to them,
+/// retried once their leases may have run out: a dead worker's tables are
+/// taken over then, not at the next tick.
+struct Held {
+    interval: Option<Interval>,
+    tables: Vec<String>,
+    at: DateTime<Utc>,
+}
+
+impl Held {
+    /// The held tables of `report`, if any.
+    fn of(report: &RunReport) -> Option<Held> {
+        let (tables, until) = report.held()?;
+        Some(Held {
+            interval: report.interval,
+            tables,
+            at: expiry(&until),
+        })
+    }
+}
+
+/// When a lease that runs out at `until` (a stored time) may be taken.
+fn expiry(until: &str) -> DateTime<Utc> {
+    parse_stamp(until).unwrap_or_else(Utc::now) + chrono::Duration::milliseconds(100)
+}
+
+/// Logs what the runs of `name` did.
+fn log_runs(name: &str, reports: &[RunReport]) {
+    for r in reports {
+        let rows: u64 = r.tables.iter().map(|t| t.stats.rows).sum();
+        let held = r.held().map_or(0, |(tables, _)| tables.len());
+        tracing::info!(pipeline = %name, run = r.run_id, rows, ok = r.ok(), held, seconds = r.seconds, "run finished");
+    }
+}
+
 async fn serve_one(runner: Runner, shutdown: Shutdown) -> Result<()> {
     let name = runner.pipeline().name.clone();
+    let next_tick = || {
+        let schedule = runner.pipeline().schedule.as_ref();
+        schedule.and_then(|s| s.next_after(Utc::now()))
+    };
+    let mut held: Option<Held> = None;
     while !shutdown.requested() {
+        if let Some(h) = held.take_if(|h| h.at <= Utc::now()) {
+            held = match runner
+                .run_tables(Trigger::Schedule, h.interval, &h.tables, &shutdown)
+                .await
+            {
+                Ok(report) => {
+                    log_runs(&name, std::slice::from_ref(&report));
+                    Held::of(&report)
+                }
+                Err(Error::LeaseHeld { expires_at, .. }) => Some(Held {
+                    at: expiry(&expires_at),
+                    ..h
+                }),
+                Err(err) => {
+                    tracing::error!(pipeline = %name, error = %err, "retrying the tables another process held failed; the next tick takes them");
+                    None
+                }
+            };
+        }
         let next = match run_due(&runner, Utc::now(), &shutdown).await {
             Ok(DueOutcome::NothingDue(next)) => next,
             Ok(DueOutcome::Ran(reports)) => {
-                for r in &reports {
-                    let rows: u64 = r.tables.iter().map(|t| t.stats.rows).sum();
-                    tracing::info!(pipeline = %name, run = r.run_id, rows, ok = r.ok(), seconds = r.seconds, "run finished");
-                }
+                log_runs(&name, &reports);
+                held = reports.last().and_then(Held::of);
                 continue; // look again: more may have come due
             }
+            Err(Error::LeaseHeld {
+                table,
+                owner,
+                expires_at,
+                ..
+            }) => {
+                // Every table is being loaded by others: look again when
+                // their leases may have run out (they may have died).
+                tracing::info!(pipeline = %name, %table, holder = %owner, "other processes are loading this pipeline's tables; looking again when their leases run out");
+                let retry = expiry(&expires_at);
+                Some(next_tick().map_or(retry, |tick| tick.min(retry)))
+            }
             Err(err) => {
-                if matches!(err, Error::LeaseHeld { .. }) {
-                    tracing::warn!(pipeline = %name, error = %err, "another process is running this pipeline; waiting for the next tick");
-                } else {
-                    tracing::error!(pipeline = %name, error = %err, "run failed; waiting for the next tick");
-                }
-                let schedule = runner.pipeline().schedule.as_ref();
-                schedule.and_then(|s| s.next_after(Utc::now()))
+                tracing::error!(pipeline = %name, error = %err, "run failed; waiting for the next tick");
+                next_tick()
             }
         };
-        let Some(next) = next else { break };
-        let wait = (next - Utc::now()).to_std().unwrap_or_default();
-        tracing::debug!(pipeline = %name, %next, "sleeping until the next tick");
+        let wake = match (next, held.as_ref().map(|h| h.at)) {
+            (Some(next), Some(at)) => next.min(at),
+            (next, at) => match next.or(at) {
+                Some(wake) => wake,
+                None => break,
+            },
+        };
+        let wait = (wake - Utc::now()).to_std().unwrap_or_default();
+        tracing::debug!(pipeline = %name, %wake, "sleeping until the next tick or lease expiry");
         shutdown.sleep(wait).await;
     }
     Ok(())

@@ -43,6 +43,13 @@ pub(crate) fn stamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// A time written by [`stamp`] (or any RFC 3339 time), in UTC.
+pub fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// An object as a batch refers to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {
@@ -333,7 +340,8 @@ pub struct RunRecord {
 pub enum LeaseOutcome {
     /// This owner holds the lease now, under fencing token `token`.
     Acquired {
-        /// Greater than every token given before for this pipeline.
+        /// Greater than every token given before for any table of this
+        /// pipeline.
         token: i64,
     },
     /// Another owner holds it.
@@ -480,28 +488,61 @@ pub trait RunLog: Send + Sync {
     fn set_last_tick(&self, tick: DateTime<Utc>) -> Result<()>;
 }
 
-/// Who runs: one lease per pipeline, so that one process runs it at a time.
+/// Who works on a table: one lease per table of a pipeline, so that one
+/// process at a time loads it while the pipeline's other tables may be
+/// loaded by other processes (a fleet). A pipeline-wide operation (backfill,
+/// vacuum, repair) takes the leases of all its tables.
 ///
-/// Fencing: each take gives a token greater than every earlier one, and the
-/// store object that took it fences its batch writes with it
-/// ([`Manifest::plan_batch`], [`Manifest::replan_batch`],
-/// [`Manifest::commit_batch`], [`Manifest::quarantine`]): once another store
-/// took the lease (this one's expired while its process was paused or cut
-/// off), those writes fail with [`crate::error::Error::LeaseLost`] and change
-/// nothing, in the same transaction as the write. A store that never took
-/// the lease (or released it) writes unfenced.
+/// Fencing: each take gives a token greater than every earlier take of any
+/// table of the pipeline, and the store object that took it fences its
+/// writes to that table with it ([`Manifest::plan_batch`],
+/// [`Manifest::replan_batch`], [`Manifest::commit_batch`],
+/// [`Manifest::quarantine`], [`Manifest::skip`]): once another store took the
+/// table's lease, or it was released, those writes fail with
+/// [`crate::error::Error::LeaseLost`] and change nothing, in the same
+/// transaction as the write. Writes to a table this store holds no lease on
+/// are unfenced (an operator's skip).
 pub trait Leases: Send + Sync {
-    /// Takes the pipeline's lease for `ttl` unless another owner holds an
-    /// unexpired one; a holder equal to `dead_holder` is taken over at once.
-    /// Taken, this store's writes are fenced by the new token.
+    /// Takes the lease of `table` (`schema.table`) for `ttl` unless another
+    /// owner holds an unexpired one; a holder equal to `dead_holder` is taken
+    /// over at once. Taken, this store's writes to `table` are fenced by the
+    /// new token.
     fn acquire_lease(
         &self,
+        table: &str,
         owner: &str,
         ttl: std::time::Duration,
         dead_holder: Option<&str>,
     ) -> Result<LeaseOutcome>;
-    /// Extends the lease; false when `owner` no longer holds it.
-    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool>;
-    /// Gives the lease up; this store's writes are no longer fenced.
+    /// Extends every lease `owner` holds; how many it still holds.
+    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<usize>;
+    /// Gives up every lease `owner` holds; this store's writes to those
+    /// tables are no longer fenced.
     fn release_lease(&self, owner: &str) -> Result<()>;
+}
+
+/// The fencing tokens a store object took, per table, with their owners.
+#[derive(Debug, Default)]
+pub(crate) struct Fences(std::sync::Mutex<BTreeMap<String, (String, i64)>>);
+
+impl Fences {
+    /// The token this store took for `table`, if it holds its lease.
+    pub(crate) fn of(&self, table: &str) -> Option<i64> {
+        self.lock().get(table).map(|(_, token)| *token)
+    }
+
+    /// Records the take of `table` by `owner` under `token`.
+    pub(crate) fn took(&self, table: &str, owner: &str, token: i64) {
+        self.lock()
+            .insert(table.to_string(), (owner.to_string(), token));
+    }
+
+    /// Forgets the takes of `owner`.
+    pub(crate) fn released(&self, owner: &str) {
+        self.lock().retain(|_, (holder, _)| holder != owner);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, i64)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }

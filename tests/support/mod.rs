@@ -297,6 +297,29 @@ pub(crate) const BACKFILL_ALL: [&str; 7] = [
     "2100-01-01",
 ];
 
+/// For each table of `pipeline.toml`, the number of its recent runs that
+/// hold an attempt of that table for which `counts` is true.
+pub(crate) fn runs_per_table(
+    ws: &Workspace,
+    counts: impl Fn(&cdcflow::state::TaskAttempt) -> bool,
+) -> Vec<(String, usize)> {
+    let pipeline = cdcflow::config::load(&ws.path("pipeline.toml")).unwrap();
+    let state = cdcflow::state::open(&pipeline.state, &pipeline.name).unwrap();
+    let runs = state.recent_runs(50).unwrap();
+    pipeline
+        .tables
+        .iter()
+        .map(|table| {
+            let key = table.qualified();
+            let n = runs
+                .iter()
+                .filter(|r| r.attempts.iter().any(|a| a.table == key && counts(a)))
+                .count();
+            (key, n)
+        })
+        .collect()
+}
+
 /// `cdcflow vacuum` of every file no version reads, now, with `pipeline.toml`.
 pub(crate) const VACUUM_NOW: [&str; 6] = [
     "vacuum",
@@ -434,31 +457,38 @@ pub(crate) async fn current_rows(
     table: &SynthTable,
     soft_delete: bool,
 ) -> Vec<Vec<Value>> {
+    current_rows_of(&ws.runner(), table, table.name, soft_delete).await
+}
+
+/// `SELECT <columns> FROM <target>` in key order, as values, in the
+/// warehouse of `runner`; `target` holds the changes of `table`.
+async fn current_rows_of(
+    runner: &Runner,
+    table: &SynthTable,
+    target: &str,
+    soft_delete: bool,
+) -> Vec<Vec<Value>> {
     let mut cols: Vec<String> = table.columns.iter().map(|c| c.to_string()).collect();
     if soft_delete {
         cols.push("deleted".into());
     }
     let key = table.columns[..table.key_len].join(", ");
-    rows(
-        &ws.query(&format!(
-            "SELECT {} FROM {} ORDER BY {key}",
-            cols.join(", "),
-            table.name
-        ))
-        .await,
-    )
+    let sql = format!("SELECT {} FROM {target} ORDER BY {key}", cols.join(", "));
+    rows(&runner.query(&sql).await.expect("query"))
 }
 
 /// `SELECT <columns>, op FROM <t>_history ORDER BY change_seq`, as values.
 pub(crate) async fn history_rows(ws: &Workspace, table: &SynthTable) -> Vec<Vec<Value>> {
-    rows(
-        &ws.query(&format!(
-            "SELECT {}, op FROM {}_history ORDER BY change_seq",
-            table.columns.join(", "),
-            table.name
-        ))
-        .await,
-    )
+    history_rows_of(&ws.runner(), table, table.name).await
+}
+
+/// [`history_rows`] of `<target>_history` in the warehouse of `runner`.
+async fn history_rows_of(runner: &Runner, table: &SynthTable, target: &str) -> Vec<Vec<Value>> {
+    let sql = format!(
+        "SELECT {}, op FROM {target}_history ORDER BY change_seq",
+        table.columns.join(", "),
+    );
+    rows(&runner.query(&sql).await.expect("query"))
 }
 
 /// Asserts that both tables of `data` are exactly as the replay says.
@@ -467,35 +497,39 @@ pub(crate) async fn assert_warehouse_matches(
     data: &Dataset,
     items_soft_delete: bool,
 ) {
+    let runner = ws.runner();
     for table in &data.tables {
         let soft = items_soft_delete && table.name == "order_items";
-        let expected = replay(table, soft);
-        let actual = current_rows(ws, table, soft).await;
-        assert_eq!(
-            actual.len(),
-            expected.len(),
-            "{}: current row count",
-            table.name
-        );
-        assert_eq!(
-            actual, expected,
-            "{}: current state differs from the replay",
-            table.name
-        );
-        let history = history_rows(ws, table).await;
-        assert_eq!(
-            history.len(),
-            table.changes.len(),
-            "{}: history row count (no loss, no duplicate)",
-            table.name
-        );
-        assert_eq!(
-            history,
-            expected_history(table),
-            "{}: history order differs",
-            table.name
-        );
+        assert_table_matches(&runner, table, table.name, soft).await;
     }
+}
+
+/// Asserts that `target`, loaded from the changes of `table`, is exactly as
+/// the replay says in the warehouse of `runner`: current state and history.
+pub(crate) async fn assert_table_matches(
+    runner: &Runner,
+    table: &SynthTable,
+    target: &str,
+    soft_delete: bool,
+) {
+    let expected = replay(table, soft_delete);
+    let actual = current_rows_of(runner, table, target, soft_delete).await;
+    assert_eq!(actual.len(), expected.len(), "{target}: current row count");
+    assert_eq!(
+        actual, expected,
+        "{target}: current state differs from the replay"
+    );
+    let history = history_rows_of(runner, table, target).await;
+    assert_eq!(
+        history.len(),
+        table.changes.len(),
+        "{target}: history row count (no loss, no duplicate)"
+    );
+    assert_eq!(
+        history,
+        expected_history(table),
+        "{target}: history order differs"
+    );
 }
 
 /// The URL in `var` (set by `eval "$(scripts/peers.sh all env)"`). Locally a

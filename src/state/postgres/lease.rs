@@ -1,8 +1,6 @@
-//! The pipeline's lease ([`Leases`]) in PostgreSQL: taken, renewed and
+//! The tables' leases ([`Leases`]) in PostgreSQL: taken, renewed and
 //! expired by the server's clock, so workers on machines whose clocks
-//! differ agree on who holds it.
-
-use std::sync::atomic::Ordering;
+//! differ agree on who holds one.
 
 use chrono::{DateTime, Utc};
 
@@ -18,71 +16,89 @@ fn micros(ttl: std::time::Duration) -> i64 {
 impl Leases for PostgresStore {
     fn acquire_lease(
         &self,
+        table: &str,
         owner: &str,
         ttl: std::time::Duration,
         dead_holder: Option<&str>,
     ) -> Result<LeaseOutcome> {
-        self.with("taking the lease", |c| {
+        let token = self.with("taking a table's lease", |c| {
             loop {
                 // One statement: of two processes taking it at once, one wins
                 // the row and the other sees it held. The token is raised in
-                // the same transaction.
+                // the same transaction (and rolled back with a lost race).
                 let mut tx = c.transaction()?;
+                let token: i64 = tx
+                    .query_one(
+                        "INSERT INTO cdcflow.lease_tokens (pipeline, token) VALUES ($1, 1)
+                         ON CONFLICT (pipeline) DO UPDATE
+                           SET token = cdcflow.lease_tokens.token + 1
+                         RETURNING token",
+                        &[&self.pipeline],
+                    )?
+                    .get(0);
                 let taken = tx.query_opt(
-                    "INSERT INTO cdcflow.leases (pipeline, owner, acquired_at, expires_at)
-                     VALUES ($1, $2, now(), now() + $3::bigint * interval '1 microsecond')
-                     ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner,
-                       acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
-                     WHERE cdcflow.leases.owner = excluded.owner
-                        OR cdcflow.leases.owner = $4
-                        OR cdcflow.leases.expires_at <= now()
+                    "INSERT INTO cdcflow.table_leases
+                       (pipeline, tbl, owner, acquired_at, expires_at, token)
+                     VALUES ($1, $2, $3, now(), now() + $4::bigint * interval '1 microsecond', $6)
+                     ON CONFLICT (pipeline, tbl) DO UPDATE SET owner = excluded.owner,
+                       acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
+                       token = excluded.token
+                     WHERE cdcflow.table_leases.owner = excluded.owner
+                        OR cdcflow.table_leases.owner = $5
+                        OR cdcflow.table_leases.expires_at <= now()
                      RETURNING owner",
-                    &[&self.pipeline, &owner, &micros(ttl), &dead_holder],
+                    &[
+                        &self.pipeline,
+                        &table,
+                        &owner,
+                        &micros(ttl),
+                        &dead_holder,
+                        &token,
+                    ],
                 )?;
                 if taken.is_some() {
-                    let token: i64 = tx
-                        .query_one(
-                            "INSERT INTO cdcflow.lease_tokens (pipeline, token) VALUES ($1, 1)
-                             ON CONFLICT (pipeline) DO UPDATE
-                               SET token = cdcflow.lease_tokens.token + 1
-                             RETURNING token",
-                            &[&self.pipeline],
-                        )?
-                        .get(0);
                     tx.commit()?;
-                    self.fence.store(token, Ordering::SeqCst);
-                    return Ok(LeaseOutcome::Acquired { token });
+                    return Ok(Ok(token));
                 }
                 // Released between the two statements: try again.
                 if let Some(held) = tx.query_opt(
-                    "SELECT owner, expires_at FROM cdcflow.leases WHERE pipeline = $1",
-                    &[&self.pipeline],
+                    "SELECT owner, expires_at FROM cdcflow.table_leases
+                     WHERE pipeline = $1 AND tbl = $2",
+                    &[&self.pipeline, &table],
                 )? {
-                    return Ok(LeaseOutcome::Held {
+                    return Ok(Err(LeaseOutcome::Held {
                         owner: held.try_get(0)?,
                         expires_at: stamp(held.try_get::<_, DateTime<Utc>>(1)?),
-                    });
+                    }));
                 }
             }
+        })?;
+        Ok(match token {
+            Ok(token) => {
+                self.fences.took(table, owner, token);
+                LeaseOutcome::Acquired { token }
+            }
+            Err(held) => held,
         })
     }
 
-    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool> {
-        self.with("renewing the lease", |c| {
-            Ok(c.execute(
-                "UPDATE cdcflow.leases
+    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<usize> {
+        self.with("renewing the tables' leases", |c| {
+            c.execute(
+                "UPDATE cdcflow.table_leases
                  SET expires_at = now() + $3::bigint * interval '1 microsecond'
                  WHERE pipeline = $1 AND owner = $2",
                 &[&self.pipeline, &owner, &micros(ttl)],
-            )? == 1)
+            )
+            .map(|n| n as usize)
         })
     }
 
     fn release_lease(&self, owner: &str) -> Result<()> {
-        self.fence.store(0, Ordering::SeqCst);
-        self.with("releasing the lease", |c| {
+        self.fences.released(owner);
+        self.with("releasing the tables' leases", |c| {
             c.execute(
-                "DELETE FROM cdcflow.leases WHERE pipeline = $1 AND owner = $2",
+                "DELETE FROM cdcflow.table_leases WHERE pipeline = $1 AND owner = $2",
                 &[&self.pipeline, &owner],
             )
             .map(drop)

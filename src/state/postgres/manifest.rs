@@ -123,7 +123,7 @@ impl Manifest for PostgresStore {
 
     fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
         let id = Batch::id_of(&self.pipeline, table, objects);
-        let number = self.write("planning a batch", |c| {
+        let number = self.write(table, "planning a batch", |c| {
             Ok(c.query_one(
                 "INSERT INTO cdcflow.batches
                    (pipeline, tbl, batch_no, batch_id, objects, status, mode, planned_at)
@@ -150,7 +150,7 @@ impl Manifest for PostgresStore {
     ) -> Result<Option<Batch>> {
         let p = &self.pipeline;
         if objects.is_empty() {
-            self.write("re-planning a batch", |c| {
+            self.write(table, "re-planning a batch", |c| {
                 c.execute(
                     "DELETE FROM cdcflow.batches
                      WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'",
@@ -160,7 +160,7 @@ impl Manifest for PostgresStore {
             return Ok(None);
         }
         let id = Batch::id_of(p, table, objects);
-        let mode: String = self.write("re-planning a batch", |c| {
+        let mode: String = self.write(table, "re-planning a batch", |c| {
             Ok(c.query_one(
                 "UPDATE cdcflow.batches SET batch_id = $4, objects = $5
                  WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3 AND status = 'planned'
@@ -178,7 +178,7 @@ impl Manifest for PostgresStore {
     }
 
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
-        self.write("committing a batch", |tx| {
+        self.write(table, "committing a batch", |tx| {
             self.commit_planned(tx, table, number, stats)
         })
     }
@@ -399,7 +399,7 @@ impl PostgresStore {
         error: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.write("recording an object", |c| {
+        self.write(table, "recording an object", |c| {
             c.execute(
                 "INSERT INTO cdcflow.objects
                    (pipeline, tbl, key, etag, size, status, error, reason, updated_at)

@@ -16,7 +16,6 @@
 //! again.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -25,14 +24,16 @@ mod lease;
 mod manifest;
 mod runs;
 
+use super::Fences;
 use crate::error::{Error, Result, postgres_connection_lost};
 use crate::tls::{Tls, redact_url};
 
 const SCHEMA: &str = include_str!("../../../sql/state_postgres.sql");
 
 /// The version of `sql/state_postgres.sql` this build writes. A database of
-/// a later version is refused: an older build must not write it.
-const SCHEMA_VERSION: i32 = 1;
+/// a later version is refused: an older build must not write it. 2: leases
+/// per table (`table_leases`) instead of per pipeline.
+const SCHEMA_VERSION: i32 = 2;
 
 /// Every process opening a store runs the schema under this advisory lock,
 /// so that two creating it at once do not collide.
@@ -48,8 +49,8 @@ pub struct PostgresStore {
     tls: MakeRustlsConnect,
     /// The session; `None` until the first call and after a lost connection.
     conn: Mutex<Option<Client>>,
-    /// The fencing token of the lease this store took; 0: unfenced.
-    fence: AtomicI64,
+    /// The fencing tokens of the tables' leases this store took.
+    fences: Fences,
 }
 
 impl PostgresStore {
@@ -80,7 +81,7 @@ impl PostgresStore {
             config: config.into(),
             tls,
             conn: Mutex::new(None),
-            fence: AtomicI64::new(0),
+            fences: Fences::default(),
         };
         let version = store.with("creating the schema", |c| {
             let mut tx = c.transaction()?;
@@ -89,7 +90,8 @@ impl PostgresStore {
             let version: i32 = tx
                 .query_one(
                     "INSERT INTO cdcflow.schema_version (version) VALUES ($1)
-                 ON CONFLICT (one) DO UPDATE SET version = cdcflow.schema_version.version
+                 ON CONFLICT (one) DO UPDATE
+                   SET version = GREATEST(cdcflow.schema_version.version, excluded.version)
                  RETURNING version",
                     &[&SCHEMA_VERSION],
                 )?
@@ -121,26 +123,29 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Runs the write `f` in one transaction if this store's fencing token
-    /// is still the pipeline's newest (see [`crate::state::Leases`]);
-    /// refuses it with [`Error::LeaseLost`] otherwise. The token's row is
-    /// locked `FOR SHARE` until the commit: a take-over waits for the write.
+    /// Runs the write `f` to `table` in one transaction, if this store holds
+    /// no lease on `table` or its fencing token is still the table's (see
+    /// [`crate::state::Leases`]); refuses it with [`Error::LeaseLost`]
+    /// otherwise. The lease's row is locked `FOR SHARE` until the commit: a
+    /// take-over waits for the write.
     fn write<T: Send>(
         &self,
+        table: &str,
         context: &str,
         f: impl FnOnce(&mut postgres::Transaction<'_>) -> std::result::Result<T, postgres::Error> + Send,
     ) -> Result<T> {
-        let fence = self.fence.load(Ordering::SeqCst);
+        let fence = self.fences.of(table);
         self.with(context, |c| {
             let mut tx = c.transaction()?;
-            if fence != 0 {
-                let newest: Option<i64> = tx
+            if let Some(fence) = fence {
+                let holder: Option<i64> = tx
                     .query_opt(
-                        "SELECT token FROM cdcflow.lease_tokens WHERE pipeline = $1 FOR SHARE",
-                        &[&self.pipeline],
+                        "SELECT token FROM cdcflow.table_leases
+                         WHERE pipeline = $1 AND tbl = $2 FOR SHARE",
+                        &[&self.pipeline, &table],
                     )?
                     .map(|r| r.get(0));
-                if newest != Some(fence) {
+                if holder != Some(fence) {
                     return Ok(None);
                 }
             }

@@ -1,7 +1,6 @@
-//! The pipeline's lease ([`Leases`]) in SQLite.
+//! The tables' leases ([`Leases`]) in SQLite.
 
 use chrono::Utc;
-use std::sync::atomic::Ordering;
 
 use rusqlite::{OptionalExtension, params};
 
@@ -13,6 +12,7 @@ use crate::state::{LeaseOutcome, Leases};
 impl Leases for SqliteStore {
     fn acquire_lease(
         &self,
+        table: &str,
         owner: &str,
         ttl: std::time::Duration,
         dead_holder: Option<&str>,
@@ -22,8 +22,8 @@ impl Leases for SqliteStore {
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let current: Option<(String, String)> = tx
                     .query_row(
-                        "SELECT owner, expires_at FROM leases WHERE pipeline = ?1",
-                        params![self.pipeline],
+                        "SELECT owner, expires_at FROM table_leases WHERE pipeline = ?1 AND tbl = ?2",
+                        params![self.pipeline, table],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
@@ -35,12 +35,6 @@ impl Leases for SqliteStore {
                 {
                     return Ok(LeaseOutcome::Held { owner: holder.clone(), expires_at: expires.clone() });
                 }
-                tx.execute(
-                    "INSERT INTO leases (pipeline, owner, acquired_at, expires_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner,
-                       acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
-                    params![self.pipeline, owner, stamp(now_t), stamp(now_t + ttl)],
-                )?;
                 let token: i64 = tx.query_row(
                     "INSERT INTO lease_tokens (pipeline, token) VALUES (?1, 1)
                      ON CONFLICT (pipeline) DO UPDATE SET token = lease_tokens.token + 1
@@ -48,38 +42,45 @@ impl Leases for SqliteStore {
                     params![self.pipeline],
                     |r| r.get(0),
                 )?;
+                tx.execute(
+                    "INSERT INTO table_leases (pipeline, tbl, owner, acquired_at, expires_at, token)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (pipeline, tbl) DO UPDATE SET owner = excluded.owner,
+                       acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
+                       token = excluded.token",
+                    params![self.pipeline, table, owner, stamp(now_t), stamp(now_t + ttl), token],
+                )?;
                 tx.commit()?;
-                self.fence.store(token, Ordering::SeqCst);
+                self.fences.took(table, owner, token);
                 Ok(LeaseOutcome::Acquired { token })
             },
-            "taking the lease",
+            "taking a table's lease",
         )
     }
 
-    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<bool> {
+    fn renew_lease(&self, owner: &str, ttl: std::time::Duration) -> Result<usize> {
         self.with(
             |c| {
-                let changed = c.execute(
-                    "UPDATE leases SET expires_at = ?3 WHERE pipeline = ?1 AND owner = ?2",
+                c.execute(
+                    "UPDATE table_leases SET expires_at = ?3 WHERE pipeline = ?1 AND owner = ?2",
                     params![self.pipeline, owner, stamp(Utc::now() + ttl)],
-                )?;
-                Ok(changed == 1)
+                )
             },
-            "renewing the lease",
+            "renewing the tables' leases",
         )
     }
 
     fn release_lease(&self, owner: &str) -> Result<()> {
-        self.fence.store(0, Ordering::SeqCst);
+        self.fences.released(owner);
         self.with(
             |c| {
                 c.execute(
-                    "DELETE FROM leases WHERE pipeline = ?1 AND owner = ?2",
+                    "DELETE FROM table_leases WHERE pipeline = ?1 AND owner = ?2",
                     params![self.pipeline, owner],
                 )
                 .map(|_| ())
             },
-            "releasing the lease",
+            "releasing the tables' leases",
         )
     }
 }

@@ -111,7 +111,7 @@ impl Manifest for SqliteStore {
 
     fn plan_batch(&self, table: &str, objects: &[ObjectRef], mode: BatchMode) -> Result<Batch> {
         let id = Batch::id_of(&self.pipeline, table, objects);
-        self.write("planning a batch", |tx| {
+        self.write(table, "planning a batch", |tx| {
             let number: i64 = tx.query_row(
                 "SELECT COALESCE(MAX(batch_no), 0) + 1 FROM batches WHERE pipeline = ?1 AND tbl = ?2",
                 params![self.pipeline, table],
@@ -129,7 +129,7 @@ impl Manifest for SqliteStore {
         number: i64,
         objects: &[ObjectRef],
     ) -> Result<Option<Batch>> {
-        self.write("re-planning a batch", |tx| {
+        self.write(table, "re-planning a batch", |tx| {
             if objects.is_empty() {
                 tx.execute(
                     "DELETE FROM batches WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3 AND status = 'planned'",
@@ -150,7 +150,7 @@ impl Manifest for SqliteStore {
     }
 
     fn commit_batch(&self, table: &str, number: i64, stats: &BatchStats) -> Result<()> {
-        self.write("committing a batch", |tx| {
+        self.write(table, "committing a batch", |tx| {
             self.commit_planned(tx, table, number, stats)
         })
     }
@@ -395,7 +395,7 @@ impl SqliteStore {
         error: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.write("recording an object", |tx| {
+        self.write(table, "recording an object", |tx| {
             tx.execute(
                 "INSERT INTO objects (pipeline, tbl, key, etag, size, status, error, reason, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)

@@ -4,16 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
 
-use chrono::{DateTime, Utc};
-use rusqlite::{Connection, params};
+use chrono::Utc;
+use rusqlite::{Connection, OptionalExtension, params};
 
 mod lease;
 mod manifest;
 mod runs;
 
-use super::{ObjectRef, stamp};
+use super::{Fences, ObjectRef, stamp};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = include_str!("../../../sql/state.sql");
@@ -21,7 +20,8 @@ const SCHEMA: &str = include_str!("../../../sql/state.sql");
 /// The version of `sql/state.sql` this build writes (`PRAGMA user_version`).
 /// A store of a later version is refused: an older build must not write it.
 /// A change to the schema raises it and migrates older stores on open.
-const SCHEMA_VERSION: i64 = 1;
+/// 2: leases per table (`table_leases`) instead of per pipeline.
+const SCHEMA_VERSION: i64 = 2;
 
 /// SQLite state of one pipeline.
 pub struct SqliteStore {
@@ -29,19 +29,15 @@ pub struct SqliteStore {
     path: PathBuf,
     id: String,
     conn: Mutex<Connection>,
-    /// The fencing token of the lease this store took; 0: unfenced.
-    fence: AtomicI64,
+    /// The fencing tokens of the tables' leases this store took.
+    fences: Fences,
 }
 
 pub(super) fn now() -> String {
     stamp(Utc::now())
 }
 
-pub(super) fn parse_stamp(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
+pub(super) use super::parse_stamp;
 
 /// Seconds from one stored time to another (0 when either is unreadable).
 pub(super) fn seconds_between(from: &str, to: &str) -> f64 {
@@ -67,7 +63,7 @@ impl SqliteStore {
                 context: "opening".into(),
                 source: e,
             })?),
-            fence: AtomicI64::new(0),
+            fences: Fences::default(),
         };
         store.with(
             |c| {
@@ -141,25 +137,28 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Runs the write `f` in one transaction if this store's fencing token
-    /// is still the pipeline's newest (see [`super::Leases`]); refuses it
-    /// with [`Error::LeaseLost`] otherwise.
+    /// Runs the write `f` to `table` in one transaction, if this store holds
+    /// no lease on `table` or its fencing token is still the table's (see
+    /// [`super::Leases`]); refuses it with [`Error::LeaseLost`] otherwise.
     fn write<T>(
         &self,
+        table: &str,
         context: &str,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        let fence = self.fence.load(Ordering::SeqCst);
+        let fence = self.fences.of(table);
         self.with(
             |c| {
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                if fence != 0 {
-                    let newest: i64 = tx.query_row(
-                        "SELECT COALESCE(MAX(token), 0) FROM lease_tokens WHERE pipeline = ?1",
-                        params![self.pipeline],
-                        |r| r.get(0),
-                    )?;
-                    if newest != fence {
+                if let Some(fence) = fence {
+                    let holder: Option<i64> = tx
+                        .query_row(
+                            "SELECT token FROM table_leases WHERE pipeline = ?1 AND tbl = ?2",
+                            params![self.pipeline, table],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if holder != Some(fence) {
                         return Ok(None);
                     }
                 }
@@ -257,6 +256,37 @@ mod tests {
         assert_eq!(version(&early), 0, "a refused store gets no version");
     }
 
+    /// A store of version 1 (one lease per pipeline) moves to version 2 when
+    /// opened, and its pipeline lease table is dropped: a version-1 process
+    /// still running then fails rather than running beside this one.
+    #[test]
+    fn a_version_1_store_moves_to_version_2_without_the_pipeline_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        drop(SqliteStore::open(&path, "p").unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE leases (pipeline TEXT PRIMARY KEY, owner TEXT NOT NULL, \
+                 acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL);
+                 INSERT INTO leases VALUES ('p', 'old:1:0', '2026-01-01', '2999-01-01');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        drop(SqliteStore::open(&path, "p").unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        assert!(!table_names(&conn).unwrap().contains(&"leases".to_string()));
+        assert!(
+            table_names(&conn)
+                .unwrap()
+                .contains(&"table_leases".to_string())
+        );
+    }
+
     #[test]
     fn batch_id_depends_on_etags() {
         use crate::state::Batch;
@@ -264,7 +294,7 @@ mod tests {
             key: key.into(),
             etag: "e".into(),
             size: 1,
-            last_modified: DateTime::default(),
+            last_modified: chrono::DateTime::default(),
         };
         let a = Batch::id_of("p", "t", &[obj("a")]);
         let mut changed = obj("a");
