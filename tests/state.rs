@@ -394,7 +394,9 @@ fn one_lease_holder_at_a_time(stores: &Stores) {
     assert!(
         matches!(b.acquire_lease("s.t", "b", ttl, None).unwrap(), LeaseOutcome::Held { owner, .. } if owner == "a")
     );
+    assert!(matches!(b.lease_holder("s.t").unwrap(), Some((owner, _)) if owner == "a"));
     // Another table of the pipeline is free: two workers share the pipeline.
+    assert_eq!(b.lease_holder("s.u").unwrap(), None);
     let other_table = token(b.acquire_lease("s.u", "b", ttl, None).unwrap());
     assert!(
         other_table > again,
@@ -403,7 +405,16 @@ fn one_lease_holder_at_a_time(stores: &Stores) {
     assert_eq!(a.renew_lease("a", ttl).unwrap(), 1);
     assert_eq!(b.renew_lease("b", ttl).unwrap(), 1);
     assert_eq!(a.renew_lease("c", ttl).unwrap(), 0, "c holds nothing");
+    let (_, before) = a.lease_holder("s.t").unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    a.renew_lease("a", ttl).unwrap();
+    let (_, renewed) = a.lease_holder("s.t").unwrap().unwrap();
+    assert!(
+        renewed > before,
+        "a renewal moves the end: {before} {renewed}"
+    );
     b.release_lease("b").unwrap();
+    assert_eq!(a.lease_holder("s.u").unwrap(), None, "released");
     assert_eq!(
         a.renew_lease("a", ttl).unwrap(),
         1,

@@ -34,7 +34,7 @@ use serde::Serialize;
 
 pub use lease::Lease;
 pub use status::{TableStatus, humanize};
-pub use table::TableReport;
+pub use table::{HeldBy, TableReport};
 
 use crate::config::{Pipeline, Table, WarehouseConfig};
 use crate::cron::Interval;
@@ -74,15 +74,13 @@ impl RunReport {
             .all(|t| t.error.is_none() && t.quarantined.is_empty())
     }
 
-    /// The tables another process was loading (left to it), and the
-    /// earliest time one of their leases runs out unless renewed.
-    pub fn held(&self) -> Option<(Vec<String>, String)> {
-        let held: Vec<&TableReport> = self.tables.iter().filter(|t| t.held_by.is_some()).collect();
-        let until = held
+    /// The tables another process was loading (left to it), with who held
+    /// them until when.
+    pub fn held(&self) -> Vec<(String, table::HeldBy)> {
+        self.tables
             .iter()
-            .filter_map(|t| t.held_by.as_ref().map(|h| h.until.clone()))
-            .min()?;
-        Some((held.iter().map(|t| t.table.clone()).collect(), until))
+            .filter_map(|t| t.held_by.clone().map(|h| (t.table.clone(), h)))
+            .collect()
     }
 }
 

@@ -8,7 +8,7 @@ use super::{DueOutcome, run_due};
 use crate::config::Pipeline;
 use crate::cron::Interval;
 use crate::error::{Error, Result};
-use crate::pipeline::{RunReport, Runner};
+use crate::pipeline::{HeldBy, RunReport, Runner};
 use crate::shutdown::Shutdown;
 use crate::state::{Trigger, parse_stamp};
 
@@ -38,36 +38,83 @@ pub async fn serve(pipelines: Vec<Pipeline>, shutdown: Shutdown) -> Result<()> {
 }
 
 /// Tables another process was loading when this one's run came to them,
-/// retried once their leases may have run out: a dead worker's tables are
-/// taken over then, not at the next tick.
+/// looked at again when their leases may have run out: a table whose holder
+/// stopped renewing (it died) is taken over then, not at the next tick. A
+/// table its holder released (it finished) or that another process took is
+/// left alone, so that workers do not chase each other's runs.
 struct Held {
     interval: Option<Interval>,
-    tables: Vec<String>,
+    /// Each table, with the holder seen and its lease's end then.
+    tables: Vec<(String, HeldBy)>,
     at: DateTime<Utc>,
 }
 
 impl Held {
-    /// The held tables of `report`, if any.
-    fn of(report: &RunReport) -> Option<Held> {
-        let (tables, until) = report.held()?;
+    /// The held `tables` of a run over `interval`, if any.
+    fn of(interval: Option<Interval>, tables: Vec<(String, HeldBy)>) -> Option<Held> {
+        let at = tables.iter().map(|(_, by)| expiry(&by.until)).min()?;
         Some(Held {
-            interval: report.interval,
+            interval,
             tables,
-            at: expiry(&until),
+            at,
         })
+    }
+
+    /// Takes over the tables whose holder stopped renewing its lease; keeps
+    /// watching those still renewed. What is left to watch.
+    async fn look_again(self, runner: &Runner, shutdown: &Shutdown) -> Result<Option<Held>> {
+        let mut watch = Vec::new();
+        let mut take = Vec::new();
+        for (table, seen) in self.tables {
+            match runner.state().lease_holder(&table)? {
+                // Renewed since: alive; look again at its new end.
+                Some((owner, until)) if owner == seen.owner && until != seen.until => {
+                    watch.push((table, HeldBy { owner, until }));
+                }
+                // Not renewed since: its holder stopped; the claim takes it
+                // over once it has run out by the state server's clock.
+                Some((owner, _)) if owner == seen.owner => take.push(table),
+                // Released (finished) or taken by another process.
+                _ => {}
+            }
+        }
+        if !take.is_empty() {
+            match runner
+                .run_tables(Trigger::Schedule, self.interval, &take, shutdown)
+                .await
+            {
+                Ok(report) => {
+                    log_runs(&runner.pipeline().name, std::slice::from_ref(&report));
+                    watch.extend(report.held());
+                }
+                Err(Error::LeaseHeld { .. }) => {
+                    // Not run out yet by the server's clock: look again.
+                    for table in take {
+                        if let Some((owner, until)) = runner.state().lease_holder(&table)? {
+                            watch.push((table, HeldBy { owner, until }));
+                        }
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(Held::of(self.interval, watch))
     }
 }
 
-/// When a lease that runs out at `until` (a stored time) may be taken.
+/// When a lease that runs out at `until` (a stored time) may be taken: just
+/// after it, and at least a second from now (the state server's clock may be
+/// behind this machine's).
 fn expiry(until: &str) -> DateTime<Utc> {
-    parse_stamp(until).unwrap_or_else(Utc::now) + chrono::Duration::milliseconds(100)
+    let after = parse_stamp(until).unwrap_or_else(Utc::now) + chrono::Duration::milliseconds(100);
+    after.max(Utc::now() + chrono::Duration::seconds(1))
 }
 
 /// Logs what the runs of `name` did.
 fn log_runs(name: &str, reports: &[RunReport]) {
     for r in reports {
         let rows: u64 = r.tables.iter().map(|t| t.stats.rows).sum();
-        let held = r.held().map_or(0, |(tables, _)| tables.len());
+        let held = r.held().len();
         tracing::info!(pipeline = %name, run = r.run_id, rows, ok = r.ok(), held, seconds = r.seconds, "run finished");
     }
 }
@@ -81,29 +128,16 @@ async fn serve_one(runner: Runner, shutdown: Shutdown) -> Result<()> {
     let mut held: Option<Held> = None;
     while !shutdown.requested() {
         if let Some(h) = held.take_if(|h| h.at <= Utc::now()) {
-            held = match runner
-                .run_tables(Trigger::Schedule, h.interval, &h.tables, &shutdown)
-                .await
-            {
-                Ok(report) => {
-                    log_runs(&name, std::slice::from_ref(&report));
-                    Held::of(&report)
-                }
-                Err(Error::LeaseHeld { expires_at, .. }) => Some(Held {
-                    at: expiry(&expires_at),
-                    ..h
-                }),
-                Err(err) => {
-                    tracing::error!(pipeline = %name, error = %err, "retrying the tables another process held failed; the next tick takes them");
-                    None
-                }
-            };
+            held = h.look_again(&runner, &shutdown).await.unwrap_or_else(|err| {
+                tracing::error!(pipeline = %name, error = %err, "taking over the tables another process held failed; the next tick takes them");
+                None
+            });
         }
         let next = match run_due(&runner, Utc::now(), &shutdown).await {
             Ok(DueOutcome::NothingDue(next)) => next,
             Ok(DueOutcome::Ran(reports)) => {
                 log_runs(&name, &reports);
-                held = reports.last().and_then(Held::of);
+                held = reports.last().and_then(|r| Held::of(r.interval, r.held()));
                 continue; // look again: more may have come due
             }
             Err(Error::LeaseHeld {

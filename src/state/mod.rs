@@ -519,6 +519,9 @@ pub trait Leases: Send + Sync {
     /// Gives up every lease `owner` holds; this store's writes to those
     /// tables are no longer fenced.
     fn release_lease(&self, owner: &str) -> Result<()>;
+    /// Who holds `table`'s lease and until when (expired or not); `None`
+    /// when it is free (released).
+    fn lease_holder(&self, table: &str) -> Result<Option<(String, String)>>;
 }
 
 /// The fencing tokens a store object took, per table, with their owners.

@@ -94,6 +94,17 @@ impl Leases for PostgresStore {
         })
     }
 
+    fn lease_holder(&self, table: &str) -> Result<Option<(String, String)>> {
+        self.with("reading a table's lease", |c| {
+            c.query_opt(
+                "SELECT owner, expires_at FROM cdcflow.table_leases WHERE pipeline = $1 AND tbl = $2",
+                &[&self.pipeline, &table],
+            )?
+            .map(|r| Ok((r.try_get(0)?, stamp(r.try_get::<_, DateTime<Utc>>(1)?))))
+            .transpose()
+        })
+    }
+
     fn release_lease(&self, owner: &str) -> Result<()> {
         self.fences.released(owner);
         self.with("releasing the tables' leases", |c| {

@@ -70,6 +70,20 @@ impl Leases for SqliteStore {
         )
     }
 
+    fn lease_holder(&self, table: &str) -> Result<Option<(String, String)>> {
+        self.with(
+            |c| {
+                c.query_row(
+                    "SELECT owner, expires_at FROM table_leases WHERE pipeline = ?1 AND tbl = ?2",
+                    params![self.pipeline, table],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+            },
+            "reading a table's lease",
+        )
+    }
+
     fn release_lease(&self, owner: &str) -> Result<()> {
         self.fences.released(owner);
         self.with(
