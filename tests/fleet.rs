@@ -47,19 +47,14 @@ fn publish(ws: &Workspace, data: &Dataset) -> usize {
     for (name, generated) in TABLES {
         let from = data.tables[generated].name;
         for rel in staged_objects(&ws.path("staging"), from) {
-            let rel = rel.to_string_lossy().replacen(
+            let published = rel.to_string_lossy().replacen(
                 &format!("public/{from}/"),
                 &format!("public/{name}/"),
                 1,
             );
-            let to = ws.source().join(&rel);
+            let to = ws.source().join(published);
             std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            let staged = ws.path("staging").join(rel.replacen(
-                &format!("public/{name}/"),
-                &format!("public/{from}/"),
-                1,
-            ));
-            std::fs::copy(staged, to).unwrap();
+            std::fs::copy(ws.path("staging").join(&rel), to).unwrap();
             objects += 1;
         }
     }
