@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS batches (
     deletes      INTEGER,
     max_seq      TEXT,               -- largest change_seq loaded by this batch
     max_commit_ts TEXT,              -- newest commit_ts loaded by this batch (for lag)
+    bytes_processed INTEGER,         -- bytes the warehouse's jobs processed (BigQuery; schema 3)
+    bytes_billed INTEGER,            -- and billed
     planned_at   TEXT    NOT NULL,
     committed_at TEXT,
     PRIMARY KEY (pipeline, tbl, batch_no)

@@ -48,10 +48,16 @@ CREATE TABLE IF NOT EXISTS cdcflow.batches (
     deletes      BIGINT,
     max_seq      TEXT,               -- largest change_seq loaded by this batch
     max_commit_ts TIMESTAMPTZ,       -- newest commit_ts loaded by this batch (for lag)
+    bytes_processed BIGINT,          -- bytes the warehouse's jobs processed (BigQuery; schema 3)
+    bytes_billed BIGINT,             -- and billed
     planned_at   TIMESTAMPTZ NOT NULL,
     committed_at TIMESTAMPTZ,
     PRIMARY KEY (pipeline, tbl, batch_no)
 );
+
+-- Schema 3 added the bytes a batch's warehouse jobs processed and billed.
+ALTER TABLE cdcflow.batches ADD COLUMN IF NOT EXISTS bytes_processed BIGINT;
+ALTER TABLE cdcflow.batches ADD COLUMN IF NOT EXISTS bytes_billed BIGINT;
 
 -- At most one planned batch per table.
 CREATE UNIQUE INDEX IF NOT EXISTS one_planned_batch

@@ -30,6 +30,9 @@ pub const NAMES: &[&str] = &[
     "commit.after_state",
 ];
 
+/// Step boundaries of the BigQuery warehouse's `current = "log"` path.
+pub const BIGQUERY_NAMES: &[&str] = &["load.in_compaction"];
+
 /// The step boundaries of capture's write protocol, in order.
 pub const CAPTURE_NAMES: &[&str] = &[
     "capture.after_checkpoint",
@@ -42,7 +45,7 @@ static HITS: AtomicUsize = AtomicUsize::new(0);
 /// Aborts the process if `CDCFLOW_FAILPOINT` names this boundary.
 pub fn hit(name: &str) {
     debug_assert!(
-        NAMES.contains(&name) || CAPTURE_NAMES.contains(&name),
+        NAMES.contains(&name) || BIGQUERY_NAMES.contains(&name) || CAPTURE_NAMES.contains(&name),
         "unknown failpoint {name}"
     );
     if !ENABLED {

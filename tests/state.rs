@@ -56,12 +56,12 @@ impl Stores {
     }
 }
 
-/// A PostgreSQL state of version 1 (one lease per pipeline) moves to
-/// version 2 when opened, and its pipeline lease table is dropped: a
-/// version-1 process still running then fails rather than running beside
-/// this one.
+/// A PostgreSQL state of version 1 (one lease per pipeline, no billed
+/// bytes) moves to version 3 when opened: its pipeline lease table is
+/// dropped (a version-1 process still running then fails rather than
+/// running beside this one) and the batches get their bytes columns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_1_postgres_state_moves_to_version_2_without_the_pipeline_leases() {
+async fn a_version_1_postgres_state_moves_to_version_3_without_the_pipeline_leases() {
     let ws = Workspace::new();
     let Some((admin, name, url)) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "v1_").await else {
         return;
@@ -73,6 +73,7 @@ async fn a_version_1_postgres_state_moves_to_version_2_without_the_pipeline_leas
         "CREATE TABLE cdcflow.leases (pipeline TEXT PRIMARY KEY, owner TEXT NOT NULL,
            acquired_at TIMESTAMPTZ NOT NULL, expires_at TIMESTAMPTZ NOT NULL);
          INSERT INTO cdcflow.leases VALUES ('p', 'old:1:0', now(), now() + interval '1 hour');
+         ALTER TABLE cdcflow.batches DROP COLUMN bytes_processed, DROP COLUMN bytes_billed;
          UPDATE cdcflow.schema_version SET version = 1;",
     )
     .await
@@ -82,7 +83,9 @@ async fn a_version_1_postgres_state_moves_to_version_2_without_the_pipeline_leas
         .query_one(
             "SELECT (SELECT version FROM cdcflow.schema_version),
                     to_regclass('cdcflow.leases') IS NULL,
-                    to_regclass('cdcflow.table_leases') IS NOT NULL",
+                    to_regclass('cdcflow.table_leases') IS NOT NULL,
+                    (SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = 'cdcflow'
+                       AND table_name = 'batches' AND column_name LIKE 'bytes_%')",
             &[],
         )
         .await
@@ -91,9 +94,10 @@ async fn a_version_1_postgres_state_moves_to_version_2_without_the_pipeline_leas
         (
             row.get::<_, i32>(0),
             row.get::<_, bool>(1),
-            row.get::<_, bool>(2)
+            row.get::<_, bool>(2),
+            row.get::<_, i64>(3)
         ),
-        (2, true, true)
+        (3, true, true, 2)
     );
     drop(db);
     crate::support::drop_pg_database(&admin, &name).await;
@@ -199,6 +203,8 @@ fn a_batch_is_planned_then_committed_once_with_its_objects(stores: &Stores) {
         deletes: 1,
         max_seq: Some("0000000009".into()),
         max_commit_ts: Some(at),
+        bytes_processed: Some(10_485_760),
+        bytes_billed: Some(11_534_336),
     };
     store.commit_batch("s.t", 1, &stats).unwrap();
     assert!(
@@ -224,6 +230,10 @@ fn a_batch_is_planned_then_committed_once_with_its_objects(stores: &Stores) {
             last.stats.deletes
         ),
         (7, 4, 2, 1)
+    );
+    assert_eq!(
+        (last.stats.bytes_processed, last.stats.bytes_billed),
+        (Some(10_485_760), Some(11_534_336))
     );
     assert_eq!(
         reopened.max_seq("s.t").unwrap().as_deref(),
@@ -648,6 +658,8 @@ fn totals_sum_what_was_committed_and_tried(stores: &Stores) {
         deletes,
         max_seq: None,
         max_commit_ts: None,
+        bytes_processed: None,
+        bytes_billed: Some(rows * 1000),
     };
     store
         .plan_batch("s.t", &[obj("a"), obj("bb")], BatchMode::Append)
@@ -671,6 +683,7 @@ fn totals_sum_what_was_committed_and_tried(stores: &Stores) {
         ),
         (2, 12, 4, 5, 3)
     );
+    assert_eq!(totals.bytes_billed, 12_000);
     // obj(k) is 100 bytes per letter of its key: a, bb and ccc.
     assert_eq!((totals.objects, totals.bytes), (3, 600));
     assert_eq!(totals.batch_seconds.len(), 2);

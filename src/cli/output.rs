@@ -110,11 +110,40 @@ pub(super) fn print_runs(pipeline: &Pipeline, runs: &[RunRecord]) {
     }
 }
 
+/// `text`, and the bytes the warehouse billed for `stats` where it bills.
+fn with_billed(text: String, stats: &crate::state::BatchStats) -> String {
+    match stats.bytes_billed {
+        Some(billed) => format!("{text}, {} billed", bytes(billed)),
+        None => text,
+    }
+}
+
+/// `n` bytes in B, KB, MB, GB or TB (powers of 1000, as BigQuery bills).
+fn bytes(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
 pub(super) fn print_run(report: &RunReport) {
     let mut grid = Grid::new();
-    grid.load_preset(UTF8_FULL_CONDENSED).set_header([
+    let billed = report.tables.iter().any(|t| t.stats.bytes_billed.is_some());
+    let mut header = vec![
         "table", "objects", "rows", "inserts", "updates", "deletes", "seconds", "status",
-    ]);
+    ];
+    if billed {
+        header.insert(6, "billed");
+    }
+    grid.load_preset(UTF8_FULL_CONDENSED).set_header(header);
     let mut rows = 0;
     for t in &report.tables {
         rows += t.stats.rows;
@@ -127,7 +156,7 @@ pub(super) fn print_run(report: &RunReport) {
         } else {
             "ok".to_string()
         };
-        grid.add_row([
+        let mut row = vec![
             t.table.clone(),
             t.objects.to_string(),
             t.stats.rows.to_string(),
@@ -136,7 +165,11 @@ pub(super) fn print_run(report: &RunReport) {
             t.stats.deletes.to_string(),
             format!("{:.2}", t.seconds),
             status,
-        ]);
+        ];
+        if billed {
+            row.insert(6, bytes(t.stats.bytes_billed.unwrap_or(0)));
+        }
+        grid.add_row(row);
     }
     out!("{grid}");
     let rate = if report.seconds > 0.0 {
@@ -237,7 +270,9 @@ pub(super) async fn status(pipeline: Pipeline, file: &Path, wide: bool) -> Resul
                 s.loaded.to_string(),
                 s.waiting.to_string(),
                 last.map_or("-".into(), |b| format!("#{}", b.number)),
-                last.map_or("-".into(), |b| b.stats.rows.to_string()),
+                last.map_or("-".into(), |b| {
+                    with_billed(b.stats.rows.to_string(), &b.stats)
+                }),
                 time(last.map(|b| b.committed_at), "%Y-%m-%d %H:%M:%S UTC"),
                 s.quarantined.len().to_string(),
                 s.skipped.len().to_string(),
@@ -252,7 +287,7 @@ pub(super) async fn status(pipeline: Pipeline, file: &Path, wide: bool) -> Resul
                 s.waiting.to_string(),
                 s.quarantined.len().to_string(),
                 last.map_or("-".into(), |b| {
-                    format!("#{}, {} rows", b.number, b.stats.rows)
+                    with_billed(format!("#{}, {} rows", b.number, b.stats.rows), &b.stats)
                 }),
                 time(s.loaded_up_to, "%Y-%m-%d %H:%M"),
                 lag,

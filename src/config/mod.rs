@@ -369,7 +369,47 @@ pub enum WarehouseFile {
         /// (no credentials are sent to it).
         #[serde(default)]
         endpoint: Option<String>,
+        /// How current state is kept: `"log"` (default) appends each batch's
+        /// changes to `<t>__log` and compacts them into `<t>__base` now and
+        /// then, `<t>` being a view over both, so a batch costs in proportion
+        /// to the batch; `"merge"` MERGEs each batch into a `<t>` table,
+        /// which BigQuery bills for the whole table every batch.
+        #[serde(default)]
+        current: CurrentMode,
+        /// `current = "log"`: compact when the log holds more rows than this
+        /// share of the base (default 0.1: a batch then costs about 11 times
+        /// its own size, amortized, and a read of `<t>` 1.1 times the table).
+        #[serde(default = "default_compact_ratio")]
+        compact_ratio: f64,
+        /// A job that would bill more bytes than this fails instead (BigQuery's
+        /// `maximumBytesBilled`); the table stops at its batch and waits.
+        #[serde(default)]
+        maximum_bytes_billed: Option<u64>,
+        /// Bytes sent per request when a batch's staged file is uploaded, in
+        /// KiB: a multiple of 256 (BigQuery's unit). Memory holds one chunk;
+        /// a dropped connection resends at most one.
+        #[serde(default = "default_upload_chunk_kib")]
+        upload_chunk_kib: u64,
     },
+}
+
+/// How the BigQuery warehouse keeps a table's current state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CurrentMode {
+    /// A base table and a log of changes, compacted now and then, read through a view.
+    #[default]
+    Log,
+    /// One table, MERGEd every batch.
+    Merge,
+}
+
+fn default_compact_ratio() -> f64 {
+    0.1
+}
+
+fn default_upload_chunk_kib() -> u64 {
+    16 * 1024
 }
 
 /// `[batch]`: bounds of one batch.

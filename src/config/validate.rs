@@ -589,7 +589,29 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
             location,
             credentials,
             endpoint,
+            current,
+            compact_ratio,
+            maximum_bytes_billed,
+            upload_chunk_kib,
         } => {
+            if *upload_chunk_kib == 0 || upload_chunk_kib % 256 != 0 {
+                problems.add(
+                    "warehouse.upload_chunk_kib",
+                    "must be a multiple of 256 (BigQuery uploads in units of 256 KiB), e.g. 16384",
+                );
+            }
+            if !(compact_ratio.is_finite() && *compact_ratio >= 0.0) {
+                problems.add(
+                    "warehouse.compact_ratio",
+                    "must be a number of 0 or more, e.g. 0.1 (0 compacts after every batch)",
+                );
+            }
+            if *maximum_bytes_billed == Some(0) {
+                problems.add(
+                    "warehouse.maximum_bytes_billed",
+                    "must be more than 0 bytes, e.g. 10000000000 (10 GB); leave it out for no limit",
+                );
+            }
             let id_ok =
                 |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if project.is_empty()
@@ -631,6 +653,10 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
                 location: location.clone(),
                 credentials,
                 endpoint: endpoint.clone(),
+                current: *current,
+                compact_ratio: *compact_ratio,
+                maximum_bytes_billed: *maximum_bytes_billed,
+                upload_chunk_kib: *upload_chunk_kib,
             })
         }
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{BatchFile, Format, MetadataColumns};
+use super::{BatchFile, CurrentMode, Format, MetadataColumns};
 use crate::cron::Schedule;
 use crate::model::Column;
 use crate::tls::Tls;
@@ -111,7 +111,7 @@ pub enum DeltaLocation {
 }
 
 /// Where and how to reach BigQuery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BigQueryConfig {
     /// Project running the jobs.
     pub project: String,
@@ -124,6 +124,14 @@ pub struct BigQueryConfig {
     pub credentials: Option<PathBuf>,
     /// Emulator endpoint (no auth); `None`: Google's API.
     pub endpoint: Option<String>,
+    /// How current state is kept.
+    pub current: CurrentMode,
+    /// `current = "log"`: compact when the log exceeds this share of the base.
+    pub compact_ratio: f64,
+    /// Bytes a job may bill at most.
+    pub maximum_bytes_billed: Option<u64>,
+    /// KiB per request of an upload.
+    pub upload_chunk_kib: u64,
 }
 
 /// Retries of a table task.

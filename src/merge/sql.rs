@@ -25,6 +25,8 @@ pub const BQ_STAGE_DAYS: &str = include_str!("../../sql/bigquery/stage_days.sql"
 pub const BQ_FILL_COLUMNS: &str = include_str!("../../sql/bigquery/fill_columns.sql");
 /// `sql/bigquery/current_merge.sql`.
 pub const BQ_CURRENT_MERGE: &str = include_str!("../../sql/bigquery/current_merge.sql");
+/// `sql/bigquery/current_log.sql`.
+pub const BQ_CURRENT_LOG: &str = include_str!("../../sql/bigquery/current_log.sql");
 
 /// The SQL dialect a statement is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,6 +38,7 @@ struct Families {
     batches: Family<Labels, Counter>,
     objects_loaded: Family<Labels, Counter>,
     bytes_loaded: Family<Labels, Counter>,
+    bytes_billed: Family<Labels, Counter>,
     objects: Family<Labels, Gauge>,
     pending_batch: Family<Labels, Gauge>,
     lag: Family<Labels, Seconds>,
@@ -153,6 +154,11 @@ pub(super) async fn render(runners: &[Runner], captures: &[Capture]) -> String {
         "Bytes of the source objects loaded",
         f.bytes_loaded,
     );
+    registry.register(
+        "warehouse_bytes_billed",
+        "Bytes the warehouse billed for the batches' jobs (BigQuery's totalBytesBilled)",
+        f.bytes_billed,
+    );
     registry.register("objects", "Source objects by state: waiting (new), quarantined (the table waits at the first), skipped", f.objects);
     registry.register(
         "pending_batch",
@@ -221,6 +227,9 @@ async fn collect(
             .get_or_create(&labels(table))
             .inc_by(t.objects);
         f.bytes_loaded.get_or_create(&labels(table)).inc_by(t.bytes);
+        f.bytes_billed
+            .get_or_create(&labels(table))
+            .inc_by(t.bytes_billed);
         for (state, n) in [
             ("waiting", s.waiting),
             ("quarantined", s.quarantined.len()),

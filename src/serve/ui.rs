@@ -416,13 +416,14 @@ async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> R
     body.push_str(&lag_chart(&batches));
     body.push_str(
         "<h2>Recent batches</h2><table><tr><th>batch</th><th>committed</th><th>objects</th>\
-         <th>rows</th><th>I</th><th>U</th><th>D</th><th>seconds</th><th>lag at commit</th></tr>",
+         <th>rows</th><th>I</th><th>U</th><th>D</th><th>seconds</th><th>lag at commit</th>\
+         <th>bytes billed</th></tr>",
     );
     for b in batches.iter().take(20) {
         let _ = write!(
             body,
             "<tr><td>#{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{:.1}</td><td>{}</td></tr>",
+             <td>{:.1}</td><td>{}</td><td>{}</td></tr>",
             b.number,
             b.committed_at.format("%Y-%m-%d %H:%M:%S"),
             b.objects,
@@ -433,7 +434,8 @@ async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> R
             (b.committed_at - b.planned_at).as_seconds_f64(),
             lag_at_commit(b).map_or("-".into(), |l| humanize(chrono::TimeDelta::seconds(
                 l as i64
-            )))
+            ))),
+            b.stats.bytes_billed.map_or("-".into(), |n| n.to_string())
         );
     }
     body.push_str("</table>");

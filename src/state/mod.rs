@@ -193,11 +193,24 @@ pub struct BatchStats {
     pub max_seq: Option<String>,
     /// Newest `commit_ts` of the batch.
     pub max_commit_ts: Option<DateTime<Utc>>,
+    /// Bytes the warehouse's jobs for the batch processed (BigQuery's
+    /// `totalBytesProcessed`, summed); `None` where the warehouse bills none.
+    #[serde(default)]
+    pub bytes_processed: Option<u64>,
+    /// Bytes they were billed for (`totalBytesBilled`, summed).
+    #[serde(default)]
+    pub bytes_billed: Option<u64>,
 }
 
 impl BatchStats {
     /// Adds another batch's figures to these.
     pub fn add(&mut self, other: &BatchStats) {
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        self.bytes_processed = sum(self.bytes_processed, other.bytes_processed);
+        self.bytes_billed = sum(self.bytes_billed, other.bytes_billed);
         self.rows += other.rows;
         self.inserts += other.inserts;
         self.updates += other.updates;
@@ -305,6 +318,8 @@ pub struct TableTotals {
     pub objects: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// Bytes the warehouse billed for its batches (BigQuery), summed.
+    pub bytes_billed: u64,
     /// Seconds from plan to commit of each committed batch.
     pub batch_seconds: Vec<f64>,
 }

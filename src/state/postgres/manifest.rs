@@ -188,7 +188,8 @@ impl Manifest for PostgresStore {
             let mut batches = Vec::new();
             for r in c.query(
                 "SELECT batch_no, batch_id, jsonb_array_length(objects)::bigint, rows, inserts,
-                   updates, deletes, max_seq, committed_at, max_commit_ts, planned_at
+                   updates, deletes, max_seq, committed_at, max_commit_ts, planned_at,
+                   bytes_processed, bytes_billed
                  FROM cdcflow.batches
                  WHERE pipeline = $1 AND tbl = $2 AND status = 'committed'
                  ORDER BY batch_no DESC LIMIT $3",
@@ -208,6 +209,8 @@ impl Manifest for PostgresStore {
                         deletes: figure(6)?,
                         max_seq: r.try_get(7)?,
                         max_commit_ts: r.try_get(9)?,
+                        bytes_processed: r.try_get::<_, Option<i64>>(11)?.map(count),
+                        bytes_billed: r.try_get::<_, Option<i64>>(12)?.map(count),
                     },
                     planned_at: r.try_get(10)?,
                     committed_at: r.try_get(8)?,
@@ -243,7 +246,7 @@ impl Manifest for PostgresStore {
         self.with("reading the table's totals", |c| {
             let r = c.query_one(
                 "SELECT COUNT(*), SUM(rows)::bigint, SUM(inserts)::bigint, SUM(updates)::bigint,
-                   SUM(deletes)::bigint,
+                   SUM(deletes)::bigint, SUM(bytes_billed)::bigint,
                    COALESCE(array_agg(EXTRACT(EPOCH FROM committed_at - planned_at)::float8)
                      FILTER (WHERE committed_at IS NOT NULL), '{}')
                  FROM cdcflow.batches
@@ -264,9 +267,10 @@ impl Manifest for PostgresStore {
                 inserts: figure(2)?,
                 updates: figure(3)?,
                 deletes: figure(4)?,
+                bytes_billed: figure(5)?,
                 objects: count(objects.try_get(0)?),
                 bytes: count(objects.try_get(1)?),
-                batch_seconds: r.try_get(5)?,
+                batch_seconds: r.try_get(6)?,
             })
         })
     }
@@ -374,7 +378,7 @@ impl PostgresStore {
         tx.execute(
             "UPDATE cdcflow.batches SET status = 'committed', rows = $4, inserts = $5,
                updates = $6, deletes = $7, max_seq = $8, committed_at = now(),
-               max_commit_ts = $9
+               max_commit_ts = $9, bytes_processed = $10, bytes_billed = $11
              WHERE pipeline = $1 AND tbl = $2 AND batch_no = $3",
             &[
                 p,
@@ -386,6 +390,8 @@ impl PostgresStore {
                 &(stats.deletes as i64),
                 &stats.max_seq,
                 &stats.max_commit_ts,
+                &stats.bytes_processed.map(|b| b as i64),
+                &stats.bytes_billed.map(|b| b as i64),
             ],
         )?;
         Ok(())

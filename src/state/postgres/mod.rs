@@ -32,8 +32,9 @@ const SCHEMA: &str = include_str!("../../../sql/state_postgres.sql");
 
 /// The version of `sql/state_postgres.sql` this build writes. A database of
 /// a later version is refused: an older build must not write it. 2: leases
-/// per table (`table_leases`) instead of per pipeline.
-const SCHEMA_VERSION: i32 = 2;
+/// per table (`table_leases`) instead of per pipeline. 3: the bytes a
+/// batch's warehouse jobs processed and billed (`batches.bytes_*`).
+const SCHEMA_VERSION: i32 = 3;
 
 /// Every process opening a store runs the schema under this advisory lock,
 /// so that two creating it at once do not collide.

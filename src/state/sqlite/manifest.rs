@@ -160,7 +160,7 @@ impl Manifest for SqliteStore {
             |c| {
                 c.prepare_cached(
                     "SELECT batch_no, objects, rows, inserts, updates, deletes, max_seq, committed_at,
-                       batch_id, max_commit_ts, planned_at FROM batches
+                       batch_id, max_commit_ts, planned_at, bytes_processed, bytes_billed FROM batches
                      WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'
                      ORDER BY batch_no DESC LIMIT ?3",
                 )?
@@ -185,6 +185,8 @@ impl Manifest for SqliteStore {
                                 .get::<_, Option<String>>(9)?
                                 .as_deref()
                                 .and_then(parse_stamp),
+                            bytes_processed: r.get::<_, Option<i64>>(11)?.map(|b| b.max(0) as u64),
+                            bytes_billed: r.get::<_, Option<i64>>(12)?.map(|b| b.max(0) as u64),
                         },
                         planned_at: time(10)?,
                         committed_at: time(7)?,
@@ -248,7 +250,8 @@ impl Manifest for SqliteStore {
         self.with(
             |c| {
                 let mut totals = c.query_row(
-                    "SELECT COUNT(*), SUM(rows), SUM(inserts), SUM(updates), SUM(deletes) FROM batches
+                    "SELECT COUNT(*), SUM(rows), SUM(inserts), SUM(updates), SUM(deletes),
+                       SUM(bytes_billed) FROM batches
                      WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
                     params![self.pipeline, table],
                     |r| {
@@ -261,6 +264,7 @@ impl Manifest for SqliteStore {
                             inserts: figure(2)?,
                             updates: figure(3)?,
                             deletes: figure(4)?,
+                            bytes_billed: figure(5)?,
                             ..TableTotals::default()
                         })
                     },
@@ -277,7 +281,10 @@ impl Manifest for SqliteStore {
                          WHERE pipeline = ?1 AND tbl = ?2 AND status = 'committed'",
                     )?
                     .query_map(params![self.pipeline, table], |r| {
-                        Ok(seconds_between(&r.get::<_, String>(0)?, &r.get::<_, String>(1)?))
+                        Ok(seconds_between(
+                            &r.get::<_, String>(0)?,
+                            &r.get::<_, String>(1)?,
+                        ))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
                 Ok(totals)
@@ -369,7 +376,8 @@ impl SqliteStore {
         }
         tx.execute(
             "UPDATE batches SET status = 'committed', rows = ?4, inserts = ?5, updates = ?6,
-               deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10
+               deletes = ?7, max_seq = ?8, committed_at = ?9, max_commit_ts = ?10,
+               bytes_processed = ?11, bytes_billed = ?12
              WHERE pipeline = ?1 AND tbl = ?2 AND batch_no = ?3",
             params![
                 self.pipeline,
@@ -381,7 +389,9 @@ impl SqliteStore {
                 stats.deletes as i64,
                 stats.max_seq,
                 at,
-                stats.max_commit_ts.map(stamp)
+                stats.max_commit_ts.map(stamp),
+                stats.bytes_processed.map(|b| b as i64),
+                stats.bytes_billed.map(|b| b as i64)
             ],
         )
         .map(drop)

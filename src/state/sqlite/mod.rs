@@ -21,7 +21,15 @@ const SCHEMA: &str = include_str!("../../../sql/state.sql");
 /// A store of a later version is refused: an older build must not write it.
 /// A change to the schema raises it and migrates older stores on open.
 /// 2: leases per table (`table_leases`) instead of per pipeline.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: the bytes a batch's warehouse jobs processed and billed.
+const SCHEMA_VERSION: i64 = 3;
+
+/// Columns added by a schema version, added to an older store when it is
+/// opened: (table, column, declaration).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("batches", "bytes_processed", "INTEGER"),
+    ("batches", "bytes_billed", "INTEGER"),
+];
 
 /// SQLite state of one pipeline.
 pub struct SqliteStore {
@@ -97,6 +105,15 @@ impl SqliteStore {
         let (version, missing) = self.with(
             |c| {
                 let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                if version < SCHEMA_VERSION {
+                    for (table, column, declaration) in ADDED_COLUMNS {
+                        if !column_names(c, table)?.iter().any(|have| have == column) {
+                            c.execute_batch(&format!(
+                                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+                            ))?;
+                        }
+                    }
+                }
                 let fresh = Connection::open_in_memory()?;
                 fresh.execute_batch(SCHEMA)?;
                 let mut missing = Vec::new();
@@ -260,7 +277,7 @@ mod tests {
     /// opened, and its pipeline lease table is dropped: a version-1 process
     /// still running then fails rather than running beside this one.
     #[test]
-    fn a_version_1_store_moves_to_version_2_without_the_pipeline_leases() {
+    fn a_version_1_store_moves_to_version_3_without_the_pipeline_leases() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
         drop(SqliteStore::open(&path, "p").unwrap());
@@ -270,6 +287,8 @@ mod tests {
                 "CREATE TABLE leases (pipeline TEXT PRIMARY KEY, owner TEXT NOT NULL, \
                  acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL);
                  INSERT INTO leases VALUES ('p', 'old:1:0', '2026-01-01', '2999-01-01');
+                 ALTER TABLE batches DROP COLUMN bytes_processed;
+                 ALTER TABLE batches DROP COLUMN bytes_billed;
                  PRAGMA user_version = 1;",
             )
             .unwrap();
@@ -278,7 +297,9 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
+        let batches = column_names(&conn, "batches").unwrap();
+        assert!(batches.contains(&"bytes_billed".to_string()), "{batches:?}");
         assert!(!table_names(&conn).unwrap().contains(&"leases".to_string()));
         assert!(
             table_names(&conn)

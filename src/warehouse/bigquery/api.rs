@@ -137,6 +137,10 @@ pub(super) struct Api {
     /// Dataset of the tables.
     pub(super) dataset: String,
     location: String,
+    /// Bytes per request of a resumable upload.
+    chunk: u64,
+    /// Bytes a query job may bill at most.
+    maximum_bytes_billed: Option<u64>,
     /// Labels of every job: the pipeline and the dataset.
     labels: HashMap<String, String>,
 }
@@ -184,6 +188,42 @@ fn call_error(context: &str, err: BQError) -> Error {
             message: crate::error::chain(&other),
         },
     }
+}
+
+/// Reads the JSON answer of a call (an error answer becomes [`Error::BigQuery`]).
+async fn read_answer<T: serde::de::DeserializeOwned>(
+    context: &str,
+    response: reqwest::Response,
+) -> Result<T> {
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| call_error(context, e.into()))?;
+    if !status.is_success() {
+        let parsed: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        let error = parsed.as_ref().and_then(|v| v.get("error"));
+        return Err(Error::BigQuery {
+            context: context.to_string(),
+            status: Some(status.as_u16()),
+            reason: error
+                .and_then(|e| e.pointer("/errors/0/reason"))
+                .and_then(|r| r.as_str())
+                .map(String::from),
+            message: error
+                .and_then(|e| e.get("message"))
+                .and_then(|m| m.as_str())
+                .map(String::from)
+                .unwrap_or(text),
+        });
+    }
+    // A DELETE answers 204 with no body.
+    let text = if text.trim().is_empty() {
+        "null"
+    } else {
+        &text
+    };
+    serde_json::from_str(text).map_err(|e| call_error(context, e.into()))
 }
 
 /// The error of a job or query that BigQuery answered as failed.
@@ -243,6 +283,8 @@ impl Api {
             dataset: config.dataset.clone(),
             // Until the dataset is read (see `check_dataset`).
             location: config.location.clone().unwrap_or_else(|| "US".into()),
+            chunk: config.upload_chunk_kib * 1024,
+            maximum_bytes_billed: config.maximum_bytes_billed,
             labels: labels([
                 ("cdcflow_pipeline", pipeline),
                 ("cdcflow_dataset", &config.dataset),
@@ -307,45 +349,26 @@ impl Api {
         context: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<T> {
+        let response = self.send_raw(context, request).await?;
+        read_answer(context, response).await
+    }
+
+    /// Sends a request made on this API's HTTP client with a token.
+    async fn send_raw(
+        &self,
+        context: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
         let token = self
             .tokens
             .access_token()
             .await
             .map_err(|e| call_error(context, e))?;
-        let response = request
+        request
             .bearer_auth(token)
             .send()
             .await
-            .map_err(|e| call_error(context, e.into()))?;
-        let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| call_error(context, e.into()))?;
-        if !status.is_success() {
-            let parsed: Option<serde_json::Value> = serde_json::from_str(&text).ok();
-            let error = parsed.as_ref().and_then(|v| v.get("error"));
-            return Err(Error::BigQuery {
-                context: context.to_string(),
-                status: Some(status.as_u16()),
-                reason: error
-                    .and_then(|e| e.pointer("/errors/0/reason"))
-                    .and_then(|r| r.as_str())
-                    .map(String::from),
-                message: error
-                    .and_then(|e| e.get("message"))
-                    .and_then(|m| m.as_str())
-                    .map(String::from)
-                    .unwrap_or(text),
-            });
-        }
-        // A DELETE answers 204 with no body.
-        let text = if text.trim().is_empty() {
-            "null"
-        } else {
-            &text
-        };
-        serde_json::from_str(text).map_err(|e| call_error(context, e.into()))
+            .map_err(|e| call_error(context, e.into()))
     }
 
     /// Reads the dataset (an error says how to create it) and takes its
@@ -513,7 +536,7 @@ impl Api {
     /// failed (or without `reuse`), the next free id `id_2`, `id_3`… is used.
     /// `submit` starts the job under the id it is given and returns
     /// BigQuery's answer.
-    async fn run_once<F, Fut>(&self, id: &str, reuse: bool, submit: F) -> Result<()>
+    async fn run_once<F, Fut>(&self, id: &str, reuse: bool, submit: F) -> Result<Billed>
     where
         F: Fn(String) -> Fut,
         Fut: Future<Output = Result<Job>>,
@@ -535,21 +558,22 @@ impl Api {
                     }
                     Err(e) => return Err(e),
                 };
-                self.wait(named.as_deref().unwrap_or(&job_id), &context)
+                let done = self
+                    .wait(named.as_deref().unwrap_or(&job_id), &context)
                     .await?;
-                return Ok(());
+                return Ok(Billed::of(&done));
             };
-            let status = job.status.unwrap_or_default();
+            let status = job.status.clone().unwrap_or_default();
             if !reuse {
                 continue;
             }
             if status.state.as_deref() != Some("DONE") {
-                self.wait(&job_id, &context).await?;
-                return Ok(());
+                let done = self.wait(&job_id, &context).await?;
+                return Ok(Billed::of(&done));
             }
             if status.error_result.is_none() {
                 tracing::info!(job = %job_id, "job already done; not run again");
-                return Ok(());
+                return Ok(Billed::of(&job));
             }
         }
         unreachable!("the loop returns")
@@ -572,7 +596,7 @@ impl Api {
         job: &JobName,
         sql: &str,
         params: &[QueryParameter],
-    ) -> Result<()> {
+    ) -> Result<Billed> {
         self.run_once(&job.id, true, |job_id| async move {
             let context = format!("job {job_id}");
             let job = Job {
@@ -583,6 +607,7 @@ impl Api {
                         use_legacy_sql: Some(false),
                         parameter_mode: (!params.is_empty()).then(|| "NAMED".to_string()),
                         query_parameters: (!params.is_empty()).then(|| params.to_vec()),
+                        maximum_bytes_billed: self.maximum_bytes_billed.map(|b| b.to_string()),
                         ..Default::default()
                     }),
                     labels: self.job_labels(&job.labels),
@@ -607,7 +632,7 @@ impl Api {
         name: &str,
         schema: TableSchema,
         file: &Path,
-    ) -> Result<()> {
+    ) -> Result<Billed> {
         // A load into staging is idempotent (it truncates), so it is simply run
         // again under a fresh id: the staging table may have been dropped since.
         self.run_once(&job.id, false, |job_id| {
@@ -631,49 +656,149 @@ impl Api {
                     }),
                     ..Default::default()
                 };
-                let metadata =
-                    serde_json::to_vec(&config).map_err(|e| call_error(&context, e.into()))?;
-                let data = tokio::fs::read(file)
-                    .await
-                    .map_err(|e| Error::io("reading the staged batch", file.display(), e))?;
-                let boundary = "cdcflow-upload-boundary";
-                let mut body = Vec::with_capacity(data.len() + metadata.len() + 256);
-                body.extend_from_slice(
-                    format!(
-                        "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-                    )
-                    .as_bytes(),
-                );
-                body.extend_from_slice(&metadata);
-                body.extend_from_slice(
-                    format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n")
-                        .as_bytes(),
-                );
-                body.extend_from_slice(&data);
-                body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-                let body = bytes::Bytes::from(body);
-                self.retry(&context, || {
-                    self.send(
-                        &context,
-                        self.http
-                            .post(&self.upload_url)
-                            .query(&[("uploadType", "multipart")])
-                            .header(
-                                reqwest::header::CONTENT_TYPE,
-                                format!("multipart/related; boundary={boundary}"),
-                            )
-                            .body(body.clone()),
-                    )
-                })
-                .await
+                self.upload(&context, &config, file).await
             }
         })
         .await
     }
 
+    /// Sends `file` as the data of load job `config` by a resumable upload:
+    /// a session, then the file in chunks of [`Api::chunk`] bytes read one at
+    /// a time, so memory stays bounded whatever the file's size. After a
+    /// failed chunk (a dropped connection, 5xx, 429) the session is asked how
+    /// much it holds and the upload goes on from there; a session that is
+    /// gone (404, 410) is started again. Returns the job BigQuery made.
+    async fn upload(&self, context: &str, config: &Job, file: &Path) -> Result<Job> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let io = |e| Error::io("reading the staged batch", file.display(), e);
+        let total = tokio::fs::metadata(file).await.map_err(io)?.len();
+        let mut data = tokio::fs::File::open(file).await.map_err(io)?;
+        let mut sessions = 0;
+        'session: loop {
+            sessions += 1;
+            let session = self
+                .retry(context, || self.start_upload(context, config, total))
+                .await?;
+            // `None`: unknown, ask the session.
+            let mut offset = Some(0u64);
+            let mut failures = 0;
+            let mut delay = Duration::from_millis(250);
+            loop {
+                let answer = match offset {
+                    Some(at) => {
+                        let len = self.chunk.min(total - at);
+                        let mut chunk = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+                        data.seek(std::io::SeekFrom::Start(at)).await.map_err(io)?;
+                        data.read_exact(&mut chunk).await.map_err(io)?;
+                        let range = if len == 0 {
+                            format!("bytes */{total}")
+                        } else {
+                            format!("bytes {at}-{}/{total}", at + len - 1)
+                        };
+                        self.put_upload(context, &session, range, chunk).await
+                    }
+                    None => {
+                        self.put_upload(context, &session, format!("bytes */{total}"), Vec::new())
+                            .await
+                    }
+                };
+                match answer {
+                    Ok(Uploaded::Done(job)) => return Ok(*job),
+                    Ok(Uploaded::Holds(next)) => {
+                        offset = Some(next.min(total));
+                        failures = 0;
+                    }
+                    Err(Error::BigQuery {
+                        status: Some(404 | 410),
+                        ..
+                    }) if sessions < TRIES => {
+                        tracing::warn!(call = context, "upload session gone; starting it again");
+                        continue 'session;
+                    }
+                    Err(e) if e.retry_policy() == RetryPolicy::Retry && failures < TRIES => {
+                        failures += 1;
+                        tracing::warn!(call = context, offset, error = %e, "upload interrupted; asking the session where to go on");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(8));
+                        offset = None;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// Starts a resumable upload of `total` bytes for load job `config`;
+    /// returns the session's URL.
+    async fn start_upload(&self, context: &str, config: &Job, total: u64) -> Result<String> {
+        let request = self
+            .http
+            .post(&self.upload_url)
+            .query(&[("uploadType", "resumable")])
+            .header("X-Upload-Content-Type", "application/octet-stream")
+            .header("X-Upload-Content-Length", total.to_string())
+            .json(config);
+        let response = self.send_raw(context, request).await?;
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(String::from);
+        match location {
+            Some(url) if response.status().is_success() => Ok(url),
+            _ => {
+                let answer: serde_json::Value = read_answer(context, response).await?;
+                Err(Error::BigQuery {
+                    context: context.to_string(),
+                    status: None,
+                    reason: Some("invalid".into()),
+                    message: format!("the upload session was not started (no Location): {answer}"),
+                })
+            }
+        }
+    }
+
+    /// Sends one chunk (or, empty with `bytes */total`, a status probe) to
+    /// upload `session`.
+    async fn put_upload(
+        &self,
+        context: &str,
+        session: &str,
+        range: String,
+        chunk: Vec<u8>,
+    ) -> Result<Uploaded> {
+        let request = self
+            .http
+            .put(session)
+            .header(reqwest::header::CONTENT_RANGE, range)
+            .body(chunk);
+        let response = self.send_raw(context, request).await?;
+        // 308 Resume Incomplete: the bytes it holds, `Range: bytes=0-<last>`
+        // (no header: none yet).
+        if response.status().as_u16() == 308 {
+            let holds = response
+                .headers()
+                .get(reqwest::header::RANGE)
+                .and_then(|r| r.to_str().ok())
+                .and_then(|r| r.rsplit('-').next()?.trim().parse::<u64>().ok())
+                .map_or(0, |last| last + 1);
+            return Ok(Uploaded::Holds(holds));
+        }
+        read_answer(context, response)
+            .await
+            .map(|job| Uploaded::Done(Box::new(job)))
+    }
+
     /// Runs the query `sql` (unqualified table names resolve in the dataset)
     /// as a query job and returns its schema and every row.
     pub(super) async fn query(&self, sql: &str) -> Result<(TableSchema, Vec<TableRow>)> {
+        self.query_billed(sql)
+            .await
+            .map(|(schema, rows, _)| (schema, rows))
+    }
+
+    /// [`Api::query`], with the bytes the query processed and billed.
+    async fn query_billed(&self, sql: &str) -> Result<(TableSchema, Vec<TableRow>, Billed)> {
         let context = "query";
         let job = Job {
             job_reference: self.reference_of(None),
@@ -685,6 +810,7 @@ impl Api {
                         dataset_id: self.dataset.clone(),
                         project_id: self.project.clone(),
                     }),
+                    maximum_bytes_billed: self.maximum_bytes_billed.map(|b| b.to_string()),
                     ..Default::default()
                 }),
                 labels: self.job_labels(&HashMap::new()),
@@ -706,7 +832,7 @@ impl Api {
                 reason: None,
                 message: "the query job has no id".into(),
             })?;
-        self.wait(&job_id, context).await?;
+        let billed = Billed::of(&self.wait(&job_id, context).await?);
         let mut schema = None;
         let mut rows = Vec::new();
         let mut page_token = None;
@@ -731,9 +857,24 @@ impl Api {
             rows.extend(page.rows.unwrap_or_default());
             page_token = page.page_token;
             if page_token.is_none() {
-                return Ok((schema.unwrap_or_default(), rows));
+                return Ok((schema.unwrap_or_default(), rows, billed));
             }
         }
+    }
+
+    /// The first row of query `sql`'s answer, each cell as text (`None`:
+    /// NULL; empty when it has no row), and what the query billed.
+    pub(super) async fn scalars(&self, sql: &str) -> Result<(Vec<Option<String>>, Billed)> {
+        let (_, rows, billed) = self.query_billed(sql).await?;
+        let cells = rows
+            .into_iter()
+            .next()
+            .and_then(|row| row.columns)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|cell| cell.value.and_then(|v| v.as_str().map(String::from)))
+            .collect();
+        Ok((cells, billed))
     }
 }
 
@@ -779,6 +920,43 @@ pub(super) fn strings_param<'a>(
             ..Default::default()
         }),
     }
+}
+
+/// Bytes jobs processed and billed, from their statistics (0 where a job
+/// reports none: a load job, or an emulator).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Billed {
+    /// `totalBytesProcessed`.
+    pub processed: u64,
+    /// `totalBytesBilled`.
+    pub billed: u64,
+}
+
+impl Billed {
+    /// What `job` processed and billed.
+    fn of(job: &Job) -> Billed {
+        let query = job.statistics.as_ref().and_then(|s| s.query.as_ref());
+        let figure = |f: Option<&String>| f.and_then(|v| v.parse().ok()).unwrap_or(0);
+        Billed {
+            processed: figure(query.and_then(|q| q.total_bytes_processed.as_ref())),
+            billed: figure(query.and_then(|q| q.total_bytes_billed.as_ref())),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Billed {
+    fn add_assign(&mut self, other: Billed) {
+        self.processed += other.processed;
+        self.billed += other.billed;
+    }
+}
+
+/// Where a resumable upload stands.
+enum Uploaded {
+    /// The session holds this many bytes; the rest is to send.
+    Holds(u64),
+    /// Every byte arrived: the load job.
+    Done(Box<Job>),
 }
 
 /// A job's deterministic id and its own labels.

@@ -27,13 +27,13 @@ use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 use tokio::sync::OnceCell;
 
 use super::{Apply, LoadRequest, Queries, SqlEngine, Warehouse};
-use crate::config::{BigQueryConfig, Column, SqlType, Table};
+use crate::config::{BigQueryConfig, Column, CurrentMode, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::Merger;
 use crate::merge::sql::{self, Dialect};
 use crate::state::{Batch, BatchMode, BatchStats};
-use api::Api;
+use api::{Api, Billed};
 
 const BQ: Dialect = Dialect::BigQuery;
 /// BigQuery clusters by at most four columns.
@@ -230,13 +230,14 @@ impl BigQueryWarehouse {
         &self,
         api: &Api,
         req: &LoadRequest<'m>,
+        mode: CurrentMode,
     ) -> Result<Vec<&'m Column>> {
         let with_value = req.merger.columns.iter().filter(|c| c.existing.is_some());
         if with_value.clone().next().is_none() {
             return Ok(Vec::new());
         }
         // A table made now has every column, and no row to fill.
-        let Some(current) = api.table(&req.table.target).await? else {
+        let Some(current) = api.table(&current_table(req.table, mode)).await? else {
             return Ok(Vec::new());
         };
         let fill = self.job(req, "fill");
@@ -247,14 +248,17 @@ impl BigQueryWarehouse {
             .collect())
     }
 
-    /// Adds `columns` to the current table with their value in every row
-    /// (see `sql/bigquery/fill_columns.sql`), as the batch's `fill` job.
+    /// Adds `columns` to the current-state tables with their value in every
+    /// row (see `sql/bigquery/fill_columns.sql`), as the batch's `fill` job.
+    /// A log's rows of this batch's objects (appended by an earlier try)
+    /// keep the values they came with.
     async fn fill_columns(
         &self,
         api: &Api,
         req: &LoadRequest<'_>,
         columns: &[&Column],
-    ) -> Result<()> {
+        mode: CurrentMode,
+    ) -> Result<Billed> {
         let schema = types::table_schema(
             &req.merger.current_schema(),
             req.merger.columns.as_slice(),
@@ -277,28 +281,54 @@ impl BigQueryWarehouse {
             add.push(format!("ADD COLUMN IF NOT EXISTS {column} {ty}"));
             set.push(format!("{column} = CAST({value} AS {ty})"));
         }
-        let sql = sql::render(
-            sql::BQ_FILL_COLUMNS,
-            &[
-                ("current", &api.path(&req.table.target)),
-                ("add", &add.join(", ")),
-                ("set", &set.join(", ")),
-            ],
-        );
+        let (add, set) = (add.join(", "), set.join(", "));
+        let fill = |table: &str, rows: &str| {
+            sql::render(
+                sql::BQ_FILL_COLUMNS,
+                &[
+                    ("current", &api.path(table)),
+                    ("add", &add),
+                    ("set", &set),
+                    ("rows", rows),
+                ],
+            )
+        };
+        let sql = match mode {
+            CurrentMode::Merge => fill(&req.table.target, "TRUE"),
+            CurrentMode::Log => {
+                let objects = req
+                    .batch
+                    .objects
+                    .iter()
+                    .map(|o| BQ.literal(&o.key))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let source_file = BQ.ident(&req.merger.meta.source_file);
+                format!(
+                    "{};\n{}",
+                    fill(&base_name(req.table), "TRUE"),
+                    fill(
+                        &log_name(req.table),
+                        &format!("{source_file} NOT IN ({objects})")
+                    )
+                )
+            }
+        };
         tracing::info!(table = %req.table.target, columns = ?columns.iter().map(|c| &c.name).collect::<Vec<_>>(), "adding columns with the value rows stored before them hold");
         let job = self.job(req, "fill");
         api.run_job(&job, &sql, &[]).await
     }
 
     /// Creates or grows `table`'s tables to `merger`'s columns, but leaves
-    /// the columns to `fill` out of the current table (they are added with
-    /// their value, see [`BigQueryWarehouse::fill_columns`]).
+    /// the columns to `fill` out of the current-state tables (they are added
+    /// with their value, see [`BigQueryWarehouse::fill_columns`]).
     async fn prepare_tables(
         &self,
         api: &Api,
         table: &Table,
         merger: &Merger,
         fill: &[&Column],
+        mode: CurrentMode,
     ) -> Result<()> {
         let current_fields = types::table_schema(&merger.current_schema(), &merger.columns, false)
             .fields
@@ -313,10 +343,17 @@ impl BigQueryWarehouse {
             fields: Some(cluster_by),
         });
         let mut changed = false;
-        for (name, schema, partitioned) in [
-            (table.history_name(), merger.history_schema(), true),
-            (table.target.clone(), merger.current_schema(), false),
-        ] {
+        let mut tables = vec![(table.history_name(), merger.history_schema(), true)];
+        match mode {
+            CurrentMode::Merge => {
+                tables.push((table.target.clone(), merger.current_schema(), false))
+            }
+            CurrentMode::Log => tables.extend([
+                (base_name(table), base_schema(merger), false),
+                (log_name(table), merger.history_schema(), false),
+            ]),
+        }
+        for (name, schema, partitioned) in tables {
             let mut wanted = types::table_schema(&schema, &merger.columns, false);
             if !partitioned {
                 let fields = wanted.fields.take().unwrap_or_default();
@@ -417,12 +454,7 @@ impl BigQueryWarehouse {
             .map(|f| f.name().clone())
             .collect();
         let prune = match &staged.days {
-            Some((first, last)) => format!(
-                "DATE(h.{}) BETWEEN DATE {} AND DATE {}",
-                BQ.ident(&m.commit_ts),
-                sql::literal(first),
-                sql::literal(last)
-            ),
+            Some((first, last)) => prune_days(&BQ.ident(&m.commit_ts), first, last),
             None => "TRUE".to_string(),
         };
         let values = names
@@ -465,19 +497,14 @@ impl BigQueryWarehouse {
         )
     }
 
-    /// The current-state MERGE of the batch and its query parameters.
-    fn current_merge_sql(
-        api: &Api,
-        req: &LoadRequest<'_>,
-        stage: &str,
-        apply: Apply,
-        truncated: Option<&str>,
-    ) -> (String, Vec<QueryParameter>) {
+    /// `current = "merge"`: the changes a batch applied as `apply` MERGEs
+    /// into the current table: the staged rows, their keys' whole history
+    /// (late), or all of history (backfill).
+    fn merge_changes(api: &Api, req: &LoadRequest<'_>, stage: &str, apply: Apply) -> String {
         let merger = req.merger;
-        let m = &merger.meta;
         let stage_source = Self::stage_source(api, stage, merger);
         let history = api.path(&req.table.history_name());
-        let changes = match apply {
+        match apply {
             Apply::InOrder => stage_source,
             Apply::Late => sql::render(
                 sql::section(sql::BQ_CURRENT_MERGE, "late_changes"),
@@ -489,7 +516,23 @@ impl BigQueryWarehouse {
                 ],
             ),
             Apply::Replace => history,
-        };
+        }
+    }
+
+    /// The MERGE of `changes` (rows in the history schema) into the
+    /// current-state table `target` and its query parameters. With
+    /// `tombstones`, a deleted key stays, flagged in the `deleted` column
+    /// (soft delete, and always in a log's base).
+    fn current_merge_sql(
+        api: &Api,
+        merger: &Merger,
+        target: &str,
+        changes: &str,
+        apply: Apply,
+        tombstones: bool,
+        truncated: Option<&str>,
+    ) -> (String, Vec<QueryParameter>) {
+        let m = &merger.meta;
         let newer = match apply {
             Apply::Replace => "TRUE".to_string(),
             _ => format!("s.{0} > t.{0}", BQ.ident(&m.change_seq)),
@@ -501,7 +544,7 @@ impl BigQueryWarehouse {
             .chain([m.commit_ts.clone(), m.change_seq.clone()])
             .map(|c| (BQ.ident(&c), format!("s.{}", BQ.ident(&c))))
             .collect();
-        if merger.soft_delete {
+        if tombstones {
             targets.push((BQ.ident(&m.deleted), "s.__gone".to_string()));
         }
         let assignments = targets
@@ -522,18 +565,14 @@ impl BigQueryWarehouse {
         let section = |name: &str| sql::section(sql::BQ_CURRENT_MERGE, name);
         let op = BQ.ident(&m.op);
         let mut clauses = Vec::new();
-        if !merger.soft_delete {
+        if !tombstones {
             clauses.push(sql::render(section("delete"), &[("newer", &newer)]));
         }
         clauses.push(sql::render(
             section("update"),
             &[("newer", &newer), ("assignments", &assignments)],
         ));
-        let insert_when = if merger.soft_delete {
-            "TRUE"
-        } else {
-            "NOT s.__gone"
-        };
+        let insert_when = if tombstones { "TRUE" } else { "NOT s.__gone" };
         clauses.push(sql::render(
             section("insert"),
             &[
@@ -548,7 +587,7 @@ impl BigQueryWarehouse {
         } else if let Some(seq) = truncated {
             values.push(api::param("truncated", "STRING", seq));
             // A truncate removes the rows the batch does not touch too.
-            let action = if merger.soft_delete {
+            let action = if tombstones {
                 format!("UPDATE SET {} = TRUE", BQ.ident(&m.deleted))
             } else {
                 "DELETE".to_string()
@@ -564,8 +603,8 @@ impl BigQueryWarehouse {
         let sql = sql::render(
             section("merge"),
             &[
-                ("current", &api.path(&req.table.target)),
-                ("changes", &changes),
+                ("current", &api.path(target)),
+                ("changes", changes),
                 ("key", &BQ.list(&merger.key)),
                 ("change_seq", &BQ.ident(&m.change_seq)),
                 ("op", &op),
@@ -575,6 +614,232 @@ impl BigQueryWarehouse {
         );
         (sql, values)
     }
+
+    /// How `table`'s current state is kept: as configured, except that a
+    /// `<t>` made as a table (`current = "merge"`, or a version before
+    /// `"log"`) stays merged until it is moved aside.
+    async fn mode(&self, api: &Api, table: &Table) -> Result<CurrentMode> {
+        if self.config.current == CurrentMode::Merge {
+            return Ok(CurrentMode::Merge);
+        }
+        match api.table(&table.target).await? {
+            Some(t) if t.r#type.as_deref() != Some("VIEW") => {
+                tracing::debug!(table = %table.target, "current state is a table: merged every batch (drop it and run a backfill to switch to current = \"log\")");
+                Ok(CurrentMode::Merge)
+            }
+            _ => Ok(CurrentMode::Log),
+        }
+    }
+
+    /// `current = "log"`: applies the batch. In order or late, its changes
+    /// are appended to the log (the view takes each key's latest, so a late
+    /// change falls in its place) and the log is compacted when due (never
+    /// in a batch that fills new columns: their fill must not meet this
+    /// batch's rows in the base). A backfill rebuilds the base from history
+    /// and clears the log.
+    async fn apply_to_log(
+        &self,
+        api: &Api,
+        req: &LoadRequest<'_>,
+        stage: &str,
+        apply: Apply,
+        may_compact: bool,
+    ) -> Result<Billed> {
+        let (table, merger) = (req.table, req.merger);
+        let (base, log) = (base_name(table), log_name(table));
+        let m = &merger.meta;
+        let section = |name: &str| sql::section(sql::BQ_CURRENT_LOG, name);
+        let op = BQ.ident(&m.op);
+        if apply == Apply::Replace {
+            let history = api.path(&table.history_name());
+            let (rebuild, values) =
+                Self::current_merge_sql(api, merger, &base, &history, apply, true, None);
+            let mut billed = api
+                .run_job(&self.job(req, "current"), &rebuild, &values)
+                .await?;
+            let clear = sql::render(section("clear"), &[("log", &api.path(&log)), ("op", &op)]);
+            billed += api.run_job(&self.job(req, "clear"), &clear, &[]).await?;
+            return Ok(billed);
+        }
+        let names = BQ.list(
+            &merger
+                .history_schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect::<Vec<_>>(),
+        );
+        let append = sql::render(
+            section("append"),
+            &[
+                ("log", &api.path(&log)),
+                ("columns", &names),
+                ("stage", &Self::stage_source(api, stage, merger)),
+            ],
+        );
+        let mut billed = api.run_job(&self.job(req, "current"), &append, &[]).await?;
+        if !may_compact {
+            return Ok(billed);
+        }
+        let sizes = sql::render(
+            section("sizes"),
+            &[("log", &api.path(&log)), ("base", &api.path(&base))],
+        );
+        let (counts, sized) = api.scalars(&sizes).await?;
+        billed += sized;
+        let count = |i: usize| {
+            counts
+                .get(i)
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (log_rows, base_rows) = (count(0), count(1));
+        if log_rows == 0 || (log_rows as f64) <= self.config.compact_ratio * base_rows as f64 {
+            return Ok(billed);
+        }
+        tracing::info!(table = %table.target, log_rows, base_rows, "compacting the log into the base");
+        let seq = BQ.ident(&m.change_seq);
+        let truncated = sql::render(
+            section("truncated"),
+            &[("log", &api.path(&log)), ("op", &op), ("change_seq", &seq)],
+        );
+        let (truncated, read) = api.scalars(&truncated).await?;
+        billed += read;
+        let truncated = truncated.into_iter().next().flatten();
+        let (compact, values) = Self::current_merge_sql(
+            api,
+            merger,
+            &base,
+            &api.path(&log),
+            Apply::InOrder,
+            true,
+            truncated.as_deref(),
+        );
+        billed += api
+            .run_job(&self.job(req, "compact"), &compact, &values)
+            .await?;
+        failpoint::hit("load.in_compaction");
+        let clean = sql::render(
+            section("clean"),
+            &[
+                ("log", &api.path(&log)),
+                ("base", &api.path(&base)),
+                ("op", &op),
+                ("change_seq", &seq),
+                ("key_equal", &BQ.key_equal("b", "l", &merger.key)),
+            ],
+        );
+        billed += api.run_job(&self.job(req, "clean"), &clean, &[]).await?;
+        Ok(billed)
+    }
+
+    /// `current = "log"`: makes `<t>` the view over base and log with the
+    /// current columns, unless it already is.
+    async fn ensure_view(&self, api: &Api, table: &Table, merger: &Merger) -> Result<()> {
+        let m = &merger.meta;
+        let names: Vec<String> = merger
+            .current_schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| !(merger.soft_delete && *n == m.deleted))
+            .collect();
+        let section = |name: &str| sql::section(sql::BQ_CURRENT_LOG, name);
+        let seq = BQ.ident(&m.change_seq);
+        let gone = sql::render(section("gone"), &[("change_seq", &seq)]);
+        let gone = gone.trim();
+        let list = BQ.list(&names);
+        let (select, filter) = if merger.soft_delete {
+            (
+                format!("{list}, {gone} AS {}", BQ.ident(&m.deleted)),
+                String::new(),
+            )
+        } else {
+            (list.clone(), format!("WHERE NOT {gone}"))
+        };
+        let query = sql::render(
+            section("view"),
+            &[
+                ("select", &select),
+                ("names", &list),
+                ("deleted", &BQ.ident(&m.deleted)),
+                ("base", &api.path(&base_name(table))),
+                ("log", &api.path(&log_name(table))),
+                ("op", &BQ.ident(&m.op)),
+                ("key", &BQ.list(&merger.key)),
+                ("change_seq", &seq),
+                ("filter", &filter),
+            ],
+        );
+        let query = query.trim();
+        let current = api.table(&table.target).await?;
+        if current
+            .and_then(|t| t.view)
+            .is_some_and(|v| v.query.trim() == query)
+        {
+            return Ok(());
+        }
+        api.query(&format!(
+            "CREATE OR REPLACE VIEW {} AS {query}",
+            api.path(&table.target)
+        ))
+        .await
+        .map(drop)
+    }
+}
+
+/// The filter on history rows `h` that limits a MERGE to the partitions of
+/// the days `first` to `last` (`YYYY-MM-DD`): a constant range of the
+/// partitioning column itself, which BigQuery prunes by (a filter on
+/// `DATE(column)` it may not).
+fn prune_days(commit_ts: &str, first: &str, last: &str) -> String {
+    let next = chrono::NaiveDate::parse_from_str(last, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.succ_opt());
+    match next {
+        Some(next) => format!(
+            "h.{commit_ts} >= TIMESTAMP {} AND h.{commit_ts} < TIMESTAMP {}",
+            sql::literal(first),
+            sql::literal(&next.format("%Y-%m-%d").to_string())
+        ),
+        None => "TRUE".to_string(),
+    }
+}
+
+/// `current = "log"`: the table holding each key's latest change as of the last compaction.
+fn base_name(table: &Table) -> String {
+    format!("{}__base", table.target)
+}
+
+/// `current = "log"`: the table of changes loaded since the last compaction.
+fn log_name(table: &Table) -> String {
+    format!("{}__log", table.target)
+}
+
+/// The table whose columns are the current state's: `<t>`, or its base.
+fn current_table(table: &Table, mode: CurrentMode) -> String {
+    match mode {
+        CurrentMode::Merge => table.target.clone(),
+        CurrentMode::Log => base_name(table),
+    }
+}
+
+/// A log's base: the current-state columns with the `deleted` flag, which
+/// marks tombstones whether or not the table soft-deletes.
+fn base_schema(merger: &Merger) -> arrow::datatypes::SchemaRef {
+    let current = merger.current_schema();
+    if merger.soft_delete {
+        return current;
+    }
+    let mut fields = current.fields().to_vec();
+    fields.push(std::sync::Arc::new(arrow::datatypes::Field::new(
+        &merger.meta.deleted,
+        arrow::datatypes::DataType::Boolean,
+        false,
+    )));
+    std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
 }
 
 /// The fields of `name` after adding the ones `wanted` has and `have`
@@ -618,8 +883,9 @@ fn evolve(
 impl Warehouse for BigQueryWarehouse {
     async fn load(&self, req: LoadRequest<'_>) -> Result<BatchStats> {
         let api = self.api().await?;
-        let fill = self.columns_to_fill(api, &req).await?;
-        self.prepare_tables(api, req.table, req.merger, &fill)
+        let mode = self.mode(api, req.table).await?;
+        let fill = self.columns_to_fill(api, &req, mode).await?;
+        self.prepare_tables(api, req.table, req.merger, &fill, mode)
             .await?;
         let staged = self.stage_locally(&req).await?;
         let stage = Self::stage_name(req.table, req.batch);
@@ -627,32 +893,57 @@ impl Warehouse for BigQueryWarehouse {
         let current_job = self.job(&req, "current");
         let history_done = api.job_succeeded(&history_job.id).await?;
         let current_done = api.job_succeeded(&current_job.id).await?;
+        let mut billed = Billed::default();
         if !current_done && (!history_done || api.table(&stage).await?.is_none()) {
             let schema =
                 types::table_schema(&req.merger.history_schema(), &req.merger.columns, true);
             let load_job = self.job(&req, "load");
-            api.load_parquet(&load_job, &stage, schema, staged.file.path())
+            billed += api
+                .load_parquet(&load_job, &stage, schema, staged.file.path())
                 .await?;
         }
         let (history_merge, values) = Self::history_merge_sql(api, &req, &stage, &staged);
-        api.run_job(&history_job, &history_merge, &values).await?;
+        billed += api.run_job(&history_job, &history_merge, &values).await?;
         failpoint::hit("load.between_history_and_current");
         if !fill.is_empty() {
-            self.fill_columns(api, &req, &fill).await?;
+            billed += self.fill_columns(api, &req, &fill, mode).await?;
         }
         let apply = Apply::choose(
             req.batch.mode,
             staged.order.min_seq.as_deref(),
             req.loaded_max.as_deref(),
         );
-        if apply == Apply::Late {
-            tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
+        match mode {
+            CurrentMode::Merge => {
+                if apply == Apply::Late {
+                    tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
+                }
+                let changes = Self::merge_changes(api, &req, &stage, apply);
+                let (current_merge, values) = Self::current_merge_sql(
+                    api,
+                    req.merger,
+                    &req.table.target,
+                    &changes,
+                    apply,
+                    req.merger.soft_delete,
+                    staged.order.truncated.as_deref(),
+                );
+                billed += api.run_job(&current_job, &current_merge, &values).await?;
+            }
+            CurrentMode::Log => {
+                billed += self
+                    .apply_to_log(api, &req, &stage, apply, fill.is_empty())
+                    .await?;
+                self.ensure_view(api, req.table, req.merger).await?;
+            }
         }
-        let (current_merge, values) =
-            Self::current_merge_sql(api, &req, &stage, apply, staged.order.truncated.as_deref());
-        api.run_job(&current_job, &current_merge, &values).await?;
         api.drop_table(&stage).await?;
-        Ok(staged.stats)
+        tracing::info!(table = %req.table.target, batch = req.batch.number, bytes_processed = billed.processed, bytes_billed = billed.billed, "BigQuery jobs of the batch");
+        Ok(BatchStats {
+            bytes_processed: Some(billed.processed),
+            bytes_billed: Some(billed.billed),
+            ..staged.stats
+        })
     }
 
     async fn batch_started(&self, table: &Table, batch: &Batch, store: &str) -> Result<bool> {
@@ -669,7 +960,8 @@ impl Warehouse for BigQueryWarehouse {
         // A column history has and current state lacks (a crash in the batch
         // that added it, before its fill job) is new again: the batch that
         // finishes adds it to current state with its value.
-        let current = match api.table(&table.target).await? {
+        let mode = self.mode(api, table).await?;
+        let current = match api.table(&current_table(table, mode)).await? {
             Some(current) => current.schema.fields.unwrap_or_default(),
             None => history.schema.fields.clone().unwrap_or_default(),
         };
