@@ -291,6 +291,11 @@ fn publish_object_with_a_new_column(ws: &Workspace) -> usize {
 async fn a_new_column_is_added(ws: &Workspace) {
     let first = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
     assert!(first.status.success(), "{}", output(&first));
+    a_new_column_is_added_to_loaded_tables(ws).await;
+}
+
+/// The second half of [`a_new_column_is_added`], after the first run.
+async fn a_new_column_is_added_to_loaded_tables(ws: &Workspace) {
     let before = rows(&ws.query("SELECT count(*) FROM order_items_history").await);
     let added = publish_object_with_a_new_column(ws);
     let second = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
@@ -334,6 +339,58 @@ async fn a_new_column_mid_stream_in_bigquery() {
     };
     let (ws, _) = bigquery_workspace(&endpoint, 600, 21, 100, "").await;
     a_new_column_is_added(&ws).await;
+}
+
+/// Other tools (dbt docs, Dataplex) rewrite column descriptions, where
+/// cdcflow keeps each column's declared type. With every description of the
+/// tables replaced, the types are read from BigQuery's own column types and a
+/// Parquet table still takes a new column and loads as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_whose_descriptions_were_rewritten_still_loads() {
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    ws.synth(600, 81);
+    ws.publish_all();
+    let dataset = dataset(&endpoint, &ws).await;
+    ws.write_pipeline_into(
+        "pipeline.toml",
+        100,
+        true,
+        "",
+        &bigquery(&endpoint, &dataset),
+    );
+    let first = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(first.status.success(), "{}", output(&first));
+    let http = reqwest::Client::new();
+    let tables = format!("{endpoint}/bigquery/v2/projects/{PROJECT}/datasets/{dataset}/tables");
+    for table in [
+        "order_items_history",
+        "order_items__base",
+        "order_items__log",
+    ] {
+        let url = format!("{tables}/{table}");
+        let got: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+        let mut fields = got["schema"]["fields"].as_array().unwrap().clone();
+        for field in &mut fields {
+            field["description"] = "Documented by the data team".into();
+        }
+        let patched = http
+            .patch(&url)
+            .json(&serde_json::json!({ "schema": { "fields": fields } }))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            patched.status().is_success(),
+            "{}",
+            patched.text().await.unwrap()
+        );
+        let again: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+        assert!(!again.to_string().contains("cdcflow:"), "{again}");
+    }
+    a_new_column_is_added_to_loaded_tables(&ws).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,7 +515,7 @@ async fn a_missing_dataset_or_a_bad_credential_says_what_to_fix() {
         output(&out)
     );
 
-    // A key file that is not a service-account key.
+    // A credentials file of a type cdcflow does not know.
     std::fs::write(ws.path("key.json"), "{\"type\": \"nonsense\"}").unwrap();
     let with_key = format!(
         "kind = \"bigquery\"\nproject = \"{PROJECT}\"\ndataset = \"shop\"\ncredentials = \"{}\"",
@@ -468,7 +525,9 @@ async fn a_missing_dataset_or_a_bad_credential_says_what_to_fix() {
     let out = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
     assert_eq!(out.status.code(), Some(3), "{}", output(&out));
     assert!(
-        output(&out).contains("reading the key file") && output(&out).contains("key.json"),
+        output(&out).contains("credentials file")
+            && output(&out).contains("key.json")
+            && output(&out).contains("\"nonsense\"; cdcflow reads service_account"),
         "{}",
         output(&out)
     );
@@ -1424,4 +1483,91 @@ async fn an_upload_cut_off_mid_file_resumes_where_the_session_stopped() {
         chunks.len() >= 5,
         "the batch should span several chunks: {chunks:?}"
     );
+}
+
+/// Workload identity federation (an `external_account` credentials file,
+/// as for a pod on EKS loading BigQuery): cdcflow reads the subject token
+/// from its file, exchanges it at the token URL for an access token with the
+/// BigQuery scope, and sends that token with every call. Google's STS cannot
+/// run here, so a stand-in on loopback answers the exchange; BigQuery is the
+/// emulator behind a proxy that records the calls' tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identity_federation_exchanges_the_pods_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(endpoint) = peer("CDCFLOW_TEST_BQ_ENDPOINT") else {
+        return;
+    };
+    let ws = Workspace::new();
+    let data = ws.synth(300, 79);
+    ws.publish_all();
+    let dataset = dataset(&endpoint, &ws).await;
+    let sts = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sts_url = format!("http://{}/v1/token", sts.local_addr().unwrap());
+    let exchanges = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = exchanges.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = sts.accept().await.unwrap();
+            let mut request = vec![0u8; 64 * 1024];
+            let n = client.read(&mut request).await.unwrap();
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&request[..n]).to_string());
+            let body = r#"{"access_token":"federated-token-1","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","token_type":"Bearer","expires_in":3600}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(reply.as_bytes()).await;
+        }
+    });
+    std::fs::write(ws.path("pod-token"), "subject-token-of-the-pod").unwrap();
+    let credentials = serde_json::json!({
+        "type": "external_account",
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/eks/providers/cluster",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": sts_url,
+        "credential_source": { "file": ws.path("pod-token").display().to_string() }
+    });
+    std::fs::write(ws.path("federation.json"), credentials.to_string()).unwrap();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorded = calls.clone();
+    let (proxy, _) = http_fault_proxy(endpoint, move |request| {
+        recorded.lock().unwrap().push(
+            request
+                .split("\r\n\r\n")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        None
+    })
+    .await;
+    let keys = format!(
+        "{}\ncredentials = \"{}\"",
+        bigquery(&proxy, &dataset),
+        ws.path("federation.json").display()
+    );
+    ws.write_pipeline_into("pipeline.toml", 100, true, "", &keys);
+    let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+    assert!(run.status.success(), "{}", output(&run));
+    assert_warehouse_matches(&ws, &data, true).await;
+    let exchanges = exchanges.lock().unwrap().clone();
+    assert!(!exchanges.is_empty(), "the token was never exchanged");
+    for exchange in &exchanges {
+        assert!(
+            exchange.contains("subject_token=subject-token-of-the-pod")
+                && exchange.contains("bigquery"),
+            "{exchange}"
+        );
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert!(calls.len() >= 5, "{calls:?}");
+    for call in &calls {
+        assert!(
+            call.to_ascii_lowercase()
+                .contains("authorization: bearer federated-token-1"),
+            "a call without the federated token: {call}"
+        );
+    }
 }

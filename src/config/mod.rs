@@ -390,7 +390,24 @@ pub enum WarehouseFile {
         /// a dropped connection resends at most one.
         #[serde(default = "default_upload_chunk_kib")]
         upload_chunk_kib: u64,
+        /// A JSON number BigQuery cannot hold exactly (beyond 64-bit
+        /// integers, or with more digits than a FLOAT64): `"exact"` (default)
+        /// fails the batch's job and the table waits; `"round"` stores it
+        /// rounded to the nearest FLOAT64 (`wide_number_mode => 'round'`).
+        #[serde(default)]
+        json_wide_numbers: JsonWideNumbers,
     },
+}
+
+/// What BigQuery's `PARSE_JSON` does with a number it cannot hold exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JsonWideNumbers {
+    /// Fail: nothing is changed without the operator.
+    #[default]
+    Exact,
+    /// Round to the nearest FLOAT64.
+    Round,
 }
 
 /// How the BigQuery warehouse keeps a table's current state.

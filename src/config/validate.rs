@@ -593,6 +593,7 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
             compact_ratio,
             maximum_bytes_billed,
             upload_chunk_kib,
+            json_wide_numbers,
         } => {
             if *upload_chunk_kib == 0 || upload_chunk_kib % 256 != 0 {
                 problems.add(
@@ -657,6 +658,7 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
                 compact_ratio: *compact_ratio,
                 maximum_bytes_billed: *maximum_bytes_billed,
                 upload_chunk_kib: *upload_chunk_kib,
+                json_wide_numbers: *json_wide_numbers,
             })
         }
     }

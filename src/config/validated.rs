@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{BatchFile, CurrentMode, Format, MetadataColumns};
+use super::{BatchFile, CurrentMode, Format, JsonWideNumbers, MetadataColumns};
 use crate::cron::Schedule;
 use crate::model::Column;
 use crate::tls::Tls;
@@ -132,6 +132,8 @@ pub struct BigQueryConfig {
     pub maximum_bytes_billed: Option<u64>,
     /// KiB per request of an upload.
     pub upload_chunk_kib: u64,
+    /// What a JSON number BigQuery cannot hold exactly does.
+    pub json_wide_numbers: JsonWideNumbers,
 }
 
 /// Retries of a table task.

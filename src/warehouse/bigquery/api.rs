@@ -67,63 +67,132 @@ impl Authenticator for Tokens {
 }
 
 impl Tokens {
+    /// The configured credentials: the `credentials` file; else application
+    /// default credentials (`GOOGLE_APPLICATION_CREDENTIALS`, then gcloud's
+    /// file, then the metadata server). With an `endpoint` and no
+    /// `credentials` (an emulator), none.
     async fn from_config(config: &BigQueryConfig) -> Result<Tokens> {
-        if config.endpoint.is_some() {
-            return Ok(Tokens::None);
-        }
-        let fail = |what: &str, e: std::io::Error| Error::BigQuery {
-            context: what.to_string(),
-            status: None,
-            reason: Some("authError".into()),
-            message: e.to_string(),
+        let file = match &config.credentials {
+            Some(path) => Some(path.clone()),
+            None if config.endpoint.is_some() => return Ok(Tokens::None),
+            None => default_credentials_file(),
         };
-        let auth = match &config.credentials {
-            Some(path) => {
-                let key = yup_oauth2::read_service_account_key(path)
-                    .await
-                    .map_err(|e| fail(&format!("reading the key file {}", path.display()), e))?;
-                yup_oauth2::ServiceAccountAuthenticator::builder(key)
-                    .build()
-                    .await
-                    .map_err(|e| fail("using the service-account key", e))?
-            }
-            None => match authorized_user_secret().await {
-                Some(secret) => yup_oauth2::AuthorizedUserAuthenticator::builder(secret)
-                    .build()
-                    .await
-                    .map_err(|e| fail("using the gcloud user credentials", e))?,
-                None => {
-                    use yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes as Adc;
-                    let opts = yup_oauth2::ApplicationDefaultCredentialsFlowOpts::default();
-                    match yup_oauth2::ApplicationDefaultCredentialsAuthenticator::builder(opts)
-                        .await
-                    {
-                        Adc::InstanceMetadata(b) => b.build().await,
-                        Adc::ServiceAccount(b) => b.build().await,
-                    }
-                    .map_err(|e| fail("finding application default credentials", e))?
+        let auth = match file {
+            Some(path) => authenticator_from_file(&path).await?,
+            None => {
+                use yup_oauth2::authenticator::ApplicationDefaultCredentialsTypes as Adc;
+                let opts = yup_oauth2::ApplicationDefaultCredentialsFlowOpts::default();
+                match yup_oauth2::ApplicationDefaultCredentialsAuthenticator::builder(opts).await {
+                    Adc::InstanceMetadata(b) => b.build().await,
+                    Adc::ServiceAccount(b) => b.build().await,
                 }
-            },
+                .map_err(|e| auth_error("finding application default credentials", e))?
+            }
         };
         Ok(Tokens::Google(auth))
     }
 }
 
-/// The gcloud user credentials (`gcloud auth application-default login`),
-/// which yup-oauth2's default-credentials flow does not read.
-async fn authorized_user_secret() -> Option<yup_oauth2::authorized_user::AuthorizedUserSecret> {
-    let path = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| Path::new(&h).join(".config/gcloud/application_default_credentials.json"))
-        })?;
-    let text = tokio::fs::read_to_string(path).await.ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    if value.get("type")?.as_str()? != "authorized_user" {
-        return None;
+/// The error of credentials that could not be used.
+fn auth_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::BigQuery {
+        context: what.to_string(),
+        status: None,
+        reason: Some("authError".into()),
+        message: e.to_string(),
     }
-    serde_json::from_value(value).ok()
+}
+
+/// The application default credentials file: `GOOGLE_APPLICATION_CREDENTIALS`,
+/// else gcloud's (`gcloud auth application-default login`) when it exists.
+fn default_credentials_file() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+        return Some(path.into());
+    }
+    let gcloud = Path::new(&std::env::var_os("HOME")?)
+        .join(".config/gcloud/application_default_credentials.json");
+    gcloud.is_file().then_some(gcloud)
+}
+
+/// An authenticator for the credentials file at `path`, by its `type`:
+/// a service-account key, a gcloud user login, workload identity federation
+/// (`external_account`: a token from a file or URL, e.g. a Kubernetes
+/// service-account token on EKS or AKS, exchanged at Google's STS, then
+/// optionally for a service account's), or a user impersonating a service
+/// account (`impersonated_service_account`, as `gcloud auth
+/// application-default login --impersonate-service-account` writes it).
+async fn authenticator_from_file(
+    path: &Path,
+) -> Result<yup_oauth2::authenticator::DefaultAuthenticator> {
+    let context = format!("the credentials file {}", path.display());
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| auth_error(&format!("reading {context}"), e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| auth_error(&format!("reading {context} (not JSON)"), e))?;
+    let bad = |e: serde_json::Error| auth_error(&format!("reading {context}"), e);
+    let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or("");
+    let built = match kind {
+        "service_account" => {
+            let key = yup_oauth2::parse_service_account_key(&text)
+                .map_err(|e| auth_error(&format!("reading {context}"), e))?;
+            yup_oauth2::ServiceAccountAuthenticator::builder(key)
+                .build()
+                .await
+        }
+        "authorized_user" => {
+            yup_oauth2::AuthorizedUserAuthenticator::builder(
+                serde_json::from_value(value).map_err(bad)?,
+            )
+            .build()
+            .await
+        }
+        "external_account" => {
+            yup_oauth2::ExternalAccountAuthenticator::builder(
+                serde_json::from_value(value).map_err(bad)?,
+            )
+            .build()
+            .await
+        }
+        "impersonated_service_account" => {
+            let source = &value["source_credentials"];
+            if source.get("type").and_then(|t| t.as_str()) != Some("authorized_user") {
+                return Err(auth_error(
+                    &context,
+                    "impersonation is supported from gcloud user credentials (source_credentials \
+                     of type authorized_user); for a service account, give its own key or use \
+                     workload identity",
+                ));
+            }
+            let email = value["service_account_impersonation_url"]
+                .as_str()
+                .and_then(|u| u.split("serviceAccounts/").nth(1))
+                .and_then(|rest| rest.split(':').next())
+                .filter(|email| !email.is_empty())
+                .ok_or_else(|| {
+                    auth_error(
+                        &context,
+                        "service_account_impersonation_url does not name a service account",
+                    )
+                })?;
+            yup_oauth2::ServiceAccountImpersonationAuthenticator::builder(
+                serde_json::from_value(source.clone()).map_err(bad)?,
+                email,
+            )
+            .build()
+            .await
+        }
+        other => {
+            return Err(auth_error(
+                &context,
+                format!(
+                    "its type is {other:?}; cdcflow reads service_account, authorized_user, \
+                     external_account and impersonated_service_account credentials"
+                ),
+            ));
+        }
+    };
+    built.map_err(|e| auth_error(&format!("using {context}"), e))
 }
 
 /// One dataset's BigQuery API.
@@ -229,15 +298,22 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
 /// The error of a job or query that BigQuery answered as failed.
 fn job_error(context: &str, errors: &[ErrorProto]) -> Error {
     let first = errors.first();
+    let mut message = errors
+        .iter()
+        .filter_map(|e| e.message.clone())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if message.contains("wide_number_mode") {
+        message.push_str(
+            " (a JSON value holds a number BigQuery cannot store exactly: fix it at the source, or \
+             set `json_wide_numbers = \"round\"` under [warehouse] to store it rounded to a FLOAT64)",
+        );
+    }
     Error::BigQuery {
         context: context.to_string(),
         status: None,
         reason: first.and_then(|e| e.reason.clone()),
-        message: errors
-            .iter()
-            .filter_map(|e| e.message.clone())
-            .collect::<Vec<_>>()
-            .join("; "),
+        message,
     }
 }
 
@@ -997,6 +1073,48 @@ pub(super) fn labels<'a>(
 mod tests {
     use super::*;
     use crate::error::RetryPolicy;
+
+    /// gcloud's impersonation file (a user's login impersonating a service
+    /// account) is read; one whose source is not a user login, or whose URL
+    /// names no account, is refused saying why.
+    #[tokio::test]
+    async fn impersonated_credentials_from_a_user_login_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("adc.json");
+        let user = serde_json::json!({
+            "type": "authorized_user", "client_id": "id", "client_secret": "secret",
+            "refresh_token": "refresh"
+        });
+        let write = |url: &str, source: &serde_json::Value| {
+            let text = serde_json::json!({
+                "type": "impersonated_service_account",
+                "service_account_impersonation_url": url,
+                "source_credentials": source,
+                "delegates": []
+            });
+            std::fs::write(&file, text.to_string()).unwrap();
+        };
+        let url = "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/loader@p.iam.gserviceaccount.com:generateAccessToken";
+        write(url, &user);
+        assert!(authenticator_from_file(&file).await.is_ok());
+        write(url, &serde_json::json!({"type": "service_account"}));
+        let refused = authenticator_from_file(&file)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("gcloud user credentials"), "{refused}");
+        write("https://example.com/nothing", &user);
+        let refused = authenticator_from_file(&file)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            refused.contains("does not name a service account"),
+            "{refused}"
+        );
+    }
 
     /// A token fetch that could not reach the token server is tried again;
     /// one the server refused (a revoked key) waits for the operator.

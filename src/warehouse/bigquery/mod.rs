@@ -27,7 +27,7 @@ use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 use tokio::sync::OnceCell;
 
 use super::{Apply, LoadRequest, Queries, SqlEngine, Warehouse};
-use crate::config::{BigQueryConfig, Column, CurrentMode, SqlType, Table};
+use crate::config::{BigQueryConfig, Column, CurrentMode, JsonWideNumbers, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::Merger;
@@ -419,13 +419,18 @@ impl BigQueryWarehouse {
         Ok(())
     }
 
-    /// `(SELECT … FROM stage)`: the staged rows with JSON columns parsed.
-    fn stage_source(api: &Api, stage: &str, merger: &Merger) -> String {
+    /// `(SELECT … FROM stage)`: the staged rows with JSON columns parsed
+    /// (numbers BigQuery cannot hold exactly as `json_wide_numbers` says).
+    fn stage_source(&self, api: &Api, stage: &str, merger: &Merger) -> String {
+        let mode = match self.config.json_wide_numbers {
+            JsonWideNumbers::Exact => "",
+            JsonWideNumbers::Round => ", wide_number_mode => 'round'",
+        };
         let json: Vec<String> = merger
             .columns
             .iter()
             .filter(|c| c.sql_type == SqlType::Json)
-            .map(|c| format!("PARSE_JSON({0}) AS {0}", BQ.ident(&c.name)))
+            .map(|c| format!("PARSE_JSON({0}{mode}) AS {0}", BQ.ident(&c.name)))
             .collect();
         if json.is_empty() {
             api.path(stage)
@@ -440,6 +445,7 @@ impl BigQueryWarehouse {
 
     /// The history MERGE of the batch and its query parameters.
     fn history_merge_sql(
+        &self,
         api: &Api,
         req: &LoadRequest<'_>,
         stage: &str,
@@ -463,7 +469,7 @@ impl BigQueryWarehouse {
             .collect::<Vec<_>>()
             .join(", ");
         let history = api.path(&req.table.history_name());
-        let stage = Self::stage_source(api, stage, req.merger);
+        let stage = self.stage_source(api, stage, req.merger);
         let (source_file, columns) = (BQ.ident(&m.source_file), BQ.list(&names));
         let mut params = vec![
             ("history", history.as_str()),
@@ -500,9 +506,9 @@ impl BigQueryWarehouse {
     /// `current = "merge"`: the changes a batch applied as `apply` MERGEs
     /// into the current table: the staged rows, their keys' whole history
     /// (late), or all of history (backfill).
-    fn merge_changes(api: &Api, req: &LoadRequest<'_>, stage: &str, apply: Apply) -> String {
+    fn merge_changes(&self, api: &Api, req: &LoadRequest<'_>, stage: &str, apply: Apply) -> String {
         let merger = req.merger;
-        let stage_source = Self::stage_source(api, stage, merger);
+        let stage_source = self.stage_source(api, stage, merger);
         let history = api.path(&req.table.history_name());
         match apply {
             Apply::InOrder => stage_source,
@@ -674,7 +680,7 @@ impl BigQueryWarehouse {
             &[
                 ("log", &api.path(&log)),
                 ("columns", &names),
-                ("stage", &Self::stage_source(api, stage, merger)),
+                ("stage", &self.stage_source(api, stage, merger)),
             ],
         );
         let mut billed = api.run_job(&self.job(req, "current"), &append, &[]).await?;
@@ -902,7 +908,7 @@ impl Warehouse for BigQueryWarehouse {
                 .load_parquet(&load_job, &stage, schema, staged.file.path())
                 .await?;
         }
-        let (history_merge, values) = Self::history_merge_sql(api, &req, &stage, &staged);
+        let (history_merge, values) = self.history_merge_sql(api, &req, &stage, &staged);
         billed += api.run_job(&history_job, &history_merge, &values).await?;
         failpoint::hit("load.between_history_and_current");
         if !fill.is_empty() {
@@ -918,7 +924,7 @@ impl Warehouse for BigQueryWarehouse {
                 if apply == Apply::Late {
                     tracing::warn!(table = %req.table.qualified(), batch = req.batch.number, "batch holds objects older than loaded ones; recomputing current state of its keys from history");
                 }
-                let changes = Self::merge_changes(api, &req, &stage, apply);
+                let changes = self.merge_changes(api, &req, &stage, apply);
                 let (current_merge, values) = Self::current_merge_sql(
                     api,
                     req.merger,
@@ -1024,5 +1030,68 @@ impl SqlEngine for BigQueryWarehouse {
 
     fn dialect(&self) -> Dialect {
         BQ
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MetadataColumns;
+
+    fn config(json_wide_numbers: JsonWideNumbers) -> BigQueryConfig {
+        BigQueryConfig {
+            project: "p".into(),
+            dataset: "d".into(),
+            location: None,
+            credentials: None,
+            endpoint: Some("http://127.0.0.1:9".into()),
+            current: CurrentMode::Log,
+            compact_ratio: 0.1,
+            maximum_bytes_billed: None,
+            upload_chunk_kib: 256,
+            json_wide_numbers,
+        }
+    }
+
+    /// A JSON column is parsed as BigQuery's default does (a number it
+    /// cannot hold exactly fails the job) unless rounding was asked for.
+    #[tokio::test]
+    async fn json_columns_round_wide_numbers_only_when_asked() {
+        let merger = Merger {
+            key: vec!["id".into()],
+            columns: vec![Column {
+                name: "doc".into(),
+                sql_type: SqlType::Json,
+                existing: None,
+            }],
+            extra_columns: Vec::new(),
+            sequence_column: None,
+            meta: MetadataColumns::default(),
+            soft_delete: false,
+        };
+        for (mode, expected) in [
+            (JsonWideNumbers::Exact, "PARSE_JSON(`doc`) AS `doc`"),
+            (
+                JsonWideNumbers::Round,
+                "PARSE_JSON(`doc`, wide_number_mode => 'round') AS `doc`",
+            ),
+        ] {
+            let warehouse = BigQueryWarehouse::new(config(mode), "test");
+            let api = Api::connect(&config(mode), "test").await.unwrap();
+            let sql = warehouse.stage_source(&api, "stage", &merger);
+            assert!(sql.contains(expected), "{mode:?}: {sql}");
+        }
+    }
+
+    /// The history MERGE's filter is a constant range of the partitioning
+    /// column from the first day to the day after the last (a month end and
+    /// a leap day included).
+    #[test]
+    fn history_is_pruned_by_a_constant_range_of_days() {
+        assert_eq!(
+            prune_days("`commit_ts`", "2024-01-31", "2024-02-29"),
+            "h.`commit_ts` >= TIMESTAMP '2024-01-31' AND h.`commit_ts` < TIMESTAMP '2024-03-01'"
+        );
+        assert_eq!(prune_days("`commit_ts`", "2024-01-31", "not a day"), "TRUE");
     }
 }
