@@ -1397,6 +1397,14 @@ async fn the_bytes_each_batch_billed_are_recorded_and_shown() {
         batches.iter().all(|(p, b)| p.is_some() && b.is_some()),
         "{batches:?}"
     );
+    for command in ["runs", "status"] {
+        let shown = ws.cdcflow(&[command, "-p", "pipeline.toml"], &[]);
+        assert!(
+            output(&shown).contains("billed"),
+            "{command}: {}",
+            output(&shown)
+        );
+    }
     ws.write_pipeline_into("local.toml", 2, true, "", &local_warehouse(&ws));
     let run = ws.cdcflow(&["run", "--now", "-p", "local.toml"], &[]);
     assert!(run.status.success(), "{}", output(&run));
@@ -1407,6 +1415,14 @@ async fn the_bytes_each_batch_billed_are_recorded_and_shown() {
             .all(|(p, b)| p.is_none() && b.is_none()),
         "a Delta warehouse bills nothing"
     );
+    for command in ["runs", "status"] {
+        let shown = ws.cdcflow(&[command, "-p", "local.toml"], &[]);
+        assert!(
+            !output(&shown).contains("billed"),
+            "{command}: {}",
+            output(&shown)
+        );
+    }
 }
 
 /// A staged batch larger than an upload chunk goes up in chunks of one

@@ -99,6 +99,15 @@ pub(super) fn print_runs(pipeline: &Pipeline, runs: &[RunRecord]) {
         }
         grid.add_row(row);
     }
+    if runs.iter().any(|r| r.bytes_billed.is_some()) {
+        let mut row = vec!["billed".to_string()];
+        row.extend(
+            runs.iter()
+                .rev()
+                .map(|r| r.bytes_billed.map_or("·".into(), bytes)),
+        );
+        grid.add_row(row);
+    }
     out!("{grid}");
     out!("✔ success  ✘ failed  ↻ up for retry  ▶ running  · not run; numbers are rows loaded");
     for run in runs {

@@ -348,6 +348,20 @@ pub struct RunRecord {
     pub status: String,
     /// Task attempts, in order.
     pub attempts: Vec<TaskAttempt>,
+    /// Bytes the warehouse billed for the run's batches, from its summary
+    /// (`None`: still running, or a warehouse that bills nothing).
+    pub bytes_billed: Option<u64>,
+}
+
+/// The bytes billed of a run, summed over the tables of its JSON summary.
+fn billed_in_summary(summary: Option<&str>) -> Option<u64> {
+    let summary: serde_json::Value = serde_json::from_str(summary?).ok()?;
+    let billed: Vec<u64> = summary["tables"]
+        .as_array()?
+        .iter()
+        .filter_map(|t| t["stats"]["bytes_billed"].as_u64())
+        .collect();
+    (!billed.is_empty()).then(|| billed.iter().sum())
 }
 
 /// Answer to a lease request.

@@ -127,7 +127,7 @@ impl RunLog for PostgresStore {
         self.with("reading runs", |c| {
             let mut runs = Vec::new();
             for r in c.query(
-                "SELECT run_id, trigger, interval_start, interval_end, started_at, status
+                "SELECT run_id, trigger, interval_start, interval_end, started_at, status, summary
                  FROM cdcflow.runs WHERE pipeline = $1 ORDER BY run_id DESC LIMIT $2",
                 &[&self.pipeline, &(limit as i64)],
             )? {
@@ -140,6 +140,9 @@ impl RunLog for PostgresStore {
                     started_at: stamp(r.try_get(4)?),
                     status: r.try_get(5)?,
                     attempts: Vec::new(),
+                    bytes_billed: super::super::billed_in_summary(
+                        r.try_get::<_, Option<String>>(6)?.as_deref(),
+                    ),
                 });
             }
             let attempts = c.prepare(

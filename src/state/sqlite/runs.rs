@@ -132,7 +132,8 @@ impl RunLog for SqliteStore {
             |c| {
                 let mut runs = c
                     .prepare_cached(
-                        "SELECT run_id, trigger, interval_start, interval_end, started_at, status FROM runs
+                        "SELECT run_id, trigger, interval_start, interval_end, started_at, status,
+                           summary FROM runs
                          WHERE pipeline = ?1 ORDER BY run_id DESC LIMIT ?2",
                     )?
                     .query_map(params![self.pipeline, limit as i64], |r| {
@@ -145,6 +146,9 @@ impl RunLog for SqliteStore {
                             started_at: r.get(4)?,
                             status: r.get(5)?,
                             attempts: Vec::new(),
+                            bytes_billed: super::super::billed_in_summary(
+                                r.get::<_, Option<String>>(6)?.as_deref(),
+                            ),
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
