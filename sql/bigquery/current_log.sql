@@ -32,7 +32,7 @@ CROSS JOIN (SELECT MAX(IF({op} = 'T', {change_seq}, NULL)) AS __truncated_seq FR
 INSERT INTO {log} ({columns}) SELECT {columns} FROM {stage}
 
 -- name: sizes
--- COUNT(*) of whole tables is answered from metadata: BigQuery bills 0 bytes.
+-- COUNT(*) of whole tables reads no column (BigQuery answers it from metadata).
 SELECT (SELECT COUNT(*) FROM {log}) AS log_rows, (SELECT COUNT(*) FROM {base}) AS base_rows
 
 -- name: truncated
