@@ -409,3 +409,47 @@ async fn json_logs_carry_the_pipeline_run_table_and_try_and_no_secret() {
         crate::support::drop_pg_database(&admin, &name).await;
     }
 }
+
+/// A table another worker is loading (its lease unexpired) is named in
+/// `status` with the worker and until when; a lease that ran out, or was
+/// given back, is not.
+#[test]
+fn status_names_the_worker_loading_a_table() {
+    let ws = Workspace::new();
+    ws.synth(300, 9);
+    ws.publish_all();
+    ws.write_pipeline(100, false);
+    let runner = ws.runner();
+    let store = runner.state();
+    let taken = store
+        .acquire_lease(
+            "public.orders",
+            "worker-7:4242:1",
+            std::time::Duration::from_secs(600),
+            None,
+        )
+        .unwrap();
+    assert!(
+        matches!(taken, cdcflow::state::LeaseOutcome::Acquired { .. }),
+        "{taken:?}"
+    );
+    let text = output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(
+        text.contains("public.orders: being loaded by worker-7:4242:1 (its lease runs to "),
+        "{text}"
+    );
+    assert!(!text.contains("public.order_items: being loaded"), "{text}");
+    store
+        .acquire_lease(
+            "public.order_items",
+            "worker-8:1:1",
+            std::time::Duration::ZERO,
+            None,
+        )
+        .unwrap();
+    let text = output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(!text.contains("worker-8"), "an expired lease: {text}");
+    store.release_lease("worker-7:4242:1").unwrap();
+    let text = output(&ws.cdcflow(&["status", "-p", "pipeline.toml"], &[]));
+    assert!(!text.contains("being loaded"), "{text}");
+}

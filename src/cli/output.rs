@@ -265,6 +265,12 @@ pub(super) async fn status(pipeline: Pipeline, file: &Path, wide: bool) -> Resul
         for (object, reason) in &s.skipped {
             notes.push(format!("{key}: skipped {object} ({reason})"));
         }
+        if let Some((owner, until)) = &s.held_by {
+            notes.push(format!(
+                "{key}: being loaded by {owner} (its lease runs to {})",
+                until.format("%Y-%m-%d %H:%M:%S UTC")
+            ));
+        }
         all_waiting += s.waiting;
         all_quarantined += s.quarantined.len();
         let lag = s.lag().map_or("not loaded".into(), humanize);

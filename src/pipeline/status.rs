@@ -37,6 +37,9 @@ pub struct TableStatus {
     pub last_batch: Option<CommittedBatch>,
     /// A batch planned and not committed (a run was interrupted).
     pub pending_batch: bool,
+    /// The worker loading the table now and when its lease runs out,
+    /// while that lease is unexpired.
+    pub held_by: Option<(String, DateTime<Utc>)>,
 }
 
 impl TableStatus {
@@ -87,6 +90,11 @@ impl Runner {
             loaded_up_to: self.state().max_commit_ts(&key)?,
             last_batch: self.state().last_batch(&key)?,
             pending_batch: self.state().pending_batch(&key)?.is_some(),
+            held_by: self
+                .state()
+                .lease_holder(&key)?
+                .and_then(|(owner, until)| Some((owner, crate::state::parse_stamp(&until)?)))
+                .filter(|(_, until)| *until > Utc::now()),
             table: key,
         };
         for object in &listing.objects {
