@@ -21,6 +21,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::StreamExt;
 use gcp_bigquery_client::model::clustering::Clustering;
 use gcp_bigquery_client::model::query_parameter::QueryParameter;
+use gcp_bigquery_client::model::table::Table as BqTable;
 use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
 use gcp_bigquery_client::model::table_schema::TableSchema;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
@@ -452,13 +453,7 @@ impl BigQueryWarehouse {
         staged: &Staged,
     ) -> (String, Vec<QueryParameter>) {
         let m = &req.merger.meta;
-        let names: Vec<String> = req
-            .merger
-            .history_schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
+        let names = history_columns(req.merger);
         let prune = match &staged.days {
             Some((first, last)) => prune_days(&BQ.ident(&m.commit_ts), first, last),
             None => "TRUE".to_string(),
@@ -623,18 +618,21 @@ impl BigQueryWarehouse {
 
     /// How `table`'s current state is kept: as configured, except that a
     /// `<t>` made as a table (`current = "merge"`, or a version before
-    /// `"log"`) stays merged until it is moved aside.
-    async fn mode(&self, api: &Api, table: &Table) -> Result<CurrentMode> {
+    /// `"log"`) stays merged until it is moved aside. With `"log"`, also
+    /// `<t>` as read to decide it (`None`: not there yet).
+    async fn mode(&self, api: &Api, table: &Table) -> Result<(CurrentMode, Option<BqTable>)> {
         if self.config.current == CurrentMode::Merge {
-            return Ok(CurrentMode::Merge);
+            return Ok((CurrentMode::Merge, None));
         }
-        match api.table(&table.target).await? {
-            Some(t) if t.r#type.as_deref() != Some("VIEW") => {
-                tracing::debug!(table = %table.target, "current state is a table: merged every batch (drop it and run a backfill to switch to current = \"log\")");
-                Ok(CurrentMode::Merge)
-            }
-            _ => Ok(CurrentMode::Log),
+        let target = api.table(&table.target).await?;
+        if target
+            .as_ref()
+            .is_some_and(|t| t.r#type.as_deref() != Some("VIEW"))
+        {
+            tracing::debug!(table = %table.target, "current state is a table: merged every batch (drop it and run a backfill to switch to current = \"log\")");
+            return Ok((CurrentMode::Merge, target));
         }
+        Ok((CurrentMode::Log, target))
     }
 
     /// `current = "log"`: applies the batch. In order or late, its changes
@@ -667,14 +665,7 @@ impl BigQueryWarehouse {
             billed += api.run_job(&self.job(req, "clear"), &clear, &[]).await?;
             return Ok(billed);
         }
-        let names = BQ.list(
-            &merger
-                .history_schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect::<Vec<_>>(),
-        );
+        let names = BQ.list(&history_columns(merger));
         let append = sql::render(
             section("append"),
             &[
@@ -741,9 +732,16 @@ impl BigQueryWarehouse {
         Ok(billed)
     }
 
-    /// `current = "log"`: makes `<t>` the view over base and log with the
-    /// current columns, unless it already is.
-    async fn ensure_view(&self, api: &Api, table: &Table, merger: &Merger) -> Result<()> {
+    /// `current = "log"`: makes `<t>` (`view`, as read when the load began)
+    /// the view over base and log with the current columns, unless it
+    /// already is.
+    async fn ensure_view(
+        &self,
+        api: &Api,
+        table: &Table,
+        merger: &Merger,
+        view: Option<&BqTable>,
+    ) -> Result<()> {
         let m = &merger.meta;
         let names: Vec<String> = merger
             .current_schema()
@@ -780,9 +778,8 @@ impl BigQueryWarehouse {
             ],
         );
         let query = query.trim();
-        let current = api.table(&table.target).await?;
-        if current
-            .and_then(|t| t.view)
+        if view
+            .and_then(|t| t.view.as_ref())
             .is_some_and(|v| v.query.trim() == query)
         {
             return Ok(());
@@ -822,6 +819,16 @@ fn base_name(table: &Table) -> String {
 /// `current = "log"`: the table of changes loaded since the last compaction.
 fn log_name(table: &Table) -> String {
     format!("{}__log", table.target)
+}
+
+/// The columns of history (and of a log), in order.
+fn history_columns(merger: &Merger) -> Vec<String> {
+    merger
+        .history_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect()
 }
 
 /// The table whose columns are the current state's: `<t>`, or its base.
@@ -889,7 +896,7 @@ fn evolve(
 impl Warehouse for BigQueryWarehouse {
     async fn load(&self, req: LoadRequest<'_>) -> Result<BatchStats> {
         let api = self.api().await?;
-        let mode = self.mode(api, req.table).await?;
+        let (mode, target) = self.mode(api, req.table).await?;
         let fill = self.columns_to_fill(api, &req, mode).await?;
         self.prepare_tables(api, req.table, req.merger, &fill, mode)
             .await?;
@@ -940,7 +947,8 @@ impl Warehouse for BigQueryWarehouse {
                 billed += self
                     .apply_to_log(api, &req, &stage, apply, fill.is_empty())
                     .await?;
-                self.ensure_view(api, req.table, req.merger).await?;
+                self.ensure_view(api, req.table, req.merger, target.as_ref())
+                    .await?;
             }
         }
         api.drop_table(&stage).await?;
@@ -966,8 +974,11 @@ impl Warehouse for BigQueryWarehouse {
         // A column history has and current state lacks (a crash in the batch
         // that added it, before its fill job) is new again: the batch that
         // finishes adds it to current state with its value.
-        let mode = self.mode(api, table).await?;
-        let current = match api.table(&current_table(table, mode)).await? {
+        let current = match self.mode(api, table).await? {
+            (CurrentMode::Merge, Some(target)) => Some(target),
+            (mode, _) => api.table(&current_table(table, mode)).await?,
+        };
+        let current = match current {
             Some(current) => current.schema.fields.unwrap_or_default(),
             None => history.schema.fields.clone().unwrap_or_default(),
         };
