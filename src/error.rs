@@ -158,6 +158,18 @@ pub enum Error {
         message: String,
     },
 
+    /// A database warehouse (PostgreSQL, MySQL) refused or failed a
+    /// statement; nothing of the batch is applied (its transaction rolled back).
+    #[error("database warehouse: {context}: {message}")]
+    Database {
+        /// What was being done, with the statement's first words.
+        context: String,
+        /// The server's message.
+        message: String,
+        /// A lost connection, a deadlock or a serialization failure: a retry may succeed.
+        retry: bool,
+    },
+
     /// A DataFusion plan or execution failed (merge SQL or a user query).
     #[error("query failed: {context}")]
     Query {
@@ -479,6 +491,7 @@ impl Error {
                 (Some(_), None) => false,
             },
             Error::Io { .. } | Error::LeaseLost { .. } | Error::SourceLost { .. } => true,
+            Error::Database { retry, .. } => *retry,
             Error::Injected { transient, .. } => *transient,
             Error::Config { .. }
             | Error::Decode { .. }

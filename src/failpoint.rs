@@ -33,6 +33,9 @@ pub const NAMES: &[&str] = &[
 /// Step boundaries of the BigQuery warehouse's `current = "log"` path.
 pub const BIGQUERY_NAMES: &[&str] = &["load.in_compaction"];
 
+/// Step boundaries of the database warehouse: its transaction is open.
+pub const DATABASE_NAMES: &[&str] = &["load.before_database_commit"];
+
 /// The step boundaries of capture's write protocol, in order.
 pub const CAPTURE_NAMES: &[&str] = &[
     "capture.after_checkpoint",
@@ -45,7 +48,9 @@ static HITS: AtomicUsize = AtomicUsize::new(0);
 /// Aborts the process if `CDCFLOW_FAILPOINT` names this boundary.
 pub fn hit(name: &str) {
     debug_assert!(
-        NAMES.contains(&name) || BIGQUERY_NAMES.contains(&name) || CAPTURE_NAMES.contains(&name),
+        [NAMES, BIGQUERY_NAMES, DATABASE_NAMES, CAPTURE_NAMES]
+            .iter()
+            .any(|names| names.contains(&name)),
         "unknown failpoint {name}"
     );
     if !ENABLED {

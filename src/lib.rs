@@ -11,6 +11,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod cron;
+pub mod database;
 pub mod decode;
 pub mod error;
 pub mod failpoint;

@@ -10,6 +10,7 @@ mod capture_pg;
 mod chaos;
 mod cli;
 mod crash;
+mod database;
 mod decode;
 mod fleet;
 mod fuzz;

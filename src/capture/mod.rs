@@ -221,31 +221,14 @@ impl Capture {
                 path: path.display().to_string(),
                 problems: vec![format!("`source.reconnect_for`: {e}")],
             })?;
-        let mut url = file.source.url.clone();
-        let mysql = url.starts_with("mysql://") || url.starts_with("mariadb://");
-        if !mysql && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-            return Err(Error::Config {
-                path: path.display().to_string(),
-                problems: vec![format!(
-                    "`source.url`: {:?} is neither postgres://… nor mysql://…",
-                    crate::tls::redact_url(&url)
-                )],
-            });
-        }
-        let default_env = if mysql { "MYSQL_PWD" } else { "PGPASSWORD" };
-        let password_env = file.source.password_env.as_deref().unwrap_or(default_env);
-        if let Ok(password) = std::env::var(password_env)
-            && let Ok(mut u) = url::Url::parse(&url)
-            && u.password().is_none()
-        {
-            let _ = u.set_password(Some(&password));
-            url = u.to_string();
-        }
-        let url = url.replacen("mariadb://", "mysql://", 1);
-        let (url, tls) = crate::tls::Tls::from_url(&url, mysql).map_err(|e| Error::Config {
-            path: path.display().to_string(),
-            problems: vec![format!("`source.url`: {e}")],
-        })?;
+        let endpoint =
+            crate::database::Endpoint::parse(&file.source.url, file.source.password_env.as_deref())
+                .map_err(|e| Error::Config {
+                    path: path.display().to_string(),
+                    problems: vec![format!("`source.url`: {e}")],
+                })?;
+        let (url, tls) = (endpoint.url, endpoint.tls);
+        let mysql = endpoint.engine == crate::database::Engine::MySql;
         let database = if mysql {
             Database::Mysql(MySettings {
                 url,

@@ -17,8 +17,8 @@ use serde::Deserialize;
 pub use crate::model::{Column, SqlType, TYPE_NAMES, UTC};
 pub use validate::store_of;
 pub use validated::{
-    AlertFormat, Alerts, BigQueryConfig, CsvOptions, DeltaLocation, Pipeline, RetryPolicy, Source,
-    StateConfig, Table, WarehouseConfig, Webhook,
+    AlertFormat, Alerts, BigQueryConfig, CsvOptions, DatabaseConfig, DeltaLocation, Pipeline,
+    RetryPolicy, Source, StateConfig, Table, WarehouseConfig, Webhook,
 };
 
 use crate::error::{Error, Result};
@@ -397,6 +397,42 @@ pub enum WarehouseFile {
         #[serde(default)]
         json_wide_numbers: JsonWideNumbers,
     },
+    /// A PostgreSQL (`kind = "postgres"`) or MySQL / MariaDB (`kind =
+    /// "mysql"`) database: each batch applied in one transaction with its
+    /// `cdcflow_batches` row.
+    #[serde(alias = "postgres", alias = "mysql", alias = "mariadb")]
+    Database {
+        /// `postgres://user@host:port/database` or
+        /// `mysql://user@host:port/database`, TLS as capture's `source.url`
+        /// (`?sslmode=verify-full&sslrootcert=ca.pem`,
+        /// `?ssl-mode=VERIFY_IDENTITY&ssl-ca=ca.pem`).
+        url: String,
+        /// The environment variable holding the password when the URL has
+        /// none (default `PGPASSWORD`, or `MYSQL_PWD` for MySQL).
+        #[serde(default)]
+        password_env: Option<String>,
+        /// PostgreSQL: the schema of the tables (default `public`; created
+        /// when missing). MySQL's tables are in the URL's database.
+        #[serde(default)]
+        schema: Option<String>,
+        /// `"history"` (default): `<t>_history`, `<t>` and `<t>_versions` as
+        /// in every warehouse. `"replica"`: only the current rows, in a table
+        /// named and shaped as the source's (no added columns), for a
+        /// migration or a reverse sync.
+        #[serde(default)]
+        mode: TargetMode,
+    },
+}
+
+/// What a database warehouse keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetMode {
+    /// History, current state and versions, with the added columns.
+    #[default]
+    History,
+    /// Only current rows, as the source has them.
+    Replica,
 }
 
 /// What BigQuery's `PARSE_JSON` does with a number it cannot hold exactly.

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::validated::{
-    AlertFormat, Alerts, BigQueryConfig, CsvOptions, DeltaLocation, Pipeline, RetryPolicy, Source,
-    StateConfig, Table, WarehouseConfig, Webhook,
+    AlertFormat, Alerts, BigQueryConfig, CsvOptions, DatabaseConfig, DeltaLocation, Pipeline,
+    RetryPolicy, Source, StateConfig, Table, WarehouseConfig, Webhook,
 };
 use super::{
     AlertsFile, CsvFile, Format, MetadataColumns, PipelineFile, SqlType, TableFile, WarehouseFile,
@@ -659,6 +659,53 @@ fn validate_warehouse(file: &WarehouseFile, problems: &mut Problems) -> Warehous
                 maximum_bytes_billed: *maximum_bytes_billed,
                 upload_chunk_kib: *upload_chunk_kib,
                 json_wide_numbers: *json_wide_numbers,
+            })
+        }
+        WarehouseFile::Database {
+            url,
+            password_env,
+            schema,
+            mode,
+        } => {
+            let endpoint = crate::database::Endpoint::parse(url, password_env.as_deref())
+                .unwrap_or_else(|e| {
+                    problems.add("warehouse.url", e);
+                    crate::database::Endpoint {
+                        engine: crate::database::Engine::Postgres,
+                        url: String::new(),
+                        tls: Tls {
+                            mode: crate::tls::TlsMode::Disable,
+                            root_cert: None,
+                        },
+                    }
+                });
+            let schema = match (endpoint.engine, schema) {
+                (crate::database::Engine::Postgres, schema) => {
+                    schema.clone().unwrap_or_else(|| "public".to_string())
+                }
+                (crate::database::Engine::MySql, Some(_)) => {
+                    problems.add(
+                        "warehouse.schema",
+                        "applies to PostgreSQL only: a MySQL warehouse's tables are in the URL's database",
+                    );
+                    String::new()
+                }
+                (crate::database::Engine::MySql, None) => {
+                    endpoint.database().unwrap_or_else(|| {
+                        if !endpoint.url.is_empty() {
+                            problems.add(
+                                "warehouse.url",
+                                "name the database: mysql://user@host:3306/<database>",
+                            );
+                        }
+                        String::new()
+                    })
+                }
+            };
+            WarehouseConfig::Database(DatabaseConfig {
+                endpoint,
+                schema,
+                mode: *mode,
             })
         }
     }

@@ -98,6 +98,19 @@ pub enum WarehouseConfig {
     },
     /// A BigQuery dataset.
     BigQuery(BigQueryConfig),
+    /// A PostgreSQL or MySQL / MariaDB database.
+    Database(DatabaseConfig),
+}
+
+/// Where and how to reach a database warehouse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabaseConfig {
+    /// The server and how to reach it.
+    pub endpoint: crate::database::Endpoint,
+    /// PostgreSQL: the schema of the tables; MySQL: the URL's database.
+    pub schema: String,
+    /// What the tables keep.
+    pub mode: super::TargetMode,
 }
 
 /// Where a Delta warehouse keeps its tables.

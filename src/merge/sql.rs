@@ -28,6 +28,13 @@ pub const BQ_CURRENT_MERGE: &str = include_str!("../../sql/bigquery/current_merg
 /// `sql/bigquery/current_log.sql`.
 pub const BQ_CURRENT_LOG: &str = include_str!("../../sql/bigquery/current_log.sql");
 
+/// `sql/database/common.sql`.
+pub const DB_COMMON: &str = include_str!("../../sql/database/common.sql");
+/// `sql/database/postgres.sql`.
+pub const DB_POSTGRES: &str = include_str!("../../sql/database/postgres.sql");
+/// `sql/database/mysql.sql`.
+pub const DB_MYSQL: &str = include_str!("../../sql/database/mysql.sql");
+
 /// The SQL dialect a statement is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -35,13 +42,18 @@ pub enum Dialect {
     DataFusion,
     /// BigQuery GoogleSQL: `` `name` ``.
     BigQuery,
+    /// PostgreSQL, and MySQL / MariaDB in `ANSI_QUOTES` and
+    /// `NO_BACKSLASH_ESCAPES` mode (the database warehouse's sessions): `"name"`.
+    Database,
 }
 
 impl Dialect {
     /// Quotes an identifier.
     pub fn ident(self, name: &str) -> String {
         match self {
-            Dialect::DataFusion => format!("\"{}\"", name.replace('"', "\"\"")),
+            Dialect::DataFusion | Dialect::Database => {
+                format!("\"{}\"", name.replace('"', "\"\""))
+            }
             Dialect::BigQuery => format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`")),
         }
     }
@@ -50,7 +62,7 @@ impl Dialect {
     /// with a backslash (where `''` is an error and `\` starts an escape).
     pub fn literal(self, value: &str) -> String {
         match self {
-            Dialect::DataFusion => literal(value),
+            Dialect::DataFusion | Dialect::Database => literal(value),
             Dialect::BigQuery => {
                 let mut out = String::with_capacity(value.len() + 2);
                 out.push('\'');
@@ -68,6 +80,15 @@ impl Dialect {
                 out.push('\'');
                 out
             }
+        }
+    }
+
+    /// `expr` as text.
+    pub fn text(self, expr: &str) -> String {
+        match self {
+            Dialect::DataFusion | Dialect::BigQuery => format!("CAST({expr} AS STRING)"),
+            // A function both PostgreSQL and MySQL have, returning text.
+            Dialect::Database => format!("CONCAT({expr})"),
         }
     }
 

@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::source::{ObjectOrder, ObjectSource, SourceObject, StoreSource};
 use crate::state::{ObjectStatus, Restored, StateStore, Trigger};
-use crate::warehouse::{BigQueryWarehouse, DeltaWarehouse, Queries, Warehouse};
+use crate::warehouse::{BigQueryWarehouse, DatabaseWarehouse, DeltaWarehouse, Queries, Warehouse};
 
 /// What one run did, per table.
 #[derive(Debug, Serialize)]
@@ -123,6 +123,9 @@ impl Runner {
             )?),
             WarehouseConfig::BigQuery(config) => {
                 Arc::new(BigQueryWarehouse::new(config.clone(), &pipeline.name))
+            }
+            WarehouseConfig::Database(config) => {
+                Arc::new(DatabaseWarehouse::new(config.clone(), &pipeline.name))
             }
         };
         Ok(Self::new(pipeline, source, state, warehouse))

@@ -139,8 +139,8 @@ impl Runner {
             .zip(&values)
             .map(|(k, v)| {
                 format!(
-                    "CAST({} AS STRING) = {}",
-                    dialect.ident(k),
+                    "{} = {}",
+                    dialect.text(&dialect.ident(k)),
                     dialect.literal(v)
                 )
             })

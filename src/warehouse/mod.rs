@@ -16,6 +16,7 @@
 //! [`Warehouse::ledger`] lets `cdcflow repair --from-warehouse` rebuild it.
 
 mod bigquery;
+mod database;
 mod delta;
 
 use arrow::array::RecordBatch;
@@ -23,6 +24,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 
 pub use bigquery::BigQueryWarehouse;
+pub use database::DatabaseWarehouse;
 pub use delta::DeltaWarehouse;
 
 use crate::config::{Column, Table};

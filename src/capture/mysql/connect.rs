@@ -2,7 +2,6 @@
 //! what the server must be set to for capture.
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts};
 
 use super::stream::Position;
 use super::{MySettings, MySource};
@@ -11,22 +10,20 @@ use crate::error::{Error, Result};
 impl MySource {
     /// Connects and checks what capture needs, with what to fix.
     pub async fn connect(settings: MySettings) -> Result<MySource> {
-        let opts = Opts::from_url(&settings.url).map_err(|e| {
-            Error::capture(
-                "reading source.url",
-                format!("{e}; e.g. mysql://cdc@127.0.0.1:3306/shop"),
-            )
-        })?;
+        let (mut conn, opts) = crate::database::mysql(&settings.url, &settings.tls)
+            .await
+            .map_err(|f| {
+                f.capture(format!(
+                    "connecting to {}",
+                    crate::tls::redact_url(&settings.url)
+                ))
+            })?;
         let database = opts.db_name().map(str::to_string).ok_or_else(|| {
             Error::capture(
                 "reading source.url",
                 "name the database: mysql://user@host:port/<database>",
             )
         })?;
-        let (mut conn, opts) = connect_with_tls(opts, &settings).await?;
-        conn.query_drop("SET time_zone = '+00:00'")
-            .await
-            .map_err(my("setting the session time zone"))?;
         let version: String = conn
             .query_first("SELECT VERSION()")
             .await
@@ -131,74 +128,5 @@ impl MySource {
 
 pub(super) fn my(context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
     let context = context.into();
-    move |e| {
-        if connection_lost(&e) {
-            Error::SourceLost {
-                context,
-                message: e.to_string(),
-            }
-        } else {
-            Error::capture(context, e)
-        }
-    }
-}
-
-/// Whether `e` is the connection failing (refused, reset, closed; the
-/// server shutting down or gone) rather than the server refusing what was
-/// asked. A certificate that fails its check is an I/O error too, and is not.
-fn connection_lost(e: &mysql_async::Error) -> bool {
-    use mysql_async::{DriverError, Error as E};
-    match e {
-        E::Io(io) => !io.to_string().contains("certificate"),
-        E::Driver(DriverError::ConnectionClosed | DriverError::PoolDisconnected) => true,
-        // Too many connections, server shutdown, connection killed, server
-        // gone away, lost connection.
-        E::Server(server) => matches!(server.code, 1040 | 1053 | 1927 | 2006 | 2013),
-        _ => false,
-    }
-}
-
-/// The first connection, with TLS as `settings.tls` says, and the options
-/// that made it (used for every later connection). `prefer` falls back to
-/// a plain connection when the server offers no TLS.
-async fn connect_with_tls(opts: Opts, settings: &MySettings) -> Result<(Conn, Opts)> {
-    use crate::tls::TlsMode;
-    let tls = &settings.tls;
-    let ssl = (tls.mode != TlsMode::Disable).then(|| {
-        let ssl = mysql_async::SslOpts::default()
-            .with_danger_accept_invalid_certs(matches!(
-                tls.mode,
-                TlsMode::Prefer | TlsMode::Require
-            ))
-            .with_danger_skip_domain_validation(tls.mode == TlsMode::VerifyCa);
-        match &tls.root_cert {
-            Some(ca) => ssl
-                .with_root_certs(vec![ca.clone().into()])
-                .with_disable_built_in_roots(true),
-            None => ssl,
-        }
-    });
-    let with = |ssl| -> Opts {
-        mysql_async::OptsBuilder::from_opts(opts.clone())
-            .ssl_opts(ssl)
-            .into()
-    };
-    let fail = |e: mysql_async::Error| {
-        let context = format!("connecting to {}", crate::tls::redact_url(&settings.url));
-        match my(context)(e) {
-            Error::Capture { context, message } => Error::capture(context, tls.explain(&message)),
-            lost => lost,
-        }
-    };
-    let opts = with(ssl);
-    match Conn::new(opts.clone()).await {
-        Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer))
-            if tls.mode == TlsMode::Prefer =>
-        {
-            let plain = with(None);
-            let conn = Conn::new(plain.clone()).await.map_err(fail)?;
-            Ok((conn, plain))
-        }
-        connected => Ok((connected.map_err(fail)?, opts)),
-    }
+    move |e| crate::database::Failure::from(e).capture(context)
 }

@@ -149,46 +149,18 @@ impl PgSource {
 
 pub(super) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
-    move |e| {
-        let message = crate::error::postgres_message(&e);
-        if crate::error::postgres_connection_lost(&e) {
-            Error::SourceLost { context, message }
-        } else {
-            Error::capture(context, message)
-        }
-    }
+    move |e| crate::database::Failure::from(e).capture(context)
 }
 
 pub(super) async fn connect(settings: &PgSettings) -> Result<Client> {
-    let url = crate::tls::redact_url(&settings.url);
-    let mut config: tokio_postgres::Config = settings
-        .url
-        .parse()
-        .map_err(pg(format!("reading the URL {url}")))?;
-    let tls = settings.tls.postgres(&mut config)?;
-    let (client, connection) =
-        config
-            .connect(tls)
-            .await
-            .map_err(|e| match pg(format!("connecting to {url}"))(e) {
-                Error::Capture { context, message } => {
-                    Error::capture(context, settings.tls.explain(&message))
-                }
-                other => other,
-            })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!("PostgreSQL connection closed: {e}");
-        }
-    });
-    client
-        .batch_execute(
-            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET bytea_output = 'hex'; \
-             SET extra_float_digits = 3; SET IntervalStyle = 'iso_8601'",
-        )
+    crate::database::postgres(&settings.url, &settings.tls)
         .await
-        .map_err(pg("setting up the session"))?;
-    Ok(client)
+        .map_err(|f| {
+            f.capture(format!(
+                "connecting to {}",
+                crate::tls::redact_url(&settings.url)
+            ))
+        })
 }
 
 pub(super) fn quote(ident: &str) -> String {
