@@ -26,4 +26,5 @@ pub mod source;
 pub mod state;
 pub mod synth;
 pub mod tls;
+pub mod verify;
 pub mod warehouse;

@@ -835,6 +835,15 @@ fn write_id_v_pipeline(ws: &Workspace, table: &str, source: &str, warehouse: &st
 /// changed before it in the batch and the row loaded before it that the batch
 /// does not touch are gone; rows changed after it stay.
 async fn a_truncate_removes_every_older_row(ws: &Workspace, warehouse: &str) {
+    a_truncate_removes_every_older_row_in(ws, warehouse, true).await;
+}
+
+/// [`a_truncate_removes_every_older_row`]; `history`: the warehouse keeps it.
+pub(crate) async fn a_truncate_removes_every_older_row_in(
+    ws: &Workspace,
+    warehouse: &str,
+    history: bool,
+) {
     let dir = ws.source().join("public/tt");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("LOAD00000001.csv"), "1,a\n2,b\n3,c\n").unwrap();
@@ -851,6 +860,9 @@ async fn a_truncate_removes_every_older_row(ws: &Workspace, warehouse: &str) {
     let text = |v: &str| cdcflow::synth::Value::Text(v.to_string());
     let got = rows(&ws.query("SELECT v FROM tt ORDER BY id").await);
     assert_eq!(got, vec![vec![text("c3")], vec![text("d")]]);
+    if !history {
+        return;
+    }
     let history = rows(
         &ws.query("SELECT op FROM tt_history ORDER BY change_seq")
             .await,
@@ -864,7 +876,10 @@ async fn a_truncate_removes_every_older_row(ws: &Workspace, warehouse: &str) {
 /// A late object that updates a key deleted by a newer change loaded
 /// before it: the key stays deleted (the delete is its newest change), and
 /// another key the late object updates takes the update.
-async fn a_late_change_older_than_a_delete_leaves_the_key_deleted(ws: &Workspace, warehouse: &str) {
+pub(crate) async fn a_late_change_older_than_a_delete_leaves_the_key_deleted(
+    ws: &Workspace,
+    warehouse: &str,
+) {
     let dir = ws.source().join("public/ld");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("20240101-000000000.csv"), "I,1,a\nI,2,b\n").unwrap();

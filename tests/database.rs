@@ -10,8 +10,16 @@ use crate::support::{Workspace, expected_history, output, peer, pg_connect, repl
 /// A database warehouse for one test: a PostgreSQL schema or a MariaDB
 /// database of its own, dropped at the end.
 pub(crate) enum Target {
-    Pg { admin: tokio_postgres::Client, schema: String, url: String },
-    My { admin: mysql_async::Conn, database: String, url: String },
+    Pg {
+        admin: tokio_postgres::Client,
+        schema: String,
+        url: String,
+    },
+    My {
+        admin: mysql_async::Conn,
+        database: String,
+        url: String,
+    },
 }
 
 impl Target {
@@ -37,7 +45,11 @@ impl Target {
             .await
             .unwrap();
         let url = format!("{base}/{database}");
-        Some(Target::My { admin, database, url })
+        Some(Target::My {
+            admin,
+            database,
+            url,
+        })
     }
 
     /// The `[warehouse]` keys, with `mode`.
@@ -174,6 +186,106 @@ async fn a_crash_at_any_step_loses_and_doubles_nothing() {
                 let Some(target) = target else { return };
                 load_and_check(target, &ws, mode, Some(&format!("{failpoint}@2"))).await;
             }
+        }
+    }
+}
+
+/// The `[warehouse]` keys of a new target of `engine` in `mode`, and the target.
+async fn target_of(ws: &Workspace, engine: &str) -> Option<Target> {
+    match engine {
+        "postgres" => Target::postgres(ws).await,
+        _ => Target::mysql(ws).await,
+    }
+}
+
+/// A late object lands in its place in history mode (its keys recomputed
+/// from history, an older change never over a newer one); a replica, which
+/// keeps no history, refuses it and applies nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_object_lands_in_its_place_or_is_refused_by_a_replica() {
+    for engine in ["postgres", "mysql"] {
+        for mode in ["history", "replica"] {
+            let ws = Workspace::new();
+            let Some(target) = target_of(&ws, engine).await else {
+                return;
+            };
+            let data = ws.synth(2000, 4);
+            let history = mode == "history";
+            ws.write_pipeline_into("pipeline.toml", 1000, false, "", &target.warehouse(mode));
+            for table in ["orders", "order_items"] {
+                ws.publish(table, 0..5);
+                ws.publish(table, 6..usize::MAX);
+            }
+            let first = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+            assert!(first.status.success(), "{}", output(&first));
+            let before = rows(&ws.query("SELECT * FROM orders ORDER BY id").await);
+            ws.publish("orders", 5..6);
+            ws.publish("order_items", 5..6);
+            let late = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+            if history {
+                assert!(late.status.success(), "{}", output(&late));
+                for table in &data.tables {
+                    let key = table.columns[..table.key_len].join(", ");
+                    let current = ws
+                        .query(&format!(
+                            "SELECT {} FROM {} ORDER BY {key}",
+                            table.columns.join(", "),
+                            table.name
+                        ))
+                        .await;
+                    assert_eq!(
+                        rows(&current),
+                        replay(table, false),
+                        "{engine}: {}",
+                        table.name
+                    );
+                }
+            } else {
+                assert!(
+                    !late.status.success(),
+                    "{engine}: a replica took a late object"
+                );
+                assert!(
+                    output(&late).contains("keeps no history"),
+                    "{engine}: {}",
+                    output(&late)
+                );
+                let after = rows(&ws.query("SELECT * FROM orders ORDER BY id").await);
+                assert_eq!(
+                    after, before,
+                    "{engine}: the refused batch changed the replica"
+                );
+            }
+            target.drop().await;
+        }
+    }
+}
+
+/// The scenarios every warehouse passes, in each server's history mode
+/// (the truncate in replica mode too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncates_and_late_changes_after_a_delete() {
+    for engine in ["postgres", "mysql"] {
+        for (mode, late) in [("history", true), ("replica", false)] {
+            let ws = Workspace::new();
+            let Some(target) = target_of(&ws, engine).await else {
+                return;
+            };
+            crate::bigquery::a_truncate_removes_every_older_row_in(
+                &ws,
+                &target.warehouse(mode),
+                mode == "history",
+            )
+            .await;
+            if late {
+                let ws = Workspace::new();
+                crate::bigquery::a_late_change_older_than_a_delete_leaves_the_key_deleted(
+                    &ws,
+                    &target.warehouse(mode),
+                )
+                .await;
+            }
+            target.drop().await;
         }
     }
 }

@@ -20,8 +20,8 @@ CREATE TABLE IF NOT EXISTS {ledger} (
 ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin
 
 -- name: upsert
--- The batch's newest change of each key; {assignments} keep a newer row
--- (history mode) and set change_seq last, as MySQL assigns in order.
+-- The batch's newest change of each key (an in-order batch: newer than
+-- every row).
 INSERT INTO {target} ({target_columns})
 SELECT * FROM (SELECT {select_columns} FROM {stage} s WHERE {filter}) AS cdcflow_new
 ON DUPLICATE KEY UPDATE {assignments}

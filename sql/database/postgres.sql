@@ -15,11 +15,11 @@ CREATE TABLE IF NOT EXISTS {ledger} (
 )
 
 -- name: upsert
--- The batch's newest change of each key, where it is newer than the row's
--- ({guard}: history mode; replica mode applies the batch in change order).
+-- The batch's newest change of each key (an in-order batch: newer than
+-- every row).
 INSERT INTO {target} ({target_columns})
 SELECT {select_columns} FROM {stage} s WHERE {filter}
-ON CONFLICT ({key}) DO UPDATE SET {assignments} {guard}
+ON CONFLICT ({key}) DO UPDATE SET {assignments}
 
 -- name: delete_join
 -- Rows of {target} whose key is in the stage and {filter} holds.

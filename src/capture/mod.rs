@@ -275,6 +275,12 @@ impl Capture {
             let (store, root) = crate::source::open_store(&store)?;
             Target::Store(store, root)
         };
+        self.sink_at(target).await
+    }
+
+    /// A sink writing to `target` with the capture's mapping and layout.
+    async fn sink_at(&self, target: Target) -> Result<Sink> {
+        let t = &self.file.target;
         let rules =
             match &self.file.source.rules {
                 None => None,
@@ -359,6 +365,18 @@ impl Capture {
             Database::Postgres(pg) => Box::new(PgSource::connect(pg.clone()).await?),
             Database::Mysql(my) => Box::new(MySource::connect(my.clone()).await?),
         })
+    }
+
+    /// Copies every selected table under one snapshot, as the full load
+    /// does (mapping and masks applied), into LOAD objects under `dir`; for
+    /// `verify`. Touches neither the capture's checkpoint nor a slot.
+    pub async fn snapshot_into(&self, dir: &Path) -> Result<u64> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir.display(), e))?;
+        let mut sink = self.sink_at(Target::Local(dir.to_path_buf())).await?;
+        let mut source = self.source(&sink, false).await?;
+        let load = source.full_load(&mut sink).await?;
+        sink.write_schema_files().await?;
+        Ok(load.rows)
     }
 
     /// The capture's name.

@@ -173,7 +173,7 @@ impl Runner {
 
     /// The merger of `table` with the columns its warehouse tables hold
     /// (none when not loaded yet).
-    async fn loaded_merger(&self, table: &Table) -> Result<Merger> {
+    pub async fn loaded_merger(&self, table: &Table) -> Result<Merger> {
         let p = &self.pipeline;
         let template = Merger::new(table, Vec::new(), &p.source, &p.meta);
         let columns = self

@@ -10,10 +10,11 @@
 //! before the transaction (MySQL commits DDL at once), and only ever added.
 //!
 //! - `mode = "history"`: `<t>_history` (every change, bulk loaded), `<t>`
-//!   (the newest change per key, guarded by `change_seq` so an older change
-//!   never overwrites a newer one) and the `<t>_versions` view, as in every
-//!   warehouse. A late batch recomputes its keys from history; a backfill
-//!   replaces its objects' history rows and rebuilds `<t>`.
+//!   (the newest change per key) and the `<t>_versions` view, as in every
+//!   warehouse. An in-order batch's changes are newer than every row and
+//!   apply as they are; a late batch recomputes its keys from history, so an
+//!   older change never overwrites a newer one; a backfill replaces its
+//!   objects' history rows and rebuilds `<t>`.
 //! - `mode = "replica"`: only `<t>`, under the source's names, with the
 //!   source's columns and nothing added: the batch's newest change per key is
 //!   applied (deletes, upserts, a truncate first), with foreign keys deferred
@@ -567,12 +568,10 @@ impl DatabaseWarehouse {
             )
             .await?;
         }
+        // An in-order batch is newer than every row: its changes apply as
+        // they are (the ledger keeps a batch from applying twice).
         let op = format!("s.{}", self.ident(&m.op));
         if !merger.soft_delete || self.replica() {
-            let mut filter = format!("{op} = 'D'");
-            if !self.replica() {
-                filter = format!("{filter} AND t.{seq} < s.{seq}");
-            }
             s.execute(
                 &self.render(
                     "delete_join",
@@ -583,7 +582,7 @@ impl DatabaseWarehouse {
                             "key_equal",
                             &self.dialect().key_equal("t", "s", &table.primary_key),
                         ),
-                        ("filter", &filter),
+                        ("filter", &format!("{op} = 'D'")),
                     ],
                 ),
                 &context,
@@ -595,73 +594,41 @@ impl DatabaseWarehouse {
         } else {
             format!("{op} <> 'D'")
         };
-        let assigned: Vec<&String> = target_columns
+        // Only key columns: a row that is there stays as it is.
+        let assigned: Vec<&String> = match target_columns
             .iter()
             .filter(|c| !table.primary_key.contains(c))
-            .collect();
-        let (assignments, guard) = match self.engine() {
-            Engine::Postgres => {
-                let set: Vec<String> = assigned
-                    .iter()
-                    .map(|c| format!("{c} = EXCLUDED.{c}", c = self.ident(c)))
-                    .collect();
-                let guard = if self.replica() {
-                    String::new()
-                } else {
-                    format!("WHERE {target}.{seq} < EXCLUDED.{seq}")
-                };
-                (set, guard)
-            }
-            Engine::MySql => {
-                // Assigned in order: change_seq, which the guard reads, last.
-                let mut set: Vec<String> = assigned
-                    .iter()
-                    .filter(|c| self.replica() || **c != &m.change_seq)
-                    .map(|c| {
-                        let c = self.ident(c);
-                        if self.replica() {
-                            format!("{target}.{c} = VALUES({c})")
-                        } else {
-                            format!(
-                                "{target}.{c} = IF({target}.{seq} < VALUES({seq}), VALUES({c}), {target}.{c})"
-                            )
-                        }
-                    })
-                    .collect();
-                if !self.replica() {
-                    set.push(format!(
-                        "{target}.{seq} = GREATEST({target}.{seq}, VALUES({seq}))"
-                    ));
-                }
-                (set, String::new())
-            }
+            .collect::<Vec<_>>()
+        {
+            none if none.is_empty() => vec![&table.primary_key[0]],
+            some => some,
         };
-        let mut params: Vec<(&str, &str)> = Vec::new();
+        let assignments: Vec<String> = assigned
+            .iter()
+            .map(|c| {
+                let c = self.ident(c);
+                match self.engine() {
+                    Engine::Postgres => format!("{c} = EXCLUDED.{c}"),
+                    Engine::MySql => format!("{target}.{c} = VALUES({c})"),
+                }
+            })
+            .collect();
         let (target_list, select_list, key_list, assignment_list) = (
             self.dialect().list(&target_columns),
             select_columns.join(", "),
             self.dialect().list(&table.primary_key),
-            if assignments.is_empty() {
-                // Only key columns: a row that is there stays as it is.
-                let k = self.ident(&table.primary_key[0]);
-                match self.engine() {
-                    Engine::Postgres => format!("{k} = EXCLUDED.{k}"),
-                    Engine::MySql => format!("{target}.{k} = {target}.{k}"),
-                }
-            } else {
-                assignments.join(", ")
-            },
+            assignments.join(", "),
         );
-        params.extend([
+        let mut params: Vec<(&str, &str)> = vec![
             ("target", target.as_str()),
             ("target_columns", &target_list),
             ("select_columns", &select_list),
             ("stage", &stage),
             ("filter", &filter),
             ("assignments", &assignment_list),
-        ]);
+        ];
         if self.engine() == Engine::Postgres {
-            params.extend([("key", key_list.as_str()), ("guard", guard.as_str())]);
+            params.push(("key", key_list.as_str()));
         }
         s.execute(&self.render("upsert", &params), &context).await?;
         Ok(())

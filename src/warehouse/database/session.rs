@@ -214,7 +214,11 @@ impl Session {
 
 /// The type of a PostgreSQL result column; a numeric's scale is the most
 /// fraction digits among `rows`' values of column `i`.
-fn postgres_type(ty: &tokio_postgres::types::Type, rows: &[Vec<Option<String>>], i: usize) -> SqlType {
+fn postgres_type(
+    ty: &tokio_postgres::types::Type,
+    rows: &[Vec<Option<String>>],
+    i: usize,
+) -> SqlType {
     use tokio_postgres::types::Type;
     match *ty {
         Type::INT2 => SqlType::SmallInt,
