@@ -24,3 +24,4 @@ mod schedule;
 mod serve;
 mod sqllogic;
 mod state;
+mod walkthroughs;

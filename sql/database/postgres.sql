@@ -41,3 +41,11 @@ WHERE a.attrelid = {table}::regclass AND a.attnum > 0 AND NOT a.attisdropped
 -- Moves a sequence past the largest value loaded, never back.
 SELECT setval({sequence}, m) FROM (SELECT MAX({column}) AS m FROM {target}) x
 WHERE m IS NOT NULL AND m > (SELECT last_value FROM {sequence_table})
+
+-- name: ddl_lock
+-- One session at a time creates tables and columns (an advisory lock on a
+-- constant key: "cdcflow").
+SELECT pg_advisory_lock(99104100102108)
+
+-- name: ddl_unlock
+SELECT pg_advisory_unlock(99104100102108)

@@ -311,6 +311,11 @@ impl DatabaseWarehouse {
     /// The tables of `table` exist with every column of `merger`.
     async fn prepare(&self, s: &mut Session, table: &Table, merger: &Merger) -> Result<()> {
         if self.engine() == Engine::Postgres {
+            // PostgreSQL's CREATE … IF NOT EXISTS races with itself (two
+            // tables loading at once create the ledger): one at a time. The
+            // lock ends with the session at the latest.
+            s.execute(self.template("ddl_lock"), "waiting for other DDL")
+                .await?;
             s.execute(
                 &format!(
                     "CREATE SCHEMA IF NOT EXISTS {}",
@@ -337,7 +342,8 @@ impl DatabaseWarehouse {
                 &merger.columns,
             )
             .await?;
-            return self.check_unique_key(s, table).await;
+            self.check_unique_key(s, table).await?;
+            return self.end_ddl(s).await;
         }
         let mut index = key.clone();
         index.push(merger.meta.change_seq.clone());
@@ -378,6 +384,13 @@ impl DatabaseWarehouse {
                 "creating the versions view",
             )
             .await?;
+        }
+        self.end_ddl(s).await
+    }
+
+    async fn end_ddl(&self, s: &mut Session) -> Result<()> {
+        if self.engine() == Engine::Postgres {
+            s.execute(self.template("ddl_unlock"), "ending DDL").await?;
         }
         Ok(())
     }
