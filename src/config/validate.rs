@@ -83,6 +83,18 @@ impl PipelineFile {
         let source = validate_source(&self.source, &mut problems);
         let state = validate_state(&self, &mut problems);
         let warehouse = validate_warehouse(&self.warehouse, &mut problems);
+        if let WarehouseConfig::Database(db) = &warehouse
+            && db.mode == super::TargetMode::Replica
+        {
+            for (i, table) in self.tables.iter().enumerate() {
+                if table.soft_delete {
+                    problems.add(
+                        format!("tables[{i}].soft_delete"),
+                        "a replica holds the source's rows only, with no `deleted` flag: leave                          soft_delete out, or use mode = \"history\"",
+                    );
+                }
+            }
+        }
         if self.batch.max_objects == 0 {
             problems.add("batch.max_objects", "must be greater than 0");
         }
