@@ -289,3 +289,127 @@ async fn truncates_and_late_changes_after_a_delete() {
         }
     }
 }
+
+/// A backfill in history mode replaces its objects' history rows and
+/// rebuilds current state, twice and after a crash inside it, equal to the
+/// replay each time and with no change doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_replaces_history_and_survives_a_crash() {
+    for engine in ["postgres", "mysql"] {
+        let ws = Workspace::new();
+        let Some(target) = target_of(&ws, engine).await else {
+            return;
+        };
+        let data = ws.synth(1500, 61);
+        ws.publish_all();
+        ws.write_pipeline_into("pipeline.toml", 4, true, "", &target.warehouse("history"));
+        let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+        assert!(run.status.success(), "{}", output(&run));
+        let backfill = [
+            "backfill",
+            "-p",
+            "pipeline.toml",
+            "--from",
+            "2024-05-02",
+            "--to",
+            "2024-05-02",
+        ];
+        let first = ws.cdcflow(&backfill, &[]);
+        assert!(first.status.success(), "{}", output(&first));
+        let crashed = ws.cdcflow(
+            &backfill,
+            &[("CDCFLOW_FAILPOINT", "load.before_database_commit")],
+        );
+        assert!(!crashed.status.success(), "{engine}: {}", output(&crashed));
+        let rerun = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+        assert!(rerun.status.success(), "{engine}: {}", output(&rerun));
+        let runner = ws.runner();
+        for table in &data.tables {
+            crate::support::assert_table_matches(
+                &runner,
+                table,
+                table.name,
+                table.name == "order_items",
+            )
+            .await;
+        }
+        target.drop().await;
+    }
+}
+
+/// Values of every type keep their value through a database target, in
+/// both modes: JSON, µs timestamps, bytes, uuid, a wide decimal, NULLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_keeps_its_value() {
+    for engine in ["postgres", "mysql"] {
+        for mode in ["history", "replica"] {
+            let ws = Workspace::new();
+            let Some(target) = target_of(&ws, engine).await else {
+                return;
+            };
+            let dir = ws.source().join("public/ev");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("20240101-000000000.csv"),
+                "I,1,\"{\"\"a\"\": [1, \"\"x\"\"]}\",2024-01-01 10:20:30.123456,2024-02-29 23:59:59.999999+00,\\x01ff,\
+                 3e4d1e2a-0000-0000-0000-0000000000aa,12345678901234567890.123456789,t,-1.5,\"it's \"\"q\"\"\\\\ \t\"\n\
+                 I,2,,,,,,,,,\n",
+            )
+            .unwrap();
+            let pipeline = format!(
+                "name = \"test\"\n[source]\nurl = \"file://{}\"\n[state]\nurl = \"sqlite://{}/state.db\"\n\
+                 [warehouse]\n{}\n[[tables]]\nschema = \"public\"\nname = \"ev\"\nprimary_key = [\"id\"]\n\
+                 columns = [{{ name = \"id\", type = \"bigint\" }}, {{ name = \"doc\", type = \"jsonb\" }}, \
+                 {{ name = \"at\", type = \"timestamp\" }}, {{ name = \"atz\", type = \"timestamptz\" }}, \
+                 {{ name = \"raw\", type = \"bytea\" }}, {{ name = \"u\", type = \"uuid\" }}, \
+                 {{ name = \"big\", type = \"decimal(30,9)\" }}, {{ name = \"ok\", type = \"boolean\" }}, \
+                 {{ name = \"f\", type = \"double\" }}, {{ name = \"t\", type = \"text\" }}]\n",
+                ws.source().display(),
+                ws.dir.path().display(),
+                target.warehouse(mode)
+            );
+            std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+            let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+            assert!(run.status.success(), "{}", output(&run));
+            let select = match engine {
+                "postgres" => {
+                    "SELECT doc::jsonb::text, at::text, atz::text, encode(raw, 'hex'), u::text, \
+                               big::text, ok::text, f::text, t FROM ev ORDER BY id"
+                }
+                _ => {
+                    "SELECT CAST(doc AS CHAR), CAST(at AS CHAR), CAST(atz AS CHAR), LOWER(HEX(raw)), u, \
+                      CAST(big AS CHAR), CAST(ok AS CHAR), CAST(f AS CHAR), t FROM ev ORDER BY id"
+                }
+            };
+            let text = |v: &str| Some(v.to_string());
+            let (doc, atz, ok) = match engine {
+                "postgres" => (
+                    r#"{"a": [1, "x"]}"#,
+                    "2024-02-29 23:59:59.999999+00",
+                    "true",
+                ),
+                _ => (r#"{"a": [1, "x"]}"#, "2024-02-29 23:59:59.999999", "1"),
+            };
+            let got = ws.text_rows(select).await;
+            assert_eq!(
+                got,
+                vec![
+                    vec![None, None, None, None, None, None, None, None, None],
+                    vec![
+                        text(doc),
+                        text("2024-01-01 10:20:30.123456"),
+                        text(atz),
+                        text("01ff"),
+                        text("3e4d1e2a-0000-0000-0000-0000000000aa"),
+                        text("12345678901234567890.123456789"),
+                        text(ok),
+                        text("-1.5"),
+                        text("it's \"q\"\\\\ \t"),
+                    ],
+                ],
+                "{engine} {mode}"
+            );
+            target.drop().await;
+        }
+    }
+}

@@ -326,3 +326,110 @@ async fn masked_postgres_copy_keeps_foreign_keys_and_verifies_equal() {
         .unwrap();
     crate::support::drop_pg_database(&admin, &name).await;
 }
+
+/// Reverse sync: the changes of the new PostgreSQL database flow back into
+/// the legacy one under its names, by DMS rules (a table renamed, columns
+/// renamed and upper-cased); the replica's tables are created by cdcflow; a
+/// load killed inside its transaction is applied once by the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reverse_sync_with_rename_and_uppercase_rules() {
+    let ws = Workspace::new();
+    let Some((admin, name, url)) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "new_").await else {
+        return;
+    };
+    let Some(target) = Target::postgres(&ws).await else {
+        return;
+    };
+    let source = pg_connect(&url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE accounts(id bigint PRIMARY KEY, full_name text, email text, balance numeric(12,2), seen timestamptz);
+             INSERT INTO accounts SELECT g, 'User ' || g, 'u' || g || '@example.com', g * 1.5,
+               timestamptz '2024-05-01 00:00:00+00' + g * interval '1 minute' FROM generate_series(1, 300) g;",
+        )
+        .await
+        .unwrap();
+    let rules = r#"{"rules": [
+        {"rule-type": "selection", "rule-id": "1", "rule-name": "1",
+         "object-locator": {"schema-name": "public", "table-name": "accounts"}, "rule-action": "include"},
+        {"rule-type": "transformation", "rule-id": "2", "rule-name": "2", "rule-target": "table",
+         "object-locator": {"schema-name": "public", "table-name": "accounts"}, "rule-action": "rename", "value": "legacy_users"},
+        {"rule-type": "transformation", "rule-id": "3", "rule-name": "3", "rule-target": "column",
+         "object-locator": {"schema-name": "public", "table-name": "accounts", "column-name": "full_name"}, "rule-action": "rename", "value": "name"},
+        {"rule-type": "transformation", "rule-id": "4", "rule-name": "4", "rule-target": "column",
+         "object-locator": {"schema-name": "%", "table-name": "%", "column-name": "%"}, "rule-action": "convert-uppercase"}]}"#;
+    std::fs::write(ws.path("rules.json"), rules).unwrap();
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            "name = \"back\"\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\nrules = \"{rules}\"\n\
+             [target]\nurl = \"file://{objects}\"\nmax_rows = 100\n",
+            rules = ws.path("rules.json").display(),
+            objects = ws.path("objects").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"back\"\n[source]\nurl = \"file://{objects}\"\ntimestamp_column = \"dms_timestamp\"\n\
+             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
+             [state]\nurl = \"sqlite://{state}\"\n[warehouse]\n{warehouse}\n\
+             [[tables]]\nschema = \"public\"\nname = \"legacy_users\"\nprimary_key = [\"ID\"]\n",
+            objects = ws.path("objects").display(),
+            state = ws.path("state.db").display(),
+            warehouse = target.warehouse("replica"),
+        ),
+    )
+    .unwrap();
+    ws.capture_once(&[]);
+    run(&ws);
+    source
+        .batch_execute(
+            "UPDATE accounts SET balance = balance + 10, full_name = full_name || ' Jr.' WHERE id % 10 = 0;
+             DELETE FROM accounts WHERE id > 290;
+             INSERT INTO accounts VALUES (1000, 'Late Comer', NULL, 0.01, NULL);",
+        )
+        .await
+        .unwrap();
+    ws.capture_once(&[]);
+    let killed = ws.cdcflow(
+        &["run", "--now", "--pipeline", "pipeline.toml"],
+        &[("CDCFLOW_FAILPOINT", "load.before_database_commit")],
+    );
+    assert!(!killed.status.success(), "{}", output(&killed));
+    run(&ws);
+
+    let Target::Pg {
+        schema,
+        url: target_url,
+        ..
+    } = &target
+    else {
+        unreachable!()
+    };
+    let legacy = pg_connect(target_url).await;
+    let row = legacy
+        .query_one(
+            &format!(
+                "SELECT count(*), sum(\"BALANCE\")::text, max(\"NAME\") FILTER (WHERE \"ID\" = 10) \
+                 FROM {schema}.legacy_users"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (count, sum, renamed): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+    let expected_sum: f64 = (1..=290).map(|g| g as f64 * 1.5).sum::<f64>() + 29.0 * 10.0 + 0.01;
+    assert_eq!((count, renamed.as_str()), (291, "User 10 Jr."));
+    assert_eq!(sum, format!("{expected_sum:.2}"));
+    let (equal, text) = verify(&ws, &[]);
+    assert!(equal && text.contains("legacy_users: equal"), "{text}");
+    drop((source, legacy));
+    target.drop().await;
+    admin
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
+        .await
+        .unwrap();
+    crate::support::drop_pg_database(&admin, &name).await;
+}
