@@ -413,3 +413,66 @@ async fn every_type_keeps_its_value() {
         }
     }
 }
+
+/// A load under an older lease token than the one the ledger holds (a worker
+/// that lost its lease without knowing) is refused inside the transaction,
+/// and applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_under_an_older_lease_token_is_refused() {
+    use cdcflow::warehouse::{HistoryRows, LoadRequest};
+    for engine in ["postgres", "mysql"] {
+        let ws = Workspace::new();
+        let Some(target) = target_of(&ws, engine).await else {
+            return;
+        };
+        ws.synth(300, 3);
+        ws.publish_all();
+        ws.write_pipeline_into(
+            "pipeline.toml",
+            1000,
+            false,
+            "",
+            &target.warehouse("history"),
+        );
+        let run = ws.cdcflow(&["run", "--now", "-p", "pipeline.toml"], &[]);
+        assert!(run.status.success(), "{}", output(&run));
+        let pipeline = cdcflow::config::load(&ws.path("pipeline.toml")).unwrap();
+        let table = pipeline.tables[0].clone();
+        let runner = ws.runner();
+        let merger = runner.loaded_merger(&table).await.unwrap();
+        let before = rows(&ws.query("SELECT count(*) FROM orders_history").await);
+        let schema = merger.history_schema();
+        // Refused before a row is read: the stream is never polled.
+        let stream = datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::empty(),
+        );
+        let batch = cdcflow::state::Batch {
+            number: 2,
+            id: "stale".into(),
+            objects: vec![],
+            mode: cdcflow::state::BatchMode::Append,
+        };
+        let refused = runner
+            .warehouse()
+            .load(LoadRequest {
+                table: &table,
+                batch: &batch,
+                merger: &merger,
+                rows: HistoryRows::new(Box::pin(stream)),
+                loaded_max: None,
+                store: "stale-store",
+                lease_token: Some(0),
+            })
+            .await;
+        assert!(
+            matches!(refused, Err(cdcflow::error::Error::LeaseLost { .. })),
+            "{engine}: {refused:?}"
+        );
+        assert_eq!(
+            rows(&ws.query("SELECT count(*) FROM orders_history").await),
+            before
+        );
+        target.drop().await;
+    }
+}

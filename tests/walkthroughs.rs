@@ -433,3 +433,77 @@ async fn postgres_reverse_sync_with_rename_and_uppercase_rules() {
         .unwrap();
     crate::support::drop_pg_database(&admin, &name).await;
 }
+
+/// `verify` against a warehouse of another kind (the local Delta warehouse,
+/// history and current tables with the added columns): equal after capture
+/// and load, and a change the capture has not read yet shows as a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_a_delta_warehouse_and_finds_an_uncaptured_change() {
+    let ws = Workspace::new();
+    let Some((admin, name, url)) = pg_database("CDCFLOW_TEST_PG_URL", &ws, "ver_").await else {
+        return;
+    };
+    let source = pg_connect(&url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE items(sku text, shop int, price numeric(8,2), at timestamptz, raw bytea, doc jsonb,
+               PRIMARY KEY (sku, shop));
+             INSERT INTO items SELECT 'sku-' || g, g % 3, g / 4.0, timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second',
+               decode(lpad(to_hex(g), 4, '0'), 'hex'), jsonb_build_object('g', g, 'tags', jsonb_build_array('a', g))
+               FROM generate_series(1, 2500) g;",
+        )
+        .await
+        .unwrap();
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            "name = \"ver\"\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
+             [target]\nurl = \"file://{}\"\n",
+            ws.path("objects").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "name = \"ver\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
+             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
+             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
+             [[tables]]\nschema = \"public\"\nname = \"items\"\nprimary_key = [\"sku\", \"shop\"]\n",
+            ws.path("objects").display(),
+            ws.path("state.db").display(),
+            ws.path("warehouse").display(),
+        ),
+    )
+    .unwrap();
+    ws.capture_once(&[]);
+    run(&ws);
+    let (equal, text) = verify(&ws, &[]);
+    assert!(
+        equal && text.contains("public.items: equal: source 2500 rows, target 2500 rows; 0 of 3"),
+        "{text}"
+    );
+    source
+        .batch_execute("UPDATE items SET price = 0 WHERE sku = 'sku-1777'; DELETE FROM items WHERE sku = 'sku-5'")
+        .await
+        .unwrap();
+    let (equal, text) = verify(&ws, &[]);
+    assert!(!equal, "{text}");
+    assert!(
+        text.contains("source 2499 rows, target 2500 rows; 2 of 3 key ranges differ")
+            && text.contains("key sku=sku-1777, shop=1")
+            && text.contains("price=0.00")
+            && text.contains("key sku=sku-5, shop=2\n    source: (no row)"),
+        "{text}"
+    );
+    ws.capture_once(&[]);
+    run(&ws);
+    let (equal, text) = verify(&ws, &[]);
+    assert!(equal, "after capturing the change: {text}");
+    drop(source);
+    admin
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
+        .await
+        .unwrap();
+    crate::support::drop_pg_database(&admin, &name).await;
+}
