@@ -1093,3 +1093,60 @@ async fn serve_reports_the_captures_checkpoint_and_slot_lag() {
     drop(served);
     db.drop().await;
 }
+
+/// The added column of [`a_column_added_with_a_default_has_its_value_in_unchanged_rows`]
+/// reaches a PostgreSQL warehouse the same way (the table gains the column
+/// with its value for the rows it holds), connected over TLS as capture
+/// connects: verify-full, a role that may only connect over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_with_a_default_reaches_a_postgres_warehouse_over_tls() {
+    let ws = Workspace::new();
+    let (Some(db), Some((ca, _))) = (Db::new(&ws).await, crate::support::tls_cas()) else {
+        return;
+    };
+    let Some(target) = crate::database::Target::postgres(&ws).await else {
+        return;
+    };
+    db.admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE tlsonly LOGIN SUPERUSER; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await
+        .unwrap();
+    captured_t(&ws, &db, 100).await;
+    let crate::database::Target::Pg { schema, url, .. } = &target else {
+        unreachable!()
+    };
+    let tls = tls_url(
+        url,
+        "tlsonly",
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let pipeline = std::fs::read_to_string(ws.path("pipeline.toml")).unwrap();
+    let (head, rest) = pipeline.split_once("[warehouse]\n").unwrap();
+    let rest = rest.splitn(3, '\n').nth(2).unwrap();
+    std::fs::write(
+        ws.path("pipeline.toml"),
+        format!(
+            "{head}[warehouse]\nkind = \"postgres\"\nurl = \"{tls}\"\nschema = \"{schema}\"\n{rest}"
+        ),
+    )
+    .unwrap();
+    let before = db.exec("UPDATE t SET v = 1 WHERE id <= 10").await;
+    let first = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(first.status.success(), "{}", output(&first));
+    db.exec("ALTER TABLE t ADD COLUMN tier varchar(10) NOT NULL DEFAULT 'it''s std'")
+        .await;
+    let after = db
+        .exec("UPDATE t SET v = 2 WHERE id BETWEEN 5 AND 15")
+        .await
+        + db.exec("UPDATE t SET tier = 'gold' WHERE id BETWEEN 90 AND 95")
+            .await
+        + db.exec("INSERT INTO t (id, v) VALUES (101, 0)").await;
+    ws.capture_once(&[]);
+    assert_added_column_matches(&ws, &db.rows(ADDED_PG).await, 100 + before, after).await;
+    target.drop().await;
+    db.drop().await;
+}

@@ -144,6 +144,33 @@ async fn load_and_check(target: Target, ws: &Workspace, mode: &str, failpoint: O
                 "{}: history differs: a change lost or doubled ({failpoint:?})",
                 table.name
             );
+            // The versions view answers `cdcflow history` (one row per change of the key).
+            let first = &table.changes[0].values[..table.key_len];
+            let key: Vec<String> = first
+                .iter()
+                .map(|v| match v {
+                    cdcflow::synth::Value::Int(i) => i.to_string(),
+                    other => panic!("unexpected key value {other:?}"),
+                })
+                .collect();
+            let changes = table
+                .changes
+                .iter()
+                .filter(|c| &c.values[..table.key_len] == first)
+                .count();
+            let pipeline = cdcflow::config::load(&ws.path("pipeline.toml")).unwrap();
+            let t = pipeline
+                .tables
+                .iter()
+                .find(|t| t.name == table.name)
+                .unwrap();
+            let versions = runner.key_history(t, &key.join(",")).await.unwrap();
+            assert_eq!(
+                versions.iter().map(|b| b.num_rows()).sum::<usize>(),
+                changes,
+                "{}: versions of key {key:?}",
+                table.name
+            );
         }
     }
     target.drop().await;
