@@ -21,6 +21,55 @@ fn verify(ws: &Workspace, env: &[(&str, &str)]) -> (bool, String) {
     (out.status.success(), output(&out))
 }
 
+/// Writes `capture.toml` (source `[source]` keys `source`, objects into
+/// `objects/`, then `after` such as masks) and `pipeline.toml` over the
+/// objects into `warehouse`, with `tables` as `(schema, name, key list)`.
+fn write_configs(
+    ws: &Workspace,
+    source: &str,
+    after: &str,
+    warehouse: &str,
+    tables: &[(&str, &str, &str)],
+) {
+    let objects = ws.path("objects");
+    std::fs::write(
+        ws.path("capture.toml"),
+        format!(
+            "name = \"walk\"\n[source]\n{source}\n[target]\nurl = \"file://{}\"\nmax_rows = 120\n{after}",
+            objects.display()
+        ),
+    )
+    .unwrap();
+    let mut pipeline = format!(
+        "name = \"walk\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
+         extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
+         [state]\nurl = \"sqlite://{}\"\n[warehouse]\n{warehouse}\n",
+        objects.display(),
+        ws.path("state.db").display(),
+    );
+    for (schema, name, key) in tables {
+        pipeline.push_str(&format!(
+            "[[tables]]\nschema = \"{schema}\"\nname = \"{name}\"\nprimary_key = [{key}]\n"
+        ));
+    }
+    std::fs::write(ws.path("pipeline.toml"), pipeline).unwrap();
+}
+
+/// The `[source]` keys of a PostgreSQL capture of the database `name` at `url`
+/// (slot and publication named after it).
+fn pg_source(url: &str, name: &str) -> String {
+    format!("url = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"")
+}
+
+/// Drops the source database `name` made by `pg_database`, with its slot.
+async fn drop_source(admin: &tokio_postgres::Client, name: &str) {
+    admin
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
+        .await
+        .unwrap();
+    crate::support::drop_pg_database(admin, name).await;
+}
+
 fn run(ws: &Workspace) {
     let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
     assert!(out.status.success(), "{}", output(&out));
@@ -65,29 +114,16 @@ async fn mariadb_migration_with_a_workload_a_killed_capture_and_verify() {
     .unwrap();
     static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(7000);
     let server_id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::fs::write(
-        ws.path("capture.toml"),
-        format!(
-            "name = \"mig\"\n[source]\nurl = \"{source_url}\"\nserver_id = {server_id}\nmax_changes = 50\n\
-             [target]\nurl = \"file://{}\"\nmax_rows = 120\n",
-            ws.path("objects").display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"mig\"\n[source]\nurl = \"file://{objects}\"\ntimestamp_column = \"dms_timestamp\"\n\
-             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{state}\"\n[warehouse]\n{warehouse}\n\
-             [[tables]]\nschema = \"{source_db}\"\nname = \"accounts\"\nprimary_key = [\"id\"]\n\
-             [[tables]]\nschema = \"{source_db}\"\nname = \"entries\"\nprimary_key = [\"account_id\", \"n\"]\n",
-            objects = ws.path("objects").display(),
-            state = ws.path("state.db").display(),
-            warehouse = target.warehouse("replica"),
-        ),
-    )
-    .unwrap();
+    write_configs(
+        &ws,
+        &format!("url = \"{source_url}\"\nserver_id = {server_id}\nmax_changes = 50"),
+        "",
+        &target.warehouse("replica"),
+        &[
+            (&source_db, "accounts", "\"id\""),
+            (&source_db, "entries", "\"account_id\", \"n\""),
+        ],
+    );
 
     // The workload: inserts, updates and deletes on both tables until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -221,32 +257,21 @@ async fn masked_postgres_copy_keeps_foreign_keys_and_verifies_equal() {
         {"rule-type": "transformation", "rule-id": "3", "rule-name": "3", "rule-target": "table",
          "object-locator": {"schema-name": "public", "table-name": "%"}, "rule-action": "convert-uppercase"}]}"#;
     std::fs::write(ws.path("rules.json"), rules).unwrap();
-    std::fs::write(
-        ws.path("capture.toml"),
-        format!(
-            "name = \"dev\"\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\nrules = \"{rules}\"\n\
-             [target]\nurl = \"file://{objects}\"\nmax_rows = 150\n\
-             [[masking]]\ntable = \"public.customers\"\ncolumn = \"email\"\nmethod = \"hash\"\nsalt_env = \"DEV_SALT\"\n\
-             [[masking]]\ntable = \"public.customers\"\ncolumn = \"name\"\nmethod = \"redact\"\n",
-            rules = ws.path("rules.json").display(),
-            objects = ws.path("objects").display(),
+    write_configs(
+        &ws,
+        &format!(
+            "{}\nrules = \"{}\"",
+            pg_source(&url, &name),
+            ws.path("rules.json").display()
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"dev\"\n[source]\nurl = \"file://{objects}\"\ntimestamp_column = \"dms_timestamp\"\n\
-             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{state}\"\n[warehouse]\n{warehouse}\n\
-             [[tables]]\nschema = \"public\"\nname = \"DEV_CUSTOMERS\"\nprimary_key = [\"id\"]\n\
-             [[tables]]\nschema = \"public\"\nname = \"DEV_ORDERS\"\nprimary_key = [\"id\"]\n",
-            objects = ws.path("objects").display(),
-            state = ws.path("state.db").display(),
-            warehouse = target.warehouse("replica"),
-        ),
-    )
-    .unwrap();
+        "[[masking]]\ntable = \"public.customers\"\ncolumn = \"email\"\nmethod = \"hash\"\nsalt_env = \"DEV_SALT\"\n\
+         [[masking]]\ntable = \"public.customers\"\ncolumn = \"name\"\nmethod = \"redact\"\n",
+        &target.warehouse("replica"),
+        &[
+            ("public", "DEV_CUSTOMERS", "\"id\""),
+            ("public", "DEV_ORDERS", "\"id\""),
+        ],
+    );
     let salt = [("DEV_SALT", "pepper")];
     ws.capture_once(&salt);
     run(&ws);
@@ -320,11 +345,7 @@ async fn masked_postgres_copy_keeps_foreign_keys_and_verifies_equal() {
     );
     drop(source);
     target.drop().await;
-    admin
-        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
-        .await
-        .unwrap();
-    crate::support::drop_pg_database(&admin, &name).await;
+    drop_source(&admin, &name).await;
 }
 
 /// Reverse sync: the changes of the new PostgreSQL database flow back into
@@ -359,29 +380,17 @@ async fn postgres_reverse_sync_with_rename_and_uppercase_rules() {
         {"rule-type": "transformation", "rule-id": "4", "rule-name": "4", "rule-target": "column",
          "object-locator": {"schema-name": "%", "table-name": "%", "column-name": "%"}, "rule-action": "convert-uppercase"}]}"#;
     std::fs::write(ws.path("rules.json"), rules).unwrap();
-    std::fs::write(
-        ws.path("capture.toml"),
-        format!(
-            "name = \"back\"\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\nrules = \"{rules}\"\n\
-             [target]\nurl = \"file://{objects}\"\nmax_rows = 100\n",
-            rules = ws.path("rules.json").display(),
-            objects = ws.path("objects").display(),
+    write_configs(
+        &ws,
+        &format!(
+            "{}\nrules = \"{}\"",
+            pg_source(&url, &name),
+            ws.path("rules.json").display()
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"back\"\n[source]\nurl = \"file://{objects}\"\ntimestamp_column = \"dms_timestamp\"\n\
-             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{state}\"\n[warehouse]\n{warehouse}\n\
-             [[tables]]\nschema = \"public\"\nname = \"legacy_users\"\nprimary_key = [\"ID\"]\n",
-            objects = ws.path("objects").display(),
-            state = ws.path("state.db").display(),
-            warehouse = target.warehouse("replica"),
-        ),
-    )
-    .unwrap();
+        "",
+        &target.warehouse("replica"),
+        &[("public", "legacy_users", "\"ID\"")],
+    );
     ws.capture_once(&[]);
     run(&ws);
     source
@@ -427,11 +436,7 @@ async fn postgres_reverse_sync_with_rename_and_uppercase_rules() {
     assert!(equal && text.contains("legacy_users: equal"), "{text}");
     drop((source, legacy));
     target.drop().await;
-    admin
-        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
-        .await
-        .unwrap();
-    crate::support::drop_pg_database(&admin, &name).await;
+    drop_source(&admin, &name).await;
 }
 
 /// `verify` against a warehouse of another kind (the local Delta warehouse,
@@ -454,28 +459,16 @@ async fn verify_compares_a_delta_warehouse_and_finds_an_uncaptured_change() {
         )
         .await
         .unwrap();
-    std::fs::write(
-        ws.path("capture.toml"),
-        format!(
-            "name = \"ver\"\n[source]\nurl = \"{url}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
-             [target]\nurl = \"file://{}\"\n",
-            ws.path("objects").display()
+    write_configs(
+        &ws,
+        &pg_source(&url, &name),
+        "",
+        &format!(
+            "kind = \"local\"\npath = \"{}\"",
+            ws.path("warehouse").display()
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"ver\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"dms_timestamp\"\n\
-             extra_columns = [\"cdc_seq\"]\nsequence_column = \"cdc_seq\"\n\
-             [state]\nurl = \"sqlite://{}\"\n[warehouse]\nkind = \"local\"\npath = \"{}\"\n\
-             [[tables]]\nschema = \"public\"\nname = \"items\"\nprimary_key = [\"sku\", \"shop\"]\n",
-            ws.path("objects").display(),
-            ws.path("state.db").display(),
-            ws.path("warehouse").display(),
-        ),
-    )
-    .unwrap();
+        &[("public", "items", "\"sku\", \"shop\"")],
+    );
     ws.capture_once(&[]);
     run(&ws);
     let (equal, text) = verify(&ws, &[]);
@@ -501,9 +494,5 @@ async fn verify_compares_a_delta_warehouse_and_finds_an_uncaptured_change() {
     let (equal, text) = verify(&ws, &[]);
     assert!(equal, "after capturing the change: {text}");
     drop(source);
-    admin
-        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
-        .await
-        .unwrap();
-    crate::support::drop_pg_database(&admin, &name).await;
+    drop_source(&admin, &name).await;
 }

@@ -21,8 +21,9 @@ VALUES ({pipeline}, {table}, {number}, {batch_id}, {store}, {lease_token}, {stat
 -- A backfill: the history rows of the batch's objects go, and come again.
 DELETE FROM {history} WHERE {source_file} IN ({objects})
 
--- name: truncated_before
--- A truncate in the batch: every row changed before it is gone.
+-- name: delete_where
+-- Rows of {target} for which {filter} holds (a truncate: every row changed
+-- before it; a rebuild: every row).
 DELETE FROM {target} WHERE {filter}
 
 -- name: rebuild

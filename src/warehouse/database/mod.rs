@@ -479,6 +479,48 @@ impl DatabaseWarehouse {
         }))
     }
 
+    /// Deletes the rows of `table`'s current table whose key is staged and
+    /// for which `filter` (over `t`, the row, and `s`, the staged change) holds.
+    async fn delete_staged(
+        &self,
+        s: &mut Session,
+        table: &Table,
+        filter: &str,
+        context: &str,
+    ) -> Result<()> {
+        let sql = self.render(
+            "delete_join",
+            &[
+                ("target", &self.qualified(&table.target)),
+                ("stage", &self.ident(STAGE)),
+                (
+                    "key_equal",
+                    &self.dialect().key_equal("t", "s", &table.primary_key),
+                ),
+                ("filter", filter),
+            ],
+        );
+        s.execute(&sql, context).await.map(drop)
+    }
+
+    /// Deletes the rows of `table`'s current table for which `filter` holds.
+    async fn delete_where(
+        &self,
+        s: &mut Session,
+        table: &Table,
+        filter: &str,
+        context: &str,
+    ) -> Result<()> {
+        let sql = self.render(
+            "delete_where",
+            &[
+                ("target", &self.qualified(&table.target)),
+                ("filter", filter),
+            ],
+        );
+        s.execute(&sql, context).await.map(drop)
+    }
+
     /// Applies the staged newest changes to the current table.
     async fn apply_current(
         &self,
@@ -510,33 +552,11 @@ impl DatabaseWarehouse {
             let key = self.dialect().list(&table.primary_key);
             let scope = match apply {
                 Apply::Late => {
-                    s.execute(
-                        &self.render(
-                            "delete_join",
-                            &[
-                                ("target", &target),
-                                ("stage", &stage),
-                                (
-                                    "key_equal",
-                                    &self.dialect().key_equal("t", "s", &table.primary_key),
-                                ),
-                                ("filter", "1 = 1"),
-                            ],
-                        ),
-                        &context,
-                    )
-                    .await?;
+                    self.delete_staged(s, table, "1 = 1", &context).await?;
                     format!("({key}) IN (SELECT {key} FROM {stage})")
                 }
                 _ => {
-                    s.execute(
-                        &self.render(
-                            "truncated_before",
-                            &[("target", &target), ("filter", "1 = 1")],
-                        ),
-                        &context,
-                    )
-                    .await?;
+                    self.delete_where(s, table, "1 = 1", &context).await?;
                     "1 = 1".to_string()
                 }
             };
@@ -572,35 +592,14 @@ impl DatabaseWarehouse {
             } else {
                 format!("{seq} < {}", self.literal(truncated))
             };
-            s.execute(
-                &self.render(
-                    "truncated_before",
-                    &[("target", &target), ("filter", &filter)],
-                ),
-                &context,
-            )
-            .await?;
+            self.delete_where(s, table, &filter, &context).await?;
         }
         // An in-order batch is newer than every row: its changes apply as
         // they are (the ledger keeps a batch from applying twice).
         let op = format!("s.{}", self.ident(&m.op));
         if !merger.soft_delete || self.replica() {
-            s.execute(
-                &self.render(
-                    "delete_join",
-                    &[
-                        ("target", &target),
-                        ("stage", &stage),
-                        (
-                            "key_equal",
-                            &self.dialect().key_equal("t", "s", &table.primary_key),
-                        ),
-                        ("filter", &format!("{op} = 'D'")),
-                    ],
-                ),
-                &context,
-            )
-            .await?;
+            self.delete_staged(s, table, &format!("{op} = 'D'"), &context)
+                .await?;
         }
         let filter = if merger.soft_delete && !self.replica() {
             "1 = 1".to_string()
