@@ -472,10 +472,11 @@ impl Error {
             ),
             Error::StateServer { source, .. } => {
                 postgres_connection_lost(source)
-                    // serialization failure, deadlock: the transaction may be run again
+                    // serialization failure, deadlock, a lock not granted within
+                    // lock_timeout: the transaction may be run again
                     || source
                         .code()
-                        .is_some_and(|c| matches!(c.code(), "40001" | "40P01"))
+                        .is_some_and(|c| matches!(c.code(), "40001" | "40P01" | "55P03"))
             }
             Error::Warehouse { source, .. } => matches!(
                 **source,

@@ -76,8 +76,13 @@ impl Tls {
         let (mode_key, root_key) = if mysql { MYSQL_PARAMS } else { PG_PARAMS };
         let mut parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
         let (mut mode, mut root_cert) = (None, None);
+        // The other parameters stay as written: re-encoding them would turn
+        // `%20` into `+`, which libpq's URL parser reads as a plus sign.
         let mut rest = Vec::new();
-        for (key, value) in parsed.query_pairs() {
+        for segment in parsed.query().unwrap_or_default().split('&') {
+            let Some((key, value)) = url::form_urlencoded::parse(segment.as_bytes()).next() else {
+                continue;
+            };
             // MySQL's clients spell the options with `-` or `_`.
             let normalized = key.replace('_', "-");
             if key == mode_key || (mysql && normalized == mode_key) {
@@ -85,14 +90,10 @@ impl Tls {
             } else if key == root_key || (mysql && normalized == root_key) {
                 root_cert = Some(value.into_owned());
             } else {
-                rest.push((key.into_owned(), value.into_owned()));
+                rest.push(segment.to_string());
             }
         }
-        if rest.is_empty() {
-            parsed.set_query(None);
-        } else {
-            parsed.query_pairs_mut().clear().extend_pairs(rest);
-        }
+        parsed.set_query((!rest.is_empty()).then(|| rest.join("&")).as_deref());
         let mode = match mode {
             None => TlsMode::Prefer,
             Some(m) => parse_mode(&m, mysql).ok_or_else(|| {
@@ -356,6 +357,13 @@ mod tests {
             (url.as_str(), tls.mode),
             ("mysql://u@h/app", TlsMode::VerifyFull)
         );
+        // Parameters stay as written: libpq reads `+` as a plus, not a space.
+        let (url, _) = Tls::from_url(
+            "postgres://u@h/app?options=-c%20lock_timeout%3D1s&sslmode=require",
+            false,
+        )
+        .unwrap();
+        assert_eq!(url, "postgres://u@h/app?options=-c%20lock_timeout%3D1s");
     }
 
     #[test]

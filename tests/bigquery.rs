@@ -820,7 +820,7 @@ async fn json_datetime_bytes_uuid_and_numeric_columns_keep_their_values() {
 
 /// `pipeline.toml`: table `public.<table>` (`id bigint` key, `v text`) from
 /// the workspace's source with the `[source]` keys `source`, into `warehouse`.
-fn write_id_v_pipeline(ws: &Workspace, table: &str, source: &str, warehouse: &str) {
+pub(crate) fn write_id_v_pipeline(ws: &Workspace, table: &str, source: &str, warehouse: &str) {
     let pipeline = format!(
         "name = \"test\"\n[source]\nurl = \"file://{}\"\n{source}\n[state]\nurl = \"sqlite://{}/state.db\"\n\
          [warehouse]\n{warehouse}\n[[tables]]\nschema = \"public\"\nname = \"{table}\"\nprimary_key = [\"id\"]\n\
@@ -916,7 +916,7 @@ in_both_warehouses!(
 /// history holds it once, whether its first copy was loaded by an earlier
 /// batch or is in the same batch. Another key's change that shares the
 /// sequence value is a different change and stays.
-async fn a_change_delivered_twice_lands_once(ws: &Workspace, warehouse: &str) {
+pub(crate) async fn a_change_delivered_twice_lands_once(ws: &Workspace, warehouse: &str) {
     let dir = ws.source().join("public/t");
     std::fs::create_dir_all(&dir).unwrap();
     let object = |name: &str, rows: &str| std::fs::write(dir.join(name), rows).unwrap();

@@ -734,3 +734,47 @@ async fn actions_need_the_operator_token_and_the_forms_csrf_value() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
+
+/// The web UI names the worker loading a table while its lease runs, on the
+/// overview and the table's page; an expired lease is not shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_names_the_worker_loading_a_table() {
+    let (ws, _) = Workspace::published(300, 46, 1000, "");
+    ws.pipelines_folder();
+    let runner = ws.runner_for("pipelines/test.toml");
+    let store = runner.state();
+    store
+        .acquire_lease(
+            "public.orders",
+            "worker-7:4242:1",
+            std::time::Duration::from_secs(600),
+            None,
+        )
+        .unwrap();
+    store
+        .acquire_lease(
+            "public.order_items",
+            "worker-8:1:1",
+            std::time::Duration::ZERO,
+            None,
+        )
+        .unwrap();
+    let served = Served::start(&ws, "pipelines");
+    let (_, overview) = served.get("/").await;
+    assert!(
+        overview.contains("loading now: worker-7:4242:1"),
+        "{overview}"
+    );
+    assert!(
+        !overview.contains("worker-8"),
+        "an expired lease: {overview}"
+    );
+    let (_, page) = served.get("/pipelines/test/tables/public.orders").await;
+    assert!(
+        page.contains("<th>loading now</th><td>worker-7:4242:1, its lease runs to "),
+        "{page}"
+    );
+    store.release_lease("worker-7:4242:1").unwrap();
+    let (_, overview) = served.get("/").await;
+    assert!(!overview.contains("loading now"), "{overview}");
+}

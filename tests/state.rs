@@ -911,3 +911,50 @@ async fn a_lost_postgres_connection_is_retryable_and_the_next_call_reconnects() 
     drop(store);
     stores.drop().await;
 }
+
+/// A state call does not wait for ever on a lock another session holds (a
+/// stuck worker, an operator's `LOCK TABLE`): it fails after the session's
+/// `lock_timeout` (30 s by default; here the URL's `options` set 1 s) as
+/// retryable, and succeeds once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_call_gives_up_on_a_held_lock_and_is_retried() {
+    let Some(stores) = Stores::postgres().await else {
+        return;
+    };
+    let StateConfig::Postgres { url, .. } = &stores.config else {
+        unreachable!()
+    };
+    let store = stores.open("p");
+    store
+        .plan_batch("s.t", &[obj("a")], BatchMode::Append)
+        .unwrap();
+    let short = Stores {
+        config: postgres_config(&format!("{url}?options=-c%20lock_timeout%3D1s")),
+        database: None,
+        _ws: Workspace::new(),
+    };
+    let waiting = short.open("p");
+    let holder = crate::support::pg_connect(url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE cdcflow.batches IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error =
+        tokio::task::block_in_place(|| waiting.commit_batch("s.t", 1, &BatchStats::default()))
+            .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert!(error.to_string().contains("lock timeout"), "{error}");
+    assert_eq!(error.retry_policy(), RetryPolicy::Retry, "{error}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    waiting
+        .commit_batch("s.t", 1, &BatchStats::default())
+        .unwrap();
+    assert_eq!(processed(&*store, "a"), Some(1));
+    drop((store, waiting, holder));
+    stores.drop().await;
+}

@@ -14,8 +14,15 @@ LIMIT 1
 
 -- name: ledger_record
 -- The batch's row, written in the transaction that applies the batch.
-INSERT INTO {ledger} (pipeline, table_name, number, batch_id, store, lease_token, stats, columns)
-VALUES ({pipeline}, {table}, {number}, {batch_id}, {store}, {lease_token}, {stats}, {columns})
+INSERT INTO {ledger} (pipeline, table_name, number, batch_id, store, lease_token, stats, columns, objects)
+VALUES ({pipeline}, {table}, {number}, {batch_id}, {store}, {lease_token}, {stats}, {columns}, {objects})
+
+-- name: ledger_all
+-- Every batch of the table, in order: what `repair --from-warehouse` restores.
+SELECT number, batch_id, stats, objects
+FROM {ledger}
+WHERE pipeline = {pipeline} AND table_name = {table}
+ORDER BY number
 
 -- name: history_forget
 -- A backfill: the history rows of the batch's objects go, and come again.

@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS {ledger} (
   lease_token BIGINT,
   stats LONGTEXT NOT NULL,
   columns LONGTEXT NOT NULL,
+  objects LONGTEXT NOT NULL,
   loaded_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
   PRIMARY KEY (pipeline, table_name, number)
 ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin

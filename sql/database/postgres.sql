@@ -10,6 +10,7 @@ CREATE TABLE IF NOT EXISTS {ledger} (
   lease_token bigint,
   stats text NOT NULL,
   columns text NOT NULL,
+  objects text NOT NULL,
   loaded_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (pipeline, table_name, number)
 )

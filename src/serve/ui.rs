@@ -221,6 +221,10 @@ async fn overview_rows(runner: &Runner) -> Result<String> {
     for table in &runner.pipeline().tables {
         let s = runner.table_status(table).await?;
         let (class, label) = state(&s, last_try(&runs, &s.table));
+        let label = match &s.held_by {
+            Some((owner, _)) => format!("{label}; loading now: {}", esc(owner)),
+            None => label.to_string(),
+        };
         let _ = write!(
             rows,
             "<tr><td><a href=\"/pipelines/{}/tables/{}\">{}</a></td><td class=\"{class}\">{label}</td>\
@@ -396,7 +400,7 @@ async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> R
         "<form action=\"/pipelines/{}/tables/{}/history\"><label>When was this row changed or \
          deleted? Key ({}): <input name=\"key\"></label> <button>Show its life</button></form>\
          <table><tr><th>objects</th><td>{} listed, {} loaded, {} waiting, {} quarantined, {} skipped</td></tr>\
-         <tr><th>loaded</th><td>{} batches, {} objects, {} bytes; {} inserts, {} updates, {} deletes</td></tr></table>",
+         <tr><th>loaded</th><td>{} batches, {} objects, {} bytes; {} inserts, {} updates, {} deletes</td></tr>{}</table>",
         seg(&runner.pipeline().name),
         seg(&s.table),
         esc(&t.primary_key.join(", ")),
@@ -410,7 +414,14 @@ async fn table_body(runner: &Runner, t: &Table, operator: Option<Operator>) -> R
         totals.bytes,
         totals.inserts,
         totals.updates,
-        totals.deletes
+        totals.deletes,
+        s.held_by
+            .as_ref()
+            .map_or(String::new(), |(owner, until)| format!(
+                "<tr><th>loading now</th><td>{}, its lease runs to {}</td></tr>",
+                esc(owner),
+                until.format("%Y-%m-%d %H:%M:%S UTC")
+            ))
     );
     let batches = runner.state().recent_batches(&s.table, 50)?;
     body.push_str(&lag_chart(&batches));

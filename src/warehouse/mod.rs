@@ -153,6 +153,12 @@ pub trait Warehouse: Send + Sync {
         Ok(None)
     }
 
+    /// Whether the warehouse keeps `<t>_history`, which the redelivery check
+    /// reads (a database replica keeps only current rows). Default: true.
+    fn keeps_history(&self) -> bool {
+        true
+    }
+
     /// Why column `name` cannot be a column of this warehouse's tables, if
     /// it cannot; checked before anything of a table is loaded.
     fn refuses_column(&self, _name: &str) -> Option<String> {

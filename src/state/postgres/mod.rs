@@ -36,6 +36,9 @@ const SCHEMA: &str = include_str!("../../../sql/state_postgres.sql");
 /// batch's warehouse jobs processed and billed (`batches.bytes_*`).
 const SCHEMA_VERSION: i32 = 3;
 
+/// The state sessions' settings unless the URL's `options` give others.
+const SESSION_OPTIONS: &str = "-c lock_timeout=30s -c idle_in_transaction_session_timeout=300s";
+
 /// Every process opening a store runs the schema under this advisory lock,
 /// so that two creating it at once do not collide.
 const SCHEMA_LOCK: i64 = 0x0cdc_f10e;
@@ -69,6 +72,13 @@ impl PostgresStore {
             && let Ok(password) = std::env::var(password_env)
         {
             config.password(password);
+        }
+        if config.get_options().is_none() {
+            // No state call waits long on a lock another session holds (it
+            // fails, and the run retries it), and a session that stops in
+            // a transaction (a paused or partitioned worker) does not hold
+            // its locks for ever. A URL's own `options` replace these.
+            config.options(SESSION_OPTIONS);
         }
         config
             .application_name("cdcflow")

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::sql::{self, Dialect};
 use crate::merge::{LatestChanges, Merger};
-use crate::state::{Batch, BatchStats};
+use crate::state::{Batch, BatchStats, ObjectRef, Restored};
 use session::{Session, column_type, sequence_type};
 
 /// The ledger table, in the warehouse's schema.
@@ -756,6 +756,7 @@ impl DatabaseWarehouse {
                 ),
                 ("stats", &self.literal(&json(stats)?)),
                 ("columns", &self.literal(&json(&columns)?)),
+                ("objects", &self.literal(&json(&req.batch.objects)?)),
             ],
         ))
     }
@@ -949,6 +950,50 @@ impl Warehouse for DatabaseWarehouse {
         })
     }
 
+    async fn ledger(&self, table: &Table, _merger: &Merger) -> Result<Option<Restored>> {
+        let mut s = self.session().await?;
+        let mut restored = Restored {
+            number: 0,
+            id: String::new(),
+            objects: Vec::new(),
+            stats: BatchStats::default(),
+            pending: None,
+        };
+        if self.existing_columns(&mut s, LEDGER).await?.is_empty() {
+            return Ok(Some(restored));
+        }
+        let query = self.render(
+            "ledger_all",
+            &[
+                ("ledger", &self.qualified(LEDGER)),
+                ("pipeline", &self.literal(&self.pipeline)),
+                ("table", &self.literal(&table.qualified())),
+            ],
+        );
+        let bad = |what: &str, e: String| {
+            Error::Internal(format!(
+                "{LEDGER} of {}: unreadable {what}: {e}",
+                table.qualified()
+            ))
+        };
+        // Each batch applied in full (one transaction each, so none is
+        // pending); a backfill's objects appear again, the later entry kept.
+        let mut objects = std::collections::BTreeMap::new();
+        for row in s.rows(&query, "reading the batch ledger").await?.rows {
+            let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            restored.number = text(0).parse().map_err(|e| bad("number", format!("{e}")))?;
+            restored.id = text(1);
+            let stats: BatchStats =
+                serde_json::from_str(&text(2)).map_err(|e| bad("stats", e.to_string()))?;
+            restored.stats.add(&stats);
+            let batch: Vec<ObjectRef> =
+                serde_json::from_str(&text(3)).map_err(|e| bad("objects", e.to_string()))?;
+            objects.extend(batch.into_iter().map(|o| (o.key.clone(), o)));
+        }
+        restored.objects = objects.into_values().collect();
+        Ok(Some(restored))
+    }
+
     async fn batch_started(&self, table: &Table, batch: &Batch, _store: &str) -> Result<bool> {
         Ok(match self.last_recorded(table).await? {
             Recorded::Batch { number, .. } => number >= batch.number,
@@ -969,6 +1014,10 @@ impl Warehouse for DatabaseWarehouse {
 
     fn queries(&self) -> Queries<'_> {
         Queries::Engine(self)
+    }
+
+    fn keeps_history(&self) -> bool {
+        !self.replica()
     }
 
     fn refuses_column(&self, name: &str) -> Option<String> {
