@@ -886,8 +886,8 @@ impl DatabaseWarehouse {
     }
 }
 
-/// The column of `values` as `ty` (MySQL writes a MySQL/MariaDB `TINYINT`
-/// BOOLEAN as 0/1); `None` when a value does not parse as `ty`.
+/// The column of `values` (a server's text) parsed as `ty`; `None` when a
+/// value does not parse, and the caller keeps the column as text.
 fn typed<'a>(
     ty: SqlType,
     values: impl Iterator<Item = Option<&'a str>>,
