@@ -76,7 +76,27 @@ impl SqliteStore {
         store.with(
             |c| {
                 c.busy_timeout(std::time::Duration::from_secs(30))?;
-                c.execute_batch(SCHEMA)
+                // Processes opening a new file at once: a statement that read
+                // the schema and must then write it gets SQLITE_BUSY at once
+                // when another wrote first (the busy handler is not called,
+                // as waiting could deadlock), so the schema is tried again.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                loop {
+                    match c.execute_batch(SCHEMA) {
+                        Err(e)
+                            if matches!(
+                                e.sqlite_error_code(),
+                                Some(
+                                    rusqlite::ErrorCode::DatabaseBusy
+                                        | rusqlite::ErrorCode::DatabaseLocked
+                                )
+                            ) && std::time::Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                        }
+                        done => return done,
+                    }
+                }
             },
             "creating the schema",
         )?;
