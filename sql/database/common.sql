@@ -4,10 +4,11 @@
 -- src/warehouse/database/mod.rs.
 
 -- name: ledger_last
--- The table's last recorded batch (locked until the load's transaction ends).
+-- The table's last recorded batch, or ({number}) one batch's row; {lock}
+-- holds it until the load's transaction ends.
 SELECT number, batch_id, store, stats, columns, lease_token
 FROM {ledger}
-WHERE pipeline = {pipeline} AND table_name = {table}
+WHERE pipeline = {pipeline} AND table_name = {table} {number}
 ORDER BY number DESC
 LIMIT 1
 {lock}

@@ -126,6 +126,14 @@ impl DatabaseWarehouse {
         Session::open(&self.config.endpoint, setup).await
     }
 
+    /// A session, when the database has a ledger (`None`: nothing was ever
+    /// loaded into it).
+    async fn ledger_session(&self) -> Result<Option<Session>> {
+        let mut s = self.session().await?;
+        let exists = !self.existing_columns(&mut s, LEDGER).await?.is_empty();
+        Ok(exists.then_some(s))
+    }
+
     /// The columns `name` has; empty when there is no such table.
     async fn existing_columns(&self, s: &mut Session, name: &str) -> Result<Vec<String>> {
         let query = self.render(
@@ -434,16 +442,16 @@ impl DatabaseWarehouse {
         number: Option<i64>,
         lock: bool,
     ) -> Result<Option<LedgerRow>> {
-        let mut table_filter = self.literal(&table.qualified());
-        if let Some(number) = number {
-            table_filter = format!("{table_filter} AND number = {number}");
-        }
         let query = self.render(
             "ledger_last",
             &[
                 ("ledger", &self.qualified(LEDGER)),
                 ("pipeline", &self.literal(&self.pipeline)),
-                ("table", &table_filter),
+                ("table", &self.literal(&table.qualified())),
+                (
+                    "number",
+                    &number.map_or(String::new(), |n| format!("AND number = {n}")),
+                ),
                 ("lock", if lock { "FOR UPDATE" } else { "" }),
             ],
         );
@@ -928,30 +936,18 @@ impl Warehouse for DatabaseWarehouse {
     }
 
     async fn last_recorded(&self, table: &Table) -> Result<Recorded> {
-        let mut s = self.session().await?;
-        if self.existing_columns(&mut s, LEDGER).await?.is_empty() {
-            return Ok(Recorded::Batch {
-                number: 0,
-                id: None,
-                store: None,
-            });
-        }
-        Ok(match self.ledger_row(&mut s, table, None, false).await? {
-            Some(row) => Recorded::Batch {
-                number: row.number,
-                id: Some(row.id),
-                store: Some(row.store),
-            },
-            None => Recorded::Batch {
-                number: 0,
-                id: None,
-                store: None,
-            },
+        let row = match self.ledger_session().await? {
+            Some(mut s) => self.ledger_row(&mut s, table, None, false).await?,
+            None => None,
+        };
+        Ok(Recorded::Batch {
+            number: row.as_ref().map_or(0, |r| r.number),
+            id: row.as_ref().map(|r| r.id.clone()),
+            store: row.map(|r| r.store),
         })
     }
 
     async fn ledger(&self, table: &Table, _merger: &Merger) -> Result<Option<Restored>> {
-        let mut s = self.session().await?;
         let mut restored = Restored {
             number: 0,
             id: String::new(),
@@ -959,9 +955,9 @@ impl Warehouse for DatabaseWarehouse {
             stats: BatchStats::default(),
             pending: None,
         };
-        if self.existing_columns(&mut s, LEDGER).await?.is_empty() {
+        let Some(mut s) = self.ledger_session().await? else {
             return Ok(Some(restored));
-        }
+        };
         let query = self.render(
             "ledger_all",
             &[
@@ -1002,10 +998,9 @@ impl Warehouse for DatabaseWarehouse {
     }
 
     async fn columns(&self, table: &Table, _merger: &Merger) -> Result<Option<Vec<Column>>> {
-        let mut s = self.session().await?;
-        if self.existing_columns(&mut s, LEDGER).await?.is_empty() {
+        let Some(mut s) = self.ledger_session().await? else {
             return Ok(None);
-        }
+        };
         Ok(self
             .ledger_row(&mut s, table, None, false)
             .await?

@@ -41,7 +41,7 @@ impl Session {
         endpoint: &crate::database::Endpoint,
         session_sql: &str,
     ) -> Result<Session> {
-        let fail = |f: Failure| database_error(&endpoint.redacted(), "connecting", f);
+        let fail = |f: Failure| database_error(format!("connecting to {}", endpoint.redacted()), f);
         match endpoint.engine {
             Engine::Postgres => Ok(Session::Pg(
                 crate::database::postgres(&endpoint.url, &endpoint.tls)
@@ -296,10 +296,11 @@ fn statement_error(context: &str, sql: &str, f: Failure) -> Error {
         statement.truncate(cut);
         statement.push('…');
     }
-    database_error(&format!("{context} ({statement})"), "", f)
+    database_error(format!("{context} ({statement})"), f)
 }
 
-fn database_error(context: &str, step: &str, f: Failure) -> Error {
+/// `f` as the database warehouse's error, retryable when a retry may succeed.
+fn database_error(context: String, f: Failure) -> Error {
     let retry = f.lost
         || [
             "40001",
@@ -311,11 +312,7 @@ fn database_error(context: &str, step: &str, f: Failure) -> Error {
         .iter()
         .any(|m| f.message.contains(m));
     Error::Database {
-        context: if step.is_empty() {
-            context.to_string()
-        } else {
-            format!("{step} to {context}")
-        },
+        context,
         message: f.message,
         retry,
     }
