@@ -25,6 +25,7 @@ pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod synth;
+pub mod threads;
 pub mod tls;
 pub mod verify;
 pub mod warehouse;

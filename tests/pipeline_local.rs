@@ -306,3 +306,74 @@ fn delta_versions(ws: &Workspace) -> Vec<std::path::PathBuf> {
     logs.sort();
     logs
 }
+
+/// The files the commit recording batch `batch` of `table` added, read from
+/// its Delta log (each commit file holds one action per line).
+fn files_added_by_batch(ws: &Workspace, table: &str, batch: i64) -> usize {
+    let log = ws.path("warehouse").join(table).join("_delta_log");
+    let mut commits: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    commits.sort();
+    let actions = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let recording: Vec<_> = commits
+        .iter()
+        .map(|p| actions(p))
+        .filter(|actions| {
+            actions
+                .iter()
+                .any(|a| a["txn"]["version"].as_i64() == Some(batch))
+        })
+        .collect();
+    assert_eq!(
+        recording.len(),
+        1,
+        "one commit records batch {batch} of {table}"
+    );
+    recording[0]
+        .iter()
+        .filter(|a| a.get("add").is_some())
+        .count()
+}
+
+/// `--threads N`: a batch's rows are encoded into Parquet by N writers at
+/// once (delta-rs drains a write through one), and each batch still lands
+/// once, in one commit: at 1 and at 4 threads the tables equal the replay of
+/// the generated changes, and at 4 the commit of orders' first batch added
+/// files of several writers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_written_by_a_writer_per_thread_in_one_commit() {
+    for (threads, several) in [("1", false), ("4", true)] {
+        let ws = Workspace::new();
+        let data = ws.synth(20_000, 11);
+        ws.publish_all();
+        ws.write_pipeline(1000, false);
+        let out = ws.cdcflow(
+            &["--threads", threads, "run", "--now", "-p", "pipeline.toml"],
+            &[],
+        );
+        assert!(out.status.success(), "{}", output(&out));
+        assert_warehouse_matches(&ws, &data, false).await;
+        let files = files_added_by_batch(&ws, "orders_history", 1);
+        match several {
+            true => assert!(files >= 2, "{threads} threads wrote {files} file(s)"),
+            false => assert_eq!(files, 1, "one thread writes one file"),
+        }
+    }
+    let ws = Workspace::new();
+    ws.write_pipeline(1000, false);
+    let out = ws.cdcflow(
+        &["--threads", "0", "run", "--now", "-p", "pipeline.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", output(&out));
+    assert!(output(&out).contains("--threads"), "{}", output(&out));
+}

@@ -61,6 +61,10 @@ struct Cli {
     /// pipeline, run id, table and try of the work it is about).
     #[arg(long, value_enum, default_value_t = logs::Format::Text, env = "CDCFLOW_LOG_FORMAT", global = true)]
     log_format: logs::Format,
+    /// Threads for decoding, merging and writing (default: the cores this process may use,
+    /// which follows `taskset` and a container's CPU limit). One run uses them all.
+    #[arg(long, env = "CDCFLOW_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -341,7 +345,7 @@ pub fn main() -> ExitCode {
         _ => "cdcflow=debug",
     };
     logs::init(cli.log_format, filter);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let runtime = crate::threads::runtime(cli.threads.map(usize::from));
     match runtime.block_on(execute(cli.command)) {
         Ok(code) => code,
         Err(err @ Error::LeaseHeld { .. }) => {

@@ -21,7 +21,7 @@ struct Field {
     escaped_quotes: bool,
 }
 
-/// What [`Records::next`] found.
+/// What [`RecordReader::next`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
     /// A record starting on this line.
@@ -34,7 +34,7 @@ enum Next {
 
 /// Reads records from a buffer, counting physical lines.
 #[derive(Clone)]
-struct Records<'a> {
+struct RecordReader<'a> {
     data: &'a [u8],
     pos: usize,
     line: u64,
@@ -43,9 +43,9 @@ struct Records<'a> {
     last: bool,
 }
 
-impl<'a> Records<'a> {
+impl<'a> RecordReader<'a> {
     fn new(data: &'a [u8], delimiter: u8, line: u64, last: bool) -> Self {
-        Records {
+        RecordReader {
             data,
             pos: 0,
             line,
@@ -217,14 +217,134 @@ pub(crate) fn decode_reader(
     chunk_bytes: usize,
     emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
 ) -> Result<()> {
-    let mut decoder = CsvDecoder {
-        key,
-        spec,
-        cdc,
-        slots: None,
-        line: 1,
-        row: 0,
-    };
+    let mut decoder = CsvDecoder::new(key, spec, cdc);
+    read_chunks(key, reader, chunk_bytes, &mut |data, last| {
+        let (batch, consumed) = decoder.chunk(data, last)?;
+        if batch.num_rows() > 0 {
+            emit(batch)?;
+        }
+        Ok(consumed)
+    })
+}
+
+/// A piece of a CSV object cut by [`split_reader`]: rows decoded already, or
+/// whole records to decode on any thread.
+pub(crate) enum Piece {
+    /// Decoded rows, the first of them the object's row `first_row` (0-based).
+    Rows { batch: RecordBatch, first_row: u64 },
+    /// Records to decode (see [`Records::decode`]).
+    Records(Records),
+}
+
+impl Piece {
+    /// The object's row (0-based) this piece starts at.
+    pub(crate) fn first_row(&self) -> u64 {
+        match self {
+            Piece::Rows { first_row, .. } => *first_row,
+            Piece::Records(records) => records.row,
+        }
+    }
+}
+
+/// Whole records of a CSV object, with where they start in it and how the
+/// object's first records settled its columns.
+pub(crate) struct Records {
+    key: String,
+    spec: std::sync::Arc<DecodeSpec>,
+    cdc: bool,
+    slots: Vec<Slot>,
+    data: Vec<u8>,
+    line: u64,
+    row: u64,
+}
+
+impl Records {
+    /// The records' rows: the same as [`decode_reader`] gives for them, and
+    /// errors that name the object's line and row.
+    pub(crate) fn decode(self) -> Result<RecordBatch> {
+        let mut decoder = CsvDecoder {
+            key: &self.key,
+            spec: &self.spec,
+            cdc: self.cdc,
+            slots: Some(self.slots),
+            line: self.line,
+            row: self.row,
+        };
+        Ok(decoder.chunk(&self.data, true)?.0)
+    }
+}
+
+/// Cuts a CSV object from `reader` into pieces of whole records of about
+/// `chunk_bytes`, for decoding on several threads: the first records (which
+/// settle the header and whether full-load rows carry `Op`) are decoded
+/// here, the rest handed on as [`Records`] numbered by line and row. Finding
+/// where records end reads them as [`decode_reader`] does, so the pieces
+/// hold exactly its rows, and malformed quoting is an error here.
+pub(crate) fn split_reader(
+    key: &str,
+    reader: &mut dyn std::io::Read,
+    cdc: bool,
+    spec: &std::sync::Arc<DecodeSpec>,
+    chunk_bytes: usize,
+    emit: &mut dyn FnMut(Piece) -> Result<()>,
+) -> Result<()> {
+    let mut decoder = CsvDecoder::new(key, spec, cdc);
+    read_chunks(key, reader, chunk_bytes, &mut |data, last| {
+        let first_row = decoder.row;
+        let Some(slots) = decoder.slots.clone() else {
+            let (batch, consumed) = decoder.chunk(data, last)?;
+            if batch.num_rows() > 0 {
+                emit(Piece::Rows { batch, first_row })?;
+            }
+            return Ok(consumed);
+        };
+        let (line, mut fields) = (decoder.line, Vec::new());
+        let mut records = RecordReader::new(data, spec.csv.delimiter, line, last);
+        let (mut rows, mut whole, mut ended) = (0, 0, Ok(()));
+        loop {
+            match records.next(&mut fields) {
+                Ok(Next::Record(_)) => (rows, whole) = (rows + 1, records.pos),
+                Ok(Next::End | Next::Incomplete) => break,
+                Err((l, m)) => {
+                    let at = Location {
+                        line: Some(l),
+                        row: Some(first_row + rows + 1),
+                        column: None,
+                    };
+                    // The records before it are handed on first: an error
+                    // in them comes first in the object.
+                    ended = Err(Error::decode(key, at, m));
+                    break;
+                }
+            }
+        }
+        if rows > 0 {
+            emit(Piece::Records(Records {
+                key: key.to_string(),
+                spec: spec.clone(),
+                cdc,
+                slots,
+                data: data[..whole].to_vec(),
+                line,
+                row: first_row,
+            }))?;
+        }
+        ended?;
+        (decoder.line, decoder.row) = (records.line, first_row + rows);
+        Ok(whole)
+    })
+}
+
+/// Reads `reader` into a buffer of about `chunk_bytes` and hands it to
+/// `step` (with whether it holds the rest of the object), which answers how
+/// many bytes it took: whole records. The rest is kept for the next step; a
+/// record longer than a chunk makes the next read longer.
+fn read_chunks(
+    key: &str,
+    reader: &mut dyn std::io::Read,
+    chunk_bytes: usize,
+    step: &mut dyn FnMut(&[u8], bool) -> Result<usize>,
+) -> Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(chunk_bytes * 2);
     let mut want = chunk_bytes;
     loop {
@@ -245,10 +365,7 @@ pub(crate) fn decode_reader(
             filled += n;
         }
         buf.truncate(filled);
-        let (batch, consumed) = decoder.chunk(&buf, eof)?;
-        if batch.num_rows() > 0 {
-            emit(batch)?;
-        }
+        let consumed = step(&buf, eof)?;
         if eof {
             return Ok(());
         }
@@ -274,7 +391,18 @@ struct CsvDecoder<'a> {
     row: u64,
 }
 
-impl CsvDecoder<'_> {
+impl<'a> CsvDecoder<'a> {
+    fn new(key: &'a str, spec: &'a DecodeSpec, cdc: bool) -> Self {
+        CsvDecoder {
+            key,
+            spec,
+            cdc,
+            slots: None,
+            line: 1,
+            row: 0,
+        }
+    }
+
     /// Decodes the complete records at the start of `data` (all of it when
     /// `last`); returns their rows and how many bytes they took.
     fn chunk(&mut self, data: &[u8], last: bool) -> Result<(RecordBatch, usize)> {
@@ -303,7 +431,7 @@ impl CsvDecoder<'_> {
         };
         let last = last && text.len() == data.len();
         let csv = &spec.csv;
-        let mut records = Records::new(text.as_bytes(), csv.delimiter, self.line, last);
+        let mut records = RecordReader::new(text.as_bytes(), csv.delimiter, self.line, last);
         let mut fields = Vec::with_capacity(spec.columns.len() + 3);
         let at_line = |line: u64, row: Option<u64>, column: Option<String>| Location {
             line: Some(line),
@@ -571,7 +699,7 @@ mod tests {
     type Parsed = Vec<Vec<(String, bool)>>;
 
     fn records(text: &str) -> Result<Parsed, (u64, String)> {
-        let mut r = Records::new(text.as_bytes(), b',', 1, true);
+        let mut r = RecordReader::new(text.as_bytes(), b',', 1, true);
         let mut out = Vec::new();
         let mut fields = Vec::new();
         while let Next::Record(_) = r.next(&mut fields)? {

@@ -12,6 +12,8 @@
 pub(crate) mod columns;
 mod csv;
 mod parquet;
+
+pub(crate) use csv::Piece;
 mod text;
 
 use std::io::Read;
@@ -212,19 +214,44 @@ fn decode_stream_chunked(
             chunk_bytes,
             &mut |batch| emit(batch),
         )
-        .map_err(|err| match err {
-            // Under gzip, a read error that is not the transport's is the decompressor's.
-            Error::Io { source, .. }
-                if object.name.compression == Compression::Gzip
-                    && !source
-                        .get_ref()
-                        .is_some_and(|e| e.is::<crate::source::TransportError>()) =>
-            {
-                gzip_error(object, source)
-            }
-            other => other,
-        }),
+        .map_err(|err| csv_error(object, err)),
     }
+}
+
+/// A CSV read error: under gzip, a read error that is not the transport's is
+/// the decompressor's.
+fn csv_error(object: &SourceObject, err: Error) -> Error {
+    match err {
+        Error::Io { source, .. }
+            if object.name.compression == Compression::Gzip
+                && !source
+                    .get_ref()
+                    .is_some_and(|e| e.is::<crate::source::TransportError>()) =>
+        {
+            gzip_error(object, source)
+        }
+        other => other,
+    }
+}
+
+/// Cuts a CSV object (also gzipped) read from `reader` into pieces to decode
+/// on several threads, in order (see [`csv::split_reader`]): each piece's
+/// rows are those [`decode_stream`] gives for its records.
+pub(crate) fn split_csv_stream(
+    object: &SourceObject,
+    reader: Box<dyn Read + Send + '_>,
+    spec: &Arc<DecodeSpec>,
+    emit: &mut dyn FnMut(csv::Piece) -> Result<()>,
+) -> Result<()> {
+    let cdc = matches!(object.name.order, ObjectOrder::Cdc(_));
+    let mut reader = match object.name.compression {
+        Compression::None => reader,
+        Compression::Gzip => gzip_reader(object, reader),
+    };
+    guard(&object.key, || {
+        csv::split_reader(&object.key, &mut reader, cdc, spec, csv::CHUNK_BYTES, emit)
+            .map_err(|err| csv_error(object, err))
+    })
 }
 
 /// Decodes one object's bytes into one batch (see the module contract).
@@ -328,6 +355,78 @@ mod tests {
             let n = self.0.read(buf)?;
             self.1.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
             Ok(n)
+        }
+    }
+
+    /// The pieces of `text` cut `chunk` bytes at a time, decoded last piece
+    /// first, then put back in order, as the pipeline does: the first error
+    /// in the object's order wins (a split error comes after every piece cut
+    /// before it). Each piece's first row must be where it starts.
+    fn split_and_decode(text: &str, chunk: usize) -> Result<Vec<RecordBatch>> {
+        let o = object("s/t/20240501-000000000.csv");
+        let mut pieces = Vec::new();
+        let split = csv::split_reader(
+            &o.key,
+            &mut std::io::Cursor::new(text.as_bytes()),
+            true,
+            &Arc::new(spec()),
+            chunk,
+            &mut |piece| {
+                pieces.push(piece);
+                Ok(())
+            },
+        );
+        let mut decoded = Vec::new();
+        for piece in pieces.into_iter().rev() {
+            let first_row = piece.first_row();
+            decoded.push(match piece {
+                csv::Piece::Rows { batch, .. } => Ok((first_row, batch)),
+                csv::Piece::Records(records) => records.decode().map(|b| (first_row, b)),
+            });
+        }
+        decoded.reverse();
+        let mut decoded = decoded.into_iter().collect::<Result<Vec<_>>>()?;
+        split?;
+        decoded.retain(|(_, batch)| batch.num_rows() > 0);
+        let mut expected_first = 0;
+        for (first_row, batch) in &decoded {
+            assert_eq!(*first_row, expected_first, "chunk size {chunk}");
+            expected_first += batch.num_rows() as u64;
+        }
+        Ok(decoded.into_iter().map(|(_, batch)| batch).collect())
+    }
+
+    #[test]
+    fn pieces_decoded_on_any_thread_give_the_rows_of_one_pass() {
+        let text = "Op,id,v\r\nI,1,\"a,\"\"b\"\"\nc\"\r\nU,2,ünï\nD,3,\r\nI,44,\"\"\nU,5,x\nU,6,\"y\ny\"\n";
+        let o = object("s/t/20240501-000000000.csv");
+        let whole = decode_chunked(&o, Bytes::from(text), &spec(), 1 << 20).unwrap();
+        assert_eq!(whole.num_rows(), 6);
+        for chunk in 1..text.len() {
+            let pieces = split_and_decode(text, chunk).unwrap();
+            let joined = arrow::compute::concat_batches(&spec().output_schema(), &pieces).unwrap();
+            assert_eq!(joined, whole, "chunk size {chunk}");
+        }
+        // errors name the object's line and row, in whichever piece they are
+        let bad = "Op,id,v\nI,1,\"x\ny\"\nI,2,z\nI,zz,w\nI,3,\"open\n";
+        for chunk in 1..bad.len() {
+            let err = split_and_decode(bad, chunk).unwrap_err().to_string();
+            assert!(
+                err.contains("line 5, row 3, column \"id\""),
+                "chunk {chunk}: {err}"
+            );
+        }
+        // a quote inside an unquoted field: no piece holds a part of its record
+        let stray = "Op,id,v\nI,1,a\nI,2,b\"c\nI,3,d\n";
+        for chunk in 1..stray.len() {
+            let err = split_and_decode(stray, chunk).unwrap_err().to_string();
+            assert!(err.contains("line 3, row 2"), "chunk {chunk}: {err}");
+        }
+        let unclosed = "Op,id,v\nI,1,a\nI,2,b\nI,3,\"open\n";
+        for chunk in 1..unclosed.len() {
+            let err = split_and_decode(unclosed, chunk).unwrap_err().to_string();
+            assert!(err.contains("line 4"), "chunk {chunk}: {err}");
+            assert!(err.contains("never closed"), "chunk {chunk}: {err}");
         }
     }
 

@@ -11,7 +11,8 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
 use super::Runner;
-use crate::decode::{self, DecodeSpec};
+use crate::config::Format;
+use crate::decode::{self, DecodeSpec, Piece};
 use crate::error::{Error, Result};
 use crate::merge::Merger;
 use crate::source::{SourceObject, StreamReader};
@@ -19,8 +20,11 @@ use crate::source::{SourceObject, StreamReader};
 /// Objects up to this size are read whole and decoded several at a time;
 /// larger ones are streamed, one at a time.
 const WHOLE_OBJECT_BYTES: u64 = 8 << 20;
-/// Small objects decoded at once.
-const DECODE_PARALLELISM: usize = 4;
+/// Small objects decoded at once: one per thread, and at least two, so one
+/// object is fetched while another decodes.
+fn decode_parallelism() -> usize {
+    crate::threads::count().max(2)
+}
 
 type RowSender = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
 
@@ -77,7 +81,7 @@ pub(super) fn produce_history(
                     let job = job.clone();
                     async move { (i, job.whole(object).await) }
                 })
-                .buffered(DECODE_PARALLELISM);
+                .buffered(decode_parallelism());
             while let Some((i, result)) = decoded.next().await {
                 match result {
                     Ok(batches) => {
@@ -228,17 +232,70 @@ impl Decoding {
     async fn stream(&self, object: SourceObject, tx: &RowSender) -> Result<()> {
         let opened = self.source.open(&object.key).await?;
         self.check_etag(&object, &opened.etag)?;
+        let reader = Box::new(StreamReader::new(opened.stream));
+        if object.name.format != Format::Parquet {
+            return self.stream_csv(object, reader, tx).await;
+        }
         let tx = tx.clone();
-        self.decode(
-            object,
-            Box::new(StreamReader::new(opened.stream)),
-            move |batch| {
-                tx.blocking_send(Ok(batch))
-                    .map_err(|_| Error::Usage("the warehouse stopped reading the batch".into()))
-            },
-        )
+        self.decode(object, reader, move |batch| {
+            tx.blocking_send(Ok(batch)).map_err(|_| stopped_reading())
+        })
         .await
     }
+
+    /// A large CSV object: cut into pieces of whole records on one thread,
+    /// each piece decoded into history rows on a thread of its own, several
+    /// at once, and handed on in order. Memory holds a few pieces per thread.
+    async fn stream_csv(
+        &self,
+        object: SourceObject,
+        reader: Box<dyn std::io::Read + Send>,
+        tx: &RowSender,
+    ) -> Result<()> {
+        let threads = decode_parallelism();
+        let (pieces, mut received) = tokio::sync::mpsc::channel::<Piece>(threads);
+        let split = {
+            let (object, spec) = (object.clone(), Arc::new(self.spec.clone()));
+            tokio::task::spawn_blocking(move || {
+                decode::split_csv_stream(&object, reader, &spec, &mut |piece| {
+                    pieces.blocking_send(piece).map_err(|_| stopped_reading())
+                })
+            })
+        };
+        let pieces = futures::stream::poll_fn(move |cx| received.poll_recv(cx));
+        let mut rows = pieces
+            .map(|piece| {
+                let (job, object) = (self.clone(), object.clone());
+                async move {
+                    let key = object.key.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let first_row = piece.first_row() as usize;
+                        let batch = match piece {
+                            Piece::Rows { batch, .. } => batch,
+                            Piece::Records(records) => records.decode()?,
+                        };
+                        job.merger
+                            .history_chunk(&object, &batch, first_row, job.ingested_at)
+                    })
+                    .await
+                    .unwrap_or_else(|join| Err(panicked(&key, join)))
+                }
+            })
+            .buffered(threads);
+        while let Some(history) = rows.next().await {
+            if tx.send(Ok(history?)).await.is_err() {
+                return Err(stopped_reading());
+            }
+        }
+        // Every piece was decoded: the object ended, or the split failed at a later record.
+        split
+            .await
+            .unwrap_or_else(|join| Err(panicked(&object.key, join)))
+    }
+}
+
+fn stopped_reading() -> Error {
+    Error::Usage("the warehouse stopped reading the batch".into())
 }
 
 #[cfg(test)]

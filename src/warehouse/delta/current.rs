@@ -81,14 +81,19 @@ impl DeltaWarehouse {
         ctx: &SessionContext,
     ) -> Result<()> {
         let name = req.table.target.as_str();
-        let state = req.merger.current_state(ctx, LATEST).await?;
-        // Query output may use other encodings (string views): cast to the table's types.
-        let plan = state
+        let rows = req
+            .merger
+            .current_state(ctx, LATEST)
+            .await?
+            // Query output may use other encodings (string views): cast to the table's types.
             .select(cast_to(&req.merger.current_schema()))
             .map_err(|e| Error::query("current_rebuild.sql", e))?
-            .into_unoptimized_plan();
-        overwrite_current(table, plan, req.merger)
-            .with_commit_properties(Self::commit(app, req))
+            .execute_stream()
+            .await
+            .map_err(|e| Error::query("current_rebuild.sql", e))?;
+        let properties =
+            writer_properties(&req.merger.current_schema(), &req.merger.meta.change_seq);
+        files::overwrite(&table, rows, properties, Self::commit(app, req))
             .await
             .map_err(|e| {
                 Error::warehouse(
@@ -96,8 +101,7 @@ impl DeltaWarehouse {
                     format!("writing current state for batch {}", req.batch.number),
                     e,
                 )
-            })?;
-        Ok(())
+            })
     }
 
     /// Rewrites the current table `name` as it reads (deletion vectors
@@ -111,15 +115,20 @@ impl DeltaWarehouse {
         name: &str,
         merger: &Merger,
     ) -> Result<()> {
-        let plan = self.scan(&table, name).await?.into_unoptimized_plan();
+        let rows = self
+            .scan(&table, name)
+            .await?
+            .execute_stream()
+            .await
+            .map_err(|e| Error::query(format!("reading {name}"), e))?;
         tracing::info!(
             table = name,
             "rewriting the current table without its deleted rows"
         );
-        overwrite_current(table, plan, merger)
+        let properties = writer_properties(&merger.current_schema(), &merger.meta.change_seq);
+        files::overwrite(&table, rows, properties, CommitProperties::default())
             .await
-            .map_err(|e| Error::warehouse(name, "compacting", e))?;
-        Ok(())
+            .map_err(|e| Error::warehouse(name, "compacting", e))
     }
 
     /// `table` (`name`) as it reads now (deletion vectors applied).

@@ -33,7 +33,7 @@ use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Remove, StorageType};
 use deltalake::logstore::parquet_reader::ParquetObjectReader;
 use deltalake::protocol::DeltaOperation;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
@@ -188,7 +188,7 @@ pub(super) async fn apply(
         .map_err(|e| Error::query("filtering the latest changes", e.into()))?;
     if let Some(first) = fresh.first() {
         register_latest(ctx, first.schema(), fresh)?;
-        let mut rows = merger
+        let rows = merger
             .current_state(ctx, LATEST)
             .await?
             .select(cast_to(&merger.current_schema()))
@@ -196,24 +196,11 @@ pub(super) async fn apply(
             .execute_stream()
             .await
             .map_err(|e| Error::query("current_rebuild.sql", e))?;
-        let mut writer = RecordBatchWriter::for_table(&table)
-            .map_err(|e| fail("writing new rows", e))?
-            .with_writer_properties(writer_properties(
-                &merger.current_schema(),
-                &merger.meta.change_seq,
-            ));
-        while let Some(chunk) = rows.next().await {
-            let chunk = chunk.map_err(|e| Error::query("current_rebuild.sql", e))?;
-            writer
-                .write(chunk)
-                .await
-                .map_err(|e| fail("writing new rows", e))?;
-        }
-        let adds = writer
-            .flush()
+        let properties = writer_properties(&merger.current_schema(), &merger.meta.change_seq);
+        let added = super::files::write(&table, rows, properties)
             .await
             .map_err(|e| fail("writing new rows", e))?;
-        actions.extend(adds.into_iter().map(Action::Add));
+        actions.extend(added);
     }
     let snapshot = table
         .snapshot()

@@ -8,6 +8,7 @@
 
 mod current;
 mod deletion_vectors;
+mod files;
 mod ledger;
 mod log_store;
 
@@ -38,12 +39,15 @@ use current::{cast_to, collect_latest, latest_of, register_latest};
 /// A DataFusion session whose memory is bounded by `limit` bytes: sorts
 /// spill to the temp dir, every operator gets a fair share of the pool, and
 /// an eighth is set aside for merging spilled runs (which cannot spill).
+/// Its plans run in a partition per thread ([`crate::threads`]).
 fn session(limit: usize) -> SessionContext {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(FairSpillPool::new(limit)))
         .build_arc()
         .expect("a memory-limited runtime");
-    let config = SessionConfig::new().with_sort_spill_reservation_bytes(limit / 8);
+    let config = SessionConfig::new()
+        .with_sort_spill_reservation_bytes(limit / 8)
+        .with_target_partitions(crate::threads::count());
     SessionContext::new_with_config_rt(config, runtime)
 }
 
@@ -123,6 +127,33 @@ impl PartitionStream for OneShot {
             .take()
             .expect("the batch's rows are read once")
     }
+}
+
+/// Creates `table` with `schema` and no rows, in a commit that records no batch.
+async fn create_empty(
+    table: DeltaTable,
+    name: &str,
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<DeltaTable> {
+    table
+        .write(vec![arrow::array::RecordBatch::new_empty(schema)])
+        .with_save_mode(SaveMode::Append)
+        .await
+        .map_err(|e| Error::warehouse(name, "creating the table", e))
+}
+
+/// Whether `table` has exactly the columns (names and types, in order) of `schema`.
+fn same_columns(table: &DeltaTable, schema: &arrow::datatypes::Schema) -> Result<bool> {
+    let state = table
+        .snapshot()
+        .map_err(|e| Error::warehouse(table.table_url().as_str(), "reading the snapshot", e))?;
+    let columns = state.snapshot().arrow_schema();
+    Ok(columns.fields().len() == schema.fields().len()
+        && columns
+            .fields()
+            .iter()
+            .zip(schema.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type()))
 }
 
 /// Where a warehouse's Delta tables are.
@@ -275,6 +306,24 @@ impl DeltaWarehouse {
         })?;
         let collector = Arc::new(std::sync::Mutex::new(Some(LatestChanges::new(req.merger)?)));
         let stream = collect_latest(stream, collector.clone());
+        let properties =
+            writer_properties(&req.merger.history_schema(), &req.merger.meta.change_seq);
+        let replace = req.batch.mode == BatchMode::Replace && table_exists;
+        let table = match table_exists {
+            true => table,
+            false => create_empty(table, &name, req.merger.history_schema()).await?,
+        };
+        if !replace && same_columns(&table, &req.merger.history_schema())? {
+            // The usual batch: appended by a writer per thread, in one commit.
+            files::append(&table, stream, properties, Self::commit(app, req))
+                .await
+                .map_err(|e| {
+                    Error::warehouse(&name, format!("writing batch {}", req.batch.number), e)
+                })?;
+            let collected = collector.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return Ok(collected);
+        }
+        // A backfill replacing its objects' rows, or a batch with new columns.
         let source = StreamingTable::try_new(
             req.merger.history_schema(),
             vec![Arc::new(OneShot::new(stream))],
@@ -290,12 +339,9 @@ impl DeltaWarehouse {
             .with_save_mode(SaveMode::Append)
             // A column new to the table (schema evolution) is added to it.
             .with_schema_mode(SchemaMode::Merge)
-            .with_writer_properties(writer_properties(
-                &req.merger.history_schema(),
-                &req.merger.meta.change_seq,
-            ))
+            .with_writer_properties(properties)
             .with_commit_properties(Self::commit(app, req));
-        if req.batch.mode == BatchMode::Replace && table_exists {
+        if replace {
             let predicate = format!(
                 "{} IN ({})",
                 sql::ident(&req.merger.meta.source_file),
