@@ -1,6 +1,11 @@
 """The benchmark job in a peer engine: DMS files -> history and current as Parquet.
 
     peers.py {duckdb|polars} {csv|parquet} DATA_DIR OUT_DIR
+    peers.py pipeline DATA_DIR WAREHOUSE_DIR > pipeline.toml   (cdcflow's pipeline for the data)
+
+The tables are DATA_DIR/tables.json when the data has one (scripts/bench/shape.py),
+else those of `cdcflow synth`. Threads: BENCH_THREADS (DuckDB's `threads`);
+Polars reads POLARS_MAX_THREADS.
 
 For each table: read the objects in DMS order (LOAD files by number, then CDC
 files by the time in their name) with the file name and row number, number
@@ -9,11 +14,12 @@ take the last change per key, drop deleted keys, and write the rest to
 <OUT>/<table>.parquet. The same job cdcflow does, in the engine's own idiom.
 """
 
+import json
 import os
 import re
 import sys
 
-TABLES = {
+SYNTH = {
     "orders": {
         "key": ["id"],
         "columns": [
@@ -37,6 +43,45 @@ TABLES = {
         ],
     },
 }
+
+
+# Where cdcflow declares a type of its own: synth writes created_at with a time zone.
+SYNTH_CDCFLOW_TYPES = {("orders", "created_at"): "timestamptz"}
+
+
+def tables(data_dir):
+    """{table: {"key": [...], "columns": [(name, SQL type), ...]}} of a dataset."""
+    spec = os.path.join(data_dir, "tables.json")
+    if not os.path.exists(spec):
+        return SYNTH
+    with open(spec) as f:
+        return {t: {"key": s["key"], "columns": [tuple(c) for c in s["columns"]]} for t, s in json.load(f).items()}
+
+
+def pipeline(data_dir, warehouse):
+    """A cdcflow pipeline file over the dataset, every table declared."""
+    kinds = {"BIGINT": "bigint", "INTEGER": "integer", "VARCHAR": "text", "TIMESTAMP": "timestamp"}
+    lines = [
+        'name = "bench"',
+        "[source]",
+        f'url = "file://{data_dir}"',
+        'timestamp_column = "dms_timestamp"',
+        "[state]",
+        f'url = "sqlite://{warehouse}.state.db"',
+        "[warehouse]",
+        'kind = "local"',
+        f'path = "{warehouse}"',
+    ]
+    for table, spec in tables(data_dir).items():
+        columns = ", ".join(
+            f'{{ name = "{c}", type = "{SYNTH_CDCFLOW_TYPES.get((table, c)) or kinds.get(t, t.lower())}" }}'
+            for c, t in spec["columns"]
+        )
+        key = ", ".join(f'"{k}"' for k in spec["key"])
+        lines += ["[[tables]]", 'schema = "public"', f'name = "{table}"', f"primary_key = [{key}]",
+                  f"columns = [{columns}]"]
+    print("\n".join(lines))
+
 
 LOAD = re.compile(r"LOAD(\d{8})\.")
 CDC = re.compile(r"(\d{8}-\d{9})\.")
@@ -63,7 +108,9 @@ def run_duckdb(fmt, data_dir, out_dir):
 
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = true")
-    for table, spec in TABLES.items():
+    if threads := os.environ.get("BENCH_THREADS"):
+        con.execute(f"SET threads = {int(threads)}")
+    for table, spec in tables(data_dir).items():
         cols = spec["columns"]
         key = ", ".join(spec["key"])
         names = ", ".join(c for c, _ in cols)
@@ -107,15 +154,13 @@ def run_duckdb(fmt, data_dir, out_dir):
 def run_polars(fmt, data_dir, out_dir):
     import polars as pl
 
-    types = {
-        "BIGINT": pl.Int64,
-        "INTEGER": pl.Int32,
-        "VARCHAR": pl.Utf8,
-        "DECIMAL(12,2)": pl.Decimal(12, 2),
-        "DECIMAL(10,2)": pl.Decimal(10, 2),
-        "TIMESTAMP": pl.Utf8,  # parsed after the read, as DMS writes text
-    }
-    for table, spec in TABLES.items():
+    def polars_type(sql):
+        if sql.startswith("DECIMAL("):
+            return pl.Decimal(*map(int, sql[8:-1].split(",")))
+        # TIMESTAMP is parsed after the read, as DMS writes text.
+        return {"BIGINT": pl.Int64, "INTEGER": pl.Int32, "VARCHAR": pl.Utf8, "TIMESTAMP": pl.Utf8}[sql]
+
+    for table, spec in tables(data_dir).items():
         cols = spec["columns"]
         names = [c for c, _ in cols]
         frames = []
@@ -125,7 +170,7 @@ def run_polars(fmt, data_dir, out_dir):
             if fmt == "csv":
                 schema = {"op": pl.Utf8} if cdc else {}
                 schema["ts"] = pl.Utf8
-                schema.update({c: types[t] for c, t in cols})
+                schema.update({c: polars_type(t) for c, t in cols})
                 lf = pl.scan_csv(
                     files,
                     has_header=False,
@@ -168,6 +213,9 @@ def run_polars(fmt, data_dir, out_dir):
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "pipeline":
+        pipeline(*sys.argv[2:4])
+        sys.exit(0)
     engine, fmt, data_dir, out_dir = sys.argv[1:5]
     os.makedirs(out_dir, exist_ok=True)
     {"duckdb": run_duckdb, "polars": run_polars}[engine](fmt, data_dir, out_dir)

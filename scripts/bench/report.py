@@ -22,35 +22,36 @@ import sys
 
 import duckdb
 
-TABLES = {
-    "orders": {
-        "ints": ["id"],
-        "decimals": ["amount"],
-        "texts": ["customer", "status", "note"],
-        "times": ["created_at"],
-    },
-    "order_items": {
-        "ints": ["order_id", "line_no", "qty"],
-        "decimals": ["price"],
-        "texts": ["sku"],
-        "times": ["updated_at"],
-    },
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import tables  # noqa: E402  (the datasets' tables, shared with the peers)
+
+ENGINES = ("cdcflow", "duckdb", "polars")
+SHAPES = {
+    "synth": "`cdcflow synth`: orders (6 columns, hot keys, bursts across objects, delete and re-insert) and\n"
+    "order_items (two-column key); headerless CSV (a third of the CDC objects gzipped) or Parquet.",
+    "wide": "scripts/bench/shape.py, a generator cdcflow does not share: accounts (14 columns, text of up to\n"
+    "2,000 characters with commas, quotes and line breaks, no hot keys) and ledger_lines (three-column\n"
+    "key, mostly inserts); small objects and one of about 1 GiB (CSV) in the middle of accounts' changes.",
 }
 
 
-def fingerprint_sql(table, source, history, dialect):
-    spec = TABLES[table]
+def fingerprint_sql(spec, source, history, dialect):
+    """Row count, op counts and sums over every column of a table, by column type."""
     # Integer division is `//` in DuckDB and `/` on integers in DataFusion.
     if dialect == "duckdb":
         micros, div = (lambda c: f"epoch_us({c})"), "//"
     else:
         micros, div = (lambda c: f"CAST({c} AS BIGINT)"), "/"
     parts = ["count(*) AS n"]
-    parts += [f"sum({c}) AS s_{c}" for c in spec["ints"]]
-    parts += [f"sum(CAST({c} * 100 AS BIGINT)) AS s_{c}" for c in spec["decimals"]]
-    for c in spec["texts"]:
-        parts += [f"count({c}) AS c_{c}", f"sum(length({c})) AS l_{c}"]
-    for c in spec["times"] + ["commit_ts"]:
+    for c, t in spec["columns"]:
+        if t in ("BIGINT", "INTEGER"):
+            parts.append(f"sum({c}) AS s_{c}")
+        elif t.startswith("DECIMAL("):
+            scale = int(t[8:-1].split(",")[1])
+            parts.append(f"sum(CAST({c} * {10 ** scale} AS BIGINT)) AS s_{c}")
+        elif t == "VARCHAR":
+            parts += [f"count({c}) AS c_{c}", f"sum(length({c})) AS l_{c}"]
+    for c in [c for c, t in spec["columns"] if t == "TIMESTAMP"] + ["commit_ts"]:
         parts += [
             f"sum({micros(c)} {div} 1000000) AS s_{c}",
             f"sum({micros(c)} % 1000000) AS f_{c}",
@@ -60,12 +61,12 @@ def fingerprint_sql(table, source, history, dialect):
     return f"SELECT {', '.join(parts)} FROM {source}"
 
 
-def cdcflow_fingerprints(binary, pipeline):
+def cdcflow_fingerprints(binary, pipeline, specs):
     out = {}
-    for table in TABLES:
+    for table, spec in specs.items():
         for history in (False, True):
             name = f"{table}_history" if history else table
-            sql = fingerprint_sql(table, name, history, "datafusion")
+            sql = fingerprint_sql(spec, name, history, "datafusion")
             text = subprocess.run(
                 [binary, "query", "-p", pipeline, "-f", "json", sql],
                 check=True,
@@ -76,33 +77,46 @@ def cdcflow_fingerprints(binary, pipeline):
     return out
 
 
-def peer_fingerprints(directory):
+def peer_fingerprints(directory, specs):
     con = duckdb.connect()
     out = {}
-    for table in TABLES:
+    for table, spec in specs.items():
         for history in (False, True):
             name = f"{table}_history" if history else table
             source = f"read_parquet('{directory}/{name}.parquet')"
-            row = con.execute(fingerprint_sql(table, source, history, "duckdb")).fetchone()
+            row = con.execute(fingerprint_sql(spec, source, history, "duckdb")).fetchone()
             cols = [d[0] for d in con.description]
             out[name] = {k: str(int(v)) for k, v in zip(cols, row)}
     return out
 
 
+def data_dir(out_dir, shape, fmt):
+    return os.path.join(out_dir, f"data-{shape}-{fmt}")
+
+
+def run_of(runs, engine, shape, fmt, cores):
+    return next(r for r in runs if (r["engine"], r["shape"], r["format"], r["cores"]) == (engine, shape, fmt, cores))
+
+
 def delta_check(runs, out_dir):
+    """cdcflow's current tables of the synth shape (its run on the most cores, which
+    the extra objects went into) read by deltalake, against DuckDB's of the same run."""
     import deltalake
     import polars
 
     problems = []
-    for fmt in sorted({r["format"] for r in runs if r["engine"] == "cdcflow"}):
-        expected = peer_fingerprints(os.path.join(out_dir, f"duckdb-{fmt}"))
+    for fmt in sorted({r["format"] for r in runs if r["engine"] == "cdcflow" and r["shape"] == "synth"}):
+        cores = max(r["cores"] for r in runs if r["engine"] == "cdcflow" and r["shape"] == "synth")
+        specs = tables(data_dir(out_dir, "synth", fmt))
+        expected = peer_fingerprints(run_of(runs, "duckdb", "synth", fmt, cores)["output"], specs)
+        warehouse = run_of(runs, "cdcflow", "synth", fmt, cores)["output"][: -len(".toml")]
         con = duckdb.connect()
-        for table in TABLES:
+        for table, spec in specs.items():
             # polars.read_delta reads through deltalake; DuckDB computes the fingerprint.
             copy = os.path.join(out_dir, f"delta-read-{fmt}-{table}.parquet")
-            polars.read_delta(os.path.join(out_dir, f"cdcflow-{fmt}", table)).write_parquet(copy)
+            polars.read_delta(os.path.join(warehouse, table)).write_parquet(copy)
             source = f"read_parquet('{copy}')"
-            row = con.execute(fingerprint_sql(table, source, False, "duckdb")).fetchone()
+            row = con.execute(fingerprint_sql(spec, source, False, "duckdb")).fetchone()
             os.remove(copy)
             cols = [d[0] for d in con.description]
             got = {k: str(int(v)) for k, v in zip(cols, row)}
@@ -131,10 +145,11 @@ def main():
     runs = []
     with open(results_tsv) as f:
         for line in f:
-            engine, fmt, changes, seconds, rss, output = line.rstrip("\n").split("\t")
+            engine, fmt, changes, seconds, rss, output, *rest = line.rstrip("\n").split("\t")
+            shape, cores = rest if rest else ("synth", str(os.cpu_count()))
             runs.append(
                 dict(engine=engine, format=fmt, changes=int(changes), seconds=float(seconds),
-                     rss_mib=int(rss) / 1024, output=output)
+                     rss_mib=int(rss) / 1024, output=output, shape=shape, cores=int(cores))
             )
 
     if action == "write":
@@ -143,22 +158,22 @@ def main():
     if action == "delta":
         delta_check(runs, out_dir)
         return
-    # Every engine's tables must hold the same rows (per format, full runs only).
+    # Every engine's tables must hold the same rows (per shape and format, every core count).
     problems = []
-    for fmt in sorted({r["format"] for r in runs if r["engine"] == "cdcflow"}):
-        full = [r for r in runs if r["format"] == fmt and r["engine"] in ("cdcflow", "duckdb", "polars")]
-        prints = {}
-        for r in full:
+    for shape, fmt in sorted({(r["shape"], r["format"]) for r in runs if r["engine"] == "cdcflow"}):
+        specs = tables(data_dir(out_dir, shape, fmt))
+        full = [r for r in runs if (r["shape"], r["format"]) == (shape, fmt) and r["engine"] in ENGINES]
+        reference = None
+        for r in sorted(full, key=lambda r: r["engine"] != "cdcflow"):
+            label = f"{shape} {fmt}: {r['engine']} on {r['cores']} cores"
             if r["engine"] == "cdcflow":
-                prints[r["engine"]] = cdcflow_fingerprints(binary, r["output"])
+                fp = cdcflow_fingerprints(binary, r["output"], specs)
             else:
-                prints[r["engine"]] = peer_fingerprints(r["output"])
-        reference = prints.get("cdcflow")
-        for engine, fp in prints.items():
-            if fp != reference:
-                for name in fp:
-                    if fp[name] != reference[name]:
-                        problems.append(f"{fmt}: {engine} {name} {fp[name]} != cdcflow {reference[name]}")
+                fp = peer_fingerprints(r["output"], specs)
+            reference = reference or (label, fp)
+            for name in fp:
+                if fp[name] != reference[1][name]:
+                    problems.append(f"{label} {name} {fp[name]} != {reference[0]} {reference[1][name]}")
     if problems:
         print("OUTPUTS DIFFER:\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
@@ -179,34 +194,60 @@ def write(runs, binary, out_dir, bench_md):
         "DuckDB and Polars write Parquet. All outputs were checked to hold the same rows (row counts, op counts",
         "and sums over every column) before this file was written.",
         "",
+        "Each engine runs pinned to N cores (`taskset`) and told so: cdcflow `--threads N`, DuckDB",
+        "`SET threads = N`, Polars `POLARS_MAX_THREADS=N`. `time / fastest peer` compares with the faster of",
+        "DuckDB and Polars on the same cores.",
+        "",
         f"* machine: {machine()}",
         f"* versions: {version} (git {rev}, release build), DuckDB {duckdb.__version__}, Polars {polars.__version__}",
         "* time is wall clock of the whole process (start-up included); peak RSS from /usr/bin/time",
         "",
     ]
-    sizes = {}
-    for r in runs:
-        sizes.setdefault((r["format"], r["changes"]), r)
-    for fmt in sorted({r["format"] for r in runs if r["engine"] == "cdcflow"}):
-        full = [r for r in runs if r["format"] == fmt and r["engine"] in ("cdcflow", "duckdb", "polars")]
+    keys = sorted({(r["shape"], r["format"]) for r in runs if r["engine"] == "cdcflow" and r["shape"] in SHAPES},
+                  key=lambda k: (k[0] != "synth", k))
+    all_cores = sorted({r["cores"] for r in runs if r["engine"] == "cdcflow" and r["shape"] in SHAPES})
+    lines += [
+        "## cdcflow's time / the fastest peer's, by cores",
+        "",
+        "| shape | format | " + " | ".join(f"{c} core{'s' if c > 1 else ''}" for c in all_cores) + " |",
+        "|---|---|" + "---:|" * len(all_cores),
+    ]
+    for shape, fmt in keys:
+        cells = []
+        for cores in all_cores:
+            here = [r for r in runs if (r["shape"], r["format"], r["cores"]) == (shape, fmt, cores)
+                    and r["engine"] in ENGINES]
+            ours = [r for r in here if r["engine"] == "cdcflow"]
+            peers = [r for r in here if r["engine"] != "cdcflow"]
+            cells.append(f"{ours[0]['seconds'] / min(p['seconds'] for p in peers):.2f}" if ours and peers else "–")
+        lines.append(f"| {shape} | {fmt} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for shape, fmt in keys:
+        full = [r for r in runs if (r["shape"], r["format"]) == (shape, fmt) and r["engine"] in ENGINES]
         changes = full[0]["changes"]
-        data = os.path.join(out_dir, f"data-{fmt}")
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(data) for f in fs)
-        files = sum(len(fs) for _, _, fs in os.walk(data))
-        peers = [r for r in full if r["engine"] != "cdcflow"]
-        fastest = min(peers, key=lambda r: r["seconds"])
+        data = data_dir(out_dir, shape, fmt)
+        sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(data) for f in fs
+                 if f.endswith(("." + fmt, "." + fmt + ".gz"))]
+        specs = tables(data)
         lines += [
-            f"## {fmt.upper()}: {changes:,} changes in {files:,} objects ({size / 2**20:,.0f} MiB), two tables",
+            f"## {shape} shape, {fmt.upper()}: {changes:,} changes in {len(sizes):,} objects "
+            f"({sum(sizes) / 2**20:,.0f} MiB, the largest {max(sizes) / 2**20:,.0f} MiB), "
+            f"tables {', '.join(specs)}",
             "",
-            "| engine | seconds | changes/s | peak RSS (MiB) | time / fastest peer |",
-            "|---|---:|---:|---:|---:|",
+            SHAPES[shape],
+            "",
+            "| cores | engine | seconds | changes/s | peak RSS (MiB) | time / fastest peer |",
+            "|---:|---|---:|---:|---:|---:|",
         ]
-        for r in full:
-            ratio = r["seconds"] / fastest["seconds"]
-            lines.append(
-                f"| {r['engine']} | {r['seconds']:.2f} | {changes / r['seconds']:,.0f} | "
-                f"{r['rss_mib']:,.0f} | {ratio:.2f} |"
-            )
+        for cores in sorted({r["cores"] for r in full}):
+            here = [r for r in full if r["cores"] == cores]
+            fastest = min((r for r in here if r["engine"] != "cdcflow"), key=lambda r: r["seconds"])
+            for r in sorted(here, key=lambda r: ENGINES.index(r["engine"])):
+                ratio = r["seconds"] / fastest["seconds"]
+                lines.append(
+                    f"| {cores} | {r['engine']} | {r['seconds']:.2f} | {changes / r['seconds']:,.0f} | "
+                    f"{r['rss_mib']:,.0f} | {ratio:.2f} |"
+                )
         lines.append("")
     for fmt, peer, title, how in [
         ("pgoutput", "pg_recvlogical", "PostgreSQL (pgoutput, 1000 rows per transaction)",
