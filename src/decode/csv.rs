@@ -8,7 +8,7 @@
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
 
 use super::columns::ColumnBuilder;
-use super::{DecodeSpec, Op};
+use super::{DecodeSpec, Op, Piece};
 use crate::config::UTC;
 use crate::error::{Error, Location, Result};
 
@@ -227,25 +227,6 @@ pub(crate) fn decode_reader(
     })
 }
 
-/// A piece of a CSV object cut by [`split_reader`]: rows decoded already, or
-/// whole records to decode on any thread.
-pub(crate) enum Piece {
-    /// Decoded rows, the first of them the object's row `first_row` (0-based).
-    Rows { batch: RecordBatch, first_row: u64 },
-    /// Records to decode (see [`Records::decode`]).
-    Records(Records),
-}
-
-impl Piece {
-    /// The object's row (0-based) this piece starts at.
-    pub(crate) fn first_row(&self) -> u64 {
-        match self {
-            Piece::Rows { first_row, .. } => *first_row,
-            Piece::Records(records) => records.row,
-        }
-    }
-}
-
 /// Whole records of a CSV object, with where they start in it and how the
 /// object's first records settled its columns.
 pub(crate) struct Records {
@@ -255,7 +236,8 @@ pub(crate) struct Records {
     slots: Vec<Slot>,
     data: Vec<u8>,
     line: u64,
-    row: u64,
+    /// The object's row (0-based) the records start at.
+    pub(crate) row: u64,
 }
 
 impl Records {

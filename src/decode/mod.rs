@@ -12,8 +12,6 @@
 pub(crate) mod columns;
 mod csv;
 mod parquet;
-
-pub(crate) use csv::Piece;
 mod text;
 
 use std::io::Read;
@@ -234,23 +232,68 @@ fn csv_error(object: &SourceObject, err: Error) -> Error {
     }
 }
 
-/// Cuts a CSV object (also gzipped) read from `reader` into pieces to decode
-/// on several threads, in order (see [`csv::split_reader`]): each piece's
-/// rows are those [`decode_stream`] gives for its records.
-pub(crate) fn split_csv_stream(
+/// Bytes of rows (uncompressed) in one piece of a Parquet object.
+const PIECE_BYTES: usize = 8 << 20;
+
+/// A piece of a large object, cut by [`split_stream`]: rows decoded
+/// already, or rows to decode on any thread.
+pub(crate) enum Piece {
+    /// Decoded rows, the first of them the object's row `first_row` (0-based).
+    Rows { batch: RecordBatch, first_row: u64 },
+    /// Whole records of a CSV object.
+    Records(csv::Records),
+    /// Rows of a row group of a Parquet object.
+    RowRange(parquet::RowRange),
+}
+
+impl Piece {
+    /// The object's row (0-based) this piece starts at.
+    pub(crate) fn first_row(&self) -> u64 {
+        match self {
+            Piece::Rows { first_row, .. } => *first_row,
+            Piece::Records(records) => records.row,
+            Piece::RowRange(range) => range.first_row,
+        }
+    }
+
+    /// The piece's rows, in order: those [`decode_stream`] gives for them,
+    /// with errors that name the object's line or row.
+    pub(crate) fn decode(self) -> Result<Vec<RecordBatch>> {
+        match self {
+            Piece::Rows { batch, .. } => Ok(vec![batch]),
+            Piece::Records(records) => Ok(vec![records.decode()?]),
+            Piece::RowRange(range) => range.decode(),
+        }
+    }
+}
+
+/// Cuts an object read from `reader` into pieces to decode on several
+/// threads, handed to `emit` in order: a CSV object (also gzipped) at record
+/// ends ([`csv::split_reader`]), a Parquet object (spooled to a temporary
+/// file, since its footer is at the end) into ranges of its row groups.
+pub(crate) fn split_stream(
     object: &SourceObject,
     reader: Box<dyn Read + Send + '_>,
     spec: &Arc<DecodeSpec>,
-    emit: &mut dyn FnMut(csv::Piece) -> Result<()>,
+    emit: &mut dyn FnMut(Piece) -> Result<()>,
 ) -> Result<()> {
     let cdc = matches!(object.name.order, ObjectOrder::Cdc(_));
     let mut reader = match object.name.compression {
         Compression::None => reader,
         Compression::Gzip => gzip_reader(object, reader),
     };
-    guard(&object.key, || {
-        csv::split_reader(&object.key, &mut reader, cdc, spec, csv::CHUNK_BYTES, emit)
-            .map_err(|err| csv_error(object, err))
+    guard(&object.key, || match object.name.format {
+        Format::Parquet => {
+            let mut file = tempfile::NamedTempFile::new().map_err(|e| {
+                Error::io("creating a spool file", std::env::temp_dir().display(), e)
+            })?;
+            std::io::copy(&mut reader, &mut file)
+                .map_err(|e| Error::io("reading the object", &object.key, e))?;
+            let file = Arc::new(file.into_temp_path());
+            parquet::split_file(&object.key, file, cdc, spec, PIECE_BYTES, emit)
+        }
+        _ => csv::split_reader(&object.key, &mut reader, cdc, spec, csv::CHUNK_BYTES, emit)
+            .map_err(|err| csv_error(object, err)),
     })
 }
 
@@ -379,10 +422,7 @@ mod tests {
         let mut decoded = Vec::new();
         for piece in pieces.into_iter().rev() {
             let first_row = piece.first_row();
-            decoded.push(match piece {
-                csv::Piece::Rows { batch, .. } => Ok((first_row, batch)),
-                csv::Piece::Records(records) => records.decode().map(|b| (first_row, b)),
-            });
+            decoded.push(piece.decode().map(|mut b| (first_row, b.remove(0))));
         }
         decoded.reverse();
         let mut decoded = decoded.into_iter().collect::<Result<Vec<_>>>()?;
@@ -428,6 +468,85 @@ mod tests {
             assert!(err.contains("line 4"), "chunk {chunk}: {err}");
             assert!(err.contains("never closed"), "chunk {chunk}: {err}");
         }
+    }
+
+    /// A Parquet object of `rows` rows in row groups of 1,500, its `bad`th
+    /// row's `Op` invalid, spooled to a temporary file.
+    fn spooled_parquet(rows: usize, bad: Option<usize>) -> Arc<tempfile::TempPath> {
+        use arrow::array::{ArrayRef, Int64Array, StringArray};
+        let column = |f: &dyn Fn(usize) -> String| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values((0..rows).map(f)))
+        };
+        let batch = RecordBatch::try_from_iter([
+            (
+                "Op",
+                column(&|i| if bad == Some(i + 1) { "X" } else { "U" }.to_string()),
+            ),
+            (
+                "id",
+                Arc::new(Int64Array::from_iter_values(0..rows as i64)) as ArrayRef,
+            ),
+            ("v", column(&|i| format!("value {i}"))),
+        ])
+        .unwrap();
+        let props = ::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(1500))
+            .build();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let mut writer =
+            ::parquet::arrow::ArrowWriter::try_new(&mut file, batch.schema(), Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        Arc::new(file.into_temp_path())
+    }
+
+    #[test]
+    fn parquet_ranges_decoded_on_any_thread_give_the_rows_of_one_pass() {
+        let key = "s/t/20240501-000000000.parquet";
+        let file = spooled_parquet(5000, None);
+        let mut whole = Vec::new();
+        let reader = std::fs::File::open(&*file).unwrap();
+        parquet::decode_batches(key, reader, true, &spec(), &mut |b| {
+            whole.push(b);
+            Ok(())
+        })
+        .unwrap();
+        let whole = arrow::compute::concat_batches(&spec().output_schema(), &whole).unwrap();
+        let ranges = |file: &Arc<tempfile::TempPath>| {
+            let mut pieces = Vec::new();
+            // 1 byte a piece: the fewest rows a range holds (1,024), so groups split.
+            parquet::split_file(key, file.clone(), true, &Arc::new(spec()), 1, &mut |p| {
+                pieces.push(p);
+                Ok(())
+            })
+            .unwrap();
+            pieces
+        };
+        let pieces = ranges(&file);
+        assert!(pieces.len() > 4, "{} ranges", pieces.len());
+        let mut decoded: Vec<_> = pieces
+            .into_iter()
+            .rev()
+            .map(|p| (p.first_row(), p.decode().unwrap()))
+            .collect();
+        decoded.reverse();
+        let mut next = 0;
+        for (first_row, batches) in &decoded {
+            assert_eq!(*first_row, next);
+            next += batches.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+        }
+        let batches: Vec<_> = decoded.into_iter().flat_map(|(_, b)| b).collect();
+        let joined = arrow::compute::concat_batches(&spec().output_schema(), &batches).unwrap();
+        assert_eq!(joined, whole);
+        // an error names the object's row, in whichever range it is
+        let bad = spooled_parquet(5000, Some(4321));
+        let errors: Vec<_> = ranges(&bad)
+            .into_iter()
+            .filter_map(|p| p.decode().err())
+            .collect();
+        assert_eq!(errors.len(), 1);
+        let err = errors[0].to_string();
+        assert!(err.contains("row 4321, column \"Op\""), "{err}");
     }
 
     #[test]

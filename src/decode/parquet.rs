@@ -8,11 +8,11 @@ use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Schema, TimeUnit};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use bytes::Bytes;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::file::reader::ChunkReader;
 
 use super::columns::ColumnBuilder;
-use super::{DecodeSpec, Op};
+use super::{DecodeSpec, Op, Piece};
 use crate::config::{Column, SqlType, UTC};
 use crate::error::{Error, Location, Result};
 
@@ -47,25 +47,117 @@ pub(crate) fn decode_batches<R: ChunkReader + 'static>(
     let mut first_row = 0u64;
     for batch in reader {
         let batch = batch.map_err(|e| corrupt(key, e))?;
-        let rows = batch.num_rows() as u64;
-        let decoded = decode(key, &batch, cdc, spec).map_err(|err| match err {
-            // Rows are numbered within the object, not within this batch.
+        emit(decode_at(key, &batch, cdc, spec, first_row)?)?;
+        first_row += batch.num_rows() as u64;
+    }
+    Ok(())
+}
+
+/// [`decode`] of rows that start at the object's row `first_row` (0-based):
+/// errors number rows within the object, not within the batch.
+fn decode_at(
+    key: &str,
+    batch: &RecordBatch,
+    cdc: bool,
+    spec: &DecodeSpec,
+    first_row: u64,
+) -> Result<RecordBatch> {
+    decode(key, batch, cdc, spec).map_err(|err| match err {
+        Error::Decode {
+            object,
+            mut location,
+            message,
+        } => {
+            location.row = location.row.map(|r| r + first_row);
             Error::Decode {
                 object,
-                mut location,
+                location,
                 message,
-            } => {
-                location.row = location.row.map(|r| r + first_row);
-                Error::Decode {
-                    object,
-                    location,
-                    message,
-                }
             }
-            other => other,
-        })?;
-        emit(decoded)?;
-        first_row += rows;
+        }
+        other => other,
+    })
+}
+
+/// Rows of one row group of a spooled Parquet object, to decode on any thread.
+pub(crate) struct RowRange {
+    key: String,
+    file: Arc<tempfile::TempPath>,
+    spec: Arc<DecodeSpec>,
+    cdc: bool,
+    group: usize,
+    /// Rows of the group before the range, and in it.
+    skip: usize,
+    take: usize,
+    /// The object's row (0-based) the range starts at.
+    pub(crate) first_row: u64,
+}
+
+impl RowRange {
+    /// The range's rows, [`BATCH_ROWS`] at a time: those [`decode_batches`]
+    /// gives for them, with errors that name the object's row.
+    pub(crate) fn decode(self) -> Result<Vec<RecordBatch>> {
+        let key = self.key.as_str();
+        let file = std::fs::File::open(&*self.file)
+            .map_err(|e| Error::io("reading the spooled object", key, e))?;
+        let selection = RowSelection::from(vec![
+            RowSelector::skip(self.skip),
+            RowSelector::select(self.take),
+        ]);
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| corrupt(key, e))?
+            .with_row_groups(vec![self.group])
+            .with_row_selection(selection)
+            .with_batch_size(BATCH_ROWS)
+            .build()
+            .map_err(|e| corrupt(key, e))?;
+        let mut first_row = self.first_row;
+        let mut decoded = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| corrupt(key, e))?;
+            decoded.push(decode_at(key, &batch, self.cdc, &self.spec, first_row)?);
+            first_row += batch.num_rows() as u64;
+        }
+        Ok(decoded)
+    }
+}
+
+/// Cuts the Parquet object spooled to `file` into ranges of rows of about
+/// `piece_bytes` of uncompressed data each (by its row groups' sizes), in
+/// order, for decoding on several threads.
+pub(crate) fn split_file(
+    key: &str,
+    file: Arc<tempfile::TempPath>,
+    cdc: bool,
+    spec: &Arc<DecodeSpec>,
+    piece_bytes: usize,
+    emit: &mut dyn FnMut(Piece) -> Result<()>,
+) -> Result<()> {
+    let handle =
+        std::fs::File::open(&*file).map_err(|e| Error::io("reading the spooled object", key, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| corrupt(key, e))?;
+    let mut first_row = 0u64;
+    for (group, meta) in builder.metadata().row_groups().iter().enumerate() {
+        let rows = usize::try_from(meta.num_rows()).map_err(|e| corrupt(key, e))?;
+        let bytes = u128::try_from(meta.total_byte_size().max(1)).map_err(|e| corrupt(key, e))?;
+        let per_piece =
+            (piece_bytes as u128 * rows as u128 / bytes).clamp(1024, BATCH_ROWS as u128);
+        let mut skip = 0;
+        while skip < rows {
+            let take = (per_piece as usize).min(rows - skip);
+            emit(Piece::RowRange(RowRange {
+                key: key.to_string(),
+                file: file.clone(),
+                spec: spec.clone(),
+                cdc,
+                group,
+                skip,
+                take,
+                first_row,
+            }))?;
+            skip += take;
+            first_row += take as u64;
+        }
     }
     Ok(())
 }

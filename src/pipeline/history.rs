@@ -1,7 +1,8 @@
 //! A batch's objects decoded into one stream of history rows, in change
-//! order: small objects read whole and decoded in parallel, large ones
-//! streamed; the stream ends in an error unless every planned object was
-//! decoded (nothing of a batch is loaded silently short).
+//! order: small objects read whole and decoded one per thread, large ones
+//! streamed and cut into pieces decoded several at once; the stream ends in
+//! an error unless every planned object was decoded (nothing of a batch is
+//! loaded silently short).
 
 use std::sync::Arc;
 
@@ -11,7 +12,6 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
 use super::Runner;
-use crate::config::Format;
 use crate::decode::{self, DecodeSpec, Piece};
 use crate::error::{Error, Result};
 use crate::merge::Merger;
@@ -30,9 +30,10 @@ type RowSender = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch
 
 /// Streams the history rows of `objects`, in order. Runs of small objects
 /// are read whole and decoded in parallel (DMS writes many small CDC files);
-/// a large object is read as a byte stream and decoded chunk by chunk, so
-/// memory holds a few chunks, not the object. The first failure (with the
-/// index of its object) is left in `failure` and ends the stream.
+/// a large object is read as a byte stream and decoded piece by piece,
+/// several pieces at once, so memory holds a few pieces, not the object. The
+/// first failure (with the index of its object) is left in `failure` and
+/// ends the stream.
 pub(super) fn produce_history(
     runner: &Runner,
     objects: Vec<SourceObject>,
@@ -228,36 +229,20 @@ impl Decoding {
         Ok(rows)
     }
 
-    /// A large object: streamed into `tx` chunk by chunk.
+    /// A large object: read as a stream and cut into pieces (whole CSV
+    /// records, ranges of Parquet rows), each decoded into history rows on a
+    /// thread of its own, several at once, and handed on in order. Memory
+    /// holds a few pieces per thread.
     async fn stream(&self, object: SourceObject, tx: &RowSender) -> Result<()> {
         let opened = self.source.open(&object.key).await?;
         self.check_etag(&object, &opened.etag)?;
         let reader = Box::new(StreamReader::new(opened.stream));
-        if object.name.format != Format::Parquet {
-            return self.stream_csv(object, reader, tx).await;
-        }
-        let tx = tx.clone();
-        self.decode(object, reader, move |batch| {
-            tx.blocking_send(Ok(batch)).map_err(|_| stopped_reading())
-        })
-        .await
-    }
-
-    /// A large CSV object: cut into pieces of whole records on one thread,
-    /// each piece decoded into history rows on a thread of its own, several
-    /// at once, and handed on in order. Memory holds a few pieces per thread.
-    async fn stream_csv(
-        &self,
-        object: SourceObject,
-        reader: Box<dyn std::io::Read + Send>,
-        tx: &RowSender,
-    ) -> Result<()> {
         let threads = decode_parallelism();
         let (pieces, mut received) = tokio::sync::mpsc::channel::<Piece>(threads);
         let split = {
             let (object, spec) = (object.clone(), Arc::new(self.spec.clone()));
             tokio::task::spawn_blocking(move || {
-                decode::split_csv_stream(&object, reader, &spec, &mut |piece| {
+                decode::split_stream(&object, reader, &spec, &mut |piece| {
                     pieces.blocking_send(piece).map_err(|_| stopped_reading())
                 })
             })
@@ -269,13 +254,18 @@ impl Decoding {
                 async move {
                     let key = object.key.clone();
                     tokio::task::spawn_blocking(move || {
-                        let first_row = piece.first_row() as usize;
-                        let batch = match piece {
-                            Piece::Rows { batch, .. } => batch,
-                            Piece::Records(records) => records.decode()?,
-                        };
-                        job.merger
-                            .history_chunk(&object, &batch, first_row, job.ingested_at)
+                        let mut first_row = piece.first_row() as usize;
+                        let mut history = Vec::new();
+                        for batch in piece.decode()? {
+                            history.push(job.merger.history_chunk(
+                                &object,
+                                &batch,
+                                first_row,
+                                job.ingested_at,
+                            )?);
+                            first_row += batch.num_rows();
+                        }
+                        Ok(history)
                     })
                     .await
                     .unwrap_or_else(|join| Err(panicked(&key, join)))
@@ -283,11 +273,13 @@ impl Decoding {
             })
             .buffered(threads);
         while let Some(history) = rows.next().await {
-            if tx.send(Ok(history?)).await.is_err() {
-                return Err(stopped_reading());
+            for batch in history? {
+                if tx.send(Ok(batch)).await.is_err() {
+                    return Err(stopped_reading());
+                }
             }
         }
-        // Every piece was decoded: the object ended, or the split failed at a later record.
+        // Every piece was decoded: the object ended, or the split failed after them.
         split
             .await
             .unwrap_or_else(|join| Err(panicked(&object.key, join)))
