@@ -21,13 +21,7 @@ impl DeltaWarehouse {
             return Ok(());
         }
         if table.version().is_none() {
-            table = table
-                .write(vec![arrow::array::RecordBatch::new_empty(
-                    req.merger.current_schema(),
-                )])
-                .with_save_mode(SaveMode::Append)
-                .await
-                .map_err(|e| Error::warehouse(&name, "creating the table", e))?;
+            table = create_empty(table, &name, req.merger.current_schema()).await?;
         }
         let table = self.add_current_columns(table, &name, req.merger).await?;
         let table = if self.deletion_vectors {

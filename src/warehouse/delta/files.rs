@@ -174,9 +174,10 @@ async fn fill(
     writer.close().await
 }
 
-/// `chunk` with the table's field names, nullability and types (a scan
-/// yields string views where the table stores strings); a value the table's
-/// type cannot hold is an error, never a null.
+/// `chunk` with the table's columns, found by name, in the table's order,
+/// with its nullability and types (a scan yields string views where the
+/// table stores strings; a column added to the table comes last there); a
+/// value the table's type cannot hold is an error, never a null.
 fn conform(
     schema: &arrow::datatypes::SchemaRef,
     chunk: arrow::array::RecordBatch,
@@ -188,13 +189,18 @@ fn conform(
     let columns = schema
         .fields()
         .iter()
-        .zip(chunk.columns())
-        .map(
-            |(field, column)| match column.data_type() == field.data_type() {
-                true => Ok(column.clone()),
-                false => arrow::compute::cast_with_options(column, field.data_type(), &options),
-            },
-        )
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|field| {
+            let column = chunk.column_by_name(field.name()).ok_or_else(|| {
+                DeltaTableError::Generic(format!(
+                    "the rows lack the table's column {:?}",
+                    field.name()
+                ))
+            })?;
+            Ok(match column.data_type() == field.data_type() {
+                true => column.clone(),
+                false => arrow::compute::cast_with_options(column, field.data_type(), &options)?,
+            })
+        })
+        .collect::<DeltaResult<Vec<_>>>()?;
     Ok(arrow::array::RecordBatch::try_new(schema.clone(), columns)?)
 }
