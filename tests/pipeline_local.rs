@@ -344,16 +344,21 @@ fn files_added_by_batch(ws: &Workspace, table: &str, batch: i64) -> usize {
         .count()
 }
 
-/// `--threads N`: a batch's rows are encoded into Parquet by N writers at
-/// once (delta-rs drains a write through one), and each batch still lands
-/// once, in one commit: at 1 and at 4 threads the tables equal the replay of
-/// the generated changes, and at 4 the commit of orders' first batch added
-/// files of several writers.
+/// `--threads N`: a batch's rows are encoded into Parquet by up to N writers
+/// at once (delta-rs drains a write through one), a further writer for each
+/// 64k rows, and each batch still lands once, in one commit: the tables equal
+/// the replay of the generated changes, orders' first batch (about 100k
+/// rows) is one file at 1 thread and several at 4, and a small batch is one
+/// file at 4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_written_by_a_writer_per_thread_in_one_commit() {
-    for (threads, several) in [("1", false), ("4", true)] {
+    for (threads, changes, several) in [
+        ("1", 200_000, false),
+        ("4", 200_000, true),
+        ("4", 20_000, false),
+    ] {
         let ws = Workspace::new();
-        let data = ws.synth(20_000, 11);
+        let data = ws.synth(changes, 11);
         ws.publish_all();
         ws.write_pipeline(1000, false);
         let out = ws.cdcflow(
@@ -365,7 +370,7 @@ async fn a_batch_is_written_by_a_writer_per_thread_in_one_commit() {
         let files = files_added_by_batch(&ws, "orders_history", 1);
         match several {
             true => assert!(files >= 2, "{threads} threads wrote {files} file(s)"),
-            false => assert_eq!(files, 1, "one thread writes one file"),
+            false => assert_eq!(files, 1, "{threads} thread(s), {changes} changes: one file"),
         }
     }
     let ws = Workspace::new();

@@ -28,6 +28,10 @@ use futures::StreamExt;
 /// however many write at once.
 const BUFFERED_ROWS: usize = 1 << 20;
 
+/// Rows taken before each further writer starts: a small batch is one file,
+/// not a file per thread.
+const ROWS_PER_WRITER: u64 = 1 << 16;
+
 /// Appends `rows` (of `table`'s schema) to `table` in one commit with `commit`'s
 /// properties (the batch's application transaction and ledger entry).
 pub(super) async fn append(
@@ -105,20 +109,30 @@ pub(super) async fn write(
         stats.num_indexed_cols,
         stats.stats_columns,
     );
-    let rows = Arc::new(tokio::sync::Mutex::new(rows));
-    let failed = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        rows: tokio::sync::Mutex::new(rows.fuse()),
+        taken: tokio::sync::watch::channel(0).0,
+        failed: AtomicBool::new(false),
+        schema,
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..writers {
+    for i in 0..writers {
         let writer = DeltaWriter::new(table.object_store(), config.clone());
-        let (rows, failed, schema) = (rows.clone(), failed.clone(), schema.clone());
+        let shared = shared.clone();
         tasks.spawn(async move {
-            let written = fill(writer, &rows, &failed, schema).await;
+            // Writer i starts once the others took i × ROWS_PER_WRITER rows.
+            let start = i as u64 * ROWS_PER_WRITER;
+            let _ = shared.taken.subscribe().wait_for(|&n| n >= start).await;
+            let written = shared.fill(writer).await;
             if written.is_err() {
-                failed.store(true, Ordering::SeqCst);
+                shared.failed.store(true, Ordering::SeqCst);
             }
+            // The rows ended or a writer failed: the writers still waiting stop.
+            shared.taken.send_replace(u64::MAX);
             written
         });
     }
+    let failed = &shared.failed;
     let mut actions = Vec::new();
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
@@ -141,37 +155,48 @@ pub(super) async fn write(
     }
 }
 
-/// One writer: takes chunks until the rows end (then closes its files) or
-/// any writer failed (then abandons them).
-async fn fill(
-    mut writer: DeltaWriter,
-    rows: &tokio::sync::Mutex<SendableRecordBatchStream>,
-    failed: &AtomicBool,
+/// What the writers of one write share.
+struct Shared {
+    /// Fused: each writer asks for more rows after they ended.
+    rows: tokio::sync::Mutex<futures::stream::Fuse<SendableRecordBatchStream>>,
+    /// Rows taken so far (`u64::MAX` once they ended or a writer failed).
+    taken: tokio::sync::watch::Sender<u64>,
+    failed: AtomicBool,
     schema: arrow::datatypes::SchemaRef,
-) -> DeltaResult<Vec<deltalake::kernel::Add>> {
-    loop {
-        let next = match failed.load(Ordering::SeqCst) {
-            true => None,
-            false => rows.lock().await.next().await,
-        };
-        let Some(chunk) = next else { break };
-        let written = match chunk
-            .map_err(DeltaTableError::from)
-            .and_then(|c| conform(&schema, c))
-        {
-            Ok(chunk) => writer.write(&chunk).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
-            let _ = writer.abort().await;
-            return Err(e);
+}
+
+impl Shared {
+    /// One writer: takes chunks until the rows end (then closes its files)
+    /// or any writer failed (then abandons them).
+    async fn fill(&self, mut writer: DeltaWriter) -> DeltaResult<Vec<deltalake::kernel::Add>> {
+        loop {
+            let next = match self.failed.load(Ordering::SeqCst) {
+                true => None,
+                false => self.rows.lock().await.next().await,
+            };
+            let Some(chunk) = next else { break };
+            let written = match chunk
+                .map_err(DeltaTableError::from)
+                .and_then(|c| conform(&self.schema, c))
+            {
+                Ok(chunk) => {
+                    let rows = chunk.num_rows() as u64;
+                    self.taken.send_modify(|n| *n = n.saturating_add(rows));
+                    writer.write(&chunk).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
         }
+        if self.failed.load(Ordering::SeqCst) {
+            let _ = writer.abort().await;
+            return Ok(Vec::new());
+        }
+        writer.close().await
     }
-    if failed.load(Ordering::SeqCst) {
-        let _ = writer.abort().await;
-        return Ok(Vec::new());
-    }
-    writer.close().await
 }
 
 /// `chunk` with the table's columns, found by name, in the table's order,
