@@ -39,11 +39,13 @@ case " $PARTS " in
   *" capture "*) grep -vP '\t(pgoutput|binlog)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
 esac
 
-# measure NAME FORMAT CHANGES OUTPUT CMD...: wall seconds and peak RSS of CMD, appended to results.tsv.
+# measure NAME FORMAT CHANGES OUTPUT CMD...: wall seconds and peak RSS of CMD, appended to results.tsv
+# (with $shape and $cores); CMD's output is left in $LAST_LOG.
 measure() {
   local name=$1 fmt=$2 changes=$3 output=$4; shift 4
   sync
   local log="$OUT/${name//[^a-z0-9]/_}-${shape:-synth}-$fmt-${cores:-$(nproc)}.log"
+  LAST_LOG=$log
   /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" >"$log" 2>&1 || {
     echo "bench: $name ($fmt) failed; see $log" >&2; tail -20 "$log" >&2; exit 1; }
   read -r secs rss <"$OUT/time.txt"

@@ -45,8 +45,8 @@ measure "cdcflow capture" pgoutput "$CAPTURE_ROWS" "$OUT/capture/objects" \
 # Both must have read every change.
 got=$("$BIN" capture --config "$OUT/capture/capture.toml" --status | grep -c 'last object' || true)
 [ "$got" -ge 1 ] || { echo "bench: cdcflow capture wrote no objects" >&2; exit 1; }
-grep -q "captured $CAPTURE_ROWS changes" "$OUT/cdcflow_capture-pgoutput.log" || {
-  echo "bench: cdcflow capture did not capture $CAPTURE_ROWS changes; see $OUT/cdcflow_capture-pgoutput.log" >&2; exit 1; }
+grep -q "captured $CAPTURE_ROWS changes" "$LAST_LOG" || {
+  echo "bench: cdcflow capture did not capture $CAPTURE_ROWS changes; see $LAST_LOG" >&2; exit 1; }
 "${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('bench_recv', 'bench_cdcflow')" >/dev/null
 
 # MariaDB: the same CAPTURE_ROWS changes in the row binlog, read by mariadb-binlog (decoding the
@@ -86,5 +86,5 @@ measure mariadb-binlog binlog "$CAPTURE_ROWS" /dev/null \
   --base64-output=DECODE-ROWS -v --start-position="$MY_POS" --to-last-log "$MY_FILE" --result-file=/dev/null
 measure "cdcflow capture" binlog "$CAPTURE_ROWS" "$OUT/capture/mariadb-objects" \
   "$BIN" capture --config "$OUT/capture/mariadb.toml" --once
-grep -q "captured $CAPTURE_ROWS changes" "$OUT/cdcflow_capture-binlog.log" || {
-  echo "bench: cdcflow capture did not capture $CAPTURE_ROWS binlog changes; see $OUT/cdcflow_capture-binlog.log" >&2; exit 1; }
+grep -q "captured $CAPTURE_ROWS changes" "$LAST_LOG" || {
+  echo "bench: cdcflow capture did not capture $CAPTURE_ROWS binlog changes; see $LAST_LOG" >&2; exit 1; }
