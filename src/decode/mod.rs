@@ -189,19 +189,12 @@ fn decode_stream_chunked(
     emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
 ) -> Result<()> {
     let cdc = matches!(object.name.order, ObjectOrder::Cdc(_));
-    let mut reader = match object.name.compression {
-        Compression::None => reader,
-        Compression::Gzip => gzip_reader(object, reader),
-    };
+    let mut reader = uncompressed(object, reader);
     match object.name.format {
         Format::Parquet => {
             // The footer is at the end: the stream is spooled to a temporary
             // file, then read a row group at a time, so memory stays flat.
-            let mut file = tempfile::tempfile().map_err(|e| {
-                Error::io("creating a spool file", std::env::temp_dir().display(), e)
-            })?;
-            std::io::copy(&mut reader, &mut file)
-                .map_err(|e| Error::io("reading the object", &object.key, e))?;
+            let file = spool(object, &mut reader)?.into_file();
             parquet::decode_batches(&object.key, file, cdc, spec, emit)
         }
         _ => csv::decode_reader(
@@ -214,6 +207,26 @@ fn decode_stream_chunked(
         )
         .map_err(|err| csv_error(object, err)),
     }
+}
+
+/// `reader` of `object`, decompressed as its name says.
+fn uncompressed<'a>(
+    object: &SourceObject,
+    reader: Box<dyn Read + Send + 'a>,
+) -> Box<dyn Read + Send + 'a> {
+    match object.name.compression {
+        Compression::None => reader,
+        Compression::Gzip => gzip_reader(object, reader),
+    }
+}
+
+/// `reader` of `object` copied into a temporary file (removed when dropped).
+fn spool(object: &SourceObject, reader: &mut dyn Read) -> Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::NamedTempFile::new()
+        .map_err(|e| Error::io("creating a spool file", std::env::temp_dir().display(), e))?;
+    std::io::copy(reader, &mut file)
+        .map_err(|e| Error::io("reading the object", &object.key, e))?;
+    Ok(file)
 }
 
 /// A CSV read error: under gzip, a read error that is not the transport's is
@@ -278,18 +291,10 @@ pub(crate) fn split_stream(
     emit: &mut dyn FnMut(Piece) -> Result<()>,
 ) -> Result<()> {
     let cdc = matches!(object.name.order, ObjectOrder::Cdc(_));
-    let mut reader = match object.name.compression {
-        Compression::None => reader,
-        Compression::Gzip => gzip_reader(object, reader),
-    };
+    let mut reader = uncompressed(object, reader);
     guard(&object.key, || match object.name.format {
         Format::Parquet => {
-            let mut file = tempfile::NamedTempFile::new().map_err(|e| {
-                Error::io("creating a spool file", std::env::temp_dir().display(), e)
-            })?;
-            std::io::copy(&mut reader, &mut file)
-                .map_err(|e| Error::io("reading the object", &object.key, e))?;
-            let file = Arc::new(file.into_temp_path());
+            let file = Arc::new(spool(object, &mut reader)?.into_temp_path());
             parquet::split_file(&object.key, file, cdc, spec, PIECE_BYTES, emit)
         }
         _ => csv::split_reader(&object.key, &mut reader, cdc, spec, csv::CHUNK_BYTES, emit)
