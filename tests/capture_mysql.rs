@@ -907,3 +907,207 @@ async fn serve_reports_the_binlog_lag_and_the_changes_written() {
     drop(served);
     db.drop().await;
 }
+
+/// The rows of every Parquet object of `table` under `dir`, each column
+/// cast to text (the `Op`, timestamp and sequence columns left out), sorted;
+/// and the columns' names and Arrow types.
+fn object_rows(dir: &std::path::Path, table: &str) -> (Vec<String>, Vec<Vec<Option<String>>>) {
+    use arrow::array::{Array, AsArray};
+    let mut fields = vec![];
+    let mut rows = vec![];
+    let mut files: Vec<_> = walk(dir)
+        .into_iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "parquet") && p.to_string_lossy().contains(table)
+        })
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no objects of {table} under {}",
+        dir.display()
+    );
+    for file in files {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&file).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let schema = batch.schema();
+            let kept: Vec<usize> = (0..batch.num_columns())
+                .filter(|i| {
+                    !["Op", "dms_timestamp", "cdc_seq"].contains(&schema.field(*i).name().as_str())
+                })
+                .collect();
+            fields = kept
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} {}",
+                        schema.field(*i).name(),
+                        schema.field(*i).data_type()
+                    )
+                })
+                .collect();
+            let columns: Vec<_> =
+                kept.iter()
+                    .map(|i| {
+                        let column = batch.column(*i);
+                        match column.as_binary_opt::<i32>() {
+                            // Bytes as hex: not every value is UTF-8.
+                            Some(bytes) => std::sync::Arc::new(
+                                bytes
+                                    .iter()
+                                    .map(|b| b.map(hex::encode))
+                                    .collect::<arrow::array::StringArray>(),
+                            ),
+                            None => arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
+                                .unwrap(),
+                        }
+                    })
+                    .collect();
+            for row in 0..batch.num_rows() {
+                rows.push(
+                    columns
+                        .iter()
+                        .map(|c| {
+                            let c = c.as_string::<i32>();
+                            (!c.is_null(row)).then(|| c.value(row).to_string())
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    rows.sort();
+    (fields, rows)
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Every column type MariaDB has, at its edges, read from the binlog (row
+/// images decoded by cdcflow) gives the values the full load reads from the
+/// server's own text, with the same Arrow types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_column_type_read_from_the_binlog_equals_the_servers_own_text() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec(
+        "CREATE TABLE kinds(id int PRIMARY KEY,
+           ti tinyint, tu tinyint unsigned, si smallint, su smallint unsigned,
+           mi mediumint, mu mediumint unsigned, i int, iu int unsigned, bi bigint, bu bigint unsigned,
+           f float, d double,
+           d1 decimal(5,2), d2 decimal(20,10), d3 decimal(38,0), d4 decimal(4,4), d5 decimal(65,30),
+           c char(10), c2 char(200) CHARACTER SET utf8mb4, v varchar(300), v2 varchar(10),
+           t text, mt mediumtext, b blob, vb varbinary(300), bn binary(4),
+           dt date, dtt datetime, dt3 datetime(3), dt6 datetime(6), ts timestamp NULL, ts6 timestamp(6) NULL,
+           tm time(3), y year, bt bit(10), e enum('a','b'), s set('x','y','z'), j json)",
+    )
+    .await;
+    write_id_configs(&ws, &db, "kinds", &["kinds"]);
+    std::fs::write(
+        ws.path("capture.toml"),
+        std::fs::read_to_string(ws.path("capture.toml"))
+            .unwrap()
+            .replace("[source]\n", "[source]\nmode = \"cdc\"\n"),
+    )
+    .unwrap();
+    // CDC only: the first run takes the binlog position, before the rows.
+    ws.capture_once(&[]);
+    let rows = db
+        .exec(
+            "INSERT INTO kinds VALUES
+             (1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
+              -9223372036854775808, 18446744073709551615, 1.5, -2.25e100,
+              -999.99, 1234567890.0123456789, 99999999999999999999999999999999999999, -0.9999,
+              -12345678901234567890123456789012345.123456789012345678901234567890,
+              'abc', REPEAT('ü', 200), REPEAT('x', 300), '',
+              'text, \"quoted\"', REPEAT('m', 70000), x'00ff10', x'', x'01020304',
+              '1000-01-01', '9999-12-31 23:59:59', '2024-02-29 12:34:56.789', '1970-01-01 00:00:00.000001',
+              '2038-01-19 03:14:07', '1970-01-01 00:00:01.5', '-838:59:59.000', 2155, b'1010101010', 'b', 'x,z',
+              '{\"k\": [1, 2.5, null]}'),
+             (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL),
+             (3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', '', '', '', '', '', x'', x'', x'00000000',
+              '2024-05-01', '2024-05-01 00:00:00', '2024-05-01 00:00:00', '2024-05-01 00:00:00',
+              '2024-05-01 00:00:00', '2024-05-01 00:00:00', '00:00:00', 1901, b'0', 'a', '', '[]')",
+        )
+        .await;
+    // Varied values: signs, fractions and lengths across a range.
+    let rows = rows
+        + db.exec(
+            "INSERT INTO kinds(id, ti, si, mi, i, bi, bu, d, d1, d2, d3, d4, d5, v, dt6, ts6, tm)
+             SELECT 100 + n, n - 100, n * -97, n * 40009, n * -1000003, n * -9876543210123,
+               n * 7919, n / -7, (n - 100) / 3, n * -1234.5678901234, n * 1000000007,
+               -n / 1000, n / -3, REPEAT('é', n), TIMESTAMPADD(MICROSECOND, n * 123457, '2001-02-03 04:05:06'),
+               TIMESTAMPADD(SECOND, n * 86399, '1999-12-31 23:00:00.25'), SEC_TO_TIME(n * -3601.5)
+             FROM (SELECT CAST(seq AS SIGNED) AS n FROM seq_1_to_200) s",
+        )
+        .await;
+    let text = ws.capture_once(&[]);
+    assert!(
+        text.contains(&format!("captured {rows} changes")),
+        "{rows}: {text}"
+    );
+    // The same rows, read by a full load from the server's text.
+    std::fs::write(
+        ws.path("load.toml"),
+        std::fs::read_to_string(ws.path("capture.toml"))
+            .unwrap()
+            .replace("mode = \"cdc\"", "mode = \"full-load\"")
+            .replace("name = \"kinds\"", "name = \"kinds-load\"")
+            .replace(
+                &ws.path("objects").display().to_string(),
+                &ws.path("load").display().to_string(),
+            ),
+    )
+    .unwrap();
+    let out = ws.cdcflow(&["capture", "--config", "load.toml", "--once"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    let (load_fields, load_rows) = object_rows(&ws.path("load"), "kinds");
+    let (cdc_fields, cdc_rows) = object_rows(&ws.path("objects"), "kinds");
+    assert_eq!(cdc_fields, load_fields);
+    assert_eq!(load_rows.len(), rows as usize);
+    assert_eq!(cdc_rows.len(), rows as usize);
+    let short = |v: &Option<String>| v.as_ref().map(|v| v.chars().take(60).collect::<String>());
+    let differences: Vec<_> = cdc_rows
+        .iter()
+        .zip(&load_rows)
+        .flat_map(|(cdc, load)| {
+            (0..cdc.len())
+                .filter(|i| cdc[*i] != load[*i])
+                .map(|i| {
+                    (
+                        cdc[0].clone(),
+                        &cdc_fields[i],
+                        short(&cdc[i]),
+                        short(&load[i]),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        differences.is_empty(),
+        "(id, column, from the binlog, from the full load): {:?}",
+        &differences[..differences.len().min(20)]
+    );
+    db.drop().await;
+}

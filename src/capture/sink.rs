@@ -326,7 +326,15 @@ impl Sink {
                 ),
             ));
         }
-        self.last_seq.insert(table.to_string(), seq.to_string());
+        match self.last_seq.get_mut(table) {
+            Some(last) => {
+                last.clear();
+                last.push_str(seq);
+            }
+            None => {
+                self.last_seq.insert(table.to_string(), seq.to_string());
+            }
+        }
         let state = self
             .tables
             .get_mut(table)

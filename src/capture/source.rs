@@ -16,15 +16,92 @@ use crate::error::Result;
 use crate::shutdown::Shutdown;
 
 /// One value of a change or a loaded row, as a source gives it to the sink.
+///
+/// A source gives text where its server does (PostgreSQL, a MySQL full
+/// load), and typed values where it decodes binary ones (the MySQL binlog),
+/// which go into the object's columns without a text round trip. Every
+/// value has one text form, PostgreSQL's ([`Value::write_text`]), used by
+/// CSV objects, masks, and a column whose type takes the value only as text.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
     /// SQL NULL.
     Null,
     /// An unchanged TOAST value the server did not send (PostgreSQL).
     Unchanged,
-    /// The value in PostgreSQL's text output form (MySQL values are turned
-    /// into it), so one set of parsers serves every source.
+    /// The value in PostgreSQL's text output form, so one set of parsers
+    /// serves every source.
     Text(&'a str),
+    /// An integer.
+    Int(i64),
+    /// A double-precision number.
+    Double(f64),
+    /// A decimal number: its digits as an integer, and how many of them
+    /// follow the point.
+    Decimal(i128, u8),
+    /// Microseconds since 1970-01-01 00:00:00: UTC when `true` (a
+    /// `timestamptz`), else wall-clock time (a `timestamp`).
+    Timestamp(i64, bool),
+    /// Days since 1970-01-01.
+    Date(i32),
+    /// Binary data.
+    Bytes(&'a [u8]),
+}
+
+impl Value<'_> {
+    /// Appends the value's text form (PostgreSQL's output) to `out`; NULL
+    /// and an unchanged value append nothing.
+    pub fn write_text(&self, out: &mut String) {
+        use std::fmt::Write;
+        match *self {
+            Value::Null | Value::Unchanged => {}
+            Value::Text(t) => out.push_str(t),
+            Value::Int(i) => write!(out, "{i}").expect("writing to a string"),
+            Value::Double(f) => write!(out, "{f}").expect("writing to a string"),
+            Value::Decimal(digits, scale) => {
+                let text = digits.unsigned_abs().to_string();
+                let scale = usize::from(scale);
+                let text = format!("{text:0>width$}", width = scale + 1);
+                let (int, frac) = text.split_at(text.len() - scale);
+                if digits < 0 {
+                    out.push('-');
+                }
+                out.push_str(int);
+                if scale > 0 {
+                    out.push('.');
+                    out.push_str(frac);
+                }
+            }
+            Value::Timestamp(micros, utc) => {
+                match chrono::DateTime::from_timestamp_micros(micros) {
+                    Some(at) => out.push_str(&crate::capture::writer::timestamp_text(at)),
+                    None => write!(out, "{micros} microseconds").expect("writing to a string"),
+                }
+                if utc {
+                    out.push_str("+00");
+                }
+            }
+            Value::Date(days) => {
+                match chrono::DateTime::from_timestamp(i64::from(days) * 86_400, 0) {
+                    Some(at) => {
+                        write!(out, "{}", at.format("%Y-%m-%d")).expect("writing to a string")
+                    }
+                    None => write!(out, "{days} days").expect("writing to a string"),
+                }
+            }
+            Value::Bytes(b) => {
+                out.push_str("\\x");
+                out.push_str(&hex::encode(b));
+            }
+        }
+    }
+}
+
+/// `values` emptied, its room kept for values of any lifetime (an in-place
+/// collect: nothing is allocated), so that a source reuses one vector for
+/// the values of every row.
+pub(crate) fn emptied<'b>(mut values: Vec<Value<'_>>) -> Vec<Value<'b>> {
+    values.clear();
+    values.into_iter().map(|_| Value::Null).collect()
 }
 
 /// What [`ChangeSource::next_chunk`] found.
@@ -159,4 +236,38 @@ pub async fn drive(
         "capture stopped"
     );
     Ok(loaded + sink.rows())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emptied_values_keep_their_room() {
+        let text = String::from("borrowed");
+        let values = vec![Value::Text(&text); 12];
+        let room = values.capacity();
+        let emptied: Vec<Value<'static>> = emptied(values);
+        assert!(emptied.is_empty());
+        assert_eq!(emptied.capacity(), room, "no new allocation");
+    }
+
+    #[test]
+    fn typed_values_have_postgresqls_text() {
+        let text = |v: Value<'_>| {
+            let mut out = String::new();
+            v.write_text(&mut out);
+            out
+        };
+        assert_eq!(text(Value::Int(-42)), "-42");
+        assert_eq!(text(Value::Double(0.5)), "0.5");
+        assert_eq!(text(Value::Decimal(-5, 2)), "-0.05");
+        assert_eq!(text(Value::Decimal(1234, 0)), "1234");
+        assert_eq!(text(Value::Timestamp(1_500_000, true)), "1970-01-01 00:00:01.500000+00");
+        assert_eq!(text(Value::Timestamp(-1, false)), "1969-12-31 23:59:59.999999");
+        assert_eq!(text(Value::Date(-1)), "1969-12-31");
+        assert_eq!(text(Value::Date(19_782)), "2024-02-29");
+        assert_eq!(text(Value::Bytes(&[0, 255])), "\\x00ff");
+        assert_eq!(text(Value::Null), "");
+    }
 }

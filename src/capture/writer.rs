@@ -21,7 +21,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::mapping::OutputTable;
+use super::mapping::{OutputColumn, OutputTable};
 use super::source::Value;
 use crate::config::UTC;
 use crate::decode::columns::ColumnBuilder;
@@ -198,6 +198,17 @@ pub struct BadValue {
 }
 
 impl BadValue {
+    /// `value` of `column` is not what its type `expected`.
+    fn new(column: &OutputColumn, value: Value<'_>, expected: String) -> BadValue {
+        let mut text = String::new();
+        value.write_text(&mut text);
+        BadValue {
+            column: column.name.clone(),
+            value: text.chars().take(100).collect(),
+            expected,
+        }
+    }
+
     /// The error, for the change or row described by `at`.
     pub fn at(self, at: impl std::fmt::Display) -> Error {
         Error::capture(
@@ -228,6 +239,8 @@ pub struct Buffer {
     bytes: usize,
     /// Sequence of the last row.
     pub last_seq: String,
+    /// A value's text form, while it is appended.
+    text: String,
 }
 
 impl Buffer {
@@ -254,6 +267,7 @@ impl Buffer {
             count: 0,
             bytes: 0,
             last_seq: String::new(),
+            text: String::new(),
         }
     }
 
@@ -290,8 +304,10 @@ impl Buffer {
         seq: &str,
         row: &[Value<'_>],
     ) -> Result<(), BadValue> {
-        let table = &self.table;
-        match &mut self.rows {
+        let Buffer {
+            table, rows, text, ..
+        } = self;
+        match rows {
             Rows::Parquet(rows) => {
                 let ParquetRows {
                     op: ops,
@@ -300,21 +316,25 @@ impl Buffer {
                     columns,
                 } = rows.as_mut();
                 for (builder, col) in columns.iter_mut().zip(&table.columns) {
-                    match row[col.source_index] {
-                        Value::Text(v) => {
-                            self.bytes += v.len();
-                            let res = match &col.mask {
-                                Some(mask) => builder.append_text(&mask.apply(v)),
-                                None => builder.append_text(v),
-                            };
-                            res.map_err(|expected| BadValue {
-                                column: col.name.clone(),
-                                value: v.chars().take(100).collect(),
-                                expected,
-                            })?;
+                    let value = row[col.source_index];
+                    let appended = match (value, &col.mask) {
+                        (Value::Null | Value::Unchanged, _) => {
+                            builder.append_null();
+                            continue;
                         }
-                        Value::Null | Value::Unchanged => builder.append_null(),
-                    }
+                        (value, Some(mask)) => {
+                            text.clear();
+                            value.write_text(text);
+                            builder.append_text(&mask.apply(text))
+                        }
+                        (value, None) => append_value(builder, value, text),
+                    };
+                    appended.map_err(|expected| BadValue::new(col, value, expected))?;
+                    self.bytes += match value {
+                        Value::Text(v) => v.len(),
+                        Value::Bytes(v) => v.len(),
+                        _ => 8,
+                    };
                 }
                 ops.append_value(op.as_str());
                 ts.append_value(commit_micros);
@@ -332,10 +352,16 @@ impl Buffer {
                 out.extend_from_slice(seq.as_bytes());
                 for col in &table.columns {
                     out.push(b',');
-                    if let Value::Text(v) = row[col.source_index] {
-                        match &col.mask {
-                            Some(mask) => csv_field(out, &mask.apply(v)),
-                            None => csv_field(out, v),
+                    match (row[col.source_index], &col.mask) {
+                        (Value::Null | Value::Unchanged, _) => {}
+                        (Value::Text(v), None) => csv_field(out, v),
+                        (value, mask) => {
+                            text.clear();
+                            value.write_text(text);
+                            match mask {
+                                Some(mask) => csv_field(out, &mask.apply(text)),
+                                None => csv_field(out, text),
+                            }
                         }
                     }
                 }
@@ -499,6 +525,42 @@ pub(crate) fn timestamp_text(at: DateTime<Utc>) -> String {
         at.second(),
         at.timestamp_subsec_micros()
     )
+}
+
+/// Appends `value` to `builder`: as it is where the column's type holds it
+/// (an integer into an integer column that fits it, a decimal of the
+/// column's scale and precision, …), else through its text form (made in
+/// `text`), so that a value that does not fit fails as its text would.
+fn append_value(
+    builder: &mut ColumnBuilder,
+    value: Value<'_>,
+    text: &mut String,
+) -> Result<(), String> {
+    use ColumnBuilder as B;
+    match (builder, value) {
+        (B::BigInt(b), Value::Int(i)) => b.append_value(i),
+        (B::Integer(b), Value::Int(i)) if i32::try_from(i).is_ok() => b.append_value(i as i32),
+        (B::SmallInt(b), Value::Int(i)) if i16::try_from(i).is_ok() => b.append_value(i as i16),
+        (B::Double(b), Value::Double(f)) => b.append_value(f),
+        (B::Decimal(b, precision, scale), Value::Decimal(digits, s))
+            if i8::try_from(s) == Ok(*scale)
+                && digits.unsigned_abs() < 10u128.pow(u32::from(*precision)) =>
+        {
+            b.append_value(digits)
+        }
+        (B::Timestamp(b, zoned), Value::Timestamp(micros, utc)) if *zoned == utc => {
+            b.append_value(micros)
+        }
+        (B::Date(b), Value::Date(days)) => b.append_value(days),
+        (B::Bytes(b), Value::Bytes(bytes)) => b.append_value(bytes),
+        (builder, Value::Text(v)) => return builder.append_text(v),
+        (builder, value) => {
+            text.clear();
+            value.write_text(text);
+            return builder.append_text(text);
+        }
+    }
+    Ok(())
 }
 
 /// RFC 4180 field; an empty string is quoted so that it is not read as NULL.

@@ -20,9 +20,10 @@
 //! refreshes the table's columns: a new schema version. TRUNCATE is a `T` row.
 //!
 //! Files (see `capture::source` for the roles): `connect.rs`, `snapshot.rs`,
-//! `stream.rs`, `types.rs`.
+//! `stream.rs`, `types.rs`, and `rows.rs` (row images decoded into values).
 
 mod connect;
+mod rows;
 mod snapshot;
 mod stream;
 mod types;

@@ -4,17 +4,18 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use std::fmt::Write;
+
 use mysql_async::binlog::events::{EventData, RowsEventData};
-use mysql_async::binlog::value::BinlogValue;
 use mysql_async::prelude::Queryable;
-use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, Value as MyValue};
+use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
 use serde::{Deserialize, Serialize};
 
 use super::MySource;
 use super::connect::my;
-use super::types::binlog_text;
+use super::rows::{Image, Rows};
 use crate::capture::sink::Sink;
-use crate::capture::source::{Chunk, Value};
+use crate::capture::source::{Chunk, Value, emptied};
 use crate::decode::Op;
 use crate::error::{Error, Result};
 
@@ -63,6 +64,17 @@ fn with_gtid(set: Option<&str>, gtid: &str) -> String {
     entries.join(",")
 }
 
+/// Room for decoding a row event's rows, kept from event to event.
+#[derive(Default)]
+struct Images {
+    before: Image,
+    after: Image,
+    /// The values of a row, emptied.
+    spare: Vec<Value<'static>>,
+    /// A change's sequence.
+    seq: String,
+}
+
 /// The binlog being read, and where: what one chunk leaves for the next.
 pub(super) struct Reader {
     stream: BinlogStream,
@@ -87,7 +99,8 @@ pub(super) struct Reader {
     /// The current transaction is one statement with no COMMIT after it
     /// (MariaDB's GTID flag `FL_STANDALONE`: DDL, `GRANT`, `ANALYZE`).
     standalone: bool,
-    texts: Vec<Option<String>>,
+    /// Room for decoding rows, reused from row to row.
+    images: Images,
     last_event: Instant,
     finished: bool,
 }
@@ -188,7 +201,7 @@ impl MySource {
             in_chunk: 0,
             in_txn: false,
             standalone: false,
-            texts: Vec::new(),
+            images: Images::default(),
             last_event: Instant::now(),
             finished: false,
         })
@@ -379,61 +392,45 @@ impl MySource {
                         _ => 'D',
                     };
                     let file = file_index(&r.at.file);
-                    for row in rows.rows(tme) {
-                        let (before, after) =
-                            row.map_err(|e| Error::capture(format!("decoding a row of {key}"), e))?;
-                        let mut emit = |sink: &mut Sink,
-                                        op: Op,
-                                        image: &mysql_async::binlog::row::BinlogRow|
-                         -> Result<()> {
-                            r.texts.clear();
-                            for (i, column) in table.columns.iter().enumerate() {
-                                r.texts.push(match image.as_ref(i) {
-                                    None | Some(BinlogValue::Value(MyValue::NULL)) => None,
-                                    Some(v) => {
-                                        Some(binlog_text(v, column).map_err(|expected| {
-                                            Error::capture(
-                                                format!(
-                                                    "{key}, column {:?}",
-                                                    table.source.columns[i].name
-                                                ),
-                                                format!("expected {expected}"),
-                                            )
-                                        })?)
-                                    }
-                                });
-                            }
-                            let values: Vec<Value<'_>> = r
-                                .texts
-                                .iter()
-                                .map(|t| t.as_deref().map_or(Value::Null, Value::Text))
-                                .collect();
+                    let context = || format!("decoding a row of {key} at {}:{log_pos}", r.at.file);
+                    let mut images =
+                        Rows::new(&rows, tme).map_err(|e| Error::capture(context(), e))?;
+                    let Images {
+                        before,
+                        after,
+                        spare,
+                        seq,
+                    } = &mut r.images;
+                    while images
+                        .next(&table.columns, before, after)
+                        .map_err(|e| Error::capture(context(), e))?
+                    {
+                        let mut emit = |sink: &mut Sink, op: Op, image: &Image| -> Result<()> {
                             r.index += 1;
-                            let seq = format!("{file:06}{:014}{:015}", r.txn_pos, r.index);
-                            sink.row(id, op, r.commit_micros, &seq, &values)
+                            seq.clear();
+                            write!(seq, "{file:06}{:014}{:015}", r.txn_pos, r.index)
+                                .expect("writing to a string");
+                            let values = image.values(std::mem::take(spare));
+                            let written = sink.row(id, op, r.commit_micros, seq, &values);
+                            *spare = emptied(values);
+                            written
                         };
-                        match (kind, before, after) {
-                            ('I', _, Some(after)) => emit(sink, Op::Insert, &after)?,
-                            ('D', Some(before), _) => emit(sink, Op::Delete, &before)?,
-                            ('U', Some(before), Some(after)) => {
+                        match kind {
+                            'I' => emit(sink, Op::Insert, after)?,
+                            'D' => emit(sink, Op::Delete, before)?,
+                            _ => {
                                 let key_changed = table
                                     .source
                                     .columns
                                     .iter()
                                     .enumerate()
-                                    .any(|(i, c)| c.key && before.as_ref(i) != after.as_ref(i));
+                                    .any(|(i, c)| c.key && before.value(i) != after.value(i));
                                 if key_changed {
-                                    emit(sink, Op::Delete, &before)?;
-                                    emit(sink, Op::Insert, &after)?;
+                                    emit(sink, Op::Delete, before)?;
+                                    emit(sink, Op::Insert, after)?;
                                 } else {
-                                    emit(sink, Op::Update, &after)?;
+                                    emit(sink, Op::Update, after)?;
                                 }
-                            }
-                            _ => {
-                                return Err(Error::capture(
-                                    format!("{key} at {}:{log_pos}", r.at.file),
-                                    "a row event without the image it needs (set binlog_row_image = FULL)",
-                                ));
                             }
                         }
                         r.in_chunk += 1;

@@ -39,6 +39,21 @@ pub(super) struct MyColumn {
     labels: Vec<String>,
     /// `set` (a bitmask over `labels`) rather than `enum` (an index).
     set: bool,
+    /// An unsigned integer type.
+    pub(super) unsigned: bool,
+}
+
+#[cfg(test)]
+impl MyColumn {
+    /// A column of `sql_type`, not an ENUM or SET.
+    pub(super) fn of(sql_type: SqlType, unsigned: bool) -> MyColumn {
+        MyColumn {
+            sql_type,
+            labels: vec![],
+            set: false,
+            unsigned,
+        }
+    }
 }
 
 /// A table as capture knows it.
@@ -105,8 +120,13 @@ fn labels(column_type: &str) -> Vec<String> {
 }
 
 /// The text form of a binlog value for `column`, as PostgreSQL would print it
-/// (so one set of parsers serves both sources).
-pub(super) fn binlog_text(value: &BinlogValue<'_>, column: &MyColumn) -> Result<String, String> {
+/// (so one set of parsers serves both sources); a TIME with the
+/// `fraction_digits` of its column (the table map's metadata).
+pub(super) fn binlog_text(
+    value: &BinlogValue<'_>,
+    column: &MyColumn,
+    fraction_digits: u8,
+) -> Result<String, String> {
     let v = match value {
         BinlogValue::Value(v) => v,
         BinlogValue::Jsonb(j) => {
@@ -164,11 +184,17 @@ pub(super) fn binlog_text(value: &BinlogValue<'_>, column: &MyColumn) -> Result<
         (MyValue::Date(y, mo, d, h, mi, s, us), _) => {
             format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{us:06}")
         }
-        (MyValue::Time(neg, days, h, mi, s, us), _) => format!(
-            "{}{:02}:{mi:02}:{s:02}.{us:06}",
-            if *neg { "-" } else { "" },
-            *days * 24 + u32::from(*h)
-        ),
+        (MyValue::Time(neg, days, h, mi, s, us), _) => {
+            // With the column's fraction digits, as the server prints it.
+            let digits = usize::from(fraction_digits.min(6));
+            let fraction = format!(".{us:06}");
+            format!(
+                "{}{:02}:{mi:02}:{s:02}{}",
+                if *neg { "-" } else { "" },
+                *days * 24 + u32::from(*h),
+                if digits > 0 { &fraction[..=digits] } else { "" }
+            )
+        }
         (MyValue::NULL, _) => return Err("NULL (handled before)".into()),
     })
 }
@@ -265,6 +291,7 @@ impl MySource {
                     vec![]
                 },
                 set: data_type == "set",
+                unsigned: column_type.contains("unsigned"),
             });
         }
         // The binlog holds every database of the server: only the URL's is captured.
@@ -312,8 +339,9 @@ mod tests {
             sql_type,
             labels: vec![],
             set: false,
+            unsigned: false,
         };
-        let text = |v: MyValue, t| binlog_text(&BinlogValue::Value(v), &col(t)).unwrap();
+        let text = |v: MyValue, t| binlog_text(&BinlogValue::Value(v), &col(t), 6).unwrap();
         assert_eq!(
             text(
                 MyValue::Bytes(b"1700000000.5".to_vec()),
@@ -337,18 +365,20 @@ mod tests {
             sql_type: SqlType::Text,
             labels: vec!["a".into(), "b".into()],
             set: false,
+            unsigned: false,
         };
         assert_eq!(
-            binlog_text(&BinlogValue::Value(MyValue::Int(2)), &enumerated).unwrap(),
+            binlog_text(&BinlogValue::Value(MyValue::Int(2)), &enumerated, 0).unwrap(),
             "b"
         );
         let set = MyColumn {
             sql_type: SqlType::Text,
             labels: vec!["a".into(), "b".into(), "c".into()],
             set: true,
+            unsigned: false,
         };
         assert_eq!(
-            binlog_text(&BinlogValue::Value(MyValue::Bytes(vec![5])), &set).unwrap(),
+            binlog_text(&BinlogValue::Value(MyValue::Bytes(vec![5])), &set, 0).unwrap(),
             "a,c"
         );
     }
