@@ -35,8 +35,8 @@ PARTS="${BENCH_PARTS:-pipeline capture}"
 touch "$RESULTS"
 case " $PARTS " in
   *" pipeline "*" capture "*|*" capture "*" pipeline "*) : >"$RESULTS" ;;
-  *" pipeline "*) grep -P '\t(pgoutput|binlog)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
-  *" capture "*) grep -vP '\t(pgoutput|binlog)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
+  *" pipeline "*) grep -P '\t(pgoutput|binlog|pgcopy|mydump)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
+  *" capture "*) grep -vP '\t(pgoutput|binlog|pgcopy|mydump)\t' "$RESULTS" >"$RESULTS.keep" || true; mv "$RESULTS.keep" "$RESULTS" ;;
 esac
 
 # measure NAME FORMAT CHANGES OUTPUT CMD...: wall seconds and peak RSS of CMD, appended to results.tsv

@@ -9,8 +9,8 @@ use arrow::datatypes::Int64Type;
 use tokio_postgres::Client;
 
 use crate::support::{
-    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, output, peer, pg_database,
-    restart_peer, tls_url,
+    StreamingCapture, TcpProxy, Workspace, assert_added_column_matches, assert_same_objects,
+    object_rows, output, peer, pg_database, restart_peer, tls_url,
 };
 
 /// A fresh database for one test; dropped (with its slot) at the end.
@@ -1148,5 +1148,124 @@ async fn a_column_added_with_a_default_reaches_a_postgres_warehouse_over_tls() {
     ws.capture_once(&[]);
     assert_added_column_matches(&ws, &db.rows(ADDED_PG).await, 100 + before, after).await;
     target.drop().await;
+    db.drop().await;
+}
+
+/// Every column type a full load reads in COPY's binary form (and those it
+/// reads as text) gives the values the change stream gives as pgoutput text
+/// for the same rows, with the same Arrow types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_column_type_copied_in_binary_equals_the_change_streams_text() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.client
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('sad', 'ok');
+             CREATE TABLE kinds(id int PRIMARY KEY, s smallint, b bigint, r real, d double precision,
+               n numeric(12,3), nn numeric, bo bool, t text, v varchar(20), c char(5), nm name, by bytea,
+               dt date, ts timestamp, tz timestamptz, u uuid, j json, jb jsonb, a int[], iv interval,
+               tm time, e mood);
+             INSERT INTO kinds VALUES
+               (1, -32768, -9223372036854775808, 1.5, -2.25e100, -123456789.125, 1e-20, true,
+                'tab\there, \"q\"', 'ü', 'ab', 'a name', '\\x00ff10', '0001-01-01', '1999-12-31 23:59:59.999999',
+                '2038-01-19 03:14:07.5+02', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"k\": [1, 2]}',
+                '{\"k\": [1, 2]}', '{1,NULL,3}', '1 day 02:03:04', '23:59:59.5', 'ok'),
+               (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+               (3, 32767, 9223372036854775807, 0, 0, 0, 0, false, '', '', '', '', '\\x', '9999-12-31',
+                '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', '00000000-0000-0000-0000-000000000000',
+                '[]', '[]', '{}', '0', '00:00', 'sad');
+             INSERT INTO kinds(id, s, b, d, n, t, dt, ts, tz)
+               SELECT 100 + g, g * -97, g * -9876543210123, g / -7.0, g * -1234.567, repeat('é', g),
+                 date '1999-01-01' + g * 37, timestamp '2001-02-03 04:05:06' + g * interval '1234567 microseconds',
+                 timestamptz '1999-12-31 23:00:00.25+00' + g * interval '86399 seconds'
+               FROM generate_series(1, 200) g;",
+        )
+        .await
+        .unwrap();
+    write_configs(&ws, &db, "", &[("kinds", "\"id\"")]);
+    let text = ws.capture_once(&[]);
+    assert!(text.contains("captured 203 changes"), "{text}");
+    // The same rows again, from the change stream: an update of each row.
+    assert_eq!(db.exec("UPDATE kinds SET id = id").await, 203);
+    let text = ws.capture_once(&[]);
+    assert!(text.contains("captured 203 changes"), "{text}");
+    let objects = ws.path("objects");
+    let loaded = object_rows(&objects, "kinds", |name| name.starts_with("LOAD"));
+    let changed = object_rows(&objects, "kinds", |name| !name.starts_with("LOAD"));
+    assert_eq!(loaded.1.len(), 203);
+    assert_same_objects((&loaded.0, &loaded.1), (&changed.0, &changed.1));
+    db.drop().await;
+}
+
+/// A table of more rows than one session copies is copied in key ranges by
+/// sessions side by side, each row once; objects an interrupted load left
+/// under any number are deleted first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_table_is_copied_in_key_ranges_each_row_once() {
+    let ws = Workspace::new();
+    let Some(db) = Db::new(&ws).await else { return };
+    db.client
+        .batch_execute(
+            "CREATE TABLE t (id bigint PRIMARY KEY, v int);
+             CREATE TABLE empty (id bigint PRIMARY KEY);
+             INSERT INTO t SELECT g, g % 1000 FROM generate_series(-700000, 700000) g
+               WHERE g NOT BETWEEN 1000 AND 300000;
+             ANALYZE t;",
+        )
+        .await
+        .unwrap();
+    write_configs(
+        &ws,
+        &db,
+        "parallel_load = 3",
+        &[("t", "\"id\""), ("empty", "\"id\"")],
+    );
+    let config = std::fs::read_to_string(ws.path("capture.toml")).unwrap();
+    std::fs::write(
+        ws.path("capture.toml"),
+        config.replace("max_rows = 150", "max_rows = 200000"),
+    )
+    .unwrap();
+    // What an interrupted load with other numbers left.
+    let stale = ws.path("objects/public/t/LOAD99999999.parquet");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"not parquet").unwrap();
+    let text = ws.capture_once(&[("RUST_LOG", "cdcflow=info"), ("NO_COLOR", "1")]);
+    let rows = db.rows("SELECT count(*)::text FROM t").await[0][0]
+        .clone()
+        .unwrap();
+    assert!(text.contains(&format!("captured {rows} changes")), "{text}");
+    assert!(
+        text.contains("tables=2 parts=3"),
+        "t in two key ranges:\n{text}"
+    );
+    assert!(!stale.exists(), "the interrupted load's object is deleted");
+    assert!(
+        ws.path("objects/public/empty/LOAD00000001.parquet")
+            .exists(),
+        "an empty table has its one empty object"
+    );
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(
+        ws.text_rows(
+            "SELECT CAST(count(*) AS VARCHAR), CAST(sum(id) AS VARCHAR), CAST(sum(v) AS VARCHAR), \
+             CAST(count(DISTINCT id) AS VARCHAR) FROM t"
+        )
+        .await,
+        db.rows(
+            "SELECT count(*)::text, sum(id)::text, sum(v)::text, count(DISTINCT id)::text FROM t"
+        )
+        .await
+    );
+    assert_eq!(
+        count(&ws, "SELECT count(*) FROM t_history")
+            .await
+            .to_string(),
+        rows,
+        "each row once in history"
+    );
+    assert_eq!(count(&ws, "SELECT count(*) FROM empty").await, 0);
     db.drop().await;
 }

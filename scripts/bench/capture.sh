@@ -88,3 +88,51 @@ measure "cdcflow capture" binlog "$CAPTURE_ROWS" "$OUT/capture/mariadb-objects" 
   "$BIN" capture --config "$OUT/capture/mariadb.toml" --once
 grep -q "captured $CAPTURE_ROWS changes" "$LAST_LOG" || {
   echo "bench: cdcflow capture did not capture $CAPTURE_ROWS binlog changes; see $LAST_LOG" >&2; exit 1; }
+
+# Full loads: one large table (pgbench's accounts, FULLLOAD_SCALE × 100,000 rows, default 50), read
+# by the server's own export and by `cdcflow capture` (mode full-load, Parquet LOAD objects).
+FULLLOAD_SCALE="${FULLLOAD_SCALE:-50}"
+# measure_capture FORMAT CONFIG OBJECTS ROWS: `cdcflow capture --once` with CONFIG into OBJECTS
+# (emptied first); it must have captured ROWS changes.
+measure_capture() {
+  rm -rf "$3"
+  measure "cdcflow capture" "$1" "$4" "$3" "$BIN" capture --config "$2" --once
+  grep -q "captured $4 changes" "$LAST_LOG" || {
+    echo "bench: cdcflow capture ($1) did not capture $4 changes; see $LAST_LOG" >&2; exit 1; }
+}
+LOAD_ROWS=$((FULLLOAD_SCALE * 100000))
+LOAD_URL="${CDCFLOW_TEST_PG_URL%/*}/bench_load"
+"${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_load'" >/dev/null
+"${PSQL[@]}" -c "DROP DATABASE IF EXISTS bench_load" -c "CREATE DATABASE bench_load"
+pgbench -q -i -s "$FULLLOAD_SCALE" "$LOAD_URL" >/dev/null 2>&1
+psql -X -q "$LOAD_URL" -c "VACUUM ANALYZE pgbench_accounts" -c "CREATE PUBLICATION bench_load FOR TABLE pgbench_accounts"
+measure "psql \\copy" pgcopy "$LOAD_ROWS" /dev/null \
+  psql -X -q "$LOAD_URL" -c "\\copy pgbench_accounts TO '/dev/null'"
+cat >"$OUT/capture/load.toml" <<TOML
+name = "bench-load"
+[source]
+url = "$LOAD_URL"
+slot = "bench_load"
+publication = "bench_load"
+mode = "full-load"
+[target]
+url = "file://$OUT/capture/load-objects"
+TOML
+measure_capture pgcopy "$OUT/capture/load.toml" "$OUT/capture/load-objects" "$LOAD_ROWS"
+"${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_load'" >/dev/null
+
+"${MY[@]}" -e "DROP DATABASE IF EXISTS bench_load; CREATE DATABASE bench_load;
+  CREATE TABLE bench_load.accounts(aid int PRIMARY KEY, bid int, abalance int, filler char(84));
+  INSERT INTO bench_load.accounts SELECT seq, (seq - 1) DIV 100000 + 1, 0, '' FROM seq_1_to_$LOAD_ROWS;"
+measure mariadb-dump mydump "$LOAD_ROWS" /dev/null \
+  mariadb-dump --no-defaults -h127.0.0.1 -P13306 -uroot --single-transaction --result-file=/dev/null bench_load accounts
+cat >"$OUT/capture/mariadb-load.toml" <<TOML
+name = "bench-mariadb-load"
+[source]
+url = "$CDCFLOW_TEST_MYSQL_URL/bench_load"
+mode = "full-load"
+server_id = 4998
+[target]
+url = "file://$OUT/capture/mariadb-load-objects"
+TOML
+measure_capture mydump "$OUT/capture/mariadb-load.toml" "$OUT/capture/mariadb-load-objects" "$LOAD_ROWS"

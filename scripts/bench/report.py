@@ -256,6 +256,14 @@ def write(runs, binary, out_dir, bench_md):
         ("binlog", "mariadb-binlog", "MariaDB (row binlog, 1000 rows per transaction)",
          "Both read the same binlog from the same position. mariadb-binlog decodes the rows\n"
          "(--base64-output=DECODE-ROWS -v) to /dev/null; cdcflow capture writes Parquet objects."),
+        ("pgcopy", "psql \\copy", "a PostgreSQL full load (pgbench_accounts)",
+         "One large table. `psql \\copy pgbench_accounts TO '/dev/null'` is the server's own export of it;\n"
+         "cdcflow capture (mode full-load) copies it under an exported snapshot in binary COPY, in key ranges\n"
+         "side by side (`parallel_load`), and writes Parquet LOAD objects. Changes here are rows."),
+        ("mydump", "mariadb-dump", "a MariaDB full load (accounts, pgbench's shape)",
+         "One large table. `mariadb-dump --single-transaction` of it to /dev/null is the server's own\n"
+         "export; cdcflow capture (mode full-load) reads it in one consistent snapshot and writes Parquet\n"
+         "LOAD objects. Changes here are rows."),
     ]:
         capture = [r for r in runs if r["format"] == fmt]
         base = next((r for r in capture if r["engine"] == peer), None)
@@ -276,7 +284,7 @@ def write(runs, binary, out_dir, bench_md):
             )
         lines.append("")
     extra = [r for r in runs if r["engine"] not in ("cdcflow", "duckdb", "polars")
-             and r["format"] not in ("pgoutput", "binlog")]
+             and r["format"] not in ("pgoutput", "binlog", "pgcopy", "mydump")]
     if extra:
         lines += [
             "## cdcflow: memory and incremental cost",

@@ -263,8 +263,14 @@ mod tests {
         assert_eq!(text(Value::Double(0.5)), "0.5");
         assert_eq!(text(Value::Decimal(-5, 2)), "-0.05");
         assert_eq!(text(Value::Decimal(1234, 0)), "1234");
-        assert_eq!(text(Value::Timestamp(1_500_000, true)), "1970-01-01 00:00:01.500000+00");
-        assert_eq!(text(Value::Timestamp(-1, false)), "1969-12-31 23:59:59.999999");
+        assert_eq!(
+            text(Value::Timestamp(1_500_000, true)),
+            "1970-01-01 00:00:01.500000+00"
+        );
+        assert_eq!(
+            text(Value::Timestamp(-1, false)),
+            "1969-12-31 23:59:59.999999"
+        );
         assert_eq!(text(Value::Date(-1)), "1969-12-31");
         assert_eq!(text(Value::Date(19_782)), "2024-02-29");
         assert_eq!(text(Value::Bytes(&[0, 255])), "\\x00ff");

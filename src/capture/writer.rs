@@ -123,6 +123,40 @@ impl Target {
         }
     }
 
+    /// The keys of the objects in folder `dir` (not in folders under it).
+    pub async fn list(&self, dir: &str) -> Result<Vec<String>> {
+        match self {
+            Target::Local(root) => {
+                let path = root.join(dir);
+                let entries = match std::fs::read_dir(&path) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+                    Err(e) => return Err(Error::io("listing", path.display(), e)),
+                };
+                let mut keys = vec![];
+                for entry in entries {
+                    let entry = entry.map_err(|e| Error::io("listing", path.display(), e))?;
+                    if entry.path().is_file() {
+                        keys.push(format!("{dir}/{}", entry.file_name().to_string_lossy()));
+                    }
+                }
+                Ok(keys)
+            }
+            Target::Store(store, root) => {
+                let path = under(root, dir);
+                let listed = store
+                    .list_with_delimiter(Some(&path))
+                    .await
+                    .map_err(|e| Error::object_store(format!("listing {path}"), e))?;
+                Ok(listed
+                    .objects
+                    .iter()
+                    .filter_map(|o| o.location.filename().map(|name| format!("{dir}/{name}")))
+                    .collect())
+            }
+        }
+    }
+
     /// Deletes `key` if it exists.
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self {
@@ -429,6 +463,11 @@ impl Buffer {
 
 /// Writes one table's full load: `LOAD00000001`, `LOAD00000002`… of at most
 /// the layout's rows and bytes each, every row an insert at the snapshot's time.
+///
+/// Several writers may copy parts of one table at once ([`LoadWriter::part`]):
+/// they share the table's object numbers, and the last one to finish writes
+/// an empty object if the table had no rows. Each writer encodes a full
+/// object while it goes on taking rows (one object in flight).
 pub struct LoadWriter {
     target: Target,
     layout: Layout,
@@ -438,12 +477,26 @@ pub struct LoadWriter {
     snapshot_micros: i64,
     buffer: Buffer,
     rows: u64,
-    file: u32,
+    /// The number of this writer's first row (rows of parts are numbered apart).
+    first_row: u64,
+    objects: Arc<LoadObjects>,
+    in_flight: Option<tokio::task::JoinHandle<Result<()>>>,
+    seq: String,
+}
+
+/// What the writers of one table's full load share.
+#[derive(Debug)]
+struct LoadObjects {
+    /// The next object's number.
+    next: std::sync::atomic::AtomicU32,
+    /// Writers not finished.
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl LoadWriter {
     /// Starts the full load of `output`; the objects of an earlier,
-    /// interrupted full load of it are deleted first.
+    /// interrupted full load of it are deleted first (all of them: parts
+    /// copied at once may have left any numbers).
     pub async fn start(
         target: Target,
         layout: Layout,
@@ -451,12 +504,14 @@ impl LoadWriter {
         context: String,
         snapshot_micros: i64,
     ) -> Result<LoadWriter> {
-        for n in 1.. {
-            let key = load_key(&output, n, &layout);
-            if !target.exists(&key).await? {
-                break;
+        for key in target.list(&table_dir(&output)).await? {
+            if key
+                .rsplit('/')
+                .next()
+                .is_some_and(|name| name.starts_with("LOAD"))
+            {
+                target.delete(&key).await?;
             }
-            target.delete(&key).await?;
         }
         let buffer = Buffer::new(output.clone(), Kind::Load, &layout);
         Ok(LoadWriter {
@@ -467,16 +522,45 @@ impl LoadWriter {
             snapshot_micros,
             buffer,
             rows: 0,
-            file: 1,
+            first_row: 0,
+            objects: Arc::new(LoadObjects {
+                next: 1.into(),
+                open: 1.into(),
+            }),
+            in_flight: None,
+            seq: String::new(),
         })
+    }
+
+    /// Another writer of the same table's objects, for a part of its rows
+    /// (`context` names it), numbered from `first_row`.
+    pub fn part(&self, context: String, first_row: u64) -> LoadWriter {
+        self.objects
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        LoadWriter {
+            target: self.target.clone(),
+            layout: self.layout.clone(),
+            output: self.output.clone(),
+            context,
+            snapshot_micros: self.snapshot_micros,
+            buffer: Buffer::new(self.output.clone(), Kind::Load, &self.layout),
+            rows: 0,
+            first_row,
+            objects: self.objects.clone(),
+            in_flight: None,
+            seq: String::new(),
+        }
     }
 
     /// Appends one row of source columns; writes an object when one is full.
     pub async fn row(&mut self, values: &[Value<'_>]) -> Result<()> {
         self.rows += 1;
-        let seq = format!("{:020}{:015}", 0, self.rows);
+        self.seq.clear();
+        push_padded(&mut self.seq, 0, 20);
+        push_padded(&mut self.seq, self.first_row + self.rows, 15);
         self.buffer
-            .append(Op::Insert, self.snapshot_micros, &seq, values)
+            .append(Op::Insert, self.snapshot_micros, &self.seq, values)
             .map_err(|bad| bad.at(format!("{}, row {}", self.context, self.rows)))?;
         if self.buffer.full(&self.layout) {
             let next = Buffer::new(self.output.clone(), Kind::Load, &self.layout);
@@ -491,24 +575,73 @@ impl LoadWriter {
         self.rows
     }
 
-    /// Writes the last object (an empty table still gets one) and returns the rows.
+    /// Writes the last object and returns the rows. The last writer of a
+    /// table to finish writes an empty object when no other was written.
     pub async fn finish(mut self) -> Result<u64> {
-        if !self.buffer.is_empty() || self.file == 1 {
-            let last = std::mem::replace(
-                &mut self.buffer,
-                Buffer::new(self.output.clone(), Kind::Load, &self.layout),
-            );
+        let last = std::mem::replace(
+            &mut self.buffer,
+            Buffer::new(self.output.clone(), Kind::Load, &self.layout),
+        );
+        if !last.is_empty() {
             self.write(last).await?;
+        }
+        self.wait().await?;
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.objects.open.fetch_sub(1, SeqCst) == 1 && self.objects.next.load(SeqCst) == 1 {
+            let empty = Buffer::new(self.output.clone(), Kind::Load, &self.layout);
+            self.write(empty).await?;
+            self.wait().await?;
         }
         Ok(self.rows)
     }
 
+    /// Starts writing `buffer` as the table's next object, once the object
+    /// in flight is written.
     async fn write(&mut self, buffer: Buffer) -> Result<()> {
-        let key = load_key(&self.output, self.file, &self.layout);
-        self.target.put(&key, buffer.encode(&self.layout)?).await?;
-        self.file += 1;
+        self.wait().await?;
+        let number = self
+            .objects
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let key = load_key(&self.output, number, &self.layout);
+        let (target, layout) = (self.target.clone(), self.layout.clone());
+        self.in_flight = Some(tokio::spawn(async move {
+            let bytes = tokio::task::spawn_blocking(move || buffer.encode(&layout))
+                .await
+                .expect("encoding task")?;
+            target.put(&key, bytes).await
+        }));
         Ok(())
     }
+
+    /// Waits for the object in flight.
+    async fn wait(&mut self) -> Result<()> {
+        match self.in_flight.take() {
+            Some(task) => task.await.expect("write task"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Appends `n` in decimal, zero-padded to `width` digits: a fixed-width part
+/// of a sequence. By hand: `format!`'s padding writes a character at a time
+/// and showed up in perf on the per-row path.
+pub(crate) fn push_padded(out: &mut String, n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut rest = n;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for _ in digits.len() - at..width {
+        out.push('0');
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
 }
 
 /// `yyyy-MM-dd HH:mm:ss.ffffff` (UTC), formatted by hand: chrono's strftime
@@ -686,6 +819,23 @@ impl SchemaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padded_numbers_are_formats_padding() {
+        for (n, width) in [
+            (0, 20),
+            (0, 1),
+            (7, 15),
+            (123, 5),
+            (12_345, 3),
+            (u64::MAX, 20),
+            (u64::MAX, 25),
+        ] {
+            let mut out = String::from("x");
+            push_padded(&mut out, n, width);
+            assert_eq!(out, format!("x{n:0width$}"));
+        }
+    }
 
     #[test]
     fn csv_fields_are_quoted_when_needed() {

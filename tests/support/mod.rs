@@ -670,21 +670,27 @@ impl Workspace {
                 .iter()
                 .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap())
                 .collect();
-            for row in 0..batch.num_rows() {
-                out.push(
-                    columns
-                        .iter()
-                        .map(|c| {
-                            let c = c.as_string::<i32>();
-                            (!c.is_null(row)).then(|| c.value(row).to_string())
-                        })
-                        .collect(),
-                );
-            }
+            out.extend(text_of(&columns, batch.num_rows()));
         }
         out.sort();
         out
     }
+}
+
+/// The `rows` of text `columns`, row by row (NULL as None).
+fn text_of(columns: &[arrow::array::ArrayRef], rows: usize) -> Vec<Vec<Option<String>>> {
+    use arrow::array::{Array, AsArray};
+    (0..rows)
+        .map(|row| {
+            columns
+                .iter()
+                .map(|c| {
+                    let c = c.as_string::<i32>();
+                    (!c.is_null(row)).then(|| c.value(row).to_string())
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Faults [`every_nth`] injects, in turn.
@@ -1273,5 +1279,107 @@ pub(crate) fn assert_each_change_once(dir: &Path, changes: usize) {
         sum("objects"),
         objects as u64,
         "objects the checkpoint counts"
+    );
+}
+
+/// The rows of every Parquet object of `table` under `dir` whose name
+/// `keep` takes, each column
+/// cast to text (the `Op`, timestamp and sequence columns left out), sorted;
+/// and the columns' names and Arrow types.
+pub(crate) fn object_rows(
+    dir: &std::path::Path,
+    table: &str,
+    keep: impl Fn(&str) -> bool,
+) -> (Vec<String>, Vec<Vec<Option<String>>>) {
+    use arrow::array::{Array, AsArray};
+    let mut fields = vec![];
+    let mut rows = vec![];
+    let mut files: Vec<_> = walk(dir)
+        .into_iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "parquet")
+                && p.to_string_lossy().contains(table)
+                && p.file_name().is_some_and(|n| keep(&n.to_string_lossy()))
+        })
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no objects of {table} under {}",
+        dir.display()
+    );
+    for file in files {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&file).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let schema = batch.schema();
+            let kept: Vec<usize> = (0..batch.num_columns())
+                .filter(|i| {
+                    !["Op", "dms_timestamp", "cdc_seq"].contains(&schema.field(*i).name().as_str())
+                })
+                .collect();
+            fields = kept
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} {}",
+                        schema.field(*i).name(),
+                        schema.field(*i).data_type()
+                    )
+                })
+                .collect();
+            let columns: Vec<_> =
+                kept.iter()
+                    .map(|i| {
+                        let column = batch.column(*i);
+                        match column.as_binary_opt::<i32>() {
+                            // Bytes as hex: not every value is UTF-8.
+                            Some(bytes) => std::sync::Arc::new(
+                                bytes
+                                    .iter()
+                                    .map(|b| b.map(hex::encode))
+                                    .collect::<arrow::array::StringArray>(),
+                            ),
+                            None => arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
+                                .unwrap(),
+                        }
+                    })
+                    .collect();
+            rows.extend(text_of(&columns, batch.num_rows()));
+        }
+    }
+    rows.sort();
+    (fields, rows)
+}
+
+/// Two sets of objects' rows (from [`object_rows`]) are the same: the same
+/// columns and types, and the same values, row by row (the differences shown
+/// by row key and column).
+pub(crate) fn assert_same_objects(
+    (a_fields, a_rows): (&[String], &[Vec<Option<String>>]),
+    (b_fields, b_rows): (&[String], &[Vec<Option<String>>]),
+) {
+    assert_eq!(a_fields, b_fields);
+    assert_eq!(a_rows.len(), b_rows.len());
+    let short = |v: &Option<String>| v.as_ref().map(|v| v.chars().take(60).collect::<String>());
+    let differences: Vec<_> = a_rows
+        .iter()
+        .zip(b_rows)
+        .flat_map(|(a, b)| {
+            (0..a.len())
+                .filter(|i| a[*i] != b[*i])
+                .map(|i| (a[0].clone(), &a_fields[i], short(&a[i]), short(&b[i])))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        differences.is_empty(),
+        "(key, column, first, second): {:?}",
+        &differences[..differences.len().min(20)]
     );
 }

@@ -4,8 +4,6 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use std::fmt::Write;
-
 use mysql_async::binlog::events::{EventData, RowsEventData};
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
@@ -16,6 +14,7 @@ use super::connect::my;
 use super::rows::{Image, Rows};
 use crate::capture::sink::Sink;
 use crate::capture::source::{Chunk, Value, emptied};
+use crate::capture::writer::push_padded;
 use crate::decode::Op;
 use crate::error::{Error, Result};
 
@@ -408,8 +407,9 @@ impl MySource {
                         let mut emit = |sink: &mut Sink, op: Op, image: &Image| -> Result<()> {
                             r.index += 1;
                             seq.clear();
-                            write!(seq, "{file:06}{:014}{:015}", r.txn_pos, r.index)
-                                .expect("writing to a string");
+                            push_padded(seq, file, 6);
+                            push_padded(seq, r.txn_pos, 14);
+                            push_padded(seq, r.index, 15);
                             let values = image.values(std::mem::take(spare));
                             let written = sink.row(id, op, r.commit_micros, seq, &values);
                             *spare = emptied(values);

@@ -25,6 +25,7 @@
 //! `stream.rs`, `types.rs`, and `pgoutput.rs` (the protocol decoder).
 
 mod connect;
+mod copy;
 pub mod pgoutput;
 mod snapshot;
 mod stream;

@@ -6,12 +6,12 @@
 use futures::{StreamExt, TryStreamExt, pin_mut};
 use serde::{Deserialize, Serialize};
 
-use super::PgSource;
 use super::connect::{connect, pg, quote};
 use super::types::sql_type;
+use super::{PgSource, copy};
 use crate::capture::mapping::{SourceColumn, SourceTable};
 use crate::capture::sink::Sink;
-use crate::capture::source::Value;
+use crate::capture::source::{Value, emptied};
 use crate::capture::writer::LoadWriter;
 use crate::error::{Error, Result};
 
@@ -84,13 +84,14 @@ pub(super) fn seen_by_full_load(seen: Option<&Snapshot>, passed: &mut bool, xid:
 
 impl PgSource {
     /// The selected tables of the publication with their columns and keys.
-    async fn tables(&self, sink: &Sink) -> Result<Vec<(u32, SourceTable)>> {
+    async fn tables(&self, sink: &Sink) -> Result<Vec<LoadTable>> {
         let rows = self
             .client
             .query(
                 "SELECT c.oid, n.nspname::text, c.relname::text, a.attname::text, a.atttypid, a.atttypmod, \
                         coalesce(a.attnum = ANY(i.indkey), false), \
-                        CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.attnotnull \
+                        CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.attnotnull, \
+                        c.reltuples::float8 \
                  FROM pg_publication_tables p \
                  JOIN pg_namespace n ON n.nspname = p.schemaname \
                  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
@@ -101,36 +102,35 @@ impl PgSource {
             )
             .await
             .map_err(pg("reading the publication's tables"))?;
-        let mut tables: Vec<(u32, SourceTable)> = Vec::new();
+        let mut tables: Vec<LoadTable> = Vec::new();
         for r in rows {
             let oid: u32 = r.get(0);
             let (schema, name): (String, String) = (r.get(1), r.get(2));
             if !sink.mapping().selects(&schema, &name) {
                 continue;
             }
-            if tables.last().is_none_or(|(o, _)| *o != oid) {
-                tables.push((
+            if tables.last().is_none_or(|t| t.oid != oid) {
+                tables.push(LoadTable {
                     oid,
-                    SourceTable {
+                    table: SourceTable {
                         schema,
                         name,
                         columns: vec![],
                     },
-                ));
+                    types: vec![],
+                    estimated_rows: r.get(9),
+                });
             }
             let typ: u32 = r.get(4);
-            tables
-                .last_mut()
-                .expect("pushed")
-                .1
-                .columns
-                .push(SourceColumn {
-                    name: r.get(3),
-                    sql_type: sql_type(typ, r.get(5)),
-                    key: r.get(6),
-                    existing: r.get(7),
-                    not_null: r.get(8),
-                });
+            let last = tables.last_mut().expect("pushed");
+            last.types.push(typ);
+            last.table.columns.push(SourceColumn {
+                name: r.get(3),
+                sql_type: sql_type(typ, r.get(5)),
+                key: r.get(6),
+                existing: r.get(7),
+                not_null: r.get(8),
+            });
         }
         Ok(tables)
     }
@@ -160,22 +160,41 @@ impl PgSource {
             )
         })?;
         let tables = self.tables(sink).await?;
+        let sessions = self.settings.parallel_load.max(1);
+        // Per table: its first writer deletes what an interrupted load left;
+        // the writers of its other key ranges write beside it.
+        let mut jobs = vec![];
+        for t in &tables {
+            let filters = key_ranges(&coordinator, t, sessions).await?;
+            let name = format!("{}.{}", t.table.schema, t.table.name);
+            let context = |n: usize| format!("copying {name}{}", filters[n]);
+            let output = sink.load_table(&t.table);
+            let first = LoadWriter::start(
+                sink.target().clone(),
+                sink.layout().clone(),
+                output,
+                context(0),
+                now_micros,
+            )
+            .await?;
+            let others: Vec<LoadWriter> = (1..filters.len())
+                .map(|n| first.part(context(n), n as u64 * PART_ROWS))
+                .collect();
+            for (n, writer) in std::iter::once(first).chain(others).enumerate() {
+                let (sql, kinds) = copy::statement(&t.table, &t.types, &filters[n]);
+                jobs.push((sql, kinds, context(n), writer));
+            }
+        }
         let progress = indicatif::MultiProgress::new();
         if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
-        let outputs: Vec<_> = tables
-            .iter()
-            .map(|(_, table)| (table.clone(), sink.load_table(table)))
-            .collect();
-        let results = futures::stream::iter(outputs.into_iter().map(|(table, output)| {
+        let results = futures::stream::iter(jobs.into_iter().map(|(sql, kinds, context, mut load)| {
             let settings = &self.settings;
             let id = id.clone();
-            let target = sink.target().clone();
-            let layout = sink.layout().clone();
             let bar = progress.add(indicatif::ProgressBar::new_spinner());
             async move {
-                bar.set_message(format!("{}.{}", table.schema, table.name));
+                bar.set_message(context.clone());
                 let client = connect(settings).await?;
                 client
                     .batch_execute(&format!(
@@ -183,40 +202,44 @@ impl PgSource {
                     ))
                     .await
                     .map_err(pg("joining the snapshot"))?;
-                let cols: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-                let sql = format!(
-                    "COPY (SELECT {} FROM {}.{}) TO STDOUT",
-                    cols.join(", "),
-                    quote(&table.schema),
-                    quote(&table.name)
-                );
-                let context = format!("copying {}.{}", table.schema, table.name);
                 let stream = client.copy_out(&sql).await.map_err(pg(context.clone()))?;
                 pin_mut!(stream);
-                let mut load = LoadWriter::start(target, layout, output, context.clone(), now_micros).await?;
-                let mut pending = Vec::new();
+                let mut parser = copy::Parser::new(kinds);
+                let mut pending: Vec<u8> = Vec::new();
+                let mut spare: Vec<Value<'static>> = Vec::new();
+                let mut shown = 0;
+                let bad = |e: String| Error::capture(context.clone(), e);
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(pg(context.clone()))?;
                     pending.extend_from_slice(&chunk);
-                    let end = pending.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-                    for line in pending[..end].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                        let fields = copy_fields(line);
-                        let values: Vec<Value<'_>> = fields
-                            .iter()
-                            .map(|f| f.as_deref().map_or(Value::Null, Value::Text))
-                            .collect();
-                        load.row(&values).await?;
+                    let mut at = 0;
+                    loop {
+                        let mut values = emptied(spare);
+                        let used = parser.next(&pending[at..], &mut values).map_err(bad)?;
+                        if !values.is_empty() {
+                            load.row(&values).await?;
+                        }
+                        spare = emptied(values);
+                        match used {
+                            Some(used) => at += used,
+                            None => break,
+                        }
                     }
-                    pending.drain(..end);
-                    bar.set_position(load.rows());
+                    pending.drain(..at);
+                    // Each row comes as its own message: the bar moves every 64k rows.
+                    if load.rows() - shown >= 1 << 16 {
+                        shown = load.rows();
+                        bar.set_position(shown);
+                    }
                 }
+                parser.finish(pending.len()).map_err(bad)?;
                 let rows = load.finish().await?;
-                client.batch_execute("COMMIT").await.map_err(pg(context))?;
-                bar.finish_with_message(format!("{}.{}: {rows} rows", table.schema, table.name));
+                client.batch_execute("COMMIT").await.map_err(pg(context.clone()))?;
+                bar.finish_with_message(format!("{context}: {rows} rows"));
                 Ok::<_, Error>(rows)
             }
         }))
-        .buffer_unordered(self.settings.parallel_load.max(1))
+        .buffer_unordered(sessions)
         .try_collect::<Vec<u64>>()
         .await?;
         coordinator
@@ -224,42 +247,85 @@ impl PgSource {
             .await
             .map_err(pg("ending the snapshot"))?;
         let rows = results.iter().sum::<u64>();
-        tracing::info!(tables = results.len(), rows, "full load written");
+        tracing::info!(
+            tables = tables.len(),
+            parts = results.len(),
+            rows,
+            "full load written"
+        );
         Ok((snapshot, rows))
     }
 }
 
-/// The fields of one line of COPY text format: `\N` is NULL, backslash escapes decoded.
-fn copy_fields(line: &[u8]) -> Vec<Option<String>> {
-    line.split(|&b| b == b'\t')
-        .map(|f| {
-            if f == b"\\N" {
-                return None;
-            }
-            if !f.contains(&b'\\') {
-                return Some(String::from_utf8_lossy(f).into_owned());
-            }
-            let mut out = Vec::with_capacity(f.len());
-            let mut i = 0;
-            while i < f.len() {
-                if f[i] == b'\\' && i + 1 < f.len() {
-                    i += 1;
-                    out.push(match f[i] {
-                        b'n' => b'\n',
-                        b't' => b'\t',
-                        b'r' => b'\r',
-                        b'b' => 8,
-                        b'f' => 12,
-                        b'v' => 11,
-                        other => other,
-                    });
-                } else {
-                    out.push(f[i]);
-                }
-                i += 1;
-            }
-            Some(String::from_utf8_lossy(&out).into_owned())
+/// A table of the full load.
+struct LoadTable {
+    oid: u32,
+    table: SourceTable,
+    /// Its columns' type oids.
+    types: Vec<u32>,
+    /// The catalog's estimate of its rows (`reltuples`: -1 before the first
+    /// `ANALYZE` or `VACUUM`).
+    estimated_rows: f64,
+}
+
+/// Rows of a table above which it is copied in key ranges, and the numbers
+/// of the rows of the `n`th range start at `n × PART_ROWS`.
+const RANGE_ROWS: f64 = 1_000_000.0;
+const PART_ROWS: u64 = 1_000_000_000_000;
+
+/// The parts `table` is copied in, as `WHERE` clauses: one (no clause) for
+/// a table of fewer than [`RANGE_ROWS`] rows or without a one-column integer
+/// key, else up to `sessions` ranges of equal width between its smallest
+/// and largest key, read in the snapshot.
+async fn key_ranges(
+    snapshot: &tokio_postgres::Client,
+    t: &LoadTable,
+    sessions: usize,
+) -> Result<Vec<String>> {
+    let keys: Vec<usize> = (0..t.table.columns.len())
+        .filter(|i| t.table.columns[*i].key)
+        .collect();
+    let whole = vec![String::new()];
+    let [key] = keys[..] else { return Ok(whole) };
+    let parts = (t.estimated_rows / RANGE_ROWS).ceil().min(sessions as f64);
+    if parts < 2.0 || !matches!(t.types[key], 20 | 21 | 23) {
+        return Ok(whole);
+    }
+    let column = quote(&t.table.columns[key].name);
+    let row = snapshot
+        .query_one(
+            &format!(
+                "SELECT min({column})::int8, max({column})::int8 FROM {}.{}",
+                quote(&t.table.schema),
+                quote(&t.table.name)
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg(format!(
+            "reading the key range of {}.{}",
+            t.table.schema, t.table.name
+        )))?;
+    let (Some(low), Some(high)): (Option<i64>, Option<i64>) = (row.get(0), row.get(1)) else {
+        return Ok(whole);
+    };
+    Ok(ranges(low, high, parts as usize)
+        .into_iter()
+        .map(|(from, to)| match to {
+            Some(to) => format!(" WHERE {column} >= {from} AND {column} < {to}"),
+            None => format!(" WHERE {column} >= {from}"),
         })
+        .collect())
+}
+
+/// `parts` ranges `[from, to)` of equal width covering `low..=high`, the
+/// last one open (`to` `None`).
+fn ranges(low: i64, high: i64, parts: usize) -> Vec<(i64, Option<i64>)> {
+    let width = (i128::from(high) - i128::from(low) + 1).max(1);
+    let parts = (parts as i128).clamp(1, width);
+    let bound = |i: i128| (i128::from(low) + width * i / parts) as i64;
+    (0..parts)
+        .map(|i| (bound(i), (i + 1 < parts).then(|| bound(i + 1))))
         .collect()
 }
 
@@ -306,15 +372,18 @@ mod tests {
     }
 
     #[test]
-    fn copy_text_format() {
+    fn key_ranges_cover_the_keys_once() {
         assert_eq!(
-            copy_fields(b"1\t\\N\ta\\tb\\nc\t\\\\x"),
-            vec![
-                Some("1".into()),
-                None,
-                Some("a\tb\nc".into()),
-                Some("\\x".into())
-            ]
+            ranges(1, 100, 4),
+            [(1, Some(26)), (26, Some(51)), (51, Some(76)), (76, None)]
         );
+        assert_eq!(ranges(5, 6, 4), [(5, Some(6)), (6, None)]);
+        assert_eq!(ranges(7, 7, 3), [(7, None)]);
+        let extreme = ranges(i64::MIN, i64::MAX, 3);
+        assert_eq!(extreme.first().unwrap().0, i64::MIN);
+        assert_eq!(extreme.last().unwrap().1, None);
+        for pair in extreme.windows(2) {
+            assert_eq!(pair[0].1, Some(pair[1].0), "ranges meet");
+        }
     }
 }

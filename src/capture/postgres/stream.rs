@@ -13,6 +13,7 @@ use super::snapshot::seen_by_full_load;
 use super::types::{check_width, same_shape, source_table, update_rows};
 use crate::capture::sink::Sink;
 use crate::capture::source::Value;
+use crate::capture::writer::push_padded;
 use crate::decode::Op;
 use crate::error::{Error, Result};
 
@@ -105,8 +106,8 @@ impl PgSource {
                 )?;
                 index += 1;
                 seq.clear();
-                use std::fmt::Write;
-                write!(seq, "{lsn:020}{index:015}").expect("string");
+                push_padded(&mut seq, lsn, 20);
+                push_padded(&mut seq, index, 15);
                 sink.row(id, op, commit_micros, &seq, values)
             };
             match message {
