@@ -121,9 +121,9 @@ TOML
 measure_capture pgcopy "$OUT/capture/load.toml" "$OUT/capture/load-objects" "$LOAD_ROWS"
 "${PSQL[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_load'" >/dev/null
 
-"${MY[@]}" -e "DROP DATABASE IF EXISTS bench_load; CREATE DATABASE bench_load;
-  CREATE TABLE bench_load.accounts(aid int PRIMARY KEY, bid int, abalance int, filler char(84));
-  INSERT INTO bench_load.accounts SELECT seq, (seq - 1) DIV 100000 + 1, 0, '' FROM seq_1_to_$LOAD_ROWS;"
+"${MY[@]}" -e "DROP DATABASE IF EXISTS bench_load; CREATE DATABASE bench_load"
+"${MY[@]}" bench_load -e "CREATE TABLE accounts(aid int PRIMARY KEY, bid int, abalance int, filler char(84));
+  INSERT INTO accounts SELECT seq, (seq - 1) DIV 100000 + 1, 0, '' FROM seq_1_to_$LOAD_ROWS;"
 measure mariadb-dump mydump "$LOAD_ROWS" /dev/null \
   mariadb-dump --no-defaults -h127.0.0.1 -P13306 -uroot --single-transaction --result-file=/dev/null bench_load accounts
 cat >"$OUT/capture/mariadb-load.toml" <<TOML

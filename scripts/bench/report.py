@@ -183,6 +183,7 @@ def main():
 def write(runs, binary, out_dir, bench_md):
     import polars
 
+    previous = open(bench_md).read().splitlines() if os.path.exists(bench_md) else []
     version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
@@ -228,11 +229,18 @@ def write(runs, binary, out_dir, bench_md):
         data = data_dir(out_dir, shape, fmt)
         sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(data) for f in fs
                  if f.endswith(("." + fmt, "." + fmt + ".gz"))]
-        specs = tables(data)
+        heading = f"## {shape} shape, {fmt.upper()}: "
+        if sizes:
+            heading += (
+                f"{changes:,} changes in {len(sizes):,} objects "
+                f"({sum(sizes) / 2**20:,.0f} MiB, the largest {max(sizes) / 2**20:,.0f} MiB), "
+                f"tables {', '.join(tables(data))}"
+            )
+        else:
+            # The data of a run kept from before is gone: its heading as written then.
+            heading = next((l for l in previous if l.startswith(heading)), heading + f"{changes:,} changes")
         lines += [
-            f"## {shape} shape, {fmt.upper()}: {changes:,} changes in {len(sizes):,} objects "
-            f"({sum(sizes) / 2**20:,.0f} MiB, the largest {max(sizes) / 2**20:,.0f} MiB), "
-            f"tables {', '.join(specs)}",
+            heading,
             "",
             SHAPES[shape],
             "",

@@ -445,8 +445,13 @@ impl Buffer {
                 }
                 let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
                     .expect("builders match the schema");
+                // The sequence is unique per row: a dictionary of it only costs.
                 let props = WriterProperties::builder()
                     .set_max_row_group_row_count(Some(10_000))
+                    .set_column_dictionary_enabled(
+                        parquet::schema::types::ColumnPath::from(layout.sequence_column.as_str()),
+                        false,
+                    )
                     .build();
                 let mut out = Vec::with_capacity(self.bytes + self.count * 48);
                 let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))

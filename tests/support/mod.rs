@@ -662,7 +662,6 @@ impl Workspace {
     /// The warehouse's rows of `sql` with every column cast to text (NULL as
     /// None), sorted: compared with a source database's rows cast the same way.
     pub(crate) async fn text_rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
-        use arrow::array::{Array, AsArray};
         let mut out = Vec::new();
         for batch in self.query(sql).await {
             let columns: Vec<_> = batch
@@ -1291,7 +1290,7 @@ pub(crate) fn object_rows(
     table: &str,
     keep: impl Fn(&str) -> bool,
 ) -> (Vec<String>, Vec<Vec<Option<String>>>) {
-    use arrow::array::{Array, AsArray};
+    use arrow::array::AsArray;
     let mut fields = vec![];
     let mut rows = vec![];
     let mut files: Vec<_> = walk(dir)
