@@ -210,7 +210,7 @@ impl PgSource {
                 let mut shown = 0;
                 let bad = |e: String| Error::capture(context.clone(), e);
                 while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(pg(context.clone()))?;
+                    let chunk = chunk.map_err(|e| pg(context.as_str())(e))?;
                     pending.extend_from_slice(&chunk);
                     let mut at = 0;
                     loop {

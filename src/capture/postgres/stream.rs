@@ -80,7 +80,7 @@ impl PgSource {
         let (mut commit_micros, mut lsn, mut index, mut skip) = (0i64, 0u64, 0u64, false);
         let mut seq = String::with_capacity(40);
         while let Some(row) = rows.next().await {
-            let row = row.map_err(pg(format!("reading slot {}", s.slot)))?;
+            let row = row.map_err(|e| pg(format!("reading slot {}", s.slot))(e))?;
             let data: &[u8] = row.get(0);
             let message = pgoutput::decode(data)
                 .map_err(|e| Error::capture(format!("slot {}", s.slot), e))?;
