@@ -27,6 +27,7 @@ use crate::config::UTC;
 use crate::decode::columns::ColumnBuilder;
 use crate::decode::{EXISTING_METADATA, Op};
 use crate::error::{Error, Result};
+use crate::source::push_padded;
 
 /// Object format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -628,27 +629,6 @@ impl LoadWriter {
     }
 }
 
-/// Appends `n` in decimal, zero-padded to `width` digits: a fixed-width part
-/// of a sequence. By hand: `format!`'s padding writes a character at a time
-/// and showed up in perf on the per-row path.
-pub(crate) fn push_padded(out: &mut String, n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut rest = n;
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    for _ in digits.len() - at..width {
-        out.push('0');
-    }
-    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
-}
-
 /// `yyyy-MM-dd HH:mm:ss.ffffff` (UTC), formatted by hand: chrono's strftime
 /// showed up in perf on a per-row path.
 pub(crate) fn timestamp_text(at: DateTime<Utc>) -> String {
@@ -824,23 +804,6 @@ impl SchemaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn padded_numbers_are_formats_padding() {
-        for (n, width) in [
-            (0, 20),
-            (0, 1),
-            (7, 15),
-            (123, 5),
-            (12_345, 3),
-            (u64::MAX, 20),
-            (u64::MAX, 25),
-        ] {
-            let mut out = String::from("x");
-            push_padded(&mut out, n, width);
-            assert_eq!(out, format!("x{n:0width$}"));
-        }
-    }
 
     #[test]
     fn csv_fields_are_quoted_when_needed() {

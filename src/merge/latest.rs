@@ -9,7 +9,6 @@
 //! Memory holds the latest row of each key seen (plus, between compactions,
 //! superseded rows up to a quarter of them), not the batch.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -350,60 +349,63 @@ impl KeyLookup {
 }
 
 /// Each key's latest row, by the key's row-format bytes. The bytes live in
-/// one arena (no allocation per key); the map goes from a key's 64-bit hash
-/// to a chain of the (rarely more than one) keys with that hash.
+/// one arena, entry after entry (no allocation per key; a key ends where the
+/// next entry's starts), and the hash table holds entry numbers: 16 bytes per
+/// key besides its bytes and the table's 5 (a map from hashes to chains took
+/// 40). A row costs one probe of the table, inserting where the lookup ended.
 #[derive(Default)]
 struct KeyIndex {
     hasher: foldhash::fast::RandomState,
-    heads: HashMap<u64, u32, PassThrough>,
+    table: hashbrown::HashTable<u32>,
     entries: Vec<KeyEntry>,
     arena: Vec<u8>,
 }
 
 struct KeyEntry {
     start: usize,
-    len: u32,
-    /// The next entry with the same hash, or `u32::MAX`.
-    next: u32,
     loc: Loc,
+}
+
+/// The key bytes of entry `at`.
+fn key_of<'a>(entries: &'a [KeyEntry], arena: &'a [u8], at: u32) -> &'a [u8] {
+    let at = at as usize;
+    let end = entries.get(at + 1).map_or(arena.len(), |next| next.start);
+    &arena[entries[at].start..end]
 }
 
 impl KeyIndex {
     /// The location of `key`'s latest row; a new key gets `fresh`.
     fn entry(&mut self, key: &[u8], fresh: Loc) -> &mut Loc {
         let hash = self.hasher.hash_one(key);
-        let head = self.heads.get(&hash).copied().unwrap_or(u32::MAX);
-        if let Some(at) = self.find(head, key) {
-            return &mut self.entries[at as usize].loc;
-        }
-        let new = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
-        self.entries.push(KeyEntry {
-            start: self.arena.len(),
-            len: key.len() as u32,
-            next: head,
-            loc: fresh,
-        });
-        self.heads.insert(hash, new);
-        self.arena.extend_from_slice(key);
-        &mut self.entries[new as usize].loc
+        let (entries, arena, hasher) = (&self.entries, &self.arena, &self.hasher);
+        let at = match self.table.entry(
+            hash,
+            |&at| key_of(entries, arena, at) == key,
+            |&at| hasher.hash_one(key_of(entries, arena, at)),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(found) => *found.get(),
+            hashbrown::hash_table::Entry::Vacant(place) => {
+                let new = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
+                place.insert(new);
+                self.entries.push(KeyEntry {
+                    start: self.arena.len(),
+                    loc: fresh,
+                });
+                self.arena.extend_from_slice(key);
+                new
+            }
+        };
+        &mut self.entries[at as usize].loc
     }
 
     /// The location of `key`'s latest row, if it has one.
     fn get(&self, key: &[u8]) -> Option<Loc> {
-        let head = *self.heads.get(&self.hasher.hash_one(key))?;
-        self.find(head, key).map(|at| self.entries[at as usize].loc)
-    }
-
-    /// The entry of `key` in the chain starting at `at`.
-    fn find(&self, mut at: u32, key: &[u8]) -> Option<u32> {
-        while at != u32::MAX {
-            let e = &self.entries[at as usize];
-            if &self.arena[e.start..e.start + e.len as usize] == key {
-                return Some(at);
-            }
-            at = e.next;
-        }
-        None
+        let (entries, arena) = (&self.entries, &self.arena);
+        self.table
+            .find(self.hasher.hash_one(key), |&at| {
+                key_of(entries, arena, at) == key
+            })
+            .map(|&at| entries[at as usize].loc)
     }
 
     fn len(&self) -> usize {
@@ -416,33 +418,6 @@ impl KeyIndex {
 
     fn locs_mut(&mut self) -> impl Iterator<Item = &mut Loc> {
         self.entries.iter_mut().map(|e| &mut e.loc)
-    }
-}
-
-/// The hasher of a map whose keys are hashes already.
-#[derive(Default, Clone, Copy)]
-struct PassThrough;
-
-impl BuildHasher for PassThrough {
-    type Hasher = PassThroughHasher;
-    fn build_hasher(&self) -> PassThroughHasher {
-        PassThroughHasher(0)
-    }
-}
-
-struct PassThroughHasher(u64);
-
-impl std::hash::Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 

@@ -17,6 +17,9 @@
 mod latest;
 pub mod sql;
 
+/// Digits of the row number in a `change_seq`.
+const ROW_DIGITS: usize = 12;
+
 pub use latest::{KeyLookup, LatestChanges, Loc};
 
 use std::sync::Arc;
@@ -294,7 +297,6 @@ impl Merger {
         first_row: usize,
     ) -> Result<StringArray> {
         let rows = batch.num_rows();
-        let mut out = StringBuilder::with_capacity(rows, rows * 30);
         let sequence = match (&self.sequence_column, object.name.order) {
             (Some(name), ObjectOrder::Cdc(_)) => {
                 Some(batch.column_by_name(name).expect("decoded extra"))
@@ -303,17 +305,24 @@ impl Merger {
         };
         match sequence {
             None => {
-                let prefix = object.name.order.sort_key();
-                let mut buf = String::with_capacity(30);
+                // Values of one length: the builder is sized exactly once, as
+                // the latest-change table keeps these arrays (a doubled
+                // buffer was half empty).
+                let mut value = object.name.order.sort_key();
+                let prefix = value.len();
+                let mut out = StringBuilder::with_capacity(rows, rows * (prefix + ROW_DIGITS));
                 for row in first_row..first_row + rows {
-                    use std::fmt::Write;
-                    buf.clear();
-                    write!(buf, "{prefix}{row:012}").expect("write to string");
-                    out.append_value(&buf);
+                    value.truncate(prefix);
+                    crate::source::push_padded(&mut value, row as u64, ROW_DIGITS);
+                    out.append_value(&value);
                 }
+                Ok(out.finish())
             }
             Some(values) => {
                 let values = values.as_string::<i32>();
+                let offsets = values.value_offsets();
+                let bytes = (offsets[rows] - offsets[0]) as usize;
+                let mut out = StringBuilder::with_capacity(rows, bytes + rows);
                 for row in 0..rows {
                     if values.is_null(row) {
                         return Err(Error::decode(
@@ -328,9 +337,9 @@ impl Merger {
                     }
                     out.append_value(format!("1{}", values.value(row)));
                 }
+                Ok(out.finish())
             }
         }
-        Ok(out.finish())
     }
 
     /// The current-state rows of the latest changes per key in the

@@ -12,7 +12,7 @@ use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as StorePath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 
-pub use layout::{Compression, ObjectName, ObjectOrder};
+pub use layout::{Compression, ObjectName, ObjectOrder, push_padded};
 
 use crate::config::{Format, Source};
 use crate::error::{Error, Result};

@@ -14,9 +14,9 @@ use super::connect::my;
 use super::rows::{Image, Rows};
 use crate::capture::sink::Sink;
 use crate::capture::source::{Chunk, Value, emptied};
-use crate::capture::writer::push_padded;
 use crate::decode::Op;
 use crate::error::{Error, Result};
+use crate::source::push_padded;
 
 /// Where the binlog is read from.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -13,9 +13,9 @@ use super::snapshot::seen_by_full_load;
 use super::types::{check_width, same_shape, source_table, update_rows};
 use crate::capture::sink::Sink;
 use crate::capture::source::Value;
-use crate::capture::writer::push_padded;
 use crate::decode::Op;
 use crate::error::{Error, Result};
+use crate::source::push_padded;
 
 impl PgSource {
     /// The server's current WAL insert position: `--once` captures up to it.
