@@ -554,6 +554,61 @@ mod tests {
         assert!(err.contains("row 4321, column \"Op\""), "{err}");
     }
 
+    /// The bytes of `batch`'s buffers (their capacity, as allocated).
+    fn capacity(batch: &RecordBatch) -> usize {
+        batch
+            .columns()
+            .iter()
+            .map(|c| c.get_buffer_memory_size())
+            .sum()
+    }
+
+    #[test]
+    fn a_small_parquet_object_decodes_into_arrays_of_its_size() {
+        // The merge keeps decoded arrays (a key's latest row) until the batch
+        // ends: a row group's range was read in 64k-row batches, and held
+        // its 1,500 rows in arrays twice their size (the whole-file reader
+        // caps the batch at the file's rows).
+        let key = "s/t/20240501-000000000.parquet";
+        for (file, rows) in [
+            (spooled_parquet(100, None), 100),
+            (spooled_parquet(5000, None), 5000),
+        ] {
+            let mut decoded = Vec::new();
+            let reader = std::fs::File::open(&*file).unwrap();
+            parquet::decode_batches(key, reader, true, &spec(), &mut |b| {
+                decoded.push(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(decoded.iter().map(|b| b.num_rows()).sum::<usize>(), rows);
+            // Independently: the same rows concatenated (arrays of exact size).
+            let exact = arrow::compute::concat_batches(&spec().output_schema(), &decoded).unwrap();
+            let held: usize = decoded.iter().map(capacity).sum();
+            assert!(
+                held <= 2 * capacity(&exact) + 4096,
+                "{rows} rows: decoded arrays hold {held} bytes, the rows take {}",
+                capacity(&exact)
+            );
+            let mut ranges = Vec::new();
+            parquet::split_file(key, file, true, &Arc::new(spec()), 1 << 20, &mut |p| {
+                ranges.push(p);
+                Ok(())
+            })
+            .unwrap();
+            let held: usize = ranges
+                .into_iter()
+                .flat_map(|p| p.decode().unwrap())
+                .map(|b| capacity(&b))
+                .sum();
+            assert!(
+                held <= 2 * capacity(&exact) + 4096,
+                "{rows} rows in ranges: decoded arrays hold {held} bytes, the rows take {}",
+                capacity(&exact)
+            );
+        }
+    }
+
     #[test]
     fn csv_rows_are_handed_on_before_the_object_is_read_whole() {
         let mut text = String::from("Op,id,v\n");

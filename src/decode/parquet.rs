@@ -108,7 +108,10 @@ impl RowRange {
             .map_err(|e| corrupt(key, e))?
             .with_row_groups(vec![self.group])
             .with_row_selection(selection)
-            .with_batch_size(BATCH_ROWS)
+            // The reader sizes each column's buffers for a whole batch (it
+            // caps that at the file's rows, not the range's), and the merge
+            // may keep a decoded array to the end: batches the range's size.
+            .with_batch_size(self.take.clamp(1, BATCH_ROWS))
             .build()
             .map_err(|e| corrupt(key, e))?;
         let mut first_row = self.first_row;

@@ -7,8 +7,11 @@
 //! and held a hash join's build side: a hash table over the key's row-format
 //! bytes keeps each key's newest row.
 //! Memory holds the latest row of each key seen (plus, between compactions,
-//! superseded rows up to a quarter of them), not the batch.
+//! superseded rows up to a quarter of them), not the batch. A chunk's
+//! `change_seq` values of the usual form (one object's prefix and row
+//! numbers) are held as 4-byte row offsets, not as text of 30-odd bytes.
 
+use std::cmp::Ordering;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -18,8 +21,9 @@ use arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use arrow::row::{RowConverter, SortField};
 use chrono::DateTime;
 
-use super::{BatchOrder, Merger};
+use super::{BatchOrder, Merger, ROW_DIGITS, row_seqs};
 use crate::error::{Error, Result};
+use crate::source::push_padded;
 use crate::state::BatchStats;
 
 /// Superseded rows are dropped once this many are held, or a quarter as many
@@ -32,21 +36,22 @@ pub type Loc = (u32, u32);
 
 /// Collects the latest change per key and the figures of a batch's history rows.
 pub struct LatestChanges {
-    /// History columns kept: the data columns, op, commit_ts and change_seq.
+    /// History columns kept: the data columns, op and commit_ts (change_seq
+    /// is kept apart, in `kept_seq`, and appended by `finish`).
     projection: Vec<usize>,
+    /// The rows `finish` returns: the kept columns and change_seq.
     schema: SchemaRef,
     /// Positions in the kept rows.
     key: Vec<usize>,
     op: usize,
-    seq: usize,
     /// Positions in history rows.
     history_op: usize,
     history_seq: usize,
     history_commit_ts: usize,
     converter: RowConverter,
     kept: Vec<RecordBatch>,
-    /// The change_seq column of each kept batch.
-    kept_seq: Vec<StringArray>,
+    /// The change_seq values of each kept batch.
+    kept_seq: Vec<Seqs>,
     kept_rows: usize,
     /// Compact once this many superseded rows are kept (or a quarter of the keys).
     compact_after: usize,
@@ -81,10 +86,10 @@ impl LatestChanges {
             position(&m.commit_ts)?,
             position(&m.change_seq)?,
         );
-        projection.extend([history_op, history_commit_ts, history_seq]);
+        projection.extend([history_op, history_commit_ts]);
         let schema = Arc::new(
             history
-                .project(&projection)
+                .project(&[projection.as_slice(), &[history_seq]].concat())
                 .map_err(|e| internal(e.to_string()))?,
         );
         let kept_position = |name: &str| schema.index_of(name).map_err(|e| internal(e.to_string()));
@@ -101,7 +106,6 @@ impl LatestChanges {
         .map_err(|e| internal(e.to_string()))?;
         Ok(LatestChanges {
             op: kept_position(&m.op)?,
-            seq: kept_position(&m.change_seq)?,
             projection,
             schema,
             key,
@@ -126,12 +130,12 @@ impl LatestChanges {
     }
 
     /// Takes in one chunk of history rows.
-    pub fn push(&mut self, rows: &RecordBatch) -> Result<()> {
-        if rows.num_rows() == 0 {
+    pub fn push(&mut self, chunk: &RecordBatch) -> Result<()> {
+        if chunk.num_rows() == 0 {
             return Ok(());
         }
-        self.count(rows);
-        let rows = rows
+        self.count(chunk);
+        let rows = chunk
             .project(&self.projection)
             .map_err(|e| internal(e.to_string()))?;
         let keys: Vec<ArrayRef> = self.key.iter().map(|&i| rows.column(i).clone()).collect();
@@ -140,7 +144,7 @@ impl LatestChanges {
             .convert_columns(&keys)
             .map_err(|e| internal(e.to_string()))?;
         let ops = rows.column(self.op).as_string::<i32>().clone();
-        let seqs = rows.column(self.seq).as_string::<i32>().clone();
+        let seqs = chunk.column(self.history_seq).as_string::<i32>();
         // Rows usually stream in change order (objects in order, rows in
         // order): then each row supersedes what its key held, unseen.
         let in_order = self
@@ -148,7 +152,7 @@ impl LatestChanges {
             .as_deref()
             .is_none_or(|max| seqs.value(0) > max)
             && (1..seqs.len()).all(|i| seqs.value(i - 1) < seqs.value(i));
-        if let Some(max) = max_string(&seqs)
+        if let Some(max) = max_string(seqs)
             && self.stream_max.as_deref().is_none_or(|m| max > m)
         {
             self.stream_max = Some(max.to_string());
@@ -156,15 +160,17 @@ impl LatestChanges {
         let batch = u32::try_from(self.kept.len()).map_err(internal)?;
         self.kept_rows += rows.num_rows();
         self.kept.push(rows);
-        self.kept_seq.push(seqs.clone());
+        self.kept_seq.push(Seqs::new(seqs));
         let kept_seq = &self.kept_seq;
         for (i, key) in keys.iter().enumerate() {
             if ops.value(i) == "T" {
                 continue; // a truncate is no key's change
             }
             let here = (batch, i as u32);
-            let loc = self.index.entry(key.as_ref(), here);
-            if in_order || seqs.value(i) > kept_seq[loc.0 as usize].value(loc.1 as usize) {
+            let loc = self.index.entry(key.as_ref(), here)?;
+            if in_order
+                || kept_seq[loc.0 as usize].cmp_row(loc.1 as usize, seqs.value(i)) == Ordering::Less
+            {
                 *loc = here;
             }
         }
@@ -231,11 +237,11 @@ impl LatestChanges {
         }
         // Batch by batch, each old batch freed once filtered: memory peaks at
         // the kept rows plus one batch, not twice the kept rows.
-        self.kept_seq.clear();
         let kept = std::mem::take(&mut self.kept);
+        let kept_seq = std::mem::take(&mut self.kept_seq);
         // Where each kept row lands: its new row number, for the winners.
         let mut moved: Vec<Vec<u32>> = Vec::with_capacity(winners.len());
-        for (batch, winners) in kept.into_iter().zip(winners) {
+        for ((batch, seqs), winners) in kept.into_iter().zip(kept_seq).zip(winners) {
             let mask = BooleanArray::from(winners);
             let mut next = 0;
             moved.push(
@@ -250,8 +256,7 @@ impl LatestChanges {
             let filtered =
                 filter_record_batch(&batch, &mask).map_err(|e| internal(e.to_string()))?;
             drop(batch);
-            self.kept_seq
-                .push(filtered.column(self.seq).as_string::<i32>().clone());
+            self.kept_seq.push(seqs.filter(&mask)?);
             self.kept.push(filtered);
         }
         for loc in self.index.locs_mut() {
@@ -265,11 +270,14 @@ impl LatestChanges {
     /// truncate becomes a delete), with the batch's figures and order.
     pub fn finish(mut self) -> Result<(Vec<RecordBatch>, BatchStats, BatchOrder)> {
         self.compact()?;
-        if let Some(truncated) = self.order.truncated.as_deref() {
-            for batch in &mut self.kept {
-                let seqs = batch.column(self.seq).as_string::<i32>();
-                let ops: StringArray = batch
-                    .column(self.op)
+        let kept = std::mem::take(&mut self.kept);
+        let kept_seq = std::mem::take(&mut self.kept_seq);
+        let mut rows = Vec::with_capacity(kept.len());
+        for (batch, seqs) in kept.into_iter().zip(kept_seq) {
+            let seqs = seqs.into_array();
+            let mut columns = batch.columns().to_vec();
+            if let Some(truncated) = self.order.truncated.as_deref() {
+                let ops: StringArray = columns[self.op]
                     .as_string::<i32>()
                     .iter()
                     .zip(seqs.iter())
@@ -278,13 +286,131 @@ impl LatestChanges {
                         _ => op,
                     })
                     .collect();
-                let mut columns = batch.columns().to_vec();
                 columns[self.op] = Arc::new(ops);
-                *batch = RecordBatch::try_new(self.schema.clone(), columns)
-                    .map_err(|e| internal(e.to_string()))?;
+            }
+            columns.push(Arc::new(seqs));
+            rows.push(
+                RecordBatch::try_new(self.schema.clone(), columns)
+                    .map_err(|e| internal(e.to_string()))?,
+            );
+        }
+        Ok((rows, self.stats, self.order))
+    }
+}
+
+/// The change_seq values of one kept batch. The usual values (one object's
+/// prefix and its zero-padded row numbers, as [`Merger`] makes them) are
+/// held as the prefix and a 4-byte offset per row; any other values as text.
+enum Seqs {
+    Rows {
+        prefix: Box<str>,
+        first: u64,
+        offsets: Vec<u32>,
+    },
+    Text(StringArray),
+}
+
+impl Seqs {
+    fn new(values: &StringArray) -> Seqs {
+        Seqs::rows(values).unwrap_or_else(|| Seqs::Text(values.clone()))
+    }
+
+    /// `values` as a prefix and row offsets, if each is the prefix of the
+    /// first, then ROW_DIGITS digits (no NULL).
+    fn rows(values: &StringArray) -> Option<Seqs> {
+        if values.null_count() > 0 || values.is_empty() {
+            return None;
+        }
+        fn split(value: &str) -> Option<(&str, u64)> {
+            let at = value.len().checked_sub(ROW_DIGITS)?;
+            let digits = value.as_bytes()[at..].iter().try_fold(0u64, |n, &d| {
+                d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+            })?;
+            Some((value.get(..at)?, digits))
+        }
+        let (prefix, _) = split(values.value(0))?;
+        let (mut first, mut last) = (u64::MAX, 0);
+        for value in values.iter().flatten() {
+            let (own, row) = split(value)?;
+            if own != prefix {
+                return None;
+            }
+            (first, last) = (first.min(row), last.max(row));
+        }
+        u32::try_from(last - first).ok()?;
+        // Allocated once, at its size (kept to the end of the batch).
+        let mut offsets = Vec::with_capacity(values.len());
+        offsets.extend(values.iter().map(|value| {
+            value
+                .and_then(split)
+                .map_or(0, |(_, row)| (row - first) as u32)
+        }));
+        Some(Seqs::Rows {
+            prefix: prefix.into(),
+            first,
+            offsets,
+        })
+    }
+
+    /// How row `row`'s value compares with `other`.
+    fn cmp_row(&self, row: usize, other: &str) -> Ordering {
+        match self {
+            Seqs::Text(values) => values.value(row).cmp(other),
+            Seqs::Rows {
+                prefix,
+                first,
+                offsets,
+            } => {
+                let mut value = String::with_capacity(prefix.len() + ROW_DIGITS);
+                value.push_str(prefix);
+                push_padded(&mut value, first + u64::from(offsets[row]), ROW_DIGITS);
+                value.as_str().cmp(other)
             }
         }
-        Ok((self.kept, self.stats, self.order))
+    }
+
+    /// The values of the rows `mask` selects.
+    fn filter(self, mask: &BooleanArray) -> Result<Seqs> {
+        Ok(match self {
+            Seqs::Text(values) => Seqs::Text(
+                arrow::compute::filter(&values, mask)
+                    .map_err(|e| internal(e.to_string()))?
+                    .as_string::<i32>()
+                    .clone(),
+            ),
+            Seqs::Rows {
+                prefix,
+                first,
+                offsets,
+            } => {
+                // A new Vec of the kept size (collecting in place would keep
+                // the old one's).
+                let mut kept = Vec::with_capacity(mask.true_count());
+                kept.extend(
+                    offsets
+                        .iter()
+                        .zip(mask.values())
+                        .filter_map(|(&offset, keep)| keep.then_some(offset)),
+                );
+                Seqs::Rows {
+                    prefix,
+                    first,
+                    offsets: kept,
+                }
+            }
+        })
+    }
+
+    /// The values as text.
+    fn into_array(self) -> StringArray {
+        match self {
+            Seqs::Text(values) => values,
+            Seqs::Rows {
+                prefix,
+                first,
+                offsets,
+            } => row_seqs(&prefix, offsets.into_iter().map(|o| first + u64::from(o))),
+        }
     }
 }
 
@@ -318,7 +444,7 @@ impl KeyLookup {
                 .collect();
             let batch = u32::try_from(batch).map_err(internal)?;
             for (row, key) in lookup.rows(&keys)?.iter().enumerate() {
-                *lookup.index.entry(key.as_ref(), (batch, row as u32)) = (batch, row as u32);
+                *lookup.index.entry(key.as_ref(), (batch, row as u32))? = (batch, row as u32);
             }
         }
         Ok(lookup)
@@ -350,7 +476,7 @@ impl KeyLookup {
 
 /// Each key's latest row, by the key's row-format bytes. The bytes live in
 /// one arena, entry after entry (no allocation per key; a key ends where the
-/// next entry's starts), and the hash table holds entry numbers: 16 bytes per
+/// next entry's starts), and the hash table holds entry numbers: 12 bytes per
 /// key besides its bytes and the table's 5 (a map from hashes to chains took
 /// 40). A row costs one probe of the table, inserting where the lookup ended.
 #[derive(Default)]
@@ -362,20 +488,24 @@ struct KeyIndex {
 }
 
 struct KeyEntry {
-    start: usize,
+    /// Where the key's bytes start in the arena.
+    start: u32,
     loc: Loc,
 }
 
 /// The key bytes of entry `at`.
 fn key_of<'a>(entries: &'a [KeyEntry], arena: &'a [u8], at: u32) -> &'a [u8] {
     let at = at as usize;
-    let end = entries.get(at + 1).map_or(arena.len(), |next| next.start);
-    &arena[entries[at].start..end]
+    let end = entries
+        .get(at + 1)
+        .map_or(arena.len(), |next| next.start as usize);
+    &arena[entries[at].start as usize..end]
 }
 
 impl KeyIndex {
-    /// The location of `key`'s latest row; a new key gets `fresh`.
-    fn entry(&mut self, key: &[u8], fresh: Loc) -> &mut Loc {
+    /// The location of `key`'s latest row; a new key gets `fresh`. An error
+    /// past 2^32 keys or 4 GiB of key bytes.
+    fn entry(&mut self, key: &[u8], fresh: Loc) -> Result<&mut Loc> {
         let hash = self.hasher.hash_one(key);
         let (entries, arena, hasher) = (&self.entries, &self.arena, &self.hasher);
         let at = match self.table.entry(
@@ -385,17 +515,22 @@ impl KeyIndex {
         ) {
             hashbrown::hash_table::Entry::Occupied(found) => *found.get(),
             hashbrown::hash_table::Entry::Vacant(place) => {
-                let new = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
+                let (Ok(new), Ok(start)) = (
+                    u32::try_from(self.entries.len()),
+                    u32::try_from(self.arena.len()),
+                ) else {
+                    return Err(internal(
+                        "a batch has more than 2^32 keys or 4 GiB of key bytes; \
+                         lower batch.max_objects or batch.max_bytes",
+                    ));
+                };
                 place.insert(new);
-                self.entries.push(KeyEntry {
-                    start: self.arena.len(),
-                    loc: fresh,
-                });
+                self.entries.push(KeyEntry { start, loc: fresh });
                 self.arena.extend_from_slice(key);
                 new
             }
         };
-        &mut self.entries[at as usize].loc
+        Ok(&mut self.entries[at as usize].loc)
     }
 
     /// The location of `key`'s latest row, if it has one.
@@ -495,7 +630,14 @@ mod tests {
         }
         (0..count)
             .map(|i| {
-                let seq = format!("1{:012}", seqs[i]);
+                // Most chunks hold change_seq's usual form (one prefix, row
+                // digits); some mix prefixes, lengths or far-apart rows.
+                let seq = match i {
+                    1000..1300 if i % 3 == 0 => format!("1{:012}x", seqs[i]),
+                    2000..2100 if i % 2 == 0 => format!("2{:012}", seqs[i]),
+                    2500..2600 => format!("1{:012}", seqs[i] as u64 * 100_000_000),
+                    _ => format!("1{:012}", seqs[i]),
+                };
                 if i == count / 2 {
                     return (None, None, i as i64, "T", seq);
                 }
@@ -585,6 +727,61 @@ mod tests {
                 stats.max_commit_ts,
                 DateTime::from_timestamp_micros(all.len() as i64 - 1)
             );
+        }
+    }
+
+    #[test]
+    fn seqs_keep_each_value_and_its_order() {
+        // Values, and whether they are held as row offsets (the usual form).
+        let cases: Vec<(Vec<Option<&str>>, bool)> = vec![
+            (
+                vec![
+                    Some("1000000000000007"),
+                    Some("1000000000000003"),
+                    Some("1000000000000100"),
+                ],
+                true,
+            ),
+            (vec![Some("0000000000000"), Some("0999999999999")], false), // 4 billion rows apart
+            (
+                vec![Some("1000000000000001"), Some("2000000000000002")],
+                false,
+            ),
+            (vec![Some("1000000000001"), Some("1000000000001x")], false),
+            (vec![Some("1000000000001"), None], false),
+            (vec![Some("short"), Some("")], false),
+        ];
+        for (values, as_rows) in cases {
+            let array = StringArray::from(values.clone());
+            let seqs = Seqs::new(&array);
+            assert_eq!(matches!(seqs, Seqs::Rows { .. }), as_rows, "{values:?}");
+            if let Seqs::Rows { offsets, .. } = &seqs {
+                assert_eq!(offsets.capacity(), offsets.len(), "{values:?}");
+            }
+            for (row, value) in values.iter().enumerate().filter(|(_, v)| v.is_some()) {
+                for other in ["", "1000000000000004", "2", "1000000000001x"] {
+                    assert_eq!(
+                        seqs.cmp_row(row, other),
+                        value.unwrap().cmp(other),
+                        "{values:?} row {row} against {other:?}"
+                    );
+                }
+            }
+            let mask = BooleanArray::from((0..values.len()).map(|i| i != 1).collect::<Vec<_>>());
+            let kept: Vec<Option<&str>> = values
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 1)
+                .map(|(_, v)| *v)
+                .collect();
+            let filtered = seqs.filter(&mask).unwrap();
+            if let Seqs::Rows { offsets, .. } = &filtered {
+                // Held at their size: kept to the end of the batch.
+                assert_eq!(offsets.capacity(), offsets.len(), "{values:?}");
+            }
+            let filtered = filtered.into_array();
+            assert_eq!(filtered, StringArray::from(kept), "{values:?}");
+            assert_eq!(Seqs::new(&array).into_array(), array);
         }
     }
 

@@ -36,6 +36,22 @@ use crate::error::{Error, Location, Result};
 use crate::source::{ObjectOrder, SourceObject};
 use crate::state::BatchStats;
 
+/// The `change_seq` values of `rows` of one object: its `prefix` and each
+/// row number in ROW_DIGITS digits. Values of one length: the builder is
+/// sized exactly once.
+fn row_seqs(prefix: &str, rows: impl ExactSizeIterator<Item = u64>) -> StringArray {
+    let width = prefix.len() + ROW_DIGITS;
+    let mut out = StringBuilder::with_capacity(rows.len(), rows.len() * width);
+    let mut value = String::with_capacity(width);
+    for row in rows {
+        value.clear();
+        value.push_str(prefix);
+        crate::source::push_padded(&mut value, row, ROW_DIGITS);
+        out.append_value(&value);
+    }
+    out.finish()
+}
+
 /// Runs `query` and collects its rows; errors name `context`.
 pub(crate) async fn collect(
     ctx: &SessionContext,
@@ -305,18 +321,11 @@ impl Merger {
         };
         match sequence {
             None => {
-                // Values of one length: the builder is sized exactly once, as
-                // the latest-change table keeps these arrays (a doubled
-                // buffer was half empty).
-                let mut value = object.name.order.sort_key();
-                let prefix = value.len();
-                let mut out = StringBuilder::with_capacity(rows, rows * (prefix + ROW_DIGITS));
-                for row in first_row..first_row + rows {
-                    value.truncate(prefix);
-                    crate::source::push_padded(&mut value, row as u64, ROW_DIGITS);
-                    out.append_value(&value);
-                }
-                Ok(out.finish())
+                let prefix = object.name.order.sort_key();
+                Ok(row_seqs(
+                    &prefix,
+                    (first_row..first_row + rows).map(|r| r as u64),
+                ))
             }
             Some(values) => {
                 let values = values.as_string::<i32>();
