@@ -505,28 +505,44 @@ mod tests {
         Arc::new(file.into_temp_path())
     }
 
+    /// The batches [`parquet::decode_batches`] gives for the object in `file`.
+    fn parquet_batches(key: &str, file: &tempfile::TempPath) -> Vec<RecordBatch> {
+        let mut batches = Vec::new();
+        let reader = std::fs::File::open(file).unwrap();
+        parquet::decode_batches(key, reader, true, &spec(), &mut |b| {
+            batches.push(b);
+            Ok(())
+        })
+        .unwrap();
+        batches
+    }
+
+    /// The pieces [`parquet::split_file`] cuts `file` into, `piece_bytes` each.
+    fn parquet_ranges(key: &str, file: &Arc<tempfile::TempPath>, piece_bytes: usize) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        parquet::split_file(
+            key,
+            file.clone(),
+            true,
+            &Arc::new(spec()),
+            piece_bytes,
+            &mut |p| {
+                pieces.push(p);
+                Ok(())
+            },
+        )
+        .unwrap();
+        pieces
+    }
+
     #[test]
     fn parquet_ranges_decoded_on_any_thread_give_the_rows_of_one_pass() {
         let key = "s/t/20240501-000000000.parquet";
         let file = spooled_parquet(5000, None);
-        let mut whole = Vec::new();
-        let reader = std::fs::File::open(&*file).unwrap();
-        parquet::decode_batches(key, reader, true, &spec(), &mut |b| {
-            whole.push(b);
-            Ok(())
-        })
-        .unwrap();
+        let whole = parquet_batches(key, &file);
         let whole = arrow::compute::concat_batches(&spec().output_schema(), &whole).unwrap();
-        let ranges = |file: &Arc<tempfile::TempPath>| {
-            let mut pieces = Vec::new();
-            // 1 byte a piece: the fewest rows a range holds (1,024), so groups split.
-            parquet::split_file(key, file.clone(), true, &Arc::new(spec()), 1, &mut |p| {
-                pieces.push(p);
-                Ok(())
-            })
-            .unwrap();
-            pieces
-        };
+        // 1 byte a piece: the fewest rows a range holds (1,024), so groups split.
+        let ranges = |file: &Arc<tempfile::TempPath>| parquet_ranges(key, file, 1);
         let pieces = ranges(&file);
         assert!(pieces.len() > 4, "{} ranges", pieces.len());
         let mut decoded: Vec<_> = pieces
@@ -574,13 +590,7 @@ mod tests {
             (spooled_parquet(100, None), 100),
             (spooled_parquet(5000, None), 5000),
         ] {
-            let mut decoded = Vec::new();
-            let reader = std::fs::File::open(&*file).unwrap();
-            parquet::decode_batches(key, reader, true, &spec(), &mut |b| {
-                decoded.push(b);
-                Ok(())
-            })
-            .unwrap();
+            let decoded = parquet_batches(key, &file);
             assert_eq!(decoded.iter().map(|b| b.num_rows()).sum::<usize>(), rows);
             // Independently: the same rows concatenated (arrays of exact size).
             let exact = arrow::compute::concat_batches(&spec().output_schema(), &decoded).unwrap();
@@ -590,13 +600,7 @@ mod tests {
                 "{rows} rows: decoded arrays hold {held} bytes, the rows take {}",
                 capacity(&exact)
             );
-            let mut ranges = Vec::new();
-            parquet::split_file(key, file, true, &Arc::new(spec()), 1 << 20, &mut |p| {
-                ranges.push(p);
-                Ok(())
-            })
-            .unwrap();
-            let held: usize = ranges
+            let held: usize = parquet_ranges(key, &file, 1 << 20)
                 .into_iter()
                 .flat_map(|p| p.decode().unwrap())
                 .map(|b| capacity(&b))

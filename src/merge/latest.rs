@@ -340,11 +340,13 @@ impl Seqs {
         u32::try_from(last - first).ok()?;
         // Allocated once, at its size (kept to the end of the batch).
         let mut offsets = Vec::with_capacity(values.len());
-        offsets.extend(values.iter().map(|value| {
-            value
-                .and_then(split)
-                .map_or(0, |(_, row)| (row - first) as u32)
-        }));
+        offsets.extend(
+            values
+                .iter()
+                .flatten()
+                .filter_map(split)
+                .map(|(_, row)| (row - first) as u32),
+        );
         Some(Seqs::Rows {
             prefix: prefix.into(),
             first,
