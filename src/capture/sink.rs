@@ -421,7 +421,10 @@ impl Sink {
         crate::failpoint::hit("capture.after_checkpoint");
         let written = objects.len();
         for (pending, buffer) in objects {
-            let bytes = buffer.encode(&self.layout)?;
+            // Mostly encoded already, by the buffer's encoder thread (see `Buffer`).
+            let bytes = tokio::task::spawn_blocking(move || buffer.encode())
+                .await
+                .expect("encoding task")?;
             self.target.put(&pending.key, bytes).await?;
             crate::failpoint::hit("capture.after_first_object");
         }

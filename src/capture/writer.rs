@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, StringBuilder, TimestampMicrosecondBuilder};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -258,11 +258,110 @@ enum Rows {
     Csv(Vec<u8>),
 }
 
+/// Rows per Parquet row group: the builders hold one row group's rows, and
+/// each full one goes to the buffer's [`Encoder`].
+const ROW_GROUP_ROWS: usize = 10_000;
+
+/// A Parquet buffer: the current row group's builders, and the encoder of
+/// the full ones before it.
 struct ParquetRows {
-    op: StringBuilder,
+    /// CDC objects only.
+    op: Option<StringBuilder>,
     ts: TimestampMicrosecondBuilder,
     seq: StringBuilder,
     columns: Vec<ColumnBuilder>,
+    /// Rows in the builders.
+    pending: usize,
+    schema: SchemaRef,
+    props: WriterProperties,
+    /// Started at the first full row group; small buffers never start one.
+    encoder: Option<Encoder>,
+}
+
+impl ParquetRows {
+    /// The builders' rows as one batch (the builders are left empty).
+    fn batch(&mut self) -> RecordBatch {
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        if let Some(op) = &mut self.op {
+            arrays.push(Arc::new(op.finish()));
+        }
+        arrays.push(Arc::new(self.ts.finish()));
+        arrays.push(Arc::new(self.seq.finish()));
+        arrays.extend(self.columns.iter_mut().map(ColumnBuilder::finish));
+        self.pending = 0;
+        RecordBatch::try_new(self.schema.clone(), arrays).expect("builders match the schema")
+    }
+
+    /// Hands a full row group to the encoder (started at the first).
+    fn row_group_done(&mut self) {
+        let batch = self.batch();
+        let encoder = self
+            .encoder
+            .get_or_insert_with(|| Encoder::start(self.schema.clone(), self.props.clone()));
+        encoder.send(batch);
+    }
+
+    /// The object's bytes: the last rows, then the encoder's output.
+    fn finish(mut self) -> Result<Bytes> {
+        let last = self.batch();
+        match self.encoder.take() {
+            Some(encoder) => {
+                encoder.send(last);
+                encoder.finish()
+            }
+            None => encode_batches(self.schema, self.props, [last]),
+        }
+        .map(Bytes::from)
+    }
+}
+
+/// Encodes a buffer's row groups on a thread of its own while the source
+/// goes on appending rows: an object is mostly encoded by the time it is
+/// written. The channel is unbounded, but every row in it left the
+/// builders, so a buffer never holds more than its rows.
+struct Encoder {
+    batches: std::sync::mpsc::Sender<RecordBatch>,
+    done: std::thread::JoinHandle<Result<Vec<u8>>>,
+}
+
+impl Encoder {
+    fn start(schema: SchemaRef, props: WriterProperties) -> Encoder {
+        let (batches, received) = std::sync::mpsc::channel();
+        let done = std::thread::Builder::new()
+            .name("capture-encode".into())
+            .spawn(move || encode_batches(schema, props, received))
+            .expect("a thread starts");
+        Encoder { batches, done }
+    }
+
+    fn send(&self, batch: RecordBatch) {
+        // A failed encoder has hung up; its error comes from `finish`.
+        let _ = self.batches.send(batch);
+    }
+
+    fn finish(self) -> Result<Vec<u8>> {
+        drop(self.batches);
+        self.done
+            .join()
+            .map_err(|_| Error::Internal("the Parquet encoder thread panicked".into()))?
+    }
+}
+
+/// A Parquet file of `batches`.
+fn encode_batches(
+    schema: SchemaRef,
+    props: WriterProperties,
+    batches: impl IntoIterator<Item = RecordBatch>,
+) -> Result<Vec<u8>> {
+    let failed =
+        |e: parquet::errors::ParquetError| Error::Internal(format!("writing Parquet: {e}"));
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).map_err(failed)?;
+    for batch in batches {
+        writer.write(&batch).map_err(failed)?;
+    }
+    writer.close().map_err(failed)?;
+    Ok(out)
 }
 
 /// The rows of one table waiting to be written as one object.
@@ -281,10 +380,10 @@ pub struct Buffer {
 impl Buffer {
     /// An empty buffer.
     pub fn new(table: Arc<OutputTable>, kind: Kind, layout: &Layout) -> Buffer {
-        let cap = layout.max_rows.min(16_384);
+        let cap = layout.max_rows.min(ROW_GROUP_ROWS);
         let rows = match layout.format {
             OutputFormat::Parquet => Rows::Parquet(Box::new(ParquetRows {
-                op: StringBuilder::with_capacity(cap, cap),
+                op: (kind == Kind::Cdc).then(|| StringBuilder::with_capacity(cap, cap)),
                 ts: TimestampMicrosecondBuilder::with_capacity(cap).with_timezone(UTC),
                 seq: StringBuilder::with_capacity(cap, cap * 35),
                 columns: table
@@ -292,6 +391,10 @@ impl Buffer {
                     .iter()
                     .map(|c| ColumnBuilder::new(c.sql_type, cap))
                     .collect(),
+                pending: 0,
+                schema: parquet_schema(&table, kind, layout),
+                props: parquet_props(layout),
+                encoder: None,
             })),
             OutputFormat::Csv => Rows::Csv(Vec::with_capacity(1 << 16)),
         };
@@ -349,6 +452,7 @@ impl Buffer {
                     ts,
                     seq: seqs,
                     columns,
+                    ..
                 } = rows.as_mut();
                 for (builder, col) in columns.iter_mut().zip(&table.columns) {
                     let value = row[col.source_index];
@@ -371,9 +475,15 @@ impl Buffer {
                         _ => 8,
                     };
                 }
-                ops.append_value(op.as_str());
+                if let Some(ops) = ops {
+                    ops.append_value(op.as_str());
+                }
                 ts.append_value(commit_micros);
                 seqs.append_value(seq);
+                rows.pending += 1;
+                if rows.pending == ROW_GROUP_ROWS {
+                    rows.row_group_done();
+                }
             }
             Rows::Csv(out) => {
                 let start = out.len();
@@ -411,60 +521,48 @@ impl Buffer {
     }
 
     /// The object's bytes.
-    pub fn encode(self, layout: &Layout) -> Result<Bytes> {
+    pub fn encode(self) -> Result<Bytes> {
         match self.rows {
             Rows::Csv(out) => Ok(out.into()),
-            Rows::Parquet(rows) => {
-                let ParquetRows {
-                    mut op,
-                    mut ts,
-                    mut seq,
-                    columns,
-                } = *rows;
-                let mut fields = Vec::new();
-                let mut arrays: Vec<ArrayRef> = Vec::new();
-                if self.kind == Kind::Cdc {
-                    fields.push(Field::new("Op", DataType::Utf8, false));
-                    arrays.push(Arc::new(op.finish()));
-                }
-                fields.push(Field::new(
-                    &layout.timestamp_column,
-                    DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
-                    false,
-                ));
-                arrays.push(Arc::new(ts.finish()));
-                fields.push(Field::new(&layout.sequence_column, DataType::Utf8, false));
-                arrays.push(Arc::new(seq.finish()));
-                for (col, builder) in self.table.columns.iter().zip(columns) {
-                    let field = Field::new(&col.name, col.sql_type.arrow_type(), true);
-                    fields.push(match &col.existing {
-                        Some(value) => field
-                            .with_metadata([(EXISTING_METADATA.to_string(), value.clone())].into()),
-                        None => field,
-                    });
-                    arrays.push(builder.finish());
-                }
-                let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-                    .expect("builders match the schema");
-                // The sequence is unique per row: a dictionary of it only costs.
-                let props = WriterProperties::builder()
-                    .set_max_row_group_row_count(Some(10_000))
-                    .set_column_dictionary_enabled(
-                        parquet::schema::types::ColumnPath::from(layout.sequence_column.as_str()),
-                        false,
-                    )
-                    .build();
-                let mut out = Vec::with_capacity(self.bytes + self.count * 48);
-                let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
-                    .map_err(|e| Error::Internal(format!("writing Parquet: {e}")))?;
-                writer
-                    .write(&batch)
-                    .and_then(|_| writer.close().map(|_| ()))
-                    .map_err(|e| Error::Internal(format!("writing Parquet: {e}")))?;
-                Ok(out.into())
-            }
+            Rows::Parquet(rows) => rows.finish(),
         }
     }
+}
+
+/// The columns of a Parquet object of `table`.
+fn parquet_schema(table: &OutputTable, kind: Kind, layout: &Layout) -> SchemaRef {
+    let mut fields = Vec::with_capacity(table.columns.len() + 3);
+    if kind == Kind::Cdc {
+        fields.push(Field::new("Op", DataType::Utf8, false));
+    }
+    fields.push(Field::new(
+        &layout.timestamp_column,
+        DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
+        false,
+    ));
+    fields.push(Field::new(&layout.sequence_column, DataType::Utf8, false));
+    for col in &table.columns {
+        let field = Field::new(&col.name, col.sql_type.arrow_type(), true);
+        fields.push(match &col.existing {
+            Some(value) => {
+                field.with_metadata([(EXISTING_METADATA.to_string(), value.clone())].into())
+            }
+            None => field,
+        });
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Row groups of [`ROW_GROUP_ROWS`]. The sequence has neither a dictionary
+/// (it is unique per row) nor min/max statistics (two string comparisons a
+/// row, and nothing reads them: an object's rows are in sequence order).
+fn parquet_props(layout: &Layout) -> WriterProperties {
+    let seq = parquet::schema::types::ColumnPath::from(layout.sequence_column.as_str());
+    WriterProperties::builder()
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_column_dictionary_enabled(seq.clone(), false)
+        .set_column_statistics_enabled(seq, parquet::file::properties::EnabledStatistics::None)
+        .build()
 }
 
 /// Writes one table's full load: `LOAD00000001`, `LOAD00000002`… of at most
@@ -610,9 +708,9 @@ impl LoadWriter {
             .next
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let key = load_key(&self.output, number, &self.layout);
-        let (target, layout) = (self.target.clone(), self.layout.clone());
+        let target = self.target.clone();
         self.in_flight = Some(tokio::spawn(async move {
-            let bytes = tokio::task::spawn_blocking(move || buffer.encode(&layout))
+            let bytes = tokio::task::spawn_blocking(move || buffer.encode())
                 .await
                 .expect("encoding task")?;
             target.put(&key, bytes).await
@@ -804,6 +902,108 @@ impl SchemaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SqlType;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    fn layout(max_rows: usize) -> Layout {
+        Layout {
+            format: OutputFormat::Parquet,
+            timestamp_column: "ts".into(),
+            sequence_column: "seq".into(),
+            date_folders: false,
+            max_rows,
+            max_bytes: usize::MAX,
+            max_held_bytes: usize::MAX,
+        }
+    }
+
+    fn column(source_index: usize, name: &str, sql_type: SqlType) -> OutputColumn {
+        OutputColumn {
+            source_index,
+            name: name.into(),
+            sql_type,
+            key: source_index == 0,
+            mask: None,
+            existing: None,
+            not_null: false,
+        }
+    }
+
+    /// Rows appended to a Parquet buffer come out of its object in order,
+    /// whole, in row groups of `ROW_GROUP_ROWS`, for sizes below, at and
+    /// past a row group (the encoder thread is started at the first full one).
+    #[test]
+    fn a_parquet_object_holds_every_row_appended_in_order() {
+        let table = Arc::new(OutputTable {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![
+                column(0, "id", SqlType::BigInt),
+                column(1, "name", SqlType::Text),
+            ],
+        });
+        for (rows, kind) in [
+            (0, Kind::Cdc),
+            (7, Kind::Cdc),
+            (ROW_GROUP_ROWS, Kind::Load),
+            (2 * ROW_GROUP_ROWS + 3, Kind::Cdc),
+        ] {
+            let layout = layout(1_000_000);
+            let mut buffer = Buffer::new(table.clone(), kind, &layout);
+            for i in 0..rows {
+                let name = format!("row {i}");
+                let values = [
+                    Value::Int(i as i64 * 3),
+                    if i % 5 == 0 {
+                        Value::Null
+                    } else {
+                        Value::Text(&name)
+                    },
+                ];
+                let op = if i % 2 == 0 { Op::Insert } else { Op::Update };
+                buffer
+                    .append(op, 1_000 + i as i64, &format!("{i:035}"), &values)
+                    .unwrap();
+            }
+            let bytes = buffer.encode().unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+            let groups: Vec<i64> = (0..reader.metadata().num_row_groups())
+                .map(|g| reader.metadata().row_group(g).num_rows())
+                .collect();
+            let expected_groups: Vec<i64> = (0..rows.div_ceil(ROW_GROUP_ROWS))
+                .map(|g| (rows - g * ROW_GROUP_ROWS).min(ROW_GROUP_ROWS) as i64)
+                .collect();
+            assert_eq!(groups, expected_groups, "{rows} rows: row groups");
+            let mut i = 0;
+            for batch in reader.build().unwrap() {
+                let batch = batch.unwrap();
+                let ops = batch.column_by_name("Op");
+                assert_eq!(ops.is_some(), kind == Kind::Cdc, "{rows} rows: Op column");
+                let seqs = batch.column_by_name("seq").unwrap().as_string::<i32>();
+                let ids = batch
+                    .column_by_name("id")
+                    .unwrap()
+                    .as_primitive::<Int64Type>();
+                let names = batch.column_by_name("name").unwrap().as_string::<i32>();
+                for r in 0..batch.num_rows() {
+                    assert_eq!(seqs.value(r), format!("{i:035}"));
+                    assert_eq!(ids.value(r), i as i64 * 3);
+                    assert_eq!(names.is_null(r), i % 5 == 0, "row {i}");
+                    if i % 5 != 0 {
+                        assert_eq!(names.value(r), format!("row {i}"));
+                    }
+                    if let Some(ops) = ops {
+                        let op = if i % 2 == 0 { "I" } else { "U" };
+                        assert_eq!(ops.as_string::<i32>().value(r), op, "row {i}");
+                    }
+                    i += 1;
+                }
+            }
+            assert_eq!(i, rows, "rows read back");
+        }
+    }
 
     #[test]
     fn csv_fields_are_quoted_when_needed() {

@@ -94,27 +94,27 @@ impl ColumnBuilder {
         Ok(())
     }
 
-    /// Finishes the column.
-    pub(crate) fn finish(self) -> ArrayRef {
+    /// Finishes the column (the builder is left empty, to be filled again).
+    pub(crate) fn finish(&mut self) -> ArrayRef {
         match self {
-            Self::SmallInt(mut b) => Arc::new(b.finish()),
-            Self::Integer(mut b) => Arc::new(b.finish()),
-            Self::BigInt(mut b) => Arc::new(b.finish()),
-            Self::Decimal(mut b, p, s) => Arc::new(
+            Self::SmallInt(b) => Arc::new(b.finish()),
+            Self::Integer(b) => Arc::new(b.finish()),
+            Self::BigInt(b) => Arc::new(b.finish()),
+            Self::Decimal(b, p, s) => Arc::new(
                 b.finish()
-                    .with_precision_and_scale(p, s)
+                    .with_precision_and_scale(*p, *s)
                     .expect("precision and scale validated in config"),
             ),
-            Self::Real(mut b) => Arc::new(b.finish()),
-            Self::Double(mut b) => Arc::new(b.finish()),
-            Self::Boolean(mut b) => Arc::new(b.finish()),
-            Self::Text(mut b) | Self::Uuid(mut b) => Arc::new(b.finish()),
-            Self::Date(mut b) => Arc::new(b.finish()),
-            Self::Timestamp(mut b, tz) => {
+            Self::Real(b) => Arc::new(b.finish()),
+            Self::Double(b) => Arc::new(b.finish()),
+            Self::Boolean(b) => Arc::new(b.finish()),
+            Self::Text(b) | Self::Uuid(b) => Arc::new(b.finish()),
+            Self::Date(b) => Arc::new(b.finish()),
+            Self::Timestamp(b, tz) => {
                 let array = b.finish();
-                Arc::new(if tz { array.with_timezone(UTC) } else { array })
+                Arc::new(if *tz { array.with_timezone(UTC) } else { array })
             }
-            Self::Bytes(mut b) => Arc::new(b.finish()),
+            Self::Bytes(b) => Arc::new(b.finish()),
         }
     }
 }

@@ -554,7 +554,7 @@ impl<'a> CsvDecoder<'a> {
                 .into_iter()
                 .map(|mut b| std::sync::Arc::new(b.finish()) as ArrayRef),
         );
-        arrays.extend(data_cols.into_iter().map(ColumnBuilder::finish));
+        arrays.extend(data_cols.iter_mut().map(ColumnBuilder::finish));
         let batch = RecordBatch::try_new(spec.output_schema(), arrays)
             .expect("builders match the output schema");
         Ok((batch, consumed))

@@ -46,6 +46,7 @@ impl ObjectOrder {
 /// of a sequence (`change_seq`, capture's `Seq`). By hand: `format!`'s padding writes a character at a time
 /// and showed up in perf on the per-row path.
 pub fn push_padded(out: &mut String, n: u64, width: usize) {
+    // 20 digits hold any u64; the zeros before them are the padding.
     let mut digits = [b'0'; 20];
     let mut rest = n;
     let mut at = digits.len();
@@ -57,10 +58,11 @@ pub fn push_padded(out: &mut String, n: u64, width: usize) {
             break;
         }
     }
-    for _ in digits.len() - at..width {
+    for _ in digits.len()..width {
         out.push('0');
     }
-    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    let from = at.min(digits.len().saturating_sub(width));
+    out.push_str(std::str::from_utf8(&digits[from..]).expect("ASCII digits"));
 }
 
 /// Compression of an object, from its extension.
