@@ -503,6 +503,135 @@ async fn a_commit_as_the_full_load_snapshot_opens_is_captured_once() {
     db.drop().await;
 }
 
+/// `capture.toml`'s `[source]` with `line` added.
+fn add_source_setting(ws: &Workspace, line: &str) {
+    let config = std::fs::read_to_string(ws.path("capture.toml")).unwrap();
+    let config = config.replace("[target]", &format!("{line}\n[target]"));
+    std::fs::write(ws.path("capture.toml"), config).unwrap();
+}
+
+/// Tables copied by two sessions, each on its own snapshot: a commit after
+/// the first session's snapshot opened and before the second's makes them
+/// start again, so the load is one snapshot and the commit is in the stream
+/// once (before, each session read its own moment: the change of the table
+/// the second session read was in its load and again in the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_between_the_load_sessions_snapshots_is_captured_once() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    for t in ["t", "u"] {
+        db.exec(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v INT)"))
+            .await;
+        db.exec(&format!("INSERT INTO {t} VALUES (1, 0), (2, 0)"))
+            .await;
+    }
+    write_id_configs(&ws, &db, "sessions", &["t", "u"]);
+    add_source_setting(&ws, "parallel_load = 2");
+    let held = ws.path("held-at-snapshot");
+    let capture = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+        .current_dir(ws.dir.path())
+        .args(["capture", "--config", "capture.toml", "--once"])
+        .env(
+            "CDCFLOW_PAUSE",
+            format!("capture.snapshot_started:{}", held.display()),
+        )
+        .env("RUST_LOG", "cdcflow=info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::support::until_paused(&held, "capture.snapshot_started").await;
+    db.exec("UPDATE t SET v = 1 WHERE id = 1").await;
+    db.exec("UPDATE u SET v = 1 WHERE id = 2").await;
+    std::fs::remove_file(&held).unwrap();
+    let loaded = capture.wait_with_output().unwrap();
+    let text = output(&loaded);
+    assert!(loaded.status.success(), "{text}");
+    assert!(text.contains("sessions=2"), "two sessions:\n{text}");
+    ws.capture_once(&[]);
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    for (t, id) in [("t", 1), ("u", 2)] {
+        assert_eq!(
+            ws.text_rows(&format!(
+                "SELECT CAST(id AS VARCHAR), CAST(v AS VARCHAR) FROM {t}"
+            ))
+            .await,
+            db.rows(&format!(
+                "SELECT CAST(id AS CHAR), CAST(v AS CHAR) FROM {t}"
+            ))
+            .await,
+            "{t}"
+        );
+        // The updated row is in the load or in the stream, never both.
+        assert_eq!(
+            ws.text_rows(&format!(
+                "SELECT CAST(count(*) AS VARCHAR) FROM {t}_history WHERE id = {id} AND v = 1"
+            ))
+            .await,
+            vec![vec![Some("1".to_string())]],
+            "{t}: the update once"
+        );
+    }
+    db.drop().await;
+}
+
+/// A table of more rows than one session copies is copied in key ranges by
+/// sessions side by side, each row once, with the other tables beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_table_is_copied_in_key_ranges_each_row_once() {
+    let ws = Workspace::new();
+    let Some(mut db) = Db::new(&ws).await else {
+        return;
+    };
+    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    db.exec("CREATE TABLE u (id BIGINT PRIMARY KEY, v INT)")
+        .await;
+    db.exec(
+        "INSERT INTO t SELECT CAST(seq AS SIGNED) - 700000, seq % 1000 FROM seq_1_to_1400001 \
+         WHERE CAST(seq AS SIGNED) - 700000 NOT BETWEEN 1000 AND 300000",
+    )
+    .await;
+    db.exec("INSERT INTO u VALUES (1, 1)").await;
+    db.rows("ANALYZE TABLE t").await;
+    write_id_configs(&ws, &db, "ranges", &["t", "u"]);
+    add_source_setting(&ws, "parallel_load = 3");
+    let text = ws.capture_once(&[("RUST_LOG", "cdcflow=info"), ("NO_COLOR", "1")]);
+    let rows = db.rows("SELECT CAST(count(*) AS CHAR) FROM t").await[0][0]
+        .clone()
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "captured {} changes",
+            rows.parse::<u64>().unwrap() + 1
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("tables=2 parts=3 sessions=3"),
+        "t in two key ranges, u beside them:\n{text}"
+    );
+    let out = ws.cdcflow(&["run", "--now", "--pipeline", "pipeline.toml"], &[]);
+    assert!(out.status.success(), "{}", output(&out));
+    let sums = "SELECT CAST(count(*) AS {t}), CAST(sum(id) AS {t}), CAST(sum(v) AS {t}), \
+                CAST(count(DISTINCT id) AS {t}) FROM t";
+    assert_eq!(
+        ws.text_rows(&sums.replace("{t}", "VARCHAR")).await,
+        db.rows(&sums.replace("{t}", "CHAR")).await
+    );
+    assert_eq!(
+        ws.text_rows("SELECT CAST(count(*) AS VARCHAR) FROM t_history")
+            .await,
+        vec![vec![Some(rows)]],
+        "each row once in history"
+    );
+    db.drop().await;
+}
+
 /// SIGTERM while a large transaction streams: capture stops at the
 /// transaction's end, never after part of it (before, it wrote the part
 /// read so far and confirmed the position before the transaction, so the

@@ -90,7 +90,10 @@ pub struct CaptureSource {
     /// Changes read per poll at most (whole transactions stay together).
     #[serde(default = "CaptureSource::default_max_changes")]
     pub max_changes: i32,
-    /// Tables copied at once during the full load.
+    /// Sessions copying at once during the full load: tables, and key ranges
+    /// of a table of over a million rows with a one-column integer key. All
+    /// read one snapshot (MariaDB: sessions whose snapshots match the same
+    /// binlog position; MySQL: opened under a brief global read lock).
     #[serde(default = "CaptureSource::default_parallel_load")]
     pub parallel_load: usize,
     /// How long capture keeps reconnecting after it lost the database (a
@@ -235,6 +238,7 @@ impl Capture {
                 tls,
                 server_id: file.source.server_id,
                 max_changes: file.source.max_changes.max(1) as usize,
+                parallel_load: file.source.parallel_load,
             })
         } else {
             Database::Postgres(PgSettings {

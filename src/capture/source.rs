@@ -104,6 +104,35 @@ pub(crate) fn emptied<'b>(mut values: Vec<Value<'_>>) -> Vec<Value<'b>> {
     values.into_iter().map(|_| Value::Null).collect()
 }
 
+/// Rows of a table above which its full load is copied in key ranges by
+/// sessions side by side (`parallel_load`), and the numbers of the rows of
+/// the `n`th range start at `n × PART_ROWS`.
+pub(crate) const RANGE_ROWS: f64 = 1_000_000.0;
+pub(crate) const PART_ROWS: u64 = 1_000_000_000_000;
+
+/// `WHERE` clauses of `parts` key ranges of equal width over `low..=high` of
+/// the integer `column` (quoted for the server), each key in exactly one.
+pub(crate) fn range_filters(column: &str, low: i64, high: i64, parts: usize) -> Vec<String> {
+    ranges(low, high, parts)
+        .into_iter()
+        .map(|(from, to)| match to {
+            Some(to) => format!(" WHERE {column} >= {from} AND {column} < {to}"),
+            None => format!(" WHERE {column} >= {from}"),
+        })
+        .collect()
+}
+
+/// `parts` ranges `[from, to)` of equal width covering `low..=high`, the
+/// last one open (`to` `None`).
+fn ranges(low: i64, high: i64, parts: usize) -> Vec<(i64, Option<i64>)> {
+    let width = (i128::from(high) - i128::from(low) + 1).max(1);
+    let parts = (parts as i128).clamp(1, width);
+    let bound = |i: i128| (i128::from(low) + width * i / parts) as i64;
+    (0..parts)
+        .map(|i| (bound(i), (i + 1 < parts).then(|| bound(i + 1))))
+        .collect()
+}
+
 /// What [`ChangeSource::next_chunk`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
@@ -275,5 +304,21 @@ mod tests {
         assert_eq!(text(Value::Date(19_782)), "2024-02-29");
         assert_eq!(text(Value::Bytes(&[0, 255])), "\\x00ff");
         assert_eq!(text(Value::Null), "");
+    }
+
+    #[test]
+    fn key_ranges_cover_the_keys_once() {
+        assert_eq!(
+            ranges(1, 100, 4),
+            [(1, Some(26)), (26, Some(51)), (51, Some(76)), (76, None)]
+        );
+        assert_eq!(ranges(5, 6, 4), [(5, Some(6)), (6, None)]);
+        assert_eq!(ranges(7, 7, 3), [(7, None)]);
+        let extreme = ranges(i64::MIN, i64::MAX, 3);
+        assert_eq!(extreme.first().unwrap().0, i64::MIN);
+        assert_eq!(extreme.last().unwrap().1, None);
+        for pair in extreme.windows(2) {
+            assert_eq!(pair[0].1, Some(pair[1].0), "ranges meet");
+        }
     }
 }

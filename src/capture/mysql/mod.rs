@@ -52,6 +52,9 @@ pub struct MySettings {
     pub server_id: u32,
     /// Changes per chunk (whole transactions stay together).
     pub max_changes: usize,
+    /// Sessions copying tables (and key ranges of large ones) at once
+    /// during the full load, all on one snapshot.
+    pub parallel_load: usize,
 }
 
 /// A connected MySQL / MariaDB source.

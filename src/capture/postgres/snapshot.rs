@@ -11,7 +11,7 @@ use super::types::sql_type;
 use super::{PgSource, copy};
 use crate::capture::mapping::{SourceColumn, SourceTable};
 use crate::capture::sink::Sink;
-use crate::capture::source::{Value, emptied};
+use crate::capture::source::{PART_ROWS, RANGE_ROWS, Value, emptied, range_filters};
 use crate::capture::writer::LoadWriter;
 use crate::error::{Error, Result};
 
@@ -268,11 +268,6 @@ struct LoadTable {
     estimated_rows: f64,
 }
 
-/// Rows of a table above which it is copied in key ranges, and the numbers
-/// of the rows of the `n`th range start at `n × PART_ROWS`.
-const RANGE_ROWS: f64 = 1_000_000.0;
-const PART_ROWS: u64 = 1_000_000_000_000;
-
 /// The parts `table` is copied in, as `WHERE` clauses: one (no clause) for
 /// a table of fewer than [`RANGE_ROWS`] rows or without a one-column integer
 /// key, else up to `sessions` ranges of equal width between its smallest
@@ -309,24 +304,7 @@ async fn key_ranges(
     let (Some(low), Some(high)): (Option<i64>, Option<i64>) = (row.get(0), row.get(1)) else {
         return Ok(whole);
     };
-    Ok(ranges(low, high, parts as usize)
-        .into_iter()
-        .map(|(from, to)| match to {
-            Some(to) => format!(" WHERE {column} >= {from} AND {column} < {to}"),
-            None => format!(" WHERE {column} >= {from}"),
-        })
-        .collect())
-}
-
-/// `parts` ranges `[from, to)` of equal width covering `low..=high`, the
-/// last one open (`to` `None`).
-fn ranges(low: i64, high: i64, parts: usize) -> Vec<(i64, Option<i64>)> {
-    let width = (i128::from(high) - i128::from(low) + 1).max(1);
-    let parts = (parts as i128).clamp(1, width);
-    let bound = |i: i128| (i128::from(low) + width * i / parts) as i64;
-    (0..parts)
-        .map(|i| (bound(i), (i + 1 < parts).then(|| bound(i + 1))))
-        .collect()
+    Ok(range_filters(&column, low, high, parts as usize))
 }
 
 #[cfg(test)]
@@ -369,21 +347,5 @@ mod tests {
             !seen_by_full_load(Some(&s), &mut passed, 99),
             "passed is kept"
         );
-    }
-
-    #[test]
-    fn key_ranges_cover_the_keys_once() {
-        assert_eq!(
-            ranges(1, 100, 4),
-            [(1, Some(26)), (26, Some(51)), (51, Some(76)), (76, None)]
-        );
-        assert_eq!(ranges(5, 6, 4), [(5, Some(6)), (6, None)]);
-        assert_eq!(ranges(7, 7, 3), [(7, None)]);
-        let extreme = ranges(i64::MIN, i64::MAX, 3);
-        assert_eq!(extreme.first().unwrap().0, i64::MIN);
-        assert_eq!(extreme.last().unwrap().1, None);
-        for pair in extreme.windows(2) {
-            assert_eq!(pair[0].1, Some(pair[1].0), "ranges meet");
-        }
     }
 }
