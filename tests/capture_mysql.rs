@@ -587,10 +587,10 @@ async fn a_large_table_is_copied_in_key_ranges_each_row_once() {
     let Some(mut db) = Db::new(&ws).await else {
         return;
     };
-    db.exec("CREATE TABLE t (id BIGINT PRIMARY KEY, v INT)")
-        .await;
-    db.exec("CREATE TABLE u (id BIGINT PRIMARY KEY, v INT)")
-        .await;
+    for t in ["t", "u"] {
+        db.exec(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, v INT)"))
+            .await;
+    }
     db.exec(
         "INSERT INTO t SELECT CAST(seq AS SIGNED) - 700000, seq % 1000 FROM seq_1_to_1400001 \
          WHERE CAST(seq AS SIGNED) - 700000 NOT BETWEEN 1000 AND 300000",

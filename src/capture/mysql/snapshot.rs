@@ -326,35 +326,31 @@ async fn copy(conn: &mut Conn, job: Job<'_>) -> Result<u64> {
         .map_err(my(context.clone()))?
         .ok_or_else(|| Error::capture(context.clone(), "no result set"))?;
     let mut spare: Vec<Value<'static>> = Vec::new();
-    let mut texts: Vec<String> = Vec::new();
+    // Values with no borrowed form (not UTF-8, or not bytes), by column.
+    let mut texts: Vec<(usize, String)> = Vec::new();
     while let Some(row) = stream.next().await {
         let row = row.map_err(my(context.clone()))?.unwrap();
-        // Values with no borrowed form first (not UTF-8, or not bytes).
         texts.clear();
-        for (v, c) in row.iter().zip(columns) {
-            match v {
-                MyValue::NULL => {}
-                MyValue::Bytes(b) if c.sql_type == SqlType::Bytes => {}
-                MyValue::Bytes(b) => {
-                    if std::str::from_utf8(b).is_err() {
-                        texts.push(String::from_utf8_lossy(b).into_owned());
-                    }
-                }
-                other => texts.push(other.as_sql(true).trim_matches('\'').to_string()),
-            }
-        }
-        let mut owned = texts.iter();
         let mut values = emptied(spare);
-        for (v, c) in row.iter().zip(columns) {
+        for (i, (v, c)) in row.iter().zip(columns).enumerate() {
             values.push(match v {
                 MyValue::NULL => Value::Null,
                 MyValue::Bytes(b) if c.sql_type == SqlType::Bytes => Value::Bytes(b),
                 MyValue::Bytes(b) => match std::str::from_utf8(b) {
                     Ok(text) => Value::Text(text),
-                    Err(_) => Value::Text(owned.next().expect("made above")),
+                    Err(_) => {
+                        texts.push((i, String::from_utf8_lossy(b).into_owned()));
+                        Value::Null
+                    }
                 },
-                _ => Value::Text(owned.next().expect("made above")),
+                other => {
+                    texts.push((i, other.as_sql(true).trim_matches('\'').to_string()));
+                    Value::Null
+                }
             });
+        }
+        for (i, text) in &texts {
+            values[*i] = Value::Text(text);
         }
         load.row(&values).await?;
         spare = emptied(values);
