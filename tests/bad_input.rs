@@ -188,21 +188,6 @@ async fn an_object_changed_after_loading_is_reported_not_reapplied() {
     assert_warehouse_matches(&ws, &data, false).await;
 }
 
-/// `pipeline.toml` over table `public.big` (key `id`, `columns` as given) with a local warehouse.
-fn write_big_pipeline(ws: &Workspace, columns: &str) {
-    std::fs::write(
-        ws.path("pipeline.toml"),
-        format!(
-            "name = \"big\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"ts\"\n[state]\nurl = \"sqlite://{}/s.db\"\n\
-             [warehouse]\nkind = \"local\"\npath = \"{}/wh\"\n[[tables]]\nschema = \"public\"\nname = \"big\"\nprimary_key = [\"id\"]\n{columns}\n",
-            ws.source().display(),
-            ws.dir.path().display(),
-            ws.dir.path().display()
-        ),
-    )
-    .unwrap();
-}
-
 /// Objects larger than 8 MiB are streamed, not read whole: the rows and the
 /// error location must be the same as for small objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,10 +217,10 @@ async fn large_objects_stream_with_exact_rows_and_error_locations() {
             > 8 << 20,
         "must take the streaming path"
     );
-    write_big_pipeline(
-        &ws,
+    ws.write_big_pipeline(
         "columns = [{ name = \"id\", type = \"bigint\" }, { name = \"v\", type = \"text\" }, \
          { name = \"amount\", type = \"decimal(12,2)\" }]",
+        "",
     );
     let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
     assert_eq!(
@@ -306,7 +291,7 @@ async fn large_parquet_objects_stream_with_exact_rows_and_error_locations() {
             > 8 << 20,
         "must take the streaming path"
     );
-    write_big_pipeline(&ws, "");
+    ws.write_big_pipeline("", "");
     let run = ws.cdcflow(&["run", "-p", "pipeline.toml"], &[]);
     assert_eq!(run.status.code(), Some(3), "{}", output(&run));
     assert!(

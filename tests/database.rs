@@ -88,12 +88,20 @@ impl Target {
 
 /// Loads the generated changes in batches of 3 objects into `target` in
 /// `mode`, crashing first at `failpoint` if given; asserts the tables equal
-/// the replay (history mode: history too, every change once).
+/// the replay (history mode: history too, every change once). A replica
+/// load without a crash spills every batch's latest changes
+/// (`latest_memory_mib = 0`) and stages them from the spill files.
 async fn load_and_check(target: Target, ws: &Workspace, mode: &str, failpoint: Option<&str>) {
     let data = ws.synth(1200, 7);
     ws.publish_all();
     let history = mode == "history";
-    ws.write_pipeline_into("pipeline.toml", 3, history, "", &target.warehouse(mode));
+    let path = ws.write_pipeline_into("pipeline.toml", 3, history, "", &target.warehouse(mode));
+    let spill = !history && failpoint.is_none();
+    if spill {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace("max_objects = 3", "max_objects = 3\nlatest_memory_mib = 0");
+        std::fs::write(&path, text).unwrap();
+    }
     if let Some(failpoint) = failpoint {
         let crashed = ws.cdcflow(
             &["run", "--pipeline", "pipeline.toml"],
@@ -105,8 +113,14 @@ async fn load_and_check(target: Target, ws: &Workspace, mode: &str, failpoint: O
             output(&crashed)
         );
     }
-    let run = ws.cdcflow(&["run", "--pipeline", "pipeline.toml"], &[]);
+    let run = ws.cdcflow(&["-v", "run", "--pipeline", "pipeline.toml"], &[]);
     assert!(run.status.success(), "{}", output(&run));
+    assert_eq!(
+        output(&run).contains("outgrew batch.latest_memory_mib"),
+        spill,
+        "spilled: {}",
+        output(&run)
+    );
     let runner = ws.runner();
     for table in &data.tables {
         let soft = history && table.name == "order_items";

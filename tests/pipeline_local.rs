@@ -144,6 +144,119 @@ async fn without_deletion_vectors_batches_rewrite_files_and_give_the_same_tables
     }
 }
 
+/// Every batch's latest changes spilled to disk (`latest_memory_mib = 0`):
+/// the first load, later batches (by deletion vectors, and by rewrites
+/// without them) and a late object read them back from the spill files and
+/// give the tables of an independent replay; no spill file is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_changes_spilled_to_disk_give_the_same_tables() {
+    for deletion_vectors in [true, false] {
+        let ws = Workspace::new();
+        let data = ws.synth(2000, 5);
+        let warehouse = format!(
+            "kind = \"local\"\npath = \"{}\"\ndeletion_vectors = {deletion_vectors}",
+            ws.path("warehouse").display()
+        );
+        let path = ws.write_pipeline_into("pipeline.toml", 3, true, "", &warehouse);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace("max_objects = 3", "max_objects = 3\nlatest_memory_mib = 0");
+        std::fs::write(&path, text).unwrap();
+        // Object 5 of each table comes late.
+        for table in ["orders", "order_items"] {
+            ws.publish(table, 0..5);
+            ws.publish(table, 6..usize::MAX);
+        }
+        let tmp = ws.path("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let env = [("TMPDIR", tmp.to_str().unwrap())];
+        let run = || {
+            let out = ws.cdcflow(&["-v", "run", "--now", "-p", "pipeline.toml"], &env);
+            assert!(out.status.success(), "{}", output(&out));
+            assert!(
+                output(&out).contains("outgrew batch.latest_memory_mib"),
+                "the latest changes were spilled: {}",
+                output(&out)
+            );
+            assert_eq!(
+                walk(&tmp),
+                Vec::<std::path::PathBuf>::new(),
+                "spill files left"
+            );
+        };
+        run();
+        ws.publish("orders", 5..6);
+        ws.publish("order_items", 5..6);
+        run();
+        assert_warehouse_matches(&ws, &data, true).await;
+    }
+}
+
+/// One object of 100,000 wide rows, each a different key, in one batch: with
+/// `latest_memory_mib = 8` the rows' latest changes go to a spill file and
+/// the run peaks lower than with them held (the default, 256 MiB) by most of
+/// their size; both give every row to the current table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_its_latest_memory_is_spilled_and_peaks_lower() {
+    use std::io::Write;
+    const ROWS: usize = 100_000;
+    const TEXT: usize = 1_000;
+    let mut peaks = Vec::new();
+    for budget in [8, 256] {
+        let ws = Workspace::new();
+        let dir = ws.source().join("public/big");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(dir.join("LOAD00000001.csv")).unwrap());
+        // Letters at random (a linear congruential generator): text that
+        // neither a dictionary nor compression makes small in the writers.
+        let mut state = 1u64;
+        for i in 0..ROWS {
+            let text: String = (0..TEXT)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    char::from(b'a' + ((state >> 33) % 26) as u8)
+                })
+                .collect();
+            writeln!(out, "I,2024-05-01 00:00:00.000000,{i},{text}").unwrap();
+        }
+        out.flush().unwrap();
+        drop(out);
+        ws.write_big_pipeline(
+            "columns = [{ name = \"id\", type = \"bigint\" }, { name = \"v\", type = \"text\" }]",
+            &format!("latest_memory_mib = {budget}"),
+        );
+        let (out, peak) = ws.cdcflow_peak_mib(&["-v", "run", "--now", "-p", "pipeline.toml"], &[]);
+        assert!(out.status.success(), "{}", output(&out));
+        assert_eq!(
+            output(&out).contains("outgrew batch.latest_memory_mib"),
+            budget == 8,
+            "{}",
+            output(&out)
+        );
+        let loaded = rows(
+            &ws.query("SELECT count(*), count(DISTINCT id), sum(length(v)) FROM big")
+                .await,
+        );
+        assert_eq!(
+            loaded[0],
+            vec![
+                Value::Int(ROWS as i64),
+                Value::Int(ROWS as i64),
+                Value::Int((ROWS * TEXT) as i64)
+            ]
+        );
+        peaks.push(peak);
+    }
+    // The held rows are 100 MB of text (82 MiB apart in a debug build).
+    let (spilled, held) = (peaks[0], peaks[1]);
+    assert!(
+        spilled + 50 < held,
+        "peak resident MiB: spilled {spilled}, held {held}"
+    );
+}
+
 /// Every file under `dir`, recursively.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -102,6 +102,7 @@ impl MergeDb {
                 }
                 let schema = latest.schema();
                 let (kept, _, _) = latest.finish().map_err(failed)?;
+                let kept = kept.into_held().map_err(failed)?;
                 let table = datafusion::datasource::MemTable::try_new(schema, vec![kept])
                     .map_err(failed)?;
                 let _ = self.ctx.deregister_table("latest");

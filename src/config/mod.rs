@@ -479,6 +479,12 @@ pub struct BatchFile {
     /// sorts spill to disk, in MiB. Each key's latest row is held besides.
     #[serde(default = "BatchFile::default_memory_limit_mib")]
     pub memory_limit_mib: usize,
+    /// Memory a batch's latest change per key may take, in MiB, before the
+    /// rows are spilled to a file in the temporary directory (`TMPDIR`);
+    /// their keys stay in memory. Each table loading at once holds its own.
+    /// Delta warehouses; a database warehouse holds them in memory.
+    #[serde(default = "BatchFile::default_latest_memory_mib")]
+    pub latest_memory_mib: usize,
 }
 
 impl BatchFile {
@@ -509,6 +515,9 @@ impl BatchFile {
     fn default_memory_limit_mib() -> usize {
         2048
     }
+    fn default_latest_memory_mib() -> usize {
+        256
+    }
 }
 
 impl Default for BatchFile {
@@ -517,6 +526,7 @@ impl Default for BatchFile {
             max_objects: Self::DEFAULT_MAX_OBJECTS,
             max_bytes: Self::DEFAULT_MAX_BYTES,
             memory_limit_mib: Self::default_memory_limit_mib(),
+            latest_memory_mib: Self::default_latest_memory_mib(),
         }
     }
 }

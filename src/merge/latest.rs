@@ -7,11 +7,16 @@
 //! and held a hash join's build side: a hash table over the key's row-format
 //! bytes keeps each key's newest row.
 //! Memory holds the latest row of each key seen (plus, between compactions,
-//! superseded rows up to a quarter of them), not the batch. A chunk's
-//! `change_seq` values of the usual form (one object's prefix and row
-//! numbers) are held as 4-byte row offsets, not as text of 30-odd bytes.
+//! superseded rows up to a quarter of them), not the batch, and no more
+//! than a budget of it ([`LatestChanges::spill_past`]): past the budget the
+//! rows held go to a spill file and only their keys, locations and
+//! `change_seq` values stay (a batch whose one large object changes a million
+//! wide rows keeps its memory). A chunk's `change_seq` values of the usual
+//! form (one object's prefix and row numbers) are held as 4-byte row
+//! offsets, not as text of 30-odd bytes.
 
 use std::cmp::Ordering;
+use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -21,6 +26,7 @@ use arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use arrow::row::{RowConverter, SortField};
 use chrono::DateTime;
 
+use super::spill::{SpillFile, SpillWriter};
 use super::{BatchOrder, Merger, ROW_DIGITS, row_seqs};
 use crate::error::{Error, Result};
 use crate::source::push_padded;
@@ -33,6 +39,119 @@ const COMPACT_AFTER_ROWS: usize = 1 << 19;
 
 /// Where a key's latest row is: (kept batch, row).
 pub type Loc = (u32, u32);
+
+/// A batch of rows taken in: in memory, or written to the spill file
+/// (in order: the file holds the spilled batches in the order they were kept).
+enum Kept {
+    Held(RecordBatch),
+    Spilled { rows: usize },
+}
+
+/// The latest change of every key of a batch, as [`LatestChanges::finish`]
+/// gives it: in memory, or in a spill file when the rows outgrew their budget.
+pub enum Latest {
+    /// Batches in memory, of `schema`.
+    Held {
+        /// The rows' schema.
+        schema: SchemaRef,
+        /// The rows.
+        rows: Vec<RecordBatch>,
+    },
+    /// Batches in a spill file.
+    Spilled(SpillFile),
+}
+
+/// Batches read one at a time.
+pub type Batches = Box<dyn Iterator<Item = Result<RecordBatch>> + Send>;
+
+impl Latest {
+    /// The rows' schema.
+    pub fn schema(&self) -> SchemaRef {
+        match self {
+            Latest::Held { schema, .. } => schema.clone(),
+            Latest::Spilled(file) => file.schema(),
+        }
+    }
+
+    /// Whether the rows are in a spill file.
+    pub fn spilled(&self) -> bool {
+        matches!(self, Latest::Spilled(_))
+    }
+
+    /// The batches, in order, one at a time (a spill file is read again at
+    /// each call): memory holds one batch of a spilled set.
+    pub fn batches(&self) -> Result<Batches> {
+        Ok(match self {
+            Latest::Held { rows, .. } => Box::new(rows.clone().into_iter().map(Ok)),
+            Latest::Spilled(file) => Box::new(file.read()?),
+        })
+    }
+
+    /// Rows in all.
+    pub fn num_rows(&self) -> usize {
+        match self {
+            Latest::Held { rows, .. } => rows.iter().map(RecordBatch::num_rows).sum(),
+            Latest::Spilled(file) => file.rows(),
+        }
+    }
+
+    /// These rows but those at `dropped` (batches numbered as
+    /// [`Latest::batches`] yields them), held or spilled as these are.
+    pub fn without(self, dropped: &HashSet<Loc>) -> Result<Latest> {
+        if dropped.is_empty() {
+            return Ok(self);
+        }
+        let schema = self.schema();
+        let mut out = Out::new(&schema, self.spilled())?;
+        for (b, batch) in self.batches()?.enumerate() {
+            let batch = batch?;
+            let b = u32::try_from(b).map_err(internal)?;
+            let keep: BooleanArray = (0..batch.num_rows() as u32)
+                .map(|r| Some(!dropped.contains(&(b, r))))
+                .collect();
+            out.push(filter_record_batch(&batch, &keep).map_err(|e| internal(e.to_string()))?)?;
+        }
+        out.finish(schema)
+    }
+
+    /// Every row in memory (a spill file read back whole).
+    pub fn into_held(self) -> Result<Vec<RecordBatch>> {
+        match self {
+            Latest::Held { rows, .. } => Ok(rows),
+            Latest::Spilled(file) => file.read()?.collect(),
+        }
+    }
+}
+
+/// Where finished rows go: memory, or a new spill file.
+enum Out {
+    Held(Vec<RecordBatch>),
+    Spill(Box<SpillWriter>),
+}
+
+impl Out {
+    fn new(schema: &SchemaRef, spill: bool) -> Result<Out> {
+        Ok(match spill {
+            true => Out::Spill(Box::new(SpillWriter::new(schema)?)),
+            false => Out::Held(Vec::new()),
+        })
+    }
+
+    fn push(&mut self, batch: RecordBatch) -> Result<()> {
+        match self {
+            Out::Held(rows) => rows.push(batch),
+            Out::Spill(writer) => writer.write(&batch)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self, schema: SchemaRef) -> Result<Latest> {
+        Ok(match self {
+            Out::Held(rows) => Latest::Held { schema, rows },
+            Out::Spill(writer) => Latest::Spilled(writer.finish()?),
+        })
+    }
+}
 
 /// Collects the latest change per key and the figures of a batch's history rows.
 pub struct LatestChanges {
@@ -49,12 +168,19 @@ pub struct LatestChanges {
     history_seq: usize,
     history_commit_ts: usize,
     converter: RowConverter,
-    kept: Vec<RecordBatch>,
-    /// The change_seq values of each kept batch.
+    kept: Vec<Kept>,
+    /// The change_seq values of each kept batch (held or spilled).
     kept_seq: Vec<Seqs>,
+    /// Rows kept, held or spilled.
     kept_rows: usize,
-    /// Compact once this many superseded rows are kept (or a quarter of the keys).
+    /// Superseded rows in the spill file (compaction cannot drop them).
+    stuck: usize,
+    /// Compact once this many superseded rows are held (or a quarter of the keys).
     compact_after: usize,
+    /// Bytes of the held batches, and the most they may take before they are spilled.
+    held_bytes: usize,
+    budget: usize,
+    spill: Option<SpillWriter>,
     index: KeyIndex,
     /// The largest change_seq pushed so far.
     stream_max: Option<String>,
@@ -116,12 +242,23 @@ impl LatestChanges {
             kept: Vec::new(),
             kept_seq: Vec::new(),
             kept_rows: 0,
+            stuck: 0,
             compact_after: COMPACT_AFTER_ROWS,
+            held_bytes: 0,
+            budget: usize::MAX,
+            spill: None,
             index: KeyIndex::default(),
             stream_max: None,
             stats: BatchStats::default(),
             order: BatchOrder::default(),
         })
+    }
+
+    /// Holds at most `bytes` of rows in memory: past that, the rows held
+    /// (after a compaction) are written to a spill file. Unlimited by default.
+    pub fn spill_past(mut self, bytes: usize) -> Self {
+        self.budget = bytes;
+        self
     }
 
     /// The schema of the rows [`LatestChanges::finish`] returns.
@@ -159,7 +296,8 @@ impl LatestChanges {
         }
         let batch = u32::try_from(self.kept.len()).map_err(internal)?;
         self.kept_rows += rows.num_rows();
-        self.kept.push(rows);
+        self.held_bytes += rows.get_array_memory_size();
+        self.kept.push(Kept::Held(rows));
         self.kept_seq.push(Seqs::new(seqs));
         let kept_seq = &self.kept_seq;
         for (i, key) in keys.iter().enumerate() {
@@ -174,10 +312,54 @@ impl LatestChanges {
                 *loc = here;
             }
         }
-        let superseded = self.kept_rows - self.index.len();
-        if superseded >= self.compact_after.max(self.index.len() / 4) {
+        if self.superseded_held() >= self.compact_after.max(self.index.len() / 4) {
             self.compact()?;
         }
+        if self.held_bytes > self.budget {
+            if self.superseded_held() > 0 {
+                self.compact()?;
+            }
+            // Spilled in runs of at least half the budget.
+            if self.held_bytes > self.budget / 2 {
+                self.spill()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Superseded rows held in memory (those a compaction drops).
+    fn superseded_held(&self) -> usize {
+        self.kept_rows.saturating_sub(self.index.len() + self.stuck)
+    }
+
+    /// Writes every held batch to the spill file.
+    fn spill(&mut self) -> Result<()> {
+        if self.spill.is_none() {
+            let Some(schema) = self.kept.iter().find_map(|k| match k {
+                Kept::Held(batch) => Some(batch.schema()),
+                Kept::Spilled { .. } => None,
+            }) else {
+                return Ok(());
+            };
+            tracing::info!(
+                budget_mib = self.budget >> 20,
+                "the batch's latest changes outgrew batch.latest_memory_mib: spilling them to a \
+                 file in the temporary directory (TMPDIR)"
+            );
+            self.spill = Some(SpillWriter::new(&schema)?);
+        }
+        let Some(writer) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        for kept in &mut self.kept {
+            if let Kept::Held(batch) = kept {
+                writer.write(batch)?;
+                *kept = Kept::Spilled {
+                    rows: batch.num_rows(),
+                };
+            }
+        }
+        self.held_bytes = 0;
         Ok(())
     }
 
@@ -225,26 +407,48 @@ impl LatestChanges {
         }
     }
 
-    /// Keeps only each key's latest row (kept rows are filtered, in order).
-    fn compact(&mut self) -> Result<()> {
+    /// Each kept batch's winners: which of its rows is its key's latest.
+    fn winners(&self) -> Vec<Vec<bool>> {
         let mut winners: Vec<Vec<bool>> = self
             .kept
             .iter()
-            .map(|b| vec![false; b.num_rows()])
+            .map(|k| match k {
+                Kept::Held(b) => vec![false; b.num_rows()],
+                Kept::Spilled { rows } => vec![false; *rows],
+            })
             .collect();
         for &(b, r) in self.index.locs() {
             winners[b as usize][r as usize] = true;
         }
+        winners
+    }
+
+    /// Keeps only each key's latest row of the held batches (filtered, in
+    /// order); spilled batches stay as written.
+    fn compact(&mut self) -> Result<()> {
+        let winners = self.winners();
         // Batch by batch, each old batch freed once filtered: memory peaks at
         // the kept rows plus one batch, not twice the kept rows.
         let kept = std::mem::take(&mut self.kept);
         let kept_seq = std::mem::take(&mut self.kept_seq);
-        // Where each kept row lands: its new row number, for the winners.
-        let mut moved: Vec<Vec<u32>> = Vec::with_capacity(winners.len());
-        for ((batch, seqs), winners) in kept.into_iter().zip(kept_seq).zip(winners) {
+        // Where each held row lands: its new row number, for the winners.
+        let mut moved: Vec<Option<Vec<u32>>> = Vec::with_capacity(winners.len());
+        self.held_bytes = 0;
+        self.stuck = 0;
+        for ((kept, seqs), winners) in kept.into_iter().zip(kept_seq).zip(winners) {
+            let batch = match kept {
+                Kept::Held(batch) => batch,
+                Kept::Spilled { rows } => {
+                    self.stuck += rows - winners.iter().filter(|&&w| w).count();
+                    moved.push(None);
+                    self.kept.push(Kept::Spilled { rows });
+                    self.kept_seq.push(seqs);
+                    continue;
+                }
+            };
             let mask = BooleanArray::from(winners);
             let mut next = 0;
-            moved.push(
+            moved.push(Some(
                 mask.values()
                     .iter()
                     .map(|w| {
@@ -252,49 +456,85 @@ impl LatestChanges {
                         next.saturating_sub(1)
                     })
                     .collect(),
-            );
+            ));
             let filtered =
                 filter_record_batch(&batch, &mask).map_err(|e| internal(e.to_string()))?;
             drop(batch);
+            self.held_bytes += filtered.get_array_memory_size();
             self.kept_seq.push(seqs.filter(&mask)?);
-            self.kept.push(filtered);
+            self.kept.push(Kept::Held(filtered));
         }
         for loc in self.index.locs_mut() {
-            loc.1 = moved[loc.0 as usize][loc.1 as usize];
+            if let Some(moved) = &moved[loc.0 as usize] {
+                loc.1 = moved[loc.1 as usize];
+            }
         }
-        self.kept_rows = self.index.len();
+        self.kept_rows = self.index.len() + self.stuck;
         Ok(())
     }
 
     /// The latest change of every key (a change older than the batch's latest
-    /// truncate becomes a delete), with the batch's figures and order.
-    pub fn finish(mut self) -> Result<(Vec<RecordBatch>, BatchStats, BatchOrder)> {
+    /// truncate becomes a delete), with the batch's figures and order. Rows
+    /// that were spilled come back as a spill file, read one batch at a time.
+    pub fn finish(mut self) -> Result<(Latest, BatchStats, BatchOrder)> {
         self.compact()?;
+        let winners = self.winners();
         let kept = std::mem::take(&mut self.kept);
         let kept_seq = std::mem::take(&mut self.kept_seq);
-        let mut rows = Vec::with_capacity(kept.len());
-        for (batch, seqs) in kept.into_iter().zip(kept_seq) {
-            let seqs = seqs.into_array();
-            let mut columns = batch.columns().to_vec();
-            if let Some(truncated) = self.order.truncated.as_deref() {
-                let ops: StringArray = columns[self.op]
-                    .as_string::<i32>()
-                    .iter()
-                    .zip(seqs.iter())
-                    .map(|(op, seq)| match seq {
-                        Some(seq) if seq < truncated => Some("D"),
-                        _ => op,
-                    })
-                    .collect();
-                columns[self.op] = Arc::new(ops);
-            }
-            columns.push(Arc::new(seqs));
-            rows.push(
-                RecordBatch::try_new(self.schema.clone(), columns)
-                    .map_err(|e| internal(e.to_string()))?,
-            );
+        let spilled = match self.spill.take() {
+            Some(writer) => Some(writer.finish()?),
+            None => None,
+        };
+        let mut out = Out::new(&self.schema, spilled.is_some())?;
+        let mut read_back = match &spilled {
+            Some(file) => Some(file.read()?),
+            None => None,
+        };
+        for ((kept, seqs), winners) in kept.into_iter().zip(kept_seq).zip(winners) {
+            let (batch, seqs) = match kept {
+                Kept::Held(batch) => (batch, seqs),
+                Kept::Spilled { rows } => {
+                    let batch = read_back
+                        .as_mut()
+                        .and_then(Iterator::next)
+                        .ok_or_else(|| internal("the spill file ended early"))??;
+                    if batch.num_rows() != rows {
+                        return Err(internal(format!(
+                            "a spilled batch of {rows} rows read back as {}",
+                            batch.num_rows()
+                        )));
+                    }
+                    let mask = BooleanArray::from(winners);
+                    let batch =
+                        filter_record_batch(&batch, &mask).map_err(|e| internal(e.to_string()))?;
+                    (batch, seqs.filter(&mask)?)
+                }
+            };
+            out.push(self.finished(batch, seqs)?)?;
         }
-        Ok((rows, self.stats, self.order))
+        drop(spilled);
+        Ok((out.finish(self.schema.clone())?, self.stats, self.order))
+    }
+
+    /// Kept rows with their change_seq appended (and, after a truncate, the
+    /// ops of older changes made deletes).
+    fn finished(&self, batch: RecordBatch, seqs: Seqs) -> Result<RecordBatch> {
+        let seqs = seqs.into_array();
+        let mut columns = batch.columns().to_vec();
+        if let Some(truncated) = self.order.truncated.as_deref() {
+            let ops: StringArray = columns[self.op]
+                .as_string::<i32>()
+                .iter()
+                .zip(seqs.iter())
+                .map(|(op, seq)| match seq {
+                    Some(seq) if seq < truncated => Some("D"),
+                    _ => op,
+                })
+                .collect();
+            columns[self.op] = Arc::new(ops);
+        }
+        columns.push(Arc::new(seqs));
+        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| internal(e.to_string()))
     }
 }
 
@@ -417,28 +657,36 @@ impl Seqs {
 }
 
 /// The finished latest changes by key: which of them a row of another
-/// table (the current-state table) has the key of.
+/// table (the current-state table) has the key of. It holds the keys (and,
+/// when asked, each key's change_seq), not the rows.
 pub struct KeyLookup {
     converter: RowConverter,
     types: Vec<arrow::datatypes::DataType>,
     index: KeyIndex,
+    /// The change_seq column of each batch, if kept.
+    seqs: Vec<StringArray>,
 }
 
 impl KeyLookup {
-    /// Indexes `rows`, as [`LatestChanges::finish`] returned them (one row per key).
-    pub fn new(merger: &Merger, rows: &[RecordBatch]) -> Result<Self> {
+    /// Indexes `latest`, as [`LatestChanges::finish`] returned them (one row
+    /// per key), reading a spilled set one batch at a time; `with_seq` keeps
+    /// each key's change_seq for [`KeyLookup::seq`].
+    pub fn new(merger: &Merger, latest: &Latest, with_seq: bool) -> Result<Self> {
         let collector = LatestChanges::new(merger)?;
         let types: Vec<_> = collector
             .key
             .iter()
             .map(|&i| collector.schema.field(i).data_type().clone())
             .collect();
+        let seq_at = collector.schema.fields().len() - 1;
         let mut lookup = KeyLookup {
             converter: collector.converter,
             types,
             index: KeyIndex::default(),
+            seqs: Vec::new(),
         };
-        for (batch, rows) in rows.iter().enumerate() {
+        for (batch, rows) in latest.batches()?.enumerate() {
+            let rows = rows?;
             let keys: Vec<ArrayRef> = collector
                 .key
                 .iter()
@@ -448,8 +696,19 @@ impl KeyLookup {
             for (row, key) in lookup.rows(&keys)?.iter().enumerate() {
                 *lookup.index.entry(key.as_ref(), (batch, row as u32))? = (batch, row as u32);
             }
+            if with_seq {
+                lookup
+                    .seqs
+                    .push(rows.column(seq_at).as_string::<i32>().clone());
+            }
         }
         Ok(lookup)
+    }
+
+    /// The change_seq of the latest change at `loc`, if the lookup kept them.
+    pub fn seq(&self, (batch, row): Loc) -> Option<&str> {
+        let seqs = self.seqs.get(batch as usize)?;
+        (row < seqs.len() as u32).then(|| seqs.value(row as usize))
     }
 
     /// For each row of `keys` (the key columns in key order, of any types
@@ -654,24 +913,37 @@ mod tests {
     #[test]
     fn latest_change_per_key_matches_a_naive_scan() {
         let merger = merger();
-        for (seed, compact_after, shuffled) in [
-            (1, usize::MAX, true),
-            (2, 50, true),
-            (3, 1, true),
-            (4, 50, false),
-            (5, usize::MAX, false),
+        // Budgets: none; a few chunks' worth (spills now and then, superseded
+        // rows left in the file); nothing (every chunk spilled).
+        for (seed, compact_after, shuffled, budget) in [
+            (1, usize::MAX, true, usize::MAX),
+            (2, 50, true, usize::MAX),
+            (3, 1, true, usize::MAX),
+            (4, 50, false, usize::MAX),
+            (5, usize::MAX, false, usize::MAX),
+            (6, usize::MAX, true, 20_000),
+            (7, 50, true, 20_000),
+            (8, 50, false, 0),
+            (9, usize::MAX, true, 0),
         ] {
             let mut all = changes(3000, seed, shuffled);
             if !shuffled {
                 // In order, but for one late chunk.
                 all[500..600].reverse();
             }
-            let mut latest = LatestChanges::new(&merger).unwrap();
+            let mut latest = LatestChanges::new(&merger).unwrap().spill_past(budget);
             latest.compact_after = compact_after;
+            let mut most_held = 0;
             for chunk in all.chunks(97) {
                 latest.push(&history(&merger, chunk)).unwrap();
+                most_held = most_held.max(latest.held_bytes);
             }
             let (rows, stats, order) = latest.finish().unwrap();
+            assert_eq!(rows.spilled(), budget != usize::MAX, "seed {seed}");
+            if budget != usize::MAX {
+                assert!(most_held <= budget, "seed {seed}: held {most_held}");
+            }
+            let rows = rows.into_held().unwrap();
 
             // Expected, computed naively: the largest change_seq of each key.
             let truncate = all.iter().find(|c| c.3 == "T").map(|c| c.4.clone());
@@ -791,12 +1063,14 @@ mod tests {
     fn key_lookup_finds_each_key_of_another_table() {
         let merger = merger();
         let all = changes(2000, 7, true);
-        let mut latest = LatestChanges::new(&merger).unwrap();
+        let mut latest = LatestChanges::new(&merger).unwrap().spill_past(0);
         for chunk in all.chunks(101) {
             latest.push(&history(&merger, chunk)).unwrap();
         }
-        let (rows, ..) = latest.finish().unwrap();
-        let lookup = KeyLookup::new(&merger, &rows).unwrap();
+        let (latest, ..) = latest.finish().unwrap();
+        assert!(latest.spilled());
+        let lookup = KeyLookup::new(&merger, &latest, true).unwrap();
+        let rows = latest.into_held().unwrap();
         // Where each key is, independently: a scan of the rows.
         let mut at: BTreeMap<Key, Loc> = BTreeMap::new();
         for (b, batch) in rows.iter().enumerate() {
@@ -828,6 +1102,13 @@ mod tests {
         let found = lookup.find(&[a, b]).unwrap();
         for (key, found) in keys.iter().zip(found) {
             assert_eq!(found, at.get(key).copied(), "key {key:?}");
+        }
+        for &(b, r) in at.values() {
+            let seq = rows[b as usize]
+                .column(5)
+                .as_string::<i32>()
+                .value(r as usize);
+            assert_eq!(lookup.seq((b, r)), Some(seq));
         }
     }
 }

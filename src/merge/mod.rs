@@ -15,12 +15,14 @@
 //! millisecond, which the old form could not order either.
 
 mod latest;
+mod spill;
 pub mod sql;
 
 /// Digits of the row number in a `change_seq`.
 const ROW_DIGITS: usize = 12;
 
-pub use latest::{KeyLookup, LatestChanges, Loc};
+pub use latest::{Batches, KeyLookup, Latest, LatestChanges, Loc};
+pub use spill::SpillFile;
 
 use std::sync::Arc;
 

@@ -118,15 +118,17 @@ impl Runner {
             } => Arc::new(DeltaWarehouse::new(
                 location,
                 &pipeline.name,
-                pipeline.batch.memory_limit_mib << 20,
+                &pipeline.batch,
                 *deletion_vectors,
             )?),
             WarehouseConfig::BigQuery(config) => {
                 Arc::new(BigQueryWarehouse::new(config.clone(), &pipeline.name))
             }
-            WarehouseConfig::Database(config) => {
-                Arc::new(DatabaseWarehouse::new(config.clone(), &pipeline.name))
-            }
+            WarehouseConfig::Database(config) => Arc::new(DatabaseWarehouse::new(
+                config.clone(),
+                &pipeline.name,
+                pipeline.batch.latest_memory_mib << 20,
+            )),
         };
         Ok(Self::new(pipeline, source, state, warehouse))
     }

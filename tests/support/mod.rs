@@ -176,6 +176,22 @@ soft_delete = {items_soft_delete}
         path
     }
 
+    /// `pipeline.toml` over table `public.big` (key `id`, `columns` as given)
+    /// with a local warehouse and the `[batch]` keys `batch`.
+    pub(crate) fn write_big_pipeline(&self, columns: &str, batch: &str) {
+        std::fs::write(
+            self.path("pipeline.toml"),
+            format!(
+                "name = \"big\"\n[source]\nurl = \"file://{}\"\ntimestamp_column = \"ts\"\n[state]\nurl = \"sqlite://{}/s.db\"\n\
+                 [warehouse]\nkind = \"local\"\npath = \"{}/wh\"\n[batch]\n{batch}\n[[tables]]\nschema = \"public\"\nname = \"big\"\nprimary_key = [\"id\"]\n{columns}\n",
+                self.source().display(),
+                self.dir.path().display(),
+                self.dir.path().display()
+            ),
+        )
+        .unwrap();
+    }
+
     /// Points the pipeline file `file` at the state store `url`.
     pub(crate) fn set_state_url(&self, file: &str, url: &str) {
         let path = self.path(file);

@@ -34,7 +34,7 @@ use crate::database::Engine;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::merge::sql::{self, Dialect};
-use crate::merge::{LatestChanges, Merger};
+use crate::merge::{Latest, LatestChanges, Merger};
 use crate::state::{Batch, BatchStats, ObjectRef, Restored};
 use session::{Session, column_type, sequence_type};
 
@@ -47,6 +47,8 @@ const STAGE: &str = "cdcflow_stage";
 pub struct DatabaseWarehouse {
     config: DatabaseConfig,
     pipeline: String,
+    /// Bytes of a batch's latest changes held before they are spilled.
+    latest_memory: usize,
 }
 
 /// A row of `cdcflow_batches`.
@@ -69,10 +71,13 @@ struct LedgerColumn {
 
 impl DatabaseWarehouse {
     /// A warehouse in `config`'s database, for pipeline `pipeline`.
-    pub fn new(config: DatabaseConfig, pipeline: &str) -> Self {
+    /// `latest_memory`: bytes of a batch's latest changes held before they
+    /// are spilled (staged from the spill file, one chunk at a time).
+    pub fn new(config: DatabaseConfig, pipeline: &str, latest_memory: usize) -> Self {
         DatabaseWarehouse {
             config,
             pipeline: pipeline.to_string(),
+            latest_memory,
         }
     }
 
@@ -692,9 +697,9 @@ impl DatabaseWarehouse {
         s: &mut Session,
         table: &Table,
         merger: &Merger,
-        rows: &[RecordBatch],
-        schema: &arrow::datatypes::SchemaRef,
+        rows: &Latest,
     ) -> Result<()> {
+        let schema = rows.schema();
         let m = &merger.meta;
         let mut columns = self.data_definitions(table, merger);
         columns.extend([
@@ -725,11 +730,11 @@ impl DatabaseWarehouse {
         s.execute(&create, "creating the staging table").await?;
         let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let list = self.dialect().list(&names);
-        for batch in rows {
+        for batch in rows.batches()? {
             s.insert(
                 &self.ident(STAGE),
                 &list,
-                batch,
+                &batch?,
                 "staging the batch's newest changes",
             )
             .await?;
@@ -840,7 +845,7 @@ impl DatabaseWarehouse {
                 req.batch.number
             ))
         })?;
-        let mut latest = LatestChanges::new(merger)?;
+        let mut latest = LatestChanges::new(merger)?.spill_past(self.latest_memory);
         let names: Vec<String> = merger
             .history_schema()
             .fields()
@@ -857,7 +862,6 @@ impl DatabaseWarehouse {
             }
         }
         failpoint::hit("load.between_history_and_current");
-        let schema = latest.schema();
         let (rows, stats, order) = latest.finish()?;
         let apply = Apply::choose(
             req.batch.mode,
@@ -881,7 +885,7 @@ impl DatabaseWarehouse {
                 }
             )));
         }
-        self.stage(s, table, merger, &rows, &schema).await?;
+        self.stage(s, table, merger, &rows).await?;
         self.apply_current(s, req, apply, order.truncated.as_deref())
             .await?;
         if self.replica() {

@@ -5,13 +5,15 @@
 use super::*;
 
 impl DeltaWarehouse {
-    /// Applies the batch's latest changes per key (registered as [`LATEST`]
-    /// in `ctx`) to the current table unless it holds the batch already.
+    /// Applies the batch's latest changes per key to the current table
+    /// unless it holds the batch already (queries read them as [`LATEST`]
+    /// in `ctx`).
     pub(super) async fn load_current(
         &self,
         req: &LoadRequest<'_>,
         app: &str,
         ctx: &SessionContext,
+        latest: Latest,
         apply: Apply,
         order: &BatchOrder,
     ) -> Result<()> {
@@ -33,8 +35,12 @@ impl DeltaWarehouse {
         match apply {
             // Nothing to merge with (a first load), or a rebuild: the state is
             // written as it is, without the MERGE's join.
-            Apply::Replace => self.write_current(table, req, app, ctx).await,
+            Apply::Replace => {
+                register_latest(ctx, latest)?;
+                self.write_current(table, req, app, ctx).await
+            }
             Apply::InOrder if is_empty(&table, &name)? => {
+                register_latest(ctx, latest)?;
                 self.write_current(table, req, app, ctx).await
             }
             // The usual batch: its cost is its own rows (and a scan of the
@@ -46,7 +52,7 @@ impl DeltaWarehouse {
                     (order.min_seq.as_deref(), req.loaded_max.as_deref()),
                     (Some(min), Some(max)) if min <= max
                 );
-                deletion_vectors::apply(table, &name, req, app, ctx, compare_seq).await?;
+                deletion_vectors::apply(table, &name, req, app, ctx, latest, compare_seq).await?;
                 let table = self.open(&name).await?;
                 if deletion_vectors::rewrite_due(&table, &name)? {
                     self.compact(table, &name, req.merger).await?;
@@ -54,6 +60,7 @@ impl DeltaWarehouse {
                 Ok(())
             }
             Apply::InOrder | Apply::Late => {
+                register_latest(ctx, latest)?;
                 let latest = ctx
                     .table(LATEST)
                     .await
@@ -296,18 +303,80 @@ pub(super) fn overwrite_current(
         ))
 }
 
-/// Registers `rows` (of `schema`) as [`LATEST`] in `ctx`, in place of what
-/// it held.
-pub(super) fn register_latest(
-    ctx: &SessionContext,
-    schema: arrow::datatypes::SchemaRef,
-    rows: Vec<arrow::array::RecordBatch>,
-) -> Result<()> {
+/// Registers `latest` as [`LATEST`] in `ctx`, in place of what it held:
+/// held rows as a memory table, a spill file as a table that reads it (one
+/// batch at a time) at each scan.
+pub(super) fn register_latest(ctx: &SessionContext, latest: Latest) -> Result<()> {
     let fail = |e| Error::query("registering the latest changes", e);
-    let rows = datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(fail)?;
+    let table: Arc<dyn datafusion::catalog::TableProvider> = match latest {
+        Latest::Held { schema, rows } => {
+            Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(fail)?)
+        }
+        Latest::Spilled(file) => Arc::new(
+            datafusion::catalog::streaming::StreamingTable::try_new(
+                file.schema(),
+                vec![Arc::new(SpillScan(file))],
+            )
+            .map_err(fail)?,
+        ),
+    };
     ctx.deregister_table(LATEST).map_err(fail)?;
-    ctx.register_table(LATEST, Arc::new(rows)).map_err(fail)?;
+    ctx.register_table(LATEST, table).map_err(fail)?;
     Ok(())
+}
+
+/// A spill file as a partition of a table: each scan reads it again.
+#[derive(Debug)]
+struct SpillScan(SpillFile);
+
+impl datafusion::physical_plan::streaming::PartitionStream for SpillScan {
+    fn schema(&self) -> &arrow::datatypes::SchemaRef {
+        self.0.schema_ref()
+    }
+
+    fn execute(&self, _ctx: Arc<datafusion::execution::TaskContext>) -> SendableRecordBatchStream {
+        use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+        use futures::StreamExt;
+        let file = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            let read = match file.read() {
+                Ok(read) => read,
+                Err(e) => return drop(tx.blocking_send(Err(external(e)))),
+            };
+            for batch in read {
+                if tx.blocking_send(batch.map_err(external)).is_err() {
+                    return;
+                }
+            }
+        });
+        // Every row of the file, or an error: a reader that stopped early
+        // (a panic) must not leave the latest changes short.
+        let expected = self.0.rows();
+        let rows = futures::stream::unfold(Some((rx, 0usize)), move |state| async move {
+            let (mut rx, seen) = state?;
+            match rx.recv().await {
+                Some(Ok(batch)) => {
+                    let seen = seen + batch.num_rows();
+                    Some((Ok(batch), Some((rx, seen))))
+                }
+                Some(Err(e)) => Some((Err(e), None)),
+                None if seen != expected => Some((
+                    Err(external(Error::Internal(format!(
+                        "the spilled latest changes read back {seen} of {expected} rows"
+                    )))),
+                    None,
+                )),
+                None => None,
+            }
+        })
+        .boxed();
+        Box::pin(RecordBatchStreamAdapter::new(self.0.schema(), rows))
+    }
+}
+
+fn external(e: Error) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::External(Box::new(e))
 }
 
 /// Every column of `schema`, cast to its type there (query output may use
@@ -322,11 +391,13 @@ pub(super) fn cast_to(schema: &arrow::datatypes::Schema) -> Vec<datafusion::prel
 }
 
 /// The latest changes per key (and figures) of the rows of the registered
-/// table `rows`, which has the history columns.
+/// table `rows`, which has the history columns; past `budget` bytes they
+/// are spilled.
 pub(super) async fn latest_of(
     ctx: &SessionContext,
     rows: &str,
     merger: &Merger,
+    budget: usize,
 ) -> Result<LatestChanges> {
     use futures::StreamExt;
     let fail = |e| Error::query(format!("reading {rows}"), e);
@@ -340,7 +411,7 @@ pub(super) async fn latest_of(
         .execute_stream()
         .await
         .map_err(fail)?;
-    let mut collected = LatestChanges::new(merger)?;
+    let mut collected = LatestChanges::new(merger)?.spill_past(budget);
     while let Some(chunk) = stream.next().await {
         collected.push(&chunk.map_err(fail)?)?;
     }

@@ -20,9 +20,10 @@
 //! row of its key is dropped; a change to a key the table lacks is appended
 //! unless it is a hard delete.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::array::{ArrayRef, AsArray};
 use datafusion::prelude::SessionContext;
 use delta_kernel::actions::deletion_vector_writer::{
     KernelDeletionVector, StreamingDeletionVectorWriter,
@@ -41,7 +42,7 @@ use parquet::arrow::ProjectionMask;
 
 use super::{DeltaWarehouse, LATEST, cast_to, register_latest, writer_properties};
 use crate::error::{Error, Result};
-use crate::merge::{KeyLookup, Loc, Merger};
+use crate::merge::{KeyLookup, Latest, Loc, Merger};
 use crate::warehouse::LoadRequest;
 
 /// The table property that lets writers add deletion vectors (and makes
@@ -110,23 +111,20 @@ pub(super) async fn apply(
     req: &LoadRequest<'_>,
     app: &str,
     ctx: &SessionContext,
+    latest: Latest,
     compare_seq: bool,
 ) -> Result<()> {
     let merger = req.merger;
     let fail = |context: &str, e: DeltaTableError| Error::warehouse(name, context.to_string(), e);
-    let latest = ctx
-        .table(LATEST)
-        .await
-        .map_err(|e| Error::query("reading the latest changes", e))?
-        .collect()
-        .await
-        .map_err(|e| Error::query("reading the latest changes", e))?;
-    let lookup = Arc::new(KeyLookup::new(merger, &latest)?);
-    let latest = Arc::new(latest);
+    // The keys (not the rows: a spilled set stays on disk, read off the runtime's threads).
+    let (lookup, latest) = off_runtime(merger, move |merger| {
+        KeyLookup::new(merger, &latest, compare_seq).map(|lookup| (Arc::new(lookup), latest))
+    })
+    .await?;
     // Changes no newer than their key's row in the table: not applied.
-    let mut stale: Vec<Vec<bool>> = latest.iter().map(|b| vec![false; b.num_rows()]).collect();
+    let mut stale = HashSet::new();
     let mut marked = Vec::new();
-    if !latest.is_empty() {
+    if latest.num_rows() > 0 {
         let snapshot = table
             .snapshot()
             .map_err(|e| fail("reading the snapshot", e))?;
@@ -137,7 +135,7 @@ pub(super) async fn apply(
             let path = file.object_store_path();
             let data = ParquetObjectReader::new(store.clone(), path.clone())
                 .with_file_size(file.size() as u64);
-            let found = key_matches(&path, data, &lookup, &latest, merger, compare_seq)
+            let found = key_matches(&path, data, &lookup, merger, compare_seq)
                 .await
                 .map_err(|e| fail("reading the key columns", e))?;
             if found.is_empty() {
@@ -152,11 +150,11 @@ pub(super) async fn apply(
             };
             let mut replaced = Vec::new();
             // A row marked already is no key's row any more.
-            for (row, (b, r), newer) in found.into_iter().filter(|m| !before.contains(m.0)) {
+            for (row, loc, newer) in found.into_iter().filter(|m| !before.contains(m.0)) {
                 if newer {
                     replaced.push(row);
                 } else {
-                    stale[b as usize][r as usize] = true;
+                    stale.insert(loc);
                 }
             }
             if replaced.is_empty() {
@@ -177,17 +175,10 @@ pub(super) async fn apply(
         .await
         .map_err(|e| fail("writing deletion vectors", e))?;
     // The changes to append: all but the stale ones, as current-state rows.
-    let fresh = latest
-        .iter()
-        .zip(stale)
-        .map(|(batch, stale)| {
-            let keep = BooleanArray::from(stale.into_iter().map(|s| !s).collect::<Vec<_>>());
-            arrow::compute::filter_record_batch(batch, &keep)
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::query("filtering the latest changes", e.into()))?;
-    if let Some(first) = fresh.first() {
-        register_latest(ctx, first.schema(), fresh)?;
+    drop(lookup);
+    let fresh = off_runtime(merger, move |_| latest.without(&stale)).await?;
+    if fresh.num_rows() > 0 {
+        register_latest(ctx, fresh)?;
         let rows = merger
             .current_state(ctx, LATEST)
             .await?
@@ -223,6 +214,17 @@ pub(super) async fn apply(
     Ok(())
 }
 
+/// Runs `work` (file reads, CPU) on a blocking thread, with a copy of `merger`.
+async fn off_runtime<T: Send + 'static>(
+    merger: &Merger,
+    work: impl FnOnce(&Merger) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let merger = merger.clone();
+    tokio::task::spawn_blocking(move || work(&merger))
+        .await
+        .map_err(|e| Error::Internal(format!("reading the latest changes: {e}")))?
+}
+
 /// The rows of a file already marked deleted, read by Delta's kernel
 /// (whichever way the descriptor stores them).
 async fn read_deletion_vector(
@@ -245,7 +247,6 @@ async fn key_matches(
     path: &object_store::path::Path,
     data: ParquetObjectReader,
     lookup: &KeyLookup,
-    latest: &[RecordBatch],
     merger: &Merger,
     compare_seq: bool,
 ) -> std::result::Result<Vec<(u64, Loc, bool)>, DeltaTableError> {
@@ -265,16 +266,6 @@ async fn key_matches(
         .with_projection(mask)
         .with_batch_size(65_536)
         .build()?;
-    let seq_at = match latest.first() {
-        Some(batch) => batch.schema().index_of(&merger.meta.change_seq)?,
-        None => return Ok(Vec::new()),
-    };
-    let seq_of = |(b, r): Loc| {
-        latest[b as usize]
-            .column(seq_at)
-            .as_string::<i32>()
-            .value(r as usize)
-    };
     let mut matches = Vec::new();
     let mut position = 0u64;
     while let Some(chunk) = reader.next().await {
@@ -299,7 +290,8 @@ async fn key_matches(
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
         for (i, loc) in found.into_iter().enumerate() {
             let Some(loc) = loc else { continue };
-            let newer = seqs.is_none_or(|seqs| seq_of(loc) > seqs.value(i));
+            let newer =
+                seqs.is_none_or(|seqs| lookup.seq(loc).is_none_or(|seq| seq > seqs.value(i)));
             matches.push((position + i as u64, loc, newer));
         }
         position += chunk.num_rows() as u64;

@@ -32,7 +32,7 @@ use super::{Apply, DataFusionTables, LoadRequest, Queries, Warehouse};
 use crate::config::{Column, DeltaLocation, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::merge::{BatchOrder, LatestChanges, Merger, sql};
+use crate::merge::{BatchOrder, Latest, LatestChanges, Merger, SpillFile, sql};
 use crate::state::{Batch, BatchMode, BatchStats};
 use current::{cast_to, collect_latest, latest_of, register_latest};
 
@@ -173,18 +173,21 @@ pub struct DeltaWarehouse {
     root: Root,
     pipeline: String,
     memory_limit: usize,
+    /// Bytes of a batch's latest changes held before they are spilled.
+    latest_memory: usize,
     deletion_vectors: bool,
 }
 
 impl DeltaWarehouse {
     /// A warehouse at `location` for `pipeline` (names the transaction app
-    /// ids) whose merges use at most `memory_limit` bytes before spilling,
-    /// and which applies in-order batches by deletion vectors when
+    /// ids) whose merges use the memory `batch` allows before spilling
+    /// (`memory_limit_mib` for queries, `latest_memory_mib` for the latest
+    /// changes), and which applies in-order batches by deletion vectors when
     /// `deletion_vectors` (see the `deletion_vectors` module).
     pub fn new(
         location: &DeltaLocation,
         pipeline: &str,
-        memory_limit: usize,
+        batch: &crate::config::BatchFile,
         deletion_vectors: bool,
     ) -> Result<Self> {
         let root = match location {
@@ -202,7 +205,8 @@ impl DeltaWarehouse {
         Ok(DeltaWarehouse {
             root,
             pipeline: pipeline.to_string(),
-            memory_limit,
+            memory_limit: batch.memory_limit_mib << 20,
+            latest_memory: batch.latest_memory_mib << 20,
             deletion_vectors,
         })
     }
@@ -304,7 +308,9 @@ impl DeltaWarehouse {
                 req.batch.number
             ))
         })?;
-        let collector = Arc::new(std::sync::Mutex::new(Some(LatestChanges::new(req.merger)?)));
+        let collector = Arc::new(std::sync::Mutex::new(Some(
+            LatestChanges::new(req.merger)?.spill_past(self.latest_memory),
+        )));
         let stream = collect_latest(stream, collector.clone());
         let properties =
             writer_properties(&req.merger.history_schema(), &req.merger.meta.change_seq);
@@ -416,10 +422,9 @@ impl Warehouse for DeltaWarehouse {
             // History held the batch already (a retry): read it back.
             None => {
                 self.register_batch(&ctx, &req).await?;
-                latest_of(&ctx, "batch", req.merger).await?
+                latest_of(&ctx, "batch", req.merger, self.latest_memory).await?
             }
         };
-        let schema = collected.schema();
         let (batch_latest, stats, order) = collected.finish()?;
         let apply = Apply::choose(
             req.batch.mode,
@@ -438,17 +443,21 @@ impl Warehouse for DeltaWarehouse {
                 let changes = req.merger.late_changes(&ctx, "history", "batch").await?;
                 ctx.register_table("changes", changes.into_view())
                     .map_err(|e| Error::query("registering late changes", e))?;
-                let mut collected = latest_of(&ctx, "changes", req.merger).await?;
+                let mut collected =
+                    latest_of(&ctx, "changes", req.merger, self.latest_memory).await?;
                 collected.truncated_at(order.truncated.as_deref());
                 collected.finish()?.0
             }
             Apply::Replace => {
                 drop(batch_latest); // not needed: freed before the scan
-                latest_of(&ctx, "history", req.merger).await?.finish()?.0
+                latest_of(&ctx, "history", req.merger, self.latest_memory)
+                    .await?
+                    .finish()?
+                    .0
             }
         };
-        register_latest(&ctx, schema, latest)?;
-        self.load_current(&req, &app, &ctx, apply, &order).await?;
+        self.load_current(&req, &app, &ctx, latest, apply, &order)
+            .await?;
         Ok(stats)
     }
 
