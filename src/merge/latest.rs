@@ -48,7 +48,8 @@ enum Kept {
 }
 
 /// The latest change of every key of a batch, as [`LatestChanges::finish`]
-/// gives it: in memory, or in a spill file when the rows outgrew their budget.
+/// gives it: in memory, or partly in a spill file when the rows outgrew
+/// their budget.
 pub enum Latest {
     /// Batches in memory, of `schema`.
     Held {
@@ -57,8 +58,57 @@ pub enum Latest {
         /// The rows.
         rows: Vec<RecordBatch>,
     },
-    /// Batches in a spill file.
-    Spilled(SpillFile),
+    /// Batches in the spill file (read through their winners), then held ones.
+    Spilled(Spilled),
+}
+
+/// The spilled form of [`Latest`]: the kept batches as they were written to
+/// the spill file, each with the rows that are its keys' latest, then the
+/// batches still held. Nothing is copied at the end of a batch: each read
+/// filters the file's batches and appends their `change_seq`.
+pub struct Spilled {
+    file: SpillFile,
+    parts: Arc<Vec<Part>>,
+    finishing: Arc<Finishing>,
+    held: Vec<RecordBatch>,
+}
+
+/// One spilled batch: which of its rows are read, and their change_seq.
+struct Part {
+    keep: BooleanArray,
+    seqs: Seqs,
+}
+
+/// How a kept batch becomes a finished one.
+struct Finishing {
+    schema: SchemaRef,
+    /// Position of the op column.
+    op: usize,
+    /// The batch's latest truncate: older changes become deletes.
+    truncated: Option<String>,
+}
+
+impl Finishing {
+    /// `batch` (kept columns) with `seqs` appended (and, after a truncate,
+    /// the ops of older changes made deletes).
+    fn apply(&self, batch: RecordBatch, seqs: &Seqs) -> Result<RecordBatch> {
+        let seqs = seqs.to_array();
+        let mut columns = batch.columns().to_vec();
+        if let Some(truncated) = self.truncated.as_deref() {
+            let ops: StringArray = columns[self.op]
+                .as_string::<i32>()
+                .iter()
+                .zip(seqs.iter())
+                .map(|(op, seq)| match seq {
+                    Some(seq) if seq < truncated => Some("D"),
+                    _ => op,
+                })
+                .collect();
+            columns[self.op] = Arc::new(ops);
+        }
+        columns.push(Arc::new(seqs));
+        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| internal(e.to_string()))
+    }
 }
 
 /// Batches read one at a time.
@@ -69,88 +119,128 @@ impl Latest {
     pub fn schema(&self) -> SchemaRef {
         match self {
             Latest::Held { schema, .. } => schema.clone(),
-            Latest::Spilled(file) => file.schema(),
+            Latest::Spilled(spilled) => spilled.finishing.schema.clone(),
         }
     }
 
-    /// Whether the rows are in a spill file.
+    /// Whether some rows are in a spill file.
     pub fn spilled(&self) -> bool {
         matches!(self, Latest::Spilled(_))
     }
 
-    /// The batches, in order, one at a time (a spill file is read again at
-    /// each call): memory holds one batch of a spilled set.
-    pub fn batches(&self) -> Result<Batches> {
-        Ok(match self {
-            Latest::Held { rows, .. } => Box::new(rows.clone().into_iter().map(Ok)),
-            Latest::Spilled(file) => Box::new(file.read()?),
-        })
-    }
-
     /// Rows in all.
     pub fn num_rows(&self) -> usize {
+        let held = |rows: &[RecordBatch]| rows.iter().map(RecordBatch::num_rows).sum::<usize>();
         match self {
-            Latest::Held { rows, .. } => rows.iter().map(RecordBatch::num_rows).sum(),
-            Latest::Spilled(file) => file.rows(),
+            Latest::Held { rows, .. } => held(rows),
+            Latest::Spilled(spilled) => {
+                spilled
+                    .parts
+                    .iter()
+                    .map(|p| p.keep.true_count())
+                    .sum::<usize>()
+                    + held(&spilled.held)
+            }
         }
     }
 
-    /// These rows but those at `dropped` (batches numbered as
-    /// [`Latest::batches`] yields them), held or spilled as these are.
+    /// The batches, in order, one at a time (a spill file is read again at
+    /// each call): memory holds one spilled batch at a time.
+    pub fn batches(&self) -> Result<Batches> {
+        Ok(match self {
+            Latest::Held { rows, .. } => Box::new(rows.clone().into_iter().map(Ok)),
+            Latest::Spilled(spilled) => {
+                let (parts, finishing) = (spilled.parts.clone(), spilled.finishing.clone());
+                let read = spilled.file.read()?.zip(0..).map(move |(batch, i)| {
+                    let part: &Part = parts
+                        .get(i)
+                        .ok_or_else(|| internal("the spill file holds more batches than kept"))?;
+                    let batch = filter_record_batch(&batch?, &part.keep)
+                        .map_err(|e| internal(e.to_string()))?;
+                    finishing.apply(batch, &part.seqs)
+                });
+                Box::new(read.chain(spilled.held.clone().into_iter().map(Ok)))
+            }
+        })
+    }
+
+    /// These rows but those at `dropped` (batches and rows numbered as
+    /// [`Latest::batches`] yields them).
     pub fn without(self, dropped: &HashSet<Loc>) -> Result<Latest> {
         if dropped.is_empty() {
             return Ok(self);
         }
-        let schema = self.schema();
-        let mut out = Out::new(&schema, self.spilled())?;
-        for (b, batch) in self.batches()?.enumerate() {
-            let batch = batch?;
+        let drop_rows = |batch: &RecordBatch, b: usize| -> Result<RecordBatch> {
             let b = u32::try_from(b).map_err(internal)?;
             let keep: BooleanArray = (0..batch.num_rows() as u32)
                 .map(|r| Some(!dropped.contains(&(b, r))))
                 .collect();
-            out.push(filter_record_batch(&batch, &keep).map_err(|e| internal(e.to_string()))?)?;
+            filter_record_batch(batch, &keep).map_err(|e| internal(e.to_string()))
+        };
+        match self {
+            Latest::Held { schema, rows } => Ok(Latest::Held {
+                schema,
+                rows: rows
+                    .iter()
+                    .enumerate()
+                    .map(|(b, batch)| drop_rows(batch, b))
+                    .collect::<Result<_>>()?,
+            }),
+            Latest::Spilled(spilled) => {
+                // A spilled batch's read rows are its set bits, in order.
+                let mut parts = Vec::with_capacity(spilled.parts.len());
+                for (b, part) in spilled.parts.iter().enumerate() {
+                    let b = u32::try_from(b).map_err(internal)?;
+                    let mut read = 0u32;
+                    let keep: BooleanArray = part
+                        .keep
+                        .values()
+                        .iter()
+                        .map(|kept| {
+                            let r = read;
+                            read += u32::from(kept);
+                            Some(kept && !dropped.contains(&(b, r)))
+                        })
+                        .collect();
+                    let seqs = part.seqs.filter(&filter_keep(&part.keep, &keep))?;
+                    parts.push(Part { keep, seqs });
+                }
+                let first_held = spilled.parts.len();
+                let held = spilled
+                    .held
+                    .iter()
+                    .enumerate()
+                    .map(|(b, batch)| drop_rows(batch, first_held + b))
+                    .collect::<Result<_>>()?;
+                Ok(Latest::Spilled(Spilled {
+                    file: spilled.file,
+                    parts: Arc::new(parts),
+                    finishing: spilled.finishing,
+                    held,
+                }))
+            }
         }
-        out.finish(schema)
     }
 
     /// Every row in memory (a spill file read back whole).
     pub fn into_held(self) -> Result<Vec<RecordBatch>> {
         match self {
             Latest::Held { rows, .. } => Ok(rows),
-            Latest::Spilled(file) => file.read()?.collect(),
+            spilled => spilled.batches()?.collect(),
         }
     }
 }
 
-/// Where finished rows go: memory, or a new spill file.
-enum Out {
-    Held(Vec<RecordBatch>),
-    Spill(Box<SpillWriter>),
-}
-
-impl Out {
-    fn new(schema: &SchemaRef, spill: bool) -> Result<Out> {
-        Ok(match spill {
-            true => Out::Spill(Box::new(SpillWriter::new(schema)?)),
-            false => Out::Held(Vec::new()),
-        })
-    }
-
-    fn push(&mut self, batch: RecordBatch) -> Result<()> {
-        match self {
-            Out::Held(rows) => rows.push(batch),
-            Out::Spill(writer) => writer.write(&batch)?,
-        }
-        Ok(())
-    }
-
-    fn finish(self, schema: SchemaRef) -> Result<Latest> {
-        Ok(match self {
-            Out::Held(rows) => Latest::Held { schema, rows },
-            Out::Spill(writer) => Latest::Spilled(writer.finish()?),
-        })
-    }
+/// Of the rows `before` selects (in order), those `after` selects too: a
+/// mask over the selected rows.
+fn filter_keep(before: &BooleanArray, after: &BooleanArray) -> BooleanArray {
+    before
+        .values()
+        .iter()
+        .zip(after.values().iter())
+        .filter(|(b, _)| *b)
+        .map(|(_, a)| Some(a))
+        .collect()
 }
 
 /// Collects the latest change per key and the figures of a batch's history rows.
@@ -332,7 +422,8 @@ impl LatestChanges {
         self.kept_rows.saturating_sub(self.index.len() + self.stuck)
     }
 
-    /// Writes every held batch to the spill file.
+    /// Writes held batches to the spill file, oldest first, until at most
+    /// half the budget is held.
     fn spill(&mut self) -> Result<()> {
         if self.spill.is_none() {
             let Some(schema) = self.kept.iter().find_map(|k| match k {
@@ -351,15 +442,22 @@ impl LatestChanges {
         let Some(writer) = self.spill.as_mut() else {
             return Ok(());
         };
+        // The oldest held batches, until half the budget is held: spilled
+        // batches stay a prefix of the kept ones, in the file's order.
         for kept in &mut self.kept {
+            if self.held_bytes <= self.budget / 2 {
+                break;
+            }
             if let Kept::Held(batch) = kept {
                 writer.write(batch)?;
+                self.held_bytes = self
+                    .held_bytes
+                    .saturating_sub(batch.get_array_memory_size());
                 *kept = Kept::Spilled {
                     rows: batch.num_rows(),
                 };
             }
         }
-        self.held_bytes = 0;
         Ok(())
     }
 
@@ -475,66 +573,43 @@ impl LatestChanges {
 
     /// The latest change of every key (a change older than the batch's latest
     /// truncate becomes a delete), with the batch's figures and order. Rows
-    /// that were spilled come back as a spill file, read one batch at a time.
+    /// that were spilled stay in the spill file, read through their winners.
     pub fn finish(mut self) -> Result<(Latest, BatchStats, BatchOrder)> {
         self.compact()?;
         let winners = self.winners();
         let kept = std::mem::take(&mut self.kept);
         let kept_seq = std::mem::take(&mut self.kept_seq);
-        let spilled = match self.spill.take() {
-            Some(writer) => Some(writer.finish()?),
-            None => None,
+        let finishing = Finishing {
+            schema: self.schema.clone(),
+            op: self.op,
+            truncated: self.order.truncated.clone(),
         };
-        let mut out = Out::new(&self.schema, spilled.is_some())?;
-        let mut read_back = match &spilled {
-            Some(file) => Some(file.read()?),
-            None => None,
-        };
+        let mut parts = Vec::new();
+        let mut held = Vec::new();
         for ((kept, seqs), winners) in kept.into_iter().zip(kept_seq).zip(winners) {
-            let (batch, seqs) = match kept {
-                Kept::Held(batch) => (batch, seqs),
-                Kept::Spilled { rows } => {
-                    let batch = read_back
-                        .as_mut()
-                        .and_then(Iterator::next)
-                        .ok_or_else(|| internal("the spill file ended early"))??;
-                    if batch.num_rows() != rows {
-                        return Err(internal(format!(
-                            "a spilled batch of {rows} rows read back as {}",
-                            batch.num_rows()
-                        )));
-                    }
-                    let mask = BooleanArray::from(winners);
-                    let batch =
-                        filter_record_batch(&batch, &mask).map_err(|e| internal(e.to_string()))?;
-                    (batch, seqs.filter(&mask)?)
+            match kept {
+                // Compacted: every held row is its key's latest.
+                Kept::Held(batch) => held.push(finishing.apply(batch, &seqs)?),
+                Kept::Spilled { .. } => {
+                    let keep = BooleanArray::from(winners);
+                    let seqs = seqs.filter(&keep)?;
+                    parts.push(Part { keep, seqs });
                 }
-            };
-            out.push(self.finished(batch, seqs)?)?;
+            }
         }
-        drop(spilled);
-        Ok((out.finish(self.schema.clone())?, self.stats, self.order))
-    }
-
-    /// Kept rows with their change_seq appended (and, after a truncate, the
-    /// ops of older changes made deletes).
-    fn finished(&self, batch: RecordBatch, seqs: Seqs) -> Result<RecordBatch> {
-        let seqs = seqs.into_array();
-        let mut columns = batch.columns().to_vec();
-        if let Some(truncated) = self.order.truncated.as_deref() {
-            let ops: StringArray = columns[self.op]
-                .as_string::<i32>()
-                .iter()
-                .zip(seqs.iter())
-                .map(|(op, seq)| match seq {
-                    Some(seq) if seq < truncated => Some("D"),
-                    _ => op,
-                })
-                .collect();
-            columns[self.op] = Arc::new(ops);
-        }
-        columns.push(Arc::new(seqs));
-        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| internal(e.to_string()))
+        let latest = match self.spill.take() {
+            None => Latest::Held {
+                schema: self.schema.clone(),
+                rows: held,
+            },
+            Some(writer) => Latest::Spilled(Spilled {
+                file: writer.finish()?,
+                parts: Arc::new(parts),
+                finishing: Arc::new(finishing),
+                held,
+            }),
+        };
+        Ok((latest, self.stats, self.order))
     }
 }
 
@@ -612,10 +687,10 @@ impl Seqs {
     }
 
     /// The values of the rows `mask` selects.
-    fn filter(self, mask: &BooleanArray) -> Result<Seqs> {
+    fn filter(&self, mask: &BooleanArray) -> Result<Seqs> {
         Ok(match self {
             Seqs::Text(values) => Seqs::Text(
-                arrow::compute::filter(&values, mask)
+                arrow::compute::filter(values, mask)
                     .map_err(|e| internal(e.to_string()))?
                     .as_string::<i32>()
                     .clone(),
@@ -635,8 +710,8 @@ impl Seqs {
                         .filter_map(|(&offset, keep)| keep.then_some(offset)),
                 );
                 Seqs::Rows {
-                    prefix,
-                    first,
+                    prefix: prefix.clone(),
+                    first: *first,
                     offsets: kept,
                 }
             }
@@ -644,14 +719,14 @@ impl Seqs {
     }
 
     /// The values as text.
-    fn into_array(self) -> StringArray {
+    fn to_array(&self) -> StringArray {
         match self {
-            Seqs::Text(values) => values,
+            Seqs::Text(values) => values.clone(),
             Seqs::Rows {
                 prefix,
                 first,
                 offsets,
-            } => row_seqs(&prefix, offsets.into_iter().map(|o| first + u64::from(o))),
+            } => row_seqs(prefix, offsets.iter().map(|&o| first + u64::from(o))),
         }
     }
 }
@@ -1053,10 +1128,79 @@ mod tests {
                 // Held at their size: kept to the end of the batch.
                 assert_eq!(offsets.capacity(), offsets.len(), "{values:?}");
             }
-            let filtered = filtered.into_array();
+            let filtered = filtered.to_array();
             assert_eq!(filtered, StringArray::from(kept), "{values:?}");
-            assert_eq!(Seqs::new(&array).into_array(), array);
+            assert_eq!(Seqs::new(&array).to_array(), array);
         }
+    }
+
+    #[test]
+    fn spilled_and_held_latest_changes_read_and_drop_rows_alike() {
+        let merger = merger();
+        let all = changes(3000, 11, true);
+        let finish = |budget: usize| {
+            let mut latest = LatestChanges::new(&merger).unwrap().spill_past(budget);
+            for chunk in all.chunks(89) {
+                latest.push(&history(&merger, chunk)).unwrap();
+            }
+            latest.finish().unwrap().0
+        };
+        let held = finish(usize::MAX);
+        let partly = finish(20_000);
+        assert!(!held.spilled() && partly.spilled());
+        // Every third row of the spilled set, by the numbering of its batches.
+        let mut dropped = HashSet::new();
+        let mut n = 0;
+        for (b, batch) in partly.batches().unwrap().enumerate() {
+            for r in 0..batch.unwrap().num_rows() {
+                if n % 3 == 0 {
+                    dropped.insert((b as u32, r as u32));
+                }
+                n += 1;
+            }
+        }
+        assert!(!dropped.is_empty());
+        let by_seq = |latest: Latest| {
+            let mut rows: Vec<String> = Vec::new();
+            for batch in latest.into_held().unwrap() {
+                let seq = batch.column(5).as_string::<i32>();
+                let op = batch.column(3).as_string::<i32>();
+                rows.extend(
+                    (0..batch.num_rows()).map(|i| format!("{} {}", seq.value(i), op.value(i))),
+                );
+            }
+            rows.sort();
+            rows
+        };
+        let all_rows = by_seq(finish(usize::MAX));
+        let read: Vec<String> = partly
+            .batches()
+            .unwrap()
+            .flat_map(|b| {
+                let b = b.unwrap();
+                let seq = b.column(5).as_string::<i32>().clone();
+                (0..b.num_rows())
+                    .map(move |i| seq.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let expected: Vec<String> = {
+            let dropped_seqs: HashSet<&String> = read
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 3 == 0)
+                .map(|(_, s)| s)
+                .collect();
+            all_rows
+                .iter()
+                .filter(|r| !dropped_seqs.contains(&r.split(' ').next().unwrap().to_string()))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(by_seq(held), all_rows, "the held set reads whole");
+        let kept = partly.without(&dropped).unwrap();
+        assert_eq!(kept.num_rows(), expected.len());
+        assert_eq!(by_seq(kept), expected);
     }
 
     #[test]

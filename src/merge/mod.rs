@@ -21,8 +21,7 @@ pub mod sql;
 /// Digits of the row number in a `change_seq`.
 const ROW_DIGITS: usize = 12;
 
-pub use latest::{Batches, KeyLookup, Latest, LatestChanges, Loc};
-pub use spill::SpillFile;
+pub use latest::{Batches, KeyLookup, Latest, LatestChanges, Loc, Spilled};
 
 use std::sync::Arc;
 

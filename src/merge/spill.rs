@@ -36,33 +36,24 @@ fn failed(
 pub(super) struct SpillWriter {
     writer: StreamWriter<BufWriter<File>>,
     path: TempPath,
-    schema: SchemaRef,
-    rows: usize,
 }
 
 impl SpillWriter {
     /// A new, empty spill file for rows of `schema`.
     pub(super) fn new(schema: &SchemaRef) -> Result<Self> {
-        let schema = schema.clone();
         let (file, path) = tempfile::Builder::new()
             .prefix("cdcflow-latest-")
             .suffix(".arrows")
             .tempfile()
             .map_err(|e| Error::io("creating a spill file", std::env::temp_dir().display(), e))?
             .into_parts();
-        let writer = StreamWriter::try_new(BufWriter::with_capacity(1 << 20, file), &schema)
+        let writer = StreamWriter::try_new(BufWriter::with_capacity(1 << 20, file), schema)
             .map_err(|e| failed("starting a spill file", &path, e))?;
-        Ok(SpillWriter {
-            writer,
-            path,
-            schema,
-            rows: 0,
-        })
+        Ok(SpillWriter { writer, path })
     }
 
     /// Appends `batch`.
     pub(super) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.rows += batch.num_rows();
         self.writer
             .write(batch)
             .map_err(|e| failed("writing a spill file", &self.path, e))
@@ -75,44 +66,20 @@ impl SpillWriter {
             .map_err(|e| failed("ending a spill file", &self.path, e))?;
         Ok(SpillFile {
             path: Arc::new(self.path),
-            schema: self.schema,
-            rows: self.rows,
         })
     }
 }
 
 /// A finished spill file: its batches, in the order they were written.
-#[derive(Clone)]
-pub struct SpillFile {
+pub(super) struct SpillFile {
     path: Arc<TempPath>,
-    schema: SchemaRef,
-    rows: usize,
-}
-
-impl std::fmt::Debug for SpillFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SpillFile({}, {} rows)", self.path.display(), self.rows)
-    }
 }
 
 impl SpillFile {
-    /// The rows' schema.
-    pub fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    /// The rows' schema, borrowed.
-    pub fn schema_ref(&self) -> &SchemaRef {
-        &self.schema
-    }
-
-    /// Rows in the file.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Reads the batches back one at a time, in order.
-    pub fn read(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + Send + 'static> {
+    pub(super) fn read(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<RecordBatch>> + Send + 'static> {
         let file = File::open(&*self.path)
             .map_err(|e| Error::io("reading a spill file", self.path.display(), e))?;
         let reader = StreamReader::try_new(BufReader::with_capacity(1 << 20, file), None)

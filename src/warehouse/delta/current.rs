@@ -304,43 +304,58 @@ pub(super) fn overwrite_current(
 }
 
 /// Registers `latest` as [`LATEST`] in `ctx`, in place of what it held:
-/// held rows as a memory table, a spill file as a table that reads it (one
-/// batch at a time) at each scan.
+/// held rows as a memory table, spilled ones as a table that reads the spill
+/// file (one batch at a time) at each scan.
 pub(super) fn register_latest(ctx: &SessionContext, latest: Latest) -> Result<()> {
     let fail = |e| Error::query("registering the latest changes", e);
     let table: Arc<dyn datafusion::catalog::TableProvider> = match latest {
         Latest::Held { schema, rows } => {
             Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(fail)?)
         }
-        Latest::Spilled(file) => Arc::new(
-            datafusion::catalog::streaming::StreamingTable::try_new(
-                file.schema(),
-                vec![Arc::new(SpillScan(file))],
+        spilled => {
+            let schema = spilled.schema();
+            let scan = SpillScan {
+                schema: schema.clone(),
+                latest: Arc::new(spilled),
+            };
+            Arc::new(
+                datafusion::catalog::streaming::StreamingTable::try_new(
+                    schema,
+                    vec![Arc::new(scan)],
+                )
+                .map_err(fail)?,
             )
-            .map_err(fail)?,
-        ),
+        }
     };
     ctx.deregister_table(LATEST).map_err(fail)?;
     ctx.register_table(LATEST, table).map_err(fail)?;
     Ok(())
 }
 
-/// A spill file as a partition of a table: each scan reads it again.
-#[derive(Debug)]
-struct SpillScan(SpillFile);
+/// Spilled latest changes as a partition of a table: each scan reads them again.
+struct SpillScan {
+    schema: arrow::datatypes::SchemaRef,
+    latest: Arc<Latest>,
+}
+
+impl std::fmt::Debug for SpillScan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SpillScan({} rows)", self.latest.num_rows())
+    }
+}
 
 impl datafusion::physical_plan::streaming::PartitionStream for SpillScan {
     fn schema(&self) -> &arrow::datatypes::SchemaRef {
-        self.0.schema_ref()
+        &self.schema
     }
 
     fn execute(&self, _ctx: Arc<datafusion::execution::TaskContext>) -> SendableRecordBatchStream {
         use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
         use futures::StreamExt;
-        let file = self.0.clone();
+        let latest = self.latest.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::task::spawn_blocking(move || {
-            let read = match file.read() {
+            let read = match latest.batches() {
                 Ok(read) => read,
                 Err(e) => return drop(tx.blocking_send(Err(external(e)))),
             };
@@ -352,7 +367,7 @@ impl datafusion::physical_plan::streaming::PartitionStream for SpillScan {
         });
         // Every row of the file, or an error: a reader that stopped early
         // (a panic) must not leave the latest changes short.
-        let expected = self.0.rows();
+        let expected = self.latest.num_rows();
         let rows = futures::stream::unfold(Some((rx, 0usize)), move |state| async move {
             let (mut rx, seen) = state?;
             match rx.recv().await {
@@ -371,7 +386,7 @@ impl datafusion::physical_plan::streaming::PartitionStream for SpillScan {
             }
         })
         .boxed();
-        Box::pin(RecordBatchStreamAdapter::new(self.0.schema(), rows))
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), rows))
     }
 }
 

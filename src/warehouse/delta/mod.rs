@@ -32,7 +32,7 @@ use super::{Apply, DataFusionTables, LoadRequest, Queries, Warehouse};
 use crate::config::{Column, DeltaLocation, SqlType, Table};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::merge::{BatchOrder, Latest, LatestChanges, Merger, SpillFile, sql};
+use crate::merge::{BatchOrder, Latest, LatestChanges, Merger, sql};
 use crate::state::{Batch, BatchMode, BatchStats};
 use current::{cast_to, collect_latest, latest_of, register_latest};
 
